@@ -1,0 +1,307 @@
+"""The job spec: what a ``jobs/x.yaml`` file may say, validated into typed, immutable objects.
+
+pydantic is used here, at the YAML boundary, and nowhere else. Every problem in a spec is reported at once
+as ``field.path: what is wrong (got X)``; unknown keys are errors. This module knows nothing about how a
+job runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from batchrun.errors import SpecError, UsageError
+
+_IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_DEVICE = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Which model to run. ``path`` is a built-in name (``smollm2-135m-instruct``), a local Hugging Face
+    model directory, a ``.gguf`` file, or a hub id (needs network or a warm hub cache)."""
+
+    path: str = Field(min_length=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    revision: str | None = None
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+
+
+class InputSpec(_Strict):
+    """Where rows come from: files read by DuckDB, optionally filtered or joined by SQL."""
+
+    path: str | list[str]
+    format: Literal["auto", "parquet", "csv", "json"] = "auto"
+    table: str = Field(default="input", pattern=_IDENT)
+    sql: str | None = None
+    id: str | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _paths_not_empty(cls, v: str | list[str]) -> str | list[str]:
+        items = [v] if isinstance(v, str) else v
+        if not items:
+            raise ValueError("must name at least one file")
+        for p in items:
+            if not p.strip():
+                raise ValueError("a file path must not be empty")
+        return v
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+
+class FewShot(_Strict):
+    user: str
+    assistant: str
+
+
+class PromptSpec(_Strict):
+    """How a row becomes a prompt: a sandboxed Jinja template over the row's columns."""
+
+    template: str = Field(min_length=1)
+    system: str | None = None
+    chat: bool | None = None  # None: use the tokenizer's chat template when it has one
+    fewshot: list[FewShot] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _fewshot_needs_chat(self) -> PromptSpec:
+        if self.fewshot and self.chat is False:
+            raise ValueError("fewshot examples are chat turns: set chat to true (or leave it unset)")
+        return self
+
+
+class SamplingSpec(_Strict):
+    """Decoding. temperature 0 is greedy. ``max_tokens`` is a number or the name of an integer column."""
+
+    max_tokens: int | str = 256
+    temperature: float = Field(default=0.0, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int = Field(default=0, ge=0)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    ignore_eos: bool = False
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _max_tokens(cls, v: Any) -> int | str:
+        if isinstance(v, bool):
+            raise ValueError(f"must be a positive integer or a column name (got {_show(v)})")
+        if isinstance(v, int):
+            if not 1 <= v <= 1_000_000:
+                raise ValueError(f"must be between 1 and 1000000 (got {v})")
+            return v
+        if isinstance(v, str) and re.match(_IDENT, v):
+            return v
+        raise ValueError(f"must be a positive integer or a column name (got {_show(v)})")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+
+class OutputSpec(_Strict):
+    """Where results go: a Parquet dataset directory."""
+
+    path: str = Field(min_length=1)
+    columns: list[str] | None = None  # input columns copied to the output; None copies all of them
+    part_rows: int = Field(default=1000, ge=1, le=10_000_000)
+
+
+class EngineSpec(_Strict):
+    """How the model is executed."""
+
+    backend: Literal["reference"] = "reference"
+    device: str = Field(default="auto", pattern=_DEVICE)
+    batch_size: int = Field(default=16, ge=1, le=4096)
+    threads: int | None = Field(default=None, ge=1, le=1024)
+
+
+class JobSpec(_Strict):
+    """A whole job. ``name`` defaults to the job file's name without extension."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
+    model: ModelSpec
+    input: InputSpec
+    prompt: PromptSpec
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    output: OutputSpec
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def spec_hash(self) -> str:
+        """A stable hash of the whole normalised spec (defaults filled in)."""
+        return _hash(self.to_dict())
+
+    def results_hash(self) -> str:
+        """A hash of what decides the result rows (not where they go, nor how fast they are made)."""
+        d = self.to_dict()
+        return _hash({k: d[k] for k in ("model", "input", "prompt", "sampling")})
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
+    """Read a YAML job file, apply ``--set a.b=value`` overrides, validate. Raises SpecError listing every
+    problem (exit 78), or UsageError for a malformed override (exit 2)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"job file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read job file {path}: {e}") from None
+    raw = parse_yaml(text, str(path))
+    raw.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem) or "job")
+    for item in overrides:
+        apply_override(raw, item)
+    return validate_dict(raw, source=str(path))
+
+
+def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise SpecError(f"{source}: not valid YAML{where}: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a job spec must be a YAML mapping (got {type(raw).__name__})")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=value`` to the raw mapping; the value is read as YAML (``8``, ``true``, ``[a, b]``)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set expects FIELD=VALUE, e.g. sampling.max_tokens=16 (got {item!r})")
+    parts = key.strip().split(".")
+    if any(not p for p in parts):
+        raise UsageError(f"--set: malformed field path {key!r}")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    for i, p in enumerate(parts[:-1]):
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise UsageError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def validate_dict(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as e:
+        problems = [_describe(err) for err in e.errors(include_url=False)]
+        raise SpecError(f"{source}: {len(problems)} problem(s) in the job spec", problems) from None
+
+
+# ------------------------------------------------------------------------------------- error messages
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _show(v: Any) -> str:
+    s = repr(v) if isinstance(v, str) else json.dumps(v, default=str)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model class that owns the field at ``loc`` (to list allowed keys for an unknown one)."""
+    model: Any = JobSpec
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return None
+    return model
+
+
+_PATTERN_HINTS = {
+    _IDENT: "must be an identifier (letters, digits, _; not starting with a digit)",
+    _DEVICE: "must be auto, cpu, cuda or cuda:N",
+}
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc, kind, ctx, got = tuple(err["loc"]), err["type"], err.get("ctx") or {}, err.get("input")
+    path = _loc(loc)
+    if kind == "extra_forbidden":
+        owner = _model_at(loc)
+        allowed = ", ".join(owner.model_fields) if owner else "?"
+        return f"{path}: unknown field (allowed here: {allowed})"
+    if kind == "missing":
+        return f"{path}: required"
+    bounds = {"less_than_equal": "<=", "less_than": "<", "greater_than_equal": ">=", "greater_than": ">"}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        limit = int(limit) if isinstance(limit, float) and limit.is_integer() else limit
+        return f"{path}: must be {bounds[kind]} {limit} (got {_show(got)})"
+    if kind == "literal_error":
+        return f"{path}: must be one of {ctx.get('expected')} (got {_show(got)})"
+    if kind == "string_pattern_mismatch":
+        hint = _PATTERN_HINTS.get(ctx.get("pattern"), f"must match {ctx.get('pattern')}")
+        return f"{path}: {hint} (got {_show(got)})"
+    if kind == "string_too_short":
+        return f"{path}: must not be empty"
+    if kind == "too_long":
+        return f"{path}: at most {ctx.get('max_length')} items (got {ctx.get('actual_length')})"
+    if kind == "value_error":
+        return f"{path}: {str(ctx.get('error', err['msg']))}"
+    types = {
+        "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+        "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+        "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list",
+        "model_type": "a mapping", "dict_type": "a mapping", "model_attributes_type": "a mapping",
+    }
+    if kind in types:
+        return f"{path}: must be {types[kind]} (got {_show(got)})"
+    return f"{path}: {err['msg']} (got {_show(got)})"
