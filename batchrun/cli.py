@@ -1,0 +1,221 @@
+"""The ``batchrun`` command: a thin layer over ``batchrun.api``.
+
+Logs and progress go to stderr; results to stdout. With ``--json`` the last stdout line is one JSON object
+(also on failure: ``{"status": "error", "exit_code": N, ...}``). Exit codes: 0 ok, 1 runtime failure,
+2 usage, 65 input data error, 75 temporary failure (output locked, interrupted), 78 invalid spec.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from batchrun import __version__
+from batchrun.errors import EXIT_FAILURE, EXIT_TEMPFAIL, BatchrunError
+
+log = logging.getLogger("batchrun")
+
+_SET = click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+                    help="Override a spec field, e.g. --set sampling.max_tokens=16 (repeatable; VALUE is YAML).")
+_JSON = click.option("--json", "as_json", is_flag=True, help="Print a one-line JSON summary as the last line.")
+_JOB = click.argument("job", type=click.Path(dir_okay=False))
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        msg = record.getMessage()
+        if msg.startswith("{"):
+            try:
+                return json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(),
+                                   **json.loads(msg)})
+            except ValueError:
+                pass
+        return json.dumps({"ts": round(record.created, 3), "level": record.levelname.lower(), "msg": msg})
+
+
+def _setup_logging(log_format: str, verbose: int, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s batchrun %(levelname)s %(message)s", "%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("transformers", "accelerate", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _emit_json(obj: dict[str, Any]) -> None:
+    click.echo(json.dumps(obj, default=str))
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn batchrun's errors into a message on stderr (and JSON on stdout) and the right exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = kwargs.get("as_json", False)
+        try:
+            return fn(*args, **kwargs)
+        except BatchrunError as e:
+            click.echo(f"error: {e}", err=True)
+            if as_json:
+                _emit_json({"status": "error", "exit_code": e.exit_code, "kind": e.kind, "error": e.message,
+                            "problems": e.problems})
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted; committed rows are kept, rerun the same command to resume", err=True)
+            if as_json:
+                _emit_json({"status": "interrupted", "exit_code": EXIT_TEMPFAIL})
+            sys.exit(EXIT_TEMPFAIL)
+        except Exception as e:  # a bug: say so plainly, keep the traceback for the report
+            log.exception("unexpected failure")
+            if as_json:
+                _emit_json({"status": "error", "exit_code": EXIT_FAILURE, "kind": "internal_error",
+                            "error": f"{type(e).__name__}: {e}"})
+            sys.exit(EXIT_FAILURE)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="batchrun")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Format of log lines on stderr (json: one object per line, for log collectors).")
+@click.option("-v", "--verbose", count=True, help="More log output.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr; no progress.")
+@click.pass_context
+def cli(ctx: click.Context, log_format: str, verbose: int, quiet: bool) -> None:
+    """batchrun: offline batch inference for LLMs. A YAML job reads a table of prompts through DuckDB,
+    runs a transformers model over every row, and writes a Parquet dataset.
+
+    \b
+    Quick start:
+      batchrun validate jobs/example.yaml
+      batchrun submit jobs/example.yaml
+      batchrun status out/example
+    """
+    ctx.obj = {"log_format": log_format, "quiet": quiet}
+    _setup_logging(log_format, verbose, quiet)
+
+
+@cli.command()
+@_JOB
+@_SET
+@click.option("--fresh", is_flag=True, help="Delete this job's earlier results in output.path and start over.")
+@_JSON
+@click.pass_context
+@_guard
+def submit(ctx: click.Context, job: str, overrides: tuple[str, ...], fresh: bool, as_json: bool) -> None:
+    """Run JOB to completion and write its Parquet results.
+
+    Re-running a finished job does nothing (use --fresh to rebuild); re-running an unfinished one keeps
+    the rows already written and computes only the rest.
+
+    \b
+    Example:
+      batchrun submit jobs/example.yaml --set sampling.max_tokens=4 --json
+    """
+    from batchrun import api
+    from batchrun.runtime.progress import default_progress
+
+    t0 = time.monotonic()
+    progress = default_progress(ctx.obj["log_format"], ctx.obj["quiet"])
+    result = api.submit(job, overrides, fresh=fresh, progress=progress)
+    summary = {**result.to_dict(), "exit_code": 0, "elapsed_s": round(time.monotonic() - t0, 3)}
+    if result.status == "already_complete":
+        click.echo(f"{result.job}: already complete ({result.rows_total} rows in {result.output}); "
+                   "use --fresh to rebuild")
+    else:
+        click.echo(f"{result.job}: {result.rows_ok} rows ok, {result.rows_error} with errors"
+                   + (f", {result.rows_skipped} kept from an earlier run" if result.rows_skipped else "")
+                   + f"; {result.prompt_tokens} prompt + {result.output_tokens} output tokens "
+                   f"in {summary['elapsed_s']:.1f}s -> {result.output}")
+    if as_json:
+        _emit_json({"status": result.status, **summary})
+
+
+@cli.command()
+@_JOB
+@_SET
+@_JSON
+@_guard
+def validate(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Check JOB's spec (fields, values, template syntax) without reading input or loading a model.
+
+    Exits 78 and lists every problem, one per line, if the spec is invalid.
+
+    \b
+    Example:
+      batchrun validate jobs/example.yaml --set engine.device=cpu
+    """
+    from batchrun import api
+
+    spec = api.validate(job, overrides)
+    click.echo(f"{job}: valid (job {spec.name!r}, spec hash {spec.spec_hash()})")
+    if as_json:
+        _emit_json({"status": "ok", "exit_code": 0, "job": spec.name, "spec_hash": spec.spec_hash(),
+                    "spec": spec.to_dict()})
+
+
+@cli.command()
+@_JOB
+@_SET
+@_JSON
+@_guard
+def plan(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Dry run: read JOB's input and tokenize its prompts; report rows and token counts.
+
+    Loads the tokenizer only (no model weights) and writes nothing.
+
+    \b
+    Example:
+      batchrun plan jobs/example.yaml --json
+    """
+    from batchrun import api
+
+    report = api.plan(job, overrides)
+    d = report.to_dict()
+    width = max(len(k) for k in d)
+    for k, v in d.items():
+        click.echo(f"{k:<{width}}  {v}")
+    if as_json:
+        _emit_json({"status": "ok", "exit_code": 0, **d})
+
+
+@cli.command()
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@_JSON
+@_guard
+def status(output_dir: str, as_json: bool) -> None:
+    """Show what OUTPUT_DIR holds: complete, incomplete (rerun submit to resume), empty or missing.
+
+    \b
+    Example:
+      batchrun status out/example
+    """
+    from batchrun import api
+
+    st = api.status(output_dir)
+    click.echo(f"{output_dir}: {st['state']}, {st['rows_committed']} rows in {st['parts']} part file(s)")
+    for key in ("job", "created_at", "finished_at", "rows", "tokens", "timings", "model"):
+        if key in st:
+            click.echo(f"  {key}: {st[key]}")
+    if as_json:
+        _emit_json({"status": "ok", "exit_code": 0, **st})
+
+
+def main() -> None:
+    cli(prog_name="batchrun")
+
+
+if __name__ == "__main__":
+    main()

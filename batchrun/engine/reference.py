@@ -1,0 +1,114 @@
+"""The reference engine: plain transformers ``generate`` over length-sorted, left-padded batches.
+
+It stays for good as the correctness oracle and the benchmark baseline, so it is deliberately simple.
+Per-row limits (max_tokens, stop strings) are stopping criteria; sampling at temperature > 0 draws each
+row's token from that row's own generator (seeded from the job seed and the row id), so a row's output does
+not depend on which rows share its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
+from transformers import StoppingCriteriaList
+
+from batchrun.engine.loader import LoadedModel
+from batchrun.engine.requests import Completion, Request, SamplingParams
+from batchrun.engine.stopping import Stopper
+
+
+class ReferenceEngine:
+    name = "reference"
+
+    def __init__(self, loaded: LoadedModel, sampling: SamplingParams, batch_size: int = 16):
+        self.loaded = loaded
+        self.sampling = sampling
+        self.batch_size = batch_size
+        self.stopper = Stopper(loaded.tokenizer, sampling.stop, [] if sampling.ignore_eos else loaded.eos_ids)
+        tok = loaded.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (loaded.eos_ids or [0])[0]
+
+    def run(self, requests: Sequence[Request]) -> Iterator[list[Completion]]:
+        """Yield the completions of each batch as it finishes (longest prompts first)."""
+        order = sorted(requests, key=lambda r: (-len(r.prompt_ids), r.index))
+        for start in range(0, len(order), self.batch_size):
+            yield self._generate(order[start : start + self.batch_size])
+
+    @torch.inference_mode()
+    def _generate(self, batch: list[Request]) -> list[Completion]:
+        device = self.loaded.device
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, r in enumerate(batch):
+            ids[row, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[row, width - len(r.prompt_ids) :] = 1
+        max_new = max(r.max_tokens for r in batch)
+        config = GenerationConfig(
+            max_new_tokens=max_new, do_sample=False, pad_token_id=self.pad_id,
+            eos_token_id=None if self.sampling.ignore_eos else self.loaded.eos_ids,
+        )
+        processors = LogitsProcessorList()
+        if not self.sampling.greedy:
+            processors.append(_RowSampler(self.sampling, [r.seed for r in batch], device))
+        stops = StoppingCriteriaList([_RowStops(batch, width, self.stopper)])
+        out = self.loaded.model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+            logits_processor=processors, stopping_criteria=stops,
+        )
+        generated = out[:, width:].tolist()
+        return [self.stopper.finish(r.index, g, r.max_tokens) for r, g in zip(batch, generated)]
+
+
+class _RowStops(StoppingCriteria):
+    """A row is done at its own max_tokens or once it produced a stop string."""
+
+    def __init__(self, batch: list[Request], prompt_width: int, stopper: Stopper):
+        self.limits = [r.max_tokens for r in batch]
+        self.width = prompt_width
+        self.stopper = stopper
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        n = input_ids.shape[1] - self.width
+        done = [n >= limit for limit in self.limits]
+        if self.stopper.stop:
+            rows = input_ids[:, self.width :].tolist()
+            done = [d or self.stopper.hit(row) for d, row in zip(done, rows)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _RowSampler(LogitsProcessor):
+    """Temperature / top-k / top-p sampling with one torch.Generator per row.
+
+    It returns -inf everywhere but the drawn token, so generate's greedy step picks exactly that token.
+    """
+
+    def __init__(self, sampling: SamplingParams, seeds: list[int], device: str):
+        self.s = sampling
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = sampling_probs(scores.float(), self.s)
+        chosen = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0]
+                              for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(scores.shape[0], device=scores.device), chosen] = 0.0
+        return out
+
+
+def sampling_probs(logits: torch.Tensor, s: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p (each row keeps at least its best token)."""
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens before it already hold top_p of the mass.
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= s.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits.softmax(-1)

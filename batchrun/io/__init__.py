@@ -1,0 +1,1 @@
+"""Input and output: DuckDB sources, prompt rendering and tokenization, the Parquet sink."""

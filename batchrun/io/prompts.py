@@ -1,0 +1,145 @@
+"""Rows to prompts to token ids.
+
+A prompt is a Jinja template rendered in a sandbox (no file access, no imports, no calls to arbitrary
+Python: only the row's values and Jinja's own filters). Each column is a variable; ``row`` holds them all
+(for names that are not identifiers). With ``chat`` the tokenizer's chat template wraps the optional system
+prompt, the few-shot turns and the rendered user message. A row whose template fails, whose referenced
+column is null, or whose prompt renders empty gets a per-row error instead of failing the job.
+This module knows the tokenizer's interface, not the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from batchrun.errors import InputDataError, SpecError
+from batchrun.io.source import require_columns
+from batchrun.spec import PromptSpec
+
+_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+_TOKENIZE_CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """One entry per input row, in input order. ``error`` is set (and ``token_ids`` empty) for failed rows."""
+
+    texts: list[str | None]
+    token_ids: list[list[int]]
+    errors: list[str | None]
+    chat: bool
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(t) for t in self.token_ids)
+
+
+def check_templates(spec: PromptSpec) -> None:
+    """Compile every template of the prompt spec; raise SpecError listing syntax errors (exit 78)."""
+    problems = []
+    for name, text in (("prompt.template", spec.template), ("prompt.system", spec.system)):
+        if text is None:
+            continue
+        try:
+            _ENV.parse(text)
+        except TemplateSyntaxError as e:
+            problems.append(f"{name}: template syntax error at line {e.lineno}: {e.message}")
+    if problems:
+        raise SpecError("the prompt templates do not compile", problems)
+
+
+def referenced_columns(spec: PromptSpec) -> set[str]:
+    names: set[str] = set()
+    for text in (spec.template, spec.system):
+        if text is not None:
+            names |= meta.find_undeclared_variables(_ENV.parse(text))
+    return names
+
+
+def render(spec: PromptSpec, table: pa.Table) -> tuple[list[str | None], list[str | None], list[str | None]]:
+    """Render each row: (user messages, system messages, errors)."""
+    check_templates(spec)
+    used = referenced_columns(spec)
+    uses_row = "row" in used and "row" not in table.column_names
+    require_columns(table, sorted(used - {"row"} if uses_row else used), "prompt.template")
+    cols = table.column_names if uses_row else sorted(used)
+    data = {c: table.column(c).to_pylist() for c in cols}
+    template = _ENV.from_string(spec.template)
+    system = _ENV.from_string(spec.system) if spec.system is not None else None
+    users: list[str | None] = []
+    systems: list[str | None] = []
+    errors: list[str | None] = []
+    for i in range(table.num_rows):
+        values = {c: data[c][i] for c in cols}
+        null = next((c for c in sorted(used & set(cols)) if values[c] is None), None)
+        if null is not None:
+            users.append(None), systems.append(None), errors.append(f"column {null!r} is null")
+            continue
+        if uses_row:
+            values["row"] = dict(values)
+        try:
+            user = template.render(values)
+            sys_text = system.render(values) if system is not None else None
+        except Exception as e:  # a template error on one row must not fail the job
+            users.append(None), systems.append(None), errors.append(f"template error: {type(e).__name__}: {e}")
+            continue
+        if not user.strip():
+            users.append(None), systems.append(None), errors.append("prompt is empty after rendering")
+            continue
+        users.append(user), systems.append(sys_text), errors.append(None)
+    return users, systems, errors
+
+
+def use_chat(spec: PromptSpec, tokenizer: Any) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if spec.chat is None:
+        if spec.fewshot and not has_template:
+            raise SpecError("prompt.fewshot: the model's tokenizer has no chat template; few-shot turns need one")
+        return has_template
+    if spec.chat and not has_template:
+        raise SpecError("prompt.chat: true, but the model's tokenizer has no chat template; set chat: false")
+    return spec.chat
+
+
+def build_prompts(spec: PromptSpec, table: pa.Table, tokenizer: Any) -> Prompts:
+    """Render, apply the chat template if any, and tokenize in batches with the fast tokenizer."""
+    users, systems, errors = render(spec, table)
+    chat = use_chat(spec, tokenizer)
+    texts: list[str | None] = []
+    for user, sys_text in zip(users, systems):
+        if user is None:
+            texts.append(None)
+        elif chat:
+            texts.append(_chat_text(tokenizer, spec, user, sys_text))
+        else:
+            texts.append(f"{sys_text}\n\n{user}" if sys_text else user)
+    token_ids: list[list[int]] = [[] for _ in texts]
+    live = [i for i, t in enumerate(texts) if t is not None]
+    for start in range(0, len(live), _TOKENIZE_CHUNK):
+        idx = live[start : start + _TOKENIZE_CHUNK]
+        # The chat template already wrote the special tokens; a plain prompt gets the tokenizer's own (BOS).
+        enc = tokenizer([texts[i] for i in idx], add_special_tokens=not chat)["input_ids"]
+        for i, ids in zip(idx, enc):
+            token_ids[i] = list(ids)
+            if not ids:
+                errors[i], texts[i] = "prompt is empty after tokenization", None
+    return Prompts(texts=texts, token_ids=token_ids, errors=errors, chat=chat)
+
+
+def _chat_text(tokenizer: Any, spec: PromptSpec, user: str, system: str | None) -> str:
+    messages = [{"role": "system", "content": system}] if system else []
+    for shot in spec.fewshot:
+        messages += [{"role": "user", "content": shot.user}, {"role": "assistant", "content": shot.assistant}]
+    messages.append({"role": "user", "content": user})
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:
+        raise InputDataError(f"prompt: the model's chat template failed: {e}") from None

@@ -1,0 +1,1 @@
+"""Running a job: read → prompts → engine → sink, with progress reporting."""

@@ -1,0 +1,246 @@
+"""One job, end to end: read → prompts → engine → sink, with progress, resume bookkeeping and a manifest.
+
+Rows already committed in the output directory (same job fingerprint) are skipped, so re-running never
+duplicates rows; a finished job is not run again unless ``fresh``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from batchrun import __version__
+from batchrun.errors import InputDataError, SpecError
+from batchrun.io import sink as sinks
+from batchrun.io.prompts import Prompts, build_prompts, check_templates
+from batchrun.io.source import Source, read_source, require_columns, resolve_files
+from batchrun.runtime.progress import Progress
+from batchrun.spec import JobSpec
+
+log = logging.getLogger("batchrun")
+
+
+@dataclass
+class JobResult:
+    """What ``submit`` returns (and the CLI prints as its JSON summary)."""
+
+    status: str  # "ok" (ran), "already_complete" (nothing to do)
+    job: str
+    output: str
+    rows_total: int = 0
+    rows_ok: int = 0
+    rows_error: int = 0
+    rows_skipped: int = 0  # already committed by an earlier run
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fingerprint(spec: JobSpec, files: list[str]) -> str:
+    """What decides the result rows: the spec's model/input/prompt/sampling and the input files' stats."""
+    from batchrun.io.source import _stat
+
+    stats = [asdict(_stat(f)) for f in files]
+    blob = json.dumps({"spec": spec.results_hash(), "files": stats}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = None) -> JobResult:
+    progress = progress or Progress()
+    t_start = time.monotonic()
+    timings: dict[str, float] = {}
+    check_templates(spec.prompt)
+    sink = sinks.Sink(spec.output.path, spec.output.part_rows)
+    sink.lock()
+    try:
+        files = resolve_files(spec.input)
+        job_info = {"job": spec.name, "results_hash": fingerprint(spec, files), "spec_hash": spec.spec_hash(),
+                    "id_column": spec.input.id or "row_id", "created_at": _now(), "spec": spec.to_dict()}
+        state, done = sink.prepare(job_info, fresh)
+        if state.complete and not fresh:
+            log.info("%s is already complete (%d rows); rerun with --fresh to rebuild it", sink.path, state.rows)
+            return JobResult("already_complete", spec.name, str(sink.path), rows_total=state.rows,
+                             rows_skipped=state.rows)
+
+        t = time.monotonic()
+        source = read_source(spec.input)
+        passthrough = _output_columns(spec, source)
+        max_tokens, mt_errors = _max_tokens(spec, source)
+        timings["read_s"] = time.monotonic() - t
+        log.info("read %d rows from %d file(s)", source.num_rows, len(files))
+
+        from batchrun.engine import loader  # torch is imported from here on
+
+        t = time.monotonic()
+        loaded = loader.load(spec.model, spec.engine)
+        timings["load_s"] = time.monotonic() - t
+        log.info("loaded %s on %s (%s)", spec.model.path, loaded.device, loaded.dtype)
+
+        t = time.monotonic()
+        prompts = build_prompts(spec.prompt, source.table, loaded.tokenizer)
+        timings["tokenize_s"] = time.monotonic() - t
+
+        ids = source.table.column(source.id_column).to_pylist()
+        rows_in = source.table.select(passthrough).to_pylist() if passthrough else [{} for _ in ids]
+        schema = pa.schema([source.table.schema.field(source.id_column)]
+                           + [source.table.schema.field(c) for c in passthrough] + sinks.RESULT_FIELDS)
+        sink.set_schema(schema, {"job": spec.name, "spec_hash": spec.spec_hash(),
+                                 "results_hash": job_info["results_hash"], "model": spec.model.path,
+                                 "batchrun_version": __version__})
+
+        requests, error_rows = _requests(spec, ids, prompts, max_tokens, mt_errors, loaded.max_context, done)
+        counts = {"ok": 0, "error": 0, "prompt_tokens": 0, "output_tokens": 0}
+
+        def emit(index: int, **result: Any) -> None:
+            row = {source.id_column: ids[index], **rows_in[index], **result}
+            counts["error" if result["error"] else "ok"] += 1
+            counts["prompt_tokens"] += result["prompt_tokens"] or 0
+            counts["output_tokens"] += result["output_tokens"]
+            pending.append(row)
+
+        pending: list[dict[str, Any]] = []
+        for index, message in error_rows:
+            n = len(prompts.token_ids[index]) or None
+            emit(index, output=None, prompt_tokens=n, output_tokens=0, finish_reason="error", error=message)
+        sink.add(pending)
+        pending.clear()
+
+        engine = _engine(spec, loaded)
+        progress.start(source.num_rows, already_done=len(done) + len(error_rows))
+        t = time.monotonic()
+        for batch in engine.run(requests):
+            for c in batch:
+                emit(c.index, output=c.text, prompt_tokens=len(prompts.token_ids[c.index]),
+                     output_tokens=len(c.token_ids), finish_reason=c.finish_reason, error=None)
+            sink.add(pending)
+            progress.advance(len(batch), sum(len(c.token_ids) for c in batch))
+            pending.clear()
+        timings["generate_s"] = time.monotonic() - t
+        progress.finish()
+        timings["total_s"] = time.monotonic() - t_start
+        result = JobResult("ok", spec.name, str(sink.path), rows_total=source.num_rows,
+                           rows_ok=counts["ok"], rows_error=counts["error"], rows_skipped=len(done),
+                           prompt_tokens=counts["prompt_tokens"], output_tokens=counts["output_tokens"],
+                           timings={k: round(v, 3) for k, v in timings.items()})
+        sink.flush()
+        sink.commit(_manifest(spec, job_info, loaded, result, source, sink.totals()))
+        return result
+    finally:
+        sink.close()
+
+
+def _engine(spec: JobSpec, loaded: Any) -> Any:
+    from batchrun.engine.reference import ReferenceEngine
+    from batchrun.engine.requests import SamplingParams
+
+    s = spec.sampling
+    params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop=tuple(s.stop),
+                            ignore_eos=s.ignore_eos)
+    return ReferenceEngine(loaded, params, batch_size=spec.engine.batch_size)
+
+
+def _output_columns(spec: JobSpec, source: Source) -> list[str]:
+    names = source.table.column_names
+    if spec.output.columns is None:
+        cols = [c for c in names if c != source.id_column]
+        clash = [c for c in cols if c in sinks.RESULT_COLUMNS]
+        if clash:
+            raise SpecError(f"output.columns: input column(s) {clash} would clash with result columns "
+                            f"{sinks.RESULT_COLUMNS}; list the columns to keep in output.columns")
+        return cols
+    require_columns(source.table, list(spec.output.columns), "output.columns")
+    clash = [c for c in spec.output.columns if c in sinks.RESULT_COLUMNS]
+    if clash:
+        raise SpecError(f"output.columns: {clash} clash with result columns {sinks.RESULT_COLUMNS}")
+    return list(dict.fromkeys(c for c in spec.output.columns if c != source.id_column))
+
+
+def _max_tokens(spec: JobSpec, source: Source) -> tuple[list[int], dict[int, str]]:
+    """Per-row max_tokens: the spec's number, or a column (a null or non-positive value is a row error)."""
+    mt = spec.sampling.max_tokens
+    n = source.num_rows
+    if isinstance(mt, int):
+        return [mt] * n, {}
+    require_columns(source.table, [mt], "sampling.max_tokens")
+    col = source.table.column(mt)
+    if not pa.types.is_integer(col.type):
+        raise InputDataError(f"sampling.max_tokens: column {mt!r} has type {col.type}; it must hold integers")
+    values, errors = [], {}
+    for i, v in enumerate(col.to_pylist()):
+        if v is None or v < 1:
+            errors[i] = f"max_tokens column {mt!r} is {'null' if v is None else v}; it must be >= 1"
+        values.append(v or 0)
+    return values, errors
+
+
+def _requests(spec: JobSpec, ids: list[Any], prompts: Prompts, max_tokens: list[int],
+              mt_errors: dict[int, str], max_context: int | None, done: set[Any]):
+    """Requests for the rows still to run, and (row, message) for rows that fail before the engine."""
+    from batchrun.engine.requests import Request, row_seed
+
+    requests, errors = [], []
+    for i, row_id in enumerate(ids):
+        if row_id in done:
+            continue
+        message = prompts.errors[i] or mt_errors.get(i)
+        n = len(prompts.token_ids[i])
+        limit = max_tokens[i]
+        if message is None and max_context and n >= max_context:
+            message = f"prompt has {n} tokens; the model's context is {max_context}"
+        if message is not None:
+            errors.append((i, message))
+            continue
+        if max_context:
+            limit = min(limit, max_context - n)
+        requests.append(Request(index=i, prompt_ids=prompts.token_ids[i], max_tokens=limit,
+                                seed=row_seed(spec.sampling.seed, row_id)))
+    return requests, errors
+
+
+def _manifest(spec: JobSpec, job_info: dict[str, Any], loaded: Any, result: JobResult,
+              source: Source, totals: dict[str, int]) -> dict[str, Any]:
+    return {
+        "job": spec.name,
+        "complete": True,
+        "spec_hash": spec.spec_hash(),
+        "results_hash": job_info["results_hash"],
+        "spec": spec.to_dict(),
+        "model": {"path": spec.model.path, "resolved": loaded.resolved, "device": loaded.device,
+                  "dtype": loaded.dtype},
+        "engine": spec.engine.backend,
+        "input": {"files": [asdict(f) for f in source.files], "id_column": source.id_column,
+                  "generated_id": source.generated_id},
+        "rows": {"total": totals["rows"], "ok": totals["rows"] - totals["error"], "error": totals["error"],
+                 "this_run": result.rows_ok + result.rows_error, "from_earlier_runs": result.rows_skipped},
+        "tokens": {"prompt": totals["prompt_tokens"], "output": totals["output_tokens"]},
+        "timings": result.timings,
+        "versions": _versions(),
+        "finished_at": _now(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"batchrun": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "duckdb", "pyarrow", "tokenizers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
