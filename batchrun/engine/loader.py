@@ -72,6 +72,7 @@ def convert_gguf(gguf: Path) -> Path:
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     log.info("converting %s to a cached model directory (once): %s", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
@@ -141,10 +142,19 @@ def pick_dtype(requested: str, device: str) -> str:
     return "float32"
 
 
+def _quiet_transformers() -> None:
+    """batchrun shows its own progress; transformers' per-tensor bars would bury it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def load(spec: ModelSpec, engine: EngineSpec) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     if engine.threads:
         torch.set_num_threads(engine.threads)
     device = pick_device(engine.device)

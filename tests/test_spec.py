@@ -1,0 +1,364 @@
+"""batchrun.spec: loading, defaults, every error path (exact messages), --set overrides, hashes."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batchrun.errors import SpecError, UsageError
+from batchrun.spec import JobSpec, apply_override, load_spec, validate_dict
+from conftest import write_job
+
+MINIMAL = """\
+model: {path: some/model}
+input: {path: data.parquet}
+prompt: {template: "Review: {{ text }}"}
+output: {path: out/reviews}
+"""
+
+ALLOWED = {
+    "": "name, model, input, prompt, sampling, output, engine",
+    "model": "path, dtype, revision, tokenizer, trust_remote_code",
+    "input": "path, format, table, sql, id",
+    "prompt": "template, system, chat, fewshot",
+    "fewshot": "user, assistant",
+    "sampling": "max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos",
+    "output": "path, columns, part_rows",
+    "engine": "backend, device, batch_size, threads",
+}
+
+
+def base() -> dict:
+    return {"name": "j", "model": {"path": "m"}, "input": {"path": "a.parquet"},
+            "prompt": {"template": "{{ text }}"}, "output": {"path": "out"}}
+
+
+def with_(section: str, **fields) -> dict:
+    d = base()
+    d.setdefault(section, {}).update(fields)
+    return d
+
+
+def problems_of(raw: dict) -> list[str]:
+    with pytest.raises(SpecError) as ei:
+        validate_dict(raw)
+    assert ei.value.exit_code == 78
+    assert ei.value.message == f"<spec>: {len(ei.value.problems)} problem(s) in the job spec"
+    return ei.value.problems
+
+
+# ------------------------------------------------------------------------------------------- good specs
+
+
+def test_minimal_spec_fills_defaults_and_names_job_after_file(tmp_path):
+    spec = load_spec(write_job(tmp_path, MINIMAL, "reviews-v2.yaml"))
+    assert isinstance(spec, JobSpec)
+    assert spec.to_dict() == {
+        "name": "reviews-v2",
+        "model": {"path": "some/model", "dtype": "auto", "revision": None, "tokenizer": None,
+                  "trust_remote_code": False},
+        "input": {"path": "data.parquet", "format": "auto", "table": "input", "sql": None, "id": None},
+        "prompt": {"template": "Review: {{ text }}", "system": None, "chat": None, "fewshot": []},
+        "sampling": {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": [], "seed": 0,
+                     "ignore_eos": False},
+        "output": {"path": "out/reviews", "columns": None, "part_rows": 1000},
+        "engine": {"backend": "reference", "device": "auto", "batch_size": 16, "threads": None},
+    }
+    assert spec.input.paths == ["data.parquet"]
+
+
+def test_full_spec_keeps_every_value(tmp_path):
+    body = """\
+name: nightly.reviews_1
+model: {path: /models/x, dtype: bfloat16, revision: main, tokenizer: /tok, trust_remote_code: true}
+input: {path: [a.parquet, "b/*.parquet"], format: parquet, table: docs, sql: "SELECT * FROM docs", id: doc_id}
+prompt:
+  template: "{{ text }}"
+  system: "Be brief."
+  chat: true
+  fewshot: [{user: "u1", assistant: "a1"}]
+sampling: {max_tokens: budget, temperature: 0.7, top_p: 0.9, top_k: 40, stop: END, seed: 7, ignore_eos: true}
+output: {path: out/x, columns: [lang], part_rows: 5}
+engine: {backend: reference, device: "cuda:1", batch_size: 8, threads: 2}
+"""
+    d = load_spec(write_job(tmp_path, body, "ignored.yaml")).to_dict()
+    assert d["name"] == "nightly.reviews_1"
+    assert d["model"] == {"path": "/models/x", "dtype": "bfloat16", "revision": "main", "tokenizer": "/tok",
+                          "trust_remote_code": True}
+    assert d["input"] == {"path": ["a.parquet", "b/*.parquet"], "format": "parquet", "table": "docs",
+                          "sql": "SELECT * FROM docs", "id": "doc_id"}
+    assert d["prompt"] == {"template": "{{ text }}", "system": "Be brief.", "chat": True,
+                           "fewshot": [{"user": "u1", "assistant": "a1"}]}
+    assert d["sampling"] == {"max_tokens": "budget", "temperature": 0.7, "top_p": 0.9, "top_k": 40,
+                             "stop": ["END"], "seed": 7, "ignore_eos": True}
+    assert d["output"] == {"path": "out/x", "columns": ["lang"], "part_rows": 5}
+    assert d["engine"] == {"backend": "reference", "device": "cuda:1", "batch_size": 8, "threads": 2}
+
+
+def test_name_from_stem_is_sanitized_and_explicit_name_wins(tmp_path):
+    assert load_spec(write_job(tmp_path, MINIMAL, "my job.yaml")).name == "my-job"
+    assert load_spec(write_job(tmp_path, "name: explicit\n" + MINIMAL, "other.yaml")).name == "explicit"
+
+
+@pytest.mark.xfail(reason="BUG: spec.py load_spec sanitizes the file stem into an invalid default name "
+                          "('über' -> '-ber', '_draft'), then reports 'name: must match ...' for a field the "
+                          "user never wrote", strict=True)
+@pytest.mark.parametrize("filename", ["über.yaml", "_draft.yaml"])
+def test_default_name_from_any_stem_is_valid(tmp_path, filename):
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", load_spec(write_job(tmp_path, MINIMAL, filename)).name)
+
+
+@pytest.mark.parametrize("value, expected", [(5, 5), ("budget", "budget"), (1_000_000, 1_000_000)])
+def test_max_tokens_number_or_column(value, expected):
+    assert validate_dict(with_("sampling", max_tokens=value)).sampling.max_tokens == expected
+
+
+def test_stop_single_string_becomes_list():
+    assert validate_dict(with_("sampling", stop="###")).sampling.stop == ["###"]
+
+
+def test_fewshot_with_chat_unset_is_accepted():
+    spec = validate_dict(with_("prompt", template="x", fewshot=[{"user": "a", "assistant": "b"}]))
+    assert spec.prompt.chat is None and spec.prompt.fewshot[0].assistant == "b"
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+MT = "sampling.max_tokens: must be a positive integer or a column name"
+ERRORS = [
+    (with_("sampling", temperature=5), ["sampling.temperature: must be <= 2 (got 5)"]),
+    (with_("sampling", temperature="hot"), ["sampling.temperature: must be a number (got 'hot')"]),
+    (with_("sampling", top_p=0), ["sampling.top_p: must be > 0 (got 0)"]),
+    (with_("sampling", seed=-1), ["sampling.seed: must be >= 0 (got -1)"]),
+    (with_("sampling", max_tokens=0), ["sampling.max_tokens: must be between 1 and 1000000 (got 0)"]),
+    (with_("sampling", max_tokens=1_000_001), ["sampling.max_tokens: must be between 1 and 1000000 (got 1000001)"]),
+    (with_("sampling", max_tokens="1bad"), [f"{MT} (got '1bad')"]),
+    (with_("sampling", max_tokens=True), [f"{MT} (got true)"]),
+    (with_("sampling", max_tokens=2.5), [f"{MT} (got 2.5)"]),
+    (with_("sampling", stop=""), ["sampling.stop: stop strings must not be empty"]),
+    (with_("sampling", stop=["a", ""]), ["sampling.stop: stop strings must not be empty"]),
+    (with_("sampling", stop=[1]), ["sampling.stop[0]: must be a string (got 1)"]),
+    (with_("sampling", stop=["s"] * 17), ["sampling.stop: at most 16 items (got 17)"]),
+    (with_("engine", device="gpu"), ["engine.device: must be auto, cpu, cuda or cuda:N (got 'gpu')"]),
+    (with_("engine", device="cuda:"), ["engine.device: must be auto, cpu, cuda or cuda:N (got 'cuda:')"]),
+    (with_("engine", backend="vllm"), ["engine.backend: must be one of 'reference' (got 'vllm')"]),
+    (with_("engine", batch_size="many"), ["engine.batch_size: must be an integer (got 'many')"]),
+    (with_("engine", batch_size=0), ["engine.batch_size: must be >= 1 (got 0)"]),
+    (with_("engine", threads=0), ["engine.threads: must be >= 1 (got 0)"]),
+    (with_("model", dtype="int8"),
+     ["model.dtype: must be one of 'auto', 'float32', 'bfloat16' or 'float16' (got 'int8')"]),
+    (with_("model", path=""), ["model.path: must not be empty"]),
+    (with_("input", path=[]), ["input.path: must name at least one file"]),
+    (with_("input", path=["a", "  "]), ["input.path: a file path must not be empty"]),
+    (with_("input", table="1x"),
+     ["input.table: must be an identifier (letters, digits, _; not starting with a digit) (got '1x')"]),
+    (with_("input", format="xlsx"), ["input.format: must be one of 'auto', 'parquet', 'csv' or 'json' (got 'xlsx')"]),
+    (with_("prompt", template=""), ["prompt.template: must not be empty"]),
+    (with_("prompt", chat="maybe"), ["prompt.chat: must be true or false (got 'maybe')"]),
+    (with_("prompt", fewshot="a"), ["prompt.fewshot: must be a list (got 'a')"]),
+    (with_("prompt", fewshot=["a"]), ["prompt.fewshot[0]: must be a mapping (got 'a')"]),
+    (with_("prompt", fewshot=[{"user": "a"}]), ["prompt.fewshot[0].assistant: required"]),
+    (with_("prompt", fewshot=[{"user": "a", "assistant": "b"}], chat=False),
+     ["prompt: fewshot examples are chat turns: set chat to true (or leave it unset)"]),
+    (with_("output", columns="id"), ["output.columns: must be a list (got 'id')"]),
+    ({**base(), "name": "bad name"}, ["name: must match ^[A-Za-z0-9][A-Za-z0-9._-]*$ (got 'bad name')"]),
+    ({**base(), "model": "m"}, ["model: must be a mapping (got 'm')"]),
+    ({**base(), "sampling": None}, ["sampling: must be a mapping (got null)"]),
+    ({**base(), "bogus": 1}, [f"bogus: unknown field (allowed here: {ALLOWED['']})"]),
+    (with_("sampling", tempreature=1), [f"sampling.tempreature: unknown field (allowed here: {ALLOWED['sampling']})"]),
+    (with_("model", extra=1), [f"model.extra: unknown field (allowed here: {ALLOWED['model']})"]),
+    (with_("engine", gpus=2), [f"engine.gpus: unknown field (allowed here: {ALLOWED['engine']})"]),
+    (with_("prompt", fewshot=[{"user": "a", "assistant": "b", "x": 1}]),
+     [f"prompt.fewshot[0].x: unknown field (allowed here: {ALLOWED['fewshot']})"]),
+]
+
+
+@pytest.mark.parametrize("raw, expected", ERRORS, ids=[e[1][0].split(" (")[0][:50] for e in ERRORS])
+def test_error_messages_are_exact(raw, expected):
+    assert problems_of(raw) == expected
+
+
+def test_missing_required_fields_all_reported():
+    assert problems_of({}) == ["name: required", "model: required", "input: required", "prompt: required",
+                               "output: required"]
+    d = base()
+    del d["model"], d["prompt"]
+    assert problems_of(d) == ["model: required", "prompt: required"]
+
+
+def test_several_errors_reported_at_once(tmp_path):
+    body = """\
+model: {path: m, dtype: int8}
+input: {path: a.parquet}
+prompt: {template: "{{ text }}", bogus: 1}
+sampling: {temperature: 5, top_p: 2}
+output: {path: o}
+engine: {device: gpu}
+"""
+    path = write_job(tmp_path, body, "bad.yaml")
+    with pytest.raises(SpecError) as ei:
+        load_spec(path)
+    assert ei.value.message == f"{path}: 5 problem(s) in the job spec"
+    assert ei.value.problems == [
+        "model.dtype: must be one of 'auto', 'float32', 'bfloat16' or 'float16' (got 'int8')",
+        f"prompt.bogus: unknown field (allowed here: {ALLOWED['prompt']})",
+        "sampling.temperature: must be <= 2 (got 5)",
+        "sampling.top_p: must be <= 1 (got 2)",
+        "engine.device: must be auto, cpu, cuda or cuda:N (got 'gpu')",
+    ]
+    assert str(ei.value).splitlines()[1] == "  - " + ei.value.problems[0]
+
+
+def test_empty_file_reports_every_required_section(tmp_path):
+    path = write_job(tmp_path, "", "empty.yaml")
+    with pytest.raises(SpecError) as ei:
+        load_spec(path)
+    assert ei.value.problems == ["model: required", "input: required", "prompt: required", "output: required"]
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("model: [unclosed\n", "not valid YAML at line 2, column 1: expected ',' or ']', but got '<stream end>'"),
+    ("a: b\n c: d\n", "not valid YAML at line 2, column 3: mapping values are not allowed here"),
+    ("- a\n- b\n", "a job spec must be a YAML mapping (got list)"),
+    ("just text\n", "a job spec must be a YAML mapping (got str)"),
+])
+def test_yaml_syntax_and_shape_errors(tmp_path, body, expected):
+    path = write_job(tmp_path, body)
+    with pytest.raises(SpecError) as ei:
+        load_spec(path)
+    assert str(ei.value) == f"{path}: {expected}"
+    assert ei.value.exit_code == 78 and ei.value.problems == []
+
+
+def test_missing_job_file_is_usage_error(tmp_path):
+    with pytest.raises(UsageError) as ei:
+        load_spec(tmp_path / "nope.yaml")
+    assert str(ei.value) == f"job file not found: {tmp_path / 'nope.yaml'}" and ei.value.exit_code == 2
+
+
+@pytest.mark.xfail(reason="BUG: spec.py _loc/_describe keep pydantic's union member tags in the path: "
+                          "'input.path.str: ...' and 'input.path.list[str]: ...' (two problems, fake paths)",
+                   strict=True)
+def test_wrong_type_for_union_field_names_the_real_path():
+    problems = problems_of(with_("input", path=5))
+    assert len(problems) == 1 and problems[0].startswith("input.path: ") and problems[0].endswith("(got 5)")
+
+
+@pytest.mark.xfail(reason="BUG: spec.py _loc renders a non-string YAML key as a list index: "
+                          "'sampling[1]: Keys should be strings (got 1)'", strict=True)
+def test_numeric_yaml_key_is_reported_as_a_field():
+    assert problems_of({**base(), "sampling": {1: "x"}})[0].startswith("sampling.1: ")
+
+
+# ------------------------------------------------------------------------------------------ overrides
+
+
+def test_set_overrides_int_string_list_and_nested_creation(tmp_path):
+    spec = load_spec(write_job(tmp_path, MINIMAL), [
+        "sampling.max_tokens=16", "model.path=other/model", "sampling.stop=[a, b]",
+        "input.path=[x.parquet, y.parquet]", "engine.device=cpu", "prompt.template={{ text }}!"])
+    assert spec.sampling.max_tokens == 16 and spec.sampling.stop == ["a", "b"]
+    assert spec.model.path == "other/model" and spec.input.paths == ["x.parquet", "y.parquet"]
+    assert spec.engine.device == "cpu" and spec.prompt.template == "{{ text }}!"
+
+
+def test_apply_override_on_raw_mapping():
+    raw: dict = {"sampling": None}
+    apply_override(raw, "sampling.a.b=null")
+    apply_override(raw, "x= 7 ")
+    apply_override(raw, "y=a=b")
+    apply_override(raw, "z=")
+    assert raw == {"sampling": {"a": {"b": None}}, "x": 7, "y": "a=b", "z": ""}
+
+
+def test_set_unknown_field_is_spec_error_naming_it(tmp_path):
+    with pytest.raises(SpecError) as ei:
+        load_spec(write_job(tmp_path, MINIMAL), ["sampling.bogus=1"])
+    assert ei.value.problems == [f"sampling.bogus: unknown field (allowed here: {ALLOWED['sampling']})"]
+
+
+@pytest.mark.parametrize("item, message", [
+    ("novalue", "--set expects FIELD=VALUE, e.g. sampling.max_tokens=16 (got 'novalue')"),
+    ("=5", "--set expects FIELD=VALUE, e.g. sampling.max_tokens=16 (got '=5')"),
+    ("a..b=1", "--set: malformed field path 'a..b'"),
+    ("model.path.x=1", "--set model.path.x: model.path is not a mapping"),
+])
+def test_malformed_set_is_usage_error(tmp_path, item, message):
+    with pytest.raises(UsageError) as ei:
+        load_spec(write_job(tmp_path, MINIMAL), [item])
+    assert str(ei.value) == message and ei.value.exit_code == 2
+
+
+# --------------------------------------------------------------------------------------------- hashes
+
+
+def test_spec_hash_stable_across_key_order_and_changed_by_values():
+    a = base()
+    b = {k: dict(reversed(list(v.items()))) if isinstance(v, dict) else v for k, v in reversed(list(a.items()))}
+    ha = validate_dict(a).spec_hash()
+    assert re.fullmatch(r"[0-9a-f]{16}", ha)
+    assert validate_dict(b).spec_hash() == ha
+    assert validate_dict(with_("sampling", temperature=0.0)).spec_hash() == ha  # the default, spelled out
+    hot = validate_dict(with_("sampling", temperature=0.5))
+    assert hot.spec_hash() != ha and hot.results_hash() != validate_dict(a).results_hash()
+
+
+@pytest.mark.parametrize("section, field, value", [("output", "path", "elsewhere"), ("engine", "batch_size", 64),
+                                                   ("engine", "device", "cpu"), ("output", "part_rows", 3)])
+def test_results_hash_ignores_where_and_how_fast(section, field, value):
+    plain, changed = validate_dict(base()), validate_dict(with_(section, **{field: value}))
+    assert changed.results_hash() == plain.results_hash()
+    assert changed.spec_hash() != plain.spec_hash()
+
+
+# ------------------------------------------------------------------------------------------- property
+
+_PATH = re.compile(r"^(\(top level\)|[A-Za-z_]\w*(\[\d+\])*(\.[A-Za-z_]\w*(\[\d+\])*)*): ")
+_FIELDS = sorted({f for fs in ALLOWED.values() for f in fs.split(", ")})
+_keys = st.sampled_from(_FIELDS) | st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True)
+_leaf = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=10)
+         | st.sampled_from(["auto", "cpu", "cuda:0", "{{ text }}", "x.parquet", "reference", "float32"]))
+_values = st.recursive(_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(_keys, c, max_size=4),
+                       max_leaves=15)
+_sections = st.sampled_from(["model", "input", "prompt", "sampling", "output", "engine"])
+
+
+@st.composite
+def _raw_specs(draw):
+    if draw(st.booleans()):
+        raw = draw(st.dictionaries(_keys, _values, max_size=8))
+    else:  # a valid spec with random fields overwritten or added
+        raw = base()
+        for _ in range(draw(st.integers(1, 4))):
+            section = draw(_sections)
+            node = raw.setdefault(section, {})
+            if isinstance(node, dict):
+                node[draw(_keys)] = draw(_values)
+            else:
+                raw[section] = draw(_values)
+    # input.path (str | list[str]) is kept well-typed: its wrong-type message is the known union-tag bug,
+    # covered by test_wrong_type_for_union_field_names_the_real_path.
+    inp = raw.get("input")
+    if isinstance(inp, dict) and "path" in inp:
+        p = inp["path"]
+        if not (isinstance(p, str) or (isinstance(p, list) and all(isinstance(x, str) for x in p))):
+            inp["path"] = "x.parquet"
+    return raw
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_raw_specs())
+def test_validate_dict_only_returns_spec_or_raises_spec_error_with_paths(raw):
+    try:
+        spec = validate_dict(copy.deepcopy(raw))
+    except SpecError as e:
+        assert e.problems, "a SpecError must list its problems"
+        assert e.message == f"<spec>: {len(e.problems)} problem(s) in the job spec"
+        for problem in e.problems:
+            assert _PATH.match(problem), problem
+    else:
+        assert isinstance(spec, JobSpec)
