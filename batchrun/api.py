@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.io.prompts import check_templates
-from batchrun.io.sink import read_state
+from batchrun.io.sink import is_batchrun_file, read_state
 from batchrun.runtime.job import JobResult, run_job
 from batchrun.runtime.progress import Progress
 from batchrun.spec import JobSpec, load_spec
@@ -81,7 +81,8 @@ def status(output_dir: str | Path) -> dict[str, Any]:
     if not state.exists:
         kind = "missing"
     elif not state.owned:
-        kind = "not_batchrun" if any(Path(output_dir).iterdir()) else "empty"
+        foreign = any(not is_batchrun_file(f.name) for f in Path(output_dir).iterdir())
+        kind = "not_batchrun" if foreign else "empty"
     else:
         kind = "complete" if state.complete else "incomplete"
     out: dict[str, Any] = {"output": str(output_dir), "state": kind, "rows_committed": state.rows,

@@ -34,7 +34,7 @@ class ModelSpec(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     revision: str | None = None
     tokenizer: str | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(default=False, strict=True)
 
 
 class InputSpec(_Strict):
@@ -46,10 +46,12 @@ class InputSpec(_Strict):
     sql: str | None = None
     id: str | None = None
 
-    @field_validator("path")
+    @field_validator("path", mode="before")
     @classmethod
-    def _paths_not_empty(cls, v: str | list[str]) -> str | list[str]:
+    def _paths_not_empty(cls, v: Any) -> str | list[str]:
         items = [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(p, str) for p in items):
+            raise ValueError(f"must be a file path, a glob, or a list of them (got {_show(v)})")
         if not items:
             raise ValueError("must name at least one file")
         for p in items:
@@ -72,7 +74,7 @@ class PromptSpec(_Strict):
 
     template: str = Field(min_length=1)
     system: str | None = None
-    chat: bool | None = None  # None: use the tokenizer's chat template when it has one
+    chat: bool | None = Field(default=None, strict=True)  # None: use the tokenizer's chat template when it has one
     fewshot: list[FewShot] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -86,12 +88,12 @@ class SamplingSpec(_Strict):
     """Decoding. temperature 0 is greedy. ``max_tokens`` is a number or the name of an integer column."""
 
     max_tokens: int | str = 256
-    temperature: float = Field(default=0.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    top_k: int = Field(default=0, ge=0)
+    temperature: float = Field(default=0.0, ge=0, le=2, strict=True)
+    top_p: float = Field(default=1.0, gt=0, le=1, strict=True)
+    top_k: int = Field(default=0, ge=0, strict=True)
     stop: list[str] = Field(default_factory=list, max_length=16)
-    seed: int = Field(default=0, ge=0, lt=2**63)
-    ignore_eos: bool = False
+    seed: int = Field(default=0, ge=0, lt=2**63, strict=True)
+    ignore_eos: bool = Field(default=False, strict=True)
 
     @field_validator("max_tokens", mode="before")
     @classmethod
@@ -124,7 +126,7 @@ class OutputSpec(_Strict):
 
     path: str = Field(min_length=1)
     columns: list[str] | None = None  # input columns copied to the output; None copies all of them
-    part_rows: int = Field(default=1000, ge=1, le=10_000_000)
+    part_rows: int = Field(default=1000, ge=1, le=10_000_000, strict=True)
 
 
 class EngineSpec(_Strict):
@@ -132,8 +134,8 @@ class EngineSpec(_Strict):
 
     backend: Literal["reference"] = "reference"
     device: str = Field(default="auto", pattern=_DEVICE)
-    batch_size: int = Field(default=16, ge=1, le=4096)
-    threads: int | None = Field(default=None, ge=1, le=1024)
+    batch_size: int = Field(default=16, ge=1, le=4096, strict=True)
+    threads: int | None = Field(default=None, ge=1, le=1024, strict=True)
 
 
 class JobSpec(_Strict):
@@ -178,15 +180,31 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read job file {path}: {e}") from None
     raw = parse_yaml(text, str(path))
-    raw.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem) or "job")
+    raw.setdefault("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem).lstrip("._-") or "job")
     for item in overrides:
         apply_override(raw, item)
     return validate_dict(raw, source=str(path))
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML (no tags that build objects) that also refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -290,6 +308,10 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "string_pattern_mismatch":
         hint = _PATTERN_HINTS.get(ctx.get("pattern"), f"must match {ctx.get('pattern')}")
         return f"{path}: {hint} (got {_show(got)})"
+    if kind == "invalid_key":
+        return f"{_loc(loc[:-1])}: field names must be strings (got {_show(loc[-1])})"
+    if kind == "string_too_long":
+        return f"{path}: at most {ctx.get('max_length')} characters"
     if kind == "string_too_short":
         return f"{path}: must not be empty"
     if kind == "too_long":

@@ -14,7 +14,7 @@ from batchrun import api
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.errors import SpecError
 from batchrun.spec import load_spec
-from tests.conftest import REPO, write_job
+from conftest import REPO, write_job
 
 JOB = """
 name: t

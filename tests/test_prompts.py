@@ -41,12 +41,9 @@ def test_row_access_for_column_names_that_are_not_identifiers():
     assert users == ["A/1", "B/0", "C/2"] and errors == [None, None, None]
 
 
-@pytest.mark.xfail(reason="BUG: prompts.py render only null-checks columns named as variables; a null column "
-                          "read through row[...] renders as the string 'None' instead of a per-row error",
-                   strict=True)
 def test_null_column_through_row_is_a_row_error():
     users, _, errors = rendered('{{ row["text"] }}')
-    assert users[1] is None and errors[1] is not None
+    assert users[1] is None and errors[1] == "column 'text' is null"
 
 
 def test_system_template_rendered_per_row():
@@ -80,12 +77,12 @@ def test_missing_columns_fail_the_job():
 
 
 @pytest.mark.parametrize("template, system, problem", [
-    ("{{ text ", None, "prompt.template: template syntax error at line 1: unexpected end of template, expected "
-                       "'end of print statement'."),
-    ("{% if %}", None, "prompt.template: template syntax error at line 1: Expected an expression, got 'end of "
-                       "statement block'"),
-    ("ok", "line\n{{ }}", "prompt.system: template syntax error at line 2: Expected an expression, got 'end of "
-                          "print statement'"),
+    ("{{ text ", None, "prompt.template: template syntax error at line 1: "
+                       "unexpected end of template, expected 'end of print statement'."),
+    ("{% if %}", None, "prompt.template: template syntax error at line 1: "
+                       "Expected an expression, got 'end of statement block'"),
+    ("ok", "line\n{{ }}", "prompt.system: template syntax error at line 2: "
+                          "Expected an expression, got 'end of print statement'"),
 ])
 def test_template_syntax_error_is_spec_error(template, system, problem):
     with pytest.raises(SpecError) as ei:
@@ -109,7 +106,7 @@ def test_chat_text_and_tokens_match_the_tokenizer(tok):
                     {"role": "user", "content": f"Review: {text}"}]
         expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert p.texts[i] == expected
-        assert p.texts[i].endswith("<|im_start|>user\nReview: " + text + "<|im_end|>\n<|im_start|>assistant\n")
+        assert p.texts[i].endswith(f"<|im_start|>user\nReview: {text}<|im_end|>\n<|im_start|>assistant\n")
         assert p.token_ids[i] == tok(expected, add_special_tokens=False)["input_ids"]
     assert (p.texts[1], p.token_ids[1], p.errors) == (None, [], [None, "column 'text' is null", None])
     assert p.num_tokens == len(p.token_ids[0]) + len(p.token_ids[2])
@@ -153,33 +150,29 @@ def test_chat_needs_a_chat_template(spec, message):
 SECRETS = ("root:", "__builtins__", "os.path", "<module", "_io.", "subprocess")
 
 
+def unsafe(attr: str, owner: str) -> str:
+    return f"template error: SecurityError: access to attribute '{attr}' of '{owner}' object is unsafe."
+
+
+NO_LOADER = "template error: TypeError: no loader for this environment specified"
+
+
 @pytest.mark.parametrize("template, error", [
-    ("{{ ''.__class__.__mro__ }}", "template error: SecurityError: access to attribute '__class__' of 'str' object "
-                                   "is unsafe."),
-    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "template error: SecurityError: access to attribute "
-                                                       "'__class__' of 'str' object is unsafe."),
-    ("{{ n.__class__.__base__.__subclasses__() }}", "template error: SecurityError: access to attribute "
-                                                    "'__class__' of 'int' object is unsafe."),
-    ("{{ text|attr('__class__') }}", "template error: SecurityError: access to attribute '__class__' of 'str' "
-                                     "object is unsafe."),
-    ("{{ '{0.__class__}'.format(text) }}", "template error: SecurityError: access to attribute '__class__' of "
-                                           "'str' object is unsafe."),
-    ("{{ cycler.__init__.__globals__ }}", "template error: SecurityError: access to attribute '__init__' of "
-                                          "'type' object is unsafe."),
-    ("{{ joiner.__init__.__globals__ }}", "template error: SecurityError: access to attribute '__init__' of "
-                                          "'type' object is unsafe."),
-    ("{{ namespace.__init__.__globals__ }}", "template error: SecurityError: access to attribute '__init__' of "
-                                             "'type' object is unsafe."),
-    ("{{ lipsum.__globals__ }}", "template error: SecurityError: access to attribute '__globals__' of 'function' "
-                                 "object is unsafe."),
-    ("{{ self.__init__.__globals__ }}", "template error: SecurityError: access to attribute '__init__' of "
-                                        "'TemplateReference' object is unsafe."),
-    ("{{ row.__class__ }}", "template error: SecurityError: access to attribute '__class__' of 'dict' object is "
-                            "unsafe."),
-    ("{{ row.clear() }}", "template error: SecurityError: access to attribute 'clear' of 'dict' object is unsafe."),
-    ("{% include '/etc/passwd' %}", "template error: TypeError: no loader for this environment specified"),
-    ("{% extends '/etc/passwd' %}", "template error: TypeError: no loader for this environment specified"),
-    ("{% import 'os' as os %}", "template error: TypeError: no loader for this environment specified"),
+    ("{{ ''.__class__.__mro__ }}", unsafe("__class__", "str")),
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", unsafe("__class__", "str")),
+    ("{{ n.__class__.__base__.__subclasses__() }}", unsafe("__class__", "int")),
+    ("{{ text|attr('__class__') }}", unsafe("__class__", "str")),
+    ("{{ '{0.__class__}'.format(text) }}", unsafe("__class__", "str")),
+    ("{{ cycler.__init__.__globals__ }}", unsafe("__init__", "type")),
+    ("{{ joiner.__init__.__globals__ }}", unsafe("__init__", "type")),
+    ("{{ namespace.__init__.__globals__ }}", unsafe("__init__", "type")),
+    ("{{ lipsum.__globals__ }}", unsafe("__globals__", "function")),
+    ("{{ self.__init__.__globals__ }}", unsafe("__init__", "TemplateReference")),
+    ("{{ row.__class__ }}", unsafe("__class__", "dict")),
+    ("{{ row.clear() }}", unsafe("clear", "dict")),
+    ("{% include '/etc/passwd' %}", NO_LOADER),
+    ("{% extends '/etc/passwd' %}", NO_LOADER),
+    ("{% import 'os' as os %}", NO_LOADER),
 ])
 def test_sandbox_escapes_become_row_errors(template, error):
     table = pa.table({"text": ["hi"], "n": [1]})
@@ -189,7 +182,8 @@ def test_sandbox_escapes_become_row_errors(template, error):
 
 def test_sandbox_harmless_globals_render_without_secrets():
     table = pa.table({"text": ["hi"]})
-    users, _, errors = rendered("{{ self }}|{{ lipsum(1, html=False)[:0] }}|{{ range(2)|list }}|{{ text }}", table)
+    template = "{{ self }}|{{ lipsum(1, html=False)[:0] }}|{{ range(2)|list }}|{{ text }}"
+    users, _, errors = rendered(template, table)
     assert errors == [None] and users == ["<TemplateReference None>||[0, 1]|hi"]
     assert not any(s in users[0] for s in SECRETS)
 

@@ -9,7 +9,7 @@ from batchrun.engine.loader import load
 from batchrun.engine.reference import ReferenceEngine, sampling_probs
 from batchrun.engine.requests import Request, SamplingParams, row_seed
 from batchrun.spec import EngineSpec, ModelSpec
-from tests.conftest import make_tiny_model
+from conftest import make_tiny_model
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog because",

@@ -36,6 +36,10 @@ def input_error(**kw) -> InputDataError:
     return ei.value
 
 
+def msg(**kw) -> str:
+    return str(input_error(**kw))
+
+
 # --------------------------------------------------------------------------------------------- formats
 
 
@@ -51,8 +55,8 @@ def test_csv_quoting_and_embedded_newline():
     with open("r.csv", "w") as f:
         f.write('id,text\n1,"hello, world"\n2,"line one\nline two"\n3,"say ""hi"""\n')
     src = read(path="r.csv", id="id")
-    assert src.table.to_pylist() == [{"id": 1, "text": "hello, world"}, {"id": 2, "text": "line one\nline two"},
-                                     {"id": 3, "text": 'say "hi"'}]
+    assert src.table.to_pylist() == [{"id": 1, "text": "hello, world"},
+                                     {"id": 2, "text": "line one\nline two"}, {"id": 3, "text": 'say "hi"'}]
     assert src.table.schema.field("id").type == pa.int64()
 
 
@@ -111,6 +115,11 @@ def test_path_with_a_quote_in_its_name():
     assert read(path="o'brien.parquet").table.to_pylist() == [{"t": "q", "row_id": 0}]
 
 
+def test_existing_file_with_brackets_in_its_name():
+    parquet("export [2024].parquet", t=["q"])
+    assert read(path="export [2024].parquet").table.to_pylist() == [{"t": "q", "row_id": 0}]
+
+
 def test_sql_over_default_table_and_row_id_in_query_order():
     parquet("r.parquet", t=["b", "a", "c"], keep=[True, True, False])
     src = read(path="r.parquet", sql="SELECT t FROM input WHERE keep ORDER BY t")
@@ -138,7 +147,7 @@ def test_empty_table_works():
 def test_existing_row_id_column_needs_input_id():
     parquet("r.parquet", row_id=[5, 6], t=["a", "b"])
     err = input_error(path="r.parquet")
-    assert str(err) == ("the input already has a column named 'row_id': set input.id to it "
+    assert str(err) == ("input.id: the input already has a column named 'row_id'; set input.id to it "
                         "(or to another unique column)")
     src = read(path="r.parquet", id="row_id")
     assert src.table.to_pylist() == [{"row_id": 5, "t": "a"}, {"row_id": 6, "t": "b"}]
@@ -149,11 +158,11 @@ def test_existing_row_id_column_needs_input_id():
 
 
 def test_missing_file(tmp_path):
-    assert str(input_error(path="nope.parquet")) == f"input.path: file not found: 'nope.parquet' (from {tmp_path})"
+    assert msg(path="nope.parquet") == f"input.path: file not found: 'nope.parquet' (from {tmp_path})"
 
 
 def test_glob_with_no_match(tmp_path):
-    assert str(input_error(path="nope/*.parquet")) == f"input.path: no file matches 'nope/*.parquet' (from {tmp_path})"
+    assert msg(path="nope/*.parquet") == f"input.path: no file matches 'nope/*.parquet' (from {tmp_path})"
 
 
 def test_one_missing_file_in_a_list_is_named(tmp_path):
@@ -164,8 +173,8 @@ def test_one_missing_file_in_a_list_is_named(tmp_path):
 
 def test_directory_given():
     os.mkdir("parts")
-    assert str(input_error(path="parts/")) == ("input.path: 'parts/' is a directory; name files or a glob such as "
-                                                "'parts/*.parquet'")
+    assert msg(path="parts/") == ("input.path: 'parts/' is a directory; name files or a glob such as "
+                                  "'parts/*.parquet'")
 
 
 def test_unknown_extension_is_spec_error():
@@ -182,8 +191,8 @@ def test_mixed_formats_is_spec_error():
     open("b.csv", "w").write("t\nb\n")
     with pytest.raises(SpecError) as ei:
         read(path=["a.parquet", "b.csv"])
-    assert str(ei.value) == ("input.format: input.path mixes formats (csv, parquet); use files of one format, "
-                             "or set input.format")
+    assert str(ei.value) == ("input.format: input.path mixes formats (csv, parquet); use files of one "
+                             "format, or set input.format")
 
 
 def test_unreadable_file():
@@ -193,32 +202,32 @@ def test_unreadable_file():
 
 def test_missing_id_column_lists_available_columns():
     parquet("r.parquet", text=["a"], lang=["en"])
-    assert str(input_error(path="r.parquet", id="doc_id")) == ("input.id: the input has no column 'doc_id' "
-                                                               "(columns: text, lang)")
+    expected = "input.id: the input has no column 'doc_id' (columns: text, lang)"
+    assert msg(path="r.parquet", id="doc_id") == expected
 
 
 def test_duplicate_ids_named_with_counts():
     parquet("r.parquet", id=[1, 2, 2, 3, 3, 3], t=list("abcdef"))
-    assert str(input_error(path="r.parquet", id="id")) == ("input.id: column 'id' has 2 duplicated id(s): "
-                                                           "2 (2 times), 3 (3 times)")
+    expected = "input.id: column 'id' has 2 duplicated id(s): 2 (2 times), 3 (3 times)"
+    assert msg(path="r.parquet", id="id") == expected
     parquet("s.parquet", id=["x", "y", "x"])
-    assert str(input_error(path="s.parquet", id="id")) == "input.id: column 'id' has 1 duplicated id(s): 'x' (2 times)"
+    assert msg(path="s.parquet", id="id") == "input.id: column 'id' has 1 duplicated id(s): 'x' (2 times)"
     parquet("m.parquet", id=list(range(7)) * 2)
-    assert str(input_error(path="m.parquet", id="id")) == (
+    assert msg(path="m.parquet", id="id") == (
         "input.id: column 'id' has 7 duplicated id(s): 0 (2 times), 1 (2 times), 2 (2 times), 3 (2 times), "
         "4 (2 times) and 2 more")
 
 
 def test_null_ids():
     parquet("r.parquet", id=["a", None, "c", None])
-    assert str(input_error(path="r.parquet", id="id")) == ("input.id: column 'id' has 2 null id(s); the first is "
-                                                           "at row 1 (0-based)")
+    assert msg(path="r.parquet", id="id") == ("input.id: column 'id' has 2 null id(s); the first is at row 1 "
+                                              "(0-based)")
 
 
 def test_float_id_column_refused():
     parquet("r.parquet", id=[1.0, 2.0])
-    assert str(input_error(path="r.parquet", id="id")) == ("input.id: column 'id' has type double; ids must be "
-                                                           "integers or strings")
+    assert msg(path="r.parquet", id="id") == ("input.id: column 'id' has type double; ids must be integers "
+                                              "or strings")
 
 
 def test_sql_syntax_error_mentions_input_sql():

@@ -72,7 +72,8 @@ def test_minimal_spec_fills_defaults_and_names_job_after_file(tmp_path):
 def test_full_spec_keeps_every_value(tmp_path):
     full = {
         "name": "nightly.reviews_1",
-        "model": {"path": "/m", "dtype": "bfloat16", "revision": "r", "tokenizer": "/t", "trust_remote_code": True},
+        "model": {"path": "/m", "dtype": "bfloat16", "revision": "r", "tokenizer": "/t",
+                  "trust_remote_code": True},
         "input": {"path": ["a.parquet", "b/*.parquet"], "format": "parquet", "table": "docs",
                   "sql": "SELECT * FROM docs", "id": "doc_id"},
         "prompt": {"template": "{{ text }}", "system": "Be brief.", "chat": True,
@@ -91,9 +92,6 @@ def test_name_from_stem_is_sanitized_and_explicit_name_wins(tmp_path):
     assert load_spec(write_job(tmp_path, "name: explicit\n" + MINIMAL, "other.yaml")).name == "explicit"
 
 
-@pytest.mark.xfail(reason="BUG: spec.py load_spec sanitizes the file stem into an invalid default name "
-                          "('über' -> '-ber', '_draft'), then reports 'name: must match ...' for a field "
-                          "the user never wrote", strict=True)
 @pytest.mark.parametrize("filename", ["über.yaml", "_draft.yaml"])
 def test_default_name_from_any_stem_is_valid(tmp_path, filename):
     assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", load_spec(write_job(tmp_path, MINIMAL, filename)).name)
@@ -224,9 +222,6 @@ def test_missing_job_file_is_usage_error(tmp_path):
     assert str(ei.value) == f"job file not found: {tmp_path / 'nope.yaml'}" and ei.value.exit_code == 2
 
 
-@pytest.mark.xfail(reason="BUG: spec.py _loc/_describe keep pydantic's union member tags in the path: "
-                          "'input.path.str: ...' and 'input.path.list[str]: ...' (two problems, fake paths)",
-                   strict=True)
 @pytest.mark.parametrize("value, shown", [(None, "null"), (5, "5")])
 def test_wrong_type_for_union_field_names_the_real_path(value, shown):
     problems = problems_of(with_("input", path=value))  # `path:` left empty in YAML gives None
@@ -234,10 +229,8 @@ def test_wrong_type_for_union_field_names_the_real_path(value, shown):
     assert problems[0].endswith(f"(got {shown})")
 
 
-@pytest.mark.xfail(reason="BUG: spec.py _loc renders a non-string YAML key as a list index: "
-                          "'sampling[1]: Keys should be strings (got 1)'", strict=True)
 def test_numeric_yaml_key_is_reported_as_a_field():
-    assert problems_of({**base(), "sampling": {1: "x"}})[0].startswith("sampling.1: ")
+    assert problems_of({**base(), "sampling": {1: "x"}}) == ["sampling: field names must be strings (got 1)"]
 
 
 def test_set_overrides_int_string_list_and_nested_creation(tmp_path):
@@ -338,3 +331,20 @@ def test_validate_dict_only_returns_spec_or_raises_spec_error_with_paths(raw):
             assert _PATH.match(problem), problem
     else:
         assert isinstance(spec, JobSpec)
+
+
+def test_duplicate_yaml_key_is_an_error(tmp_path):
+    body = MINIMAL + "sampling: {max_tokens: 4}\nsampling: {max_tokens: 8}\n"
+    with pytest.raises(SpecError) as ei:
+        load_spec(write_job(tmp_path, body))
+    assert ei.value.message == (f"{tmp_path / 'job.yaml'}: not valid YAML at line 6, column 1: "
+                                "key 'sampling' appears twice in one mapping")
+
+
+@pytest.mark.parametrize("section, field, shown, what", [
+    ("sampling", "temperature", "true", "a number"), ("engine", "batch_size", "true", "an integer"),
+    ("sampling", "seed", "false", "an integer"),
+])
+def test_booleans_are_not_numbers(section, field, shown, what):
+    value = shown == "true"
+    assert problems_of(with_(section, **{field: value})) == [f"{section}.{field}: must be {what} (got {shown})"]

@@ -3,8 +3,9 @@
 A prompt is a Jinja template rendered in a sandbox (no file access, no imports, no calls to arbitrary
 Python: only the row's values and Jinja's own filters). Each column is a variable; ``row`` holds them all
 (for names that are not identifiers). With ``chat`` the tokenizer's chat template wraps the optional system
-prompt, the few-shot turns and the rendered user message. A row whose template fails, whose referenced
-column is null, or whose prompt renders empty gets a per-row error instead of failing the job.
+prompt, the few-shot turns and the rendered user message. A row whose template fails, that would print a
+null value, or whose prompt renders empty gets a per-row error instead of failing the job (a null in a test
+such as ``{% if note %}`` is fine).
 This module knows the tokenizer's interface, not the model.
 """
 
@@ -21,7 +22,18 @@ from batchrun.errors import InputDataError, SpecError
 from batchrun.io.source import require_columns
 from batchrun.spec import PromptSpec
 
-_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+class _NullRendered(Exception):
+    """A template printed a null value (``{{ x }}`` with x null); tests like ``{% if x %}`` are fine."""
+
+
+def _no_nulls(value: Any) -> Any:
+    if value is None:
+        raise _NullRendered()
+    return value
+
+
+_ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True,
+                                     finalize=_no_nulls)
 _TOKENIZE_CHUNK = 2048
 
 
@@ -79,15 +91,17 @@ def render(spec: PromptSpec, table: pa.Table) -> tuple[list[str | None], list[st
     errors: list[str | None] = []
     for i in range(table.num_rows):
         values = {c: data[c][i] for c in cols}
-        null = next((c for c in sorted(used & set(cols)) if values[c] is None), None)
-        if null is not None:
-            users.append(None), systems.append(None), errors.append(f"column {null!r} is null")
-            continue
         if uses_row:
             values["row"] = dict(values)
         try:
             user = template.render(values)
             sys_text = system.render(values) if system is not None else None
+        except _NullRendered:
+            nulls = [c for c in cols if values[c] is None]
+            message = (f"column {nulls[0]!r} is null" if len(nulls) == 1 else
+                       f"a null value would be rendered (null columns: {', '.join(map(repr, nulls))})")
+            users.append(None), systems.append(None), errors.append(message)
+            continue
         except Exception as e:  # a template error on one row must not fail the job
             users.append(None), systems.append(None), errors.append(f"template error: {type(e).__name__}: {e}")
             continue

@@ -126,7 +126,7 @@ class Sink:
         A directory of another job (or of files batchrun did not write) is refused unless ``fresh``.
         """
         state = read_state(self.path)
-        foreign = [f for f in os.listdir(self.path) if not _ours(f)]
+        foreign = [f for f in os.listdir(self.path) if not is_batchrun_file(f)]
         if foreign and not state.owned:
             raise SpecError(f"output.path: {self.path} holds files batchrun did not write "
                             f"({', '.join(sorted(foreign)[:3])}); choose an empty or new directory")
@@ -150,7 +150,7 @@ class Sink:
 
     def _clear(self) -> None:
         for f in os.listdir(self.path):
-            if _ours(f) and f != LOCK:
+            if is_batchrun_file(f) and f != LOCK:
                 os.unlink(self.path / f)
 
     # -- rows ----------------------------------------------------------------------------------------
@@ -196,7 +196,8 @@ class Sink:
         write_atomic(self.path / SUCCESS, b"")
 
 
-def _ours(name: str) -> bool:
+def is_batchrun_file(name: str) -> bool:
+    """Files batchrun writes in an output directory (the only ones it ever deletes)."""
     return bool(_PART.match(name)) or name in (JOB_FILE, MANIFEST, SUCCESS, LOCK) or (
         name.startswith(".") and name.endswith(".tmp"))
 

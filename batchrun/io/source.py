@@ -2,7 +2,7 @@
 
 Files (one, a glob, or a list; Parquet, CSV, JSON/JSONL) become a view named ``input.table``; ``input.sql``
 may query it. The result must carry a unique, non-null id column, or batchrun adds ``row_id``: the 0-based
-position of the row in the source (files in sorted path order, rows in file order; with SQL, the query's
+position of the row in the source (files in the order given (a glob's matches sorted by path), rows in file order; with SQL, the query's
 order, so give it an ORDER BY or an id). This module owns its DuckDB connection and knows nothing of models.
 """
 
@@ -55,13 +55,14 @@ class Source:
 
 
 def resolve_files(spec: InputSpec) -> list[str]:
-    """Expand globs; every entry must match at least one file. Returns sorted, de-duplicated paths."""
+    """Expand globs (each glob's matches sorted); every entry must match at least one file.
+    Returns the paths in the order given, without duplicates."""
     out: list[str] = []
     for entry in spec.paths:
         if "://" in entry:  # a URL: DuckDB resolves it (if its extension is available)
             out.append(entry)
             continue
-        if any(c in entry for c in "*?["):
+        if any(c in entry for c in "*?[") and not os.path.isfile(entry):
             matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise InputDataError(f"input.path: no file matches {entry!r} (from {os.getcwd()})")
@@ -115,7 +116,7 @@ def read_source(spec: InputSpec) -> Source:
     stats = [_stat(f) for f in files]
     if spec.id is None:
         if GENERATED_ID in table.column_names:
-            raise InputDataError(f"the input already has a column named {GENERATED_ID!r}: set input.id to it "
+            raise InputDataError(f"input.id: the input already has a column named {GENERATED_ID!r}; set input.id to it "
                                  "(or to another unique column)")
         ids = pa.array(range(table.num_rows), type=pa.int64())
         return Source(table.append_column(GENERATED_ID, ids), GENERATED_ID, True, stats)

@@ -49,6 +49,7 @@ class LogProgress(Progress):
         self.interval = interval
         self.json_lines = json_lines
         self._last = 0.0
+        self._emitted_at = -1
 
     def advance(self, rows: int, output_tokens: int) -> None:
         super().advance(rows, output_tokens)
@@ -56,10 +57,12 @@ class LogProgress(Progress):
             self._emit()
 
     def finish(self) -> None:
-        self._emit()
+        if self._emitted_at != self.done:
+            self._emit()
 
     def _emit(self) -> None:
         self._last = time.monotonic()
+        self._emitted_at = self.done
         rows_s, tok_s, eta = self.rates()
         if self.json_lines:
             log.info(json.dumps({"event": "progress", "rows_done": self.done, "rows_total": self.total,
