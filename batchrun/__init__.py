@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 _API = {"JobResult", "plan", "status", "submit", "validate"}
 _SPEC = {"JobSpec", "load_spec"}
-__all__ = sorted(_API | _SPEC | {"__version__"})
+__all__ = ["JobResult", "JobSpec", "__version__", "load_spec", "plan", "status", "submit", "validate"]
 
 
 def __getattr__(name: str):

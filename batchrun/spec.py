@@ -204,7 +204,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -317,7 +317,7 @@ def _describe(err: dict[str, Any]) -> str:
     if kind == "too_long":
         return f"{path}: at most {ctx.get('max_length')} items (got {ctx.get('actual_length')})"
     if kind == "value_error":
-        return f"{path}: {str(ctx.get('error', err['msg']))}"
+        return f"{path}: {ctx.get('error', err['msg'])!s}"
     types = {
         "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
         "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",

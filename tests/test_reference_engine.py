@@ -99,7 +99,7 @@ def test_stop_string_cuts_text_and_tokens(tiny_model_dir):
     assert got.text == text[: text.find(stop)]
     k = len(got.token_ids)
     assert got.token_ids == free.token_ids[:k]
-    decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)
     assert stop in decode(got.token_ids) and stop not in decode(got.token_ids[:-1])
 
 

@@ -11,8 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
-from transformers import StoppingCriteriaList
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Request, SamplingParams

@@ -22,6 +22,7 @@ from batchrun.errors import InputDataError, SpecError
 from batchrun.io.source import require_columns
 from batchrun.spec import PromptSpec
 
+
 class _NullRendered(Exception):
     """A template printed a null value (``{{ x }}`` with x null); tests like ``{% if x %}`` are fine."""
 
