@@ -3,7 +3,8 @@
 Files (one, a glob, or a list; Parquet, CSV, JSON/JSONL) become a view named ``input.table``; ``input.sql``
 may query it. The result must carry a unique, non-null id column, or batchrun adds ``row_id``: the 0-based
 position of the row in the source (files in the order given, a glob's matches sorted by path, rows in file
-order; with SQL, the query's order, so give it an ORDER BY or an id). This module owns its DuckDB connection and knows nothing of models.
+order; with SQL, the query's order, so give it an ORDER BY or an id).
+This module owns its DuckDB connection and knows nothing of models.
 """
 
 from __future__ import annotations
