@@ -82,9 +82,11 @@ def test_changed_spec_is_refused_unless_fresh(tmp_path, tiny_model_dir, reviews_
     assert api.submit(path, ["sampling.max_tokens=2", "engine.batch_size=5"]).status == "already_complete"
 
 
+@pytest.mark.parametrize("part_rows", [2, 1000])  # 1000: the finished rows are flushed as the job fails
 def test_crash_then_rerun_keeps_committed_rows_and_duplicates_none(tmp_path, tiny_model_dir, reviews_parquet,
-                                                                   monkeypatch):
+                                                                   monkeypatch, part_rows):
     path = _job(tmp_path, tiny_model_dir, reviews_parquet)
+    path.write_text(path.read_text().replace("part_rows: 2", f"part_rows: {part_rows}"))
     api.submit(path, ["output.path=" + str(tmp_path / "clean")])
     clean = _rows(tmp_path / "clean")
 

@@ -159,8 +159,9 @@ class Sink:
         """The parts' schema; ``metadata`` goes into each part's Parquet key-value metadata (``batchrun``)."""
         self.schema = schema.with_metadata({b"batchrun": json.dumps(metadata, sort_keys=True).encode()})
 
-    def add(self, rows: list[dict[str, Any]], flush_after_s: float = 30.0) -> None:
-        self._buffer.extend(rows)
+    def add(self, row: dict[str, Any], flush_after_s: float = 30.0) -> None:
+        """Buffer one finished row; write a part when ``part_rows`` are buffered or every ``flush_after_s``."""
+        self._buffer.append(row)
         if len(self._buffer) >= self.part_rows or time.monotonic() - self.last_flush >= flush_after_s:
             self.flush()
 

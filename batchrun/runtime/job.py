@@ -107,33 +107,37 @@ def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = N
             counts["error" if result["error"] else "ok"] += 1
             counts["prompt_tokens"] += result["prompt_tokens"] or 0
             counts["output_tokens"] += result["output_tokens"]
-            pending.append(row)
+            sink.add(row)
 
-        pending: list[dict[str, Any]] = []
         for index, message in error_rows:
             n = len(prompts.token_ids[index]) or None
             emit(index, output=None, prompt_tokens=n, output_tokens=0, finish_reason="error", error=message)
-        sink.add(pending)
-        pending.clear()
 
         engine = _engine(spec, loaded)
         progress.start(source.num_rows, already_done=len(done) + len(error_rows))
         t = time.monotonic()
-        for batch in engine.run(requests):
-            for c in batch:
-                emit(c.index, output=c.text, prompt_tokens=len(prompts.token_ids[c.index]),
-                     output_tokens=len(c.token_ids), finish_reason=c.finish_reason, error=None)
-            sink.add(pending)
-            progress.advance(len(batch), sum(len(c.token_ids) for c in batch))
-            pending.clear()
+        try:
+            for batch in engine.run(requests):
+                for c in batch:
+                    emit(c.index, output=c.text, prompt_tokens=len(prompts.token_ids[c.index]),
+                         output_tokens=len(c.token_ids), finish_reason=c.finish_reason, error=None)
+                progress.advance(len(batch), sum(len(c.token_ids) for c in batch))
+        except BaseException:
+            # Keep every finished row: a crash or Ctrl-C then costs only the rows in flight.
+            try:
+                sink.flush()
+            except Exception:
+                log.exception("could not save the finished rows")
+            raise
+        finally:
+            progress.finish()  # also on a crash or Ctrl-C: leave the terminal clean
         timings["generate_s"] = time.monotonic() - t
-        progress.finish()
         timings["total_s"] = time.monotonic() - t_start
         result = JobResult("ok", spec.name, str(sink.path), rows_total=source.num_rows,
                            rows_ok=counts["ok"], rows_error=counts["error"], rows_skipped=len(done),
                            prompt_tokens=counts["prompt_tokens"], output_tokens=counts["output_tokens"],
                            timings={k: round(v, 3) for k, v in timings.items()})
-        sink.flush()
+        sink.flush()  # totals() reads the parts
         sink.commit(_manifest(spec, job_info, loaded, result, source, sink.totals()))
         return result
     finally:
