@@ -68,7 +68,7 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
     prompts = build_prompts(job.prompt, source.table, load_tokenizer(job.model))
     max_tokens, mt_errors = _max_tokens(job, source)
     ok = [i for i, e in enumerate(prompts.errors) if e is None and i not in mt_errors]
-    lengths = [len(prompts.token_ids[i]) for i in ok] or [0]
+    lengths = [int(prompts.tokens.lengths[i]) for i in ok] or [0]
     return PlanReport(job=job.name, rows=source.num_rows, rows_error=source.num_rows - len(ok),
                       prompt_tokens=sum(lengths), prompt_tokens_min=min(lengths),
                       prompt_tokens_mean=round(statistics.fmean(lengths), 1), prompt_tokens_max=max(lengths),

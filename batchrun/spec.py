@@ -136,6 +136,9 @@ class EngineSpec(_Strict):
     device: str = Field(default="auto", pattern=_DEVICE)
     batch_size: int = Field(default=16, ge=1, le=4096, strict=True)
     threads: int | None = Field(default=None, ge=1, le=1024, strict=True)
+    step_tokens: int = Field(default=8192, ge=16, le=1_048_576, strict=True)  # prefill tokens per step
+    block_size: int = Field(default=16, ge=1, le=1024, strict=True)  # KV cache block, tokens
+    kv_budget_tokens: int | None = Field(default=None, ge=1, strict=True)  # None: from the device's memory
 
 
 class JobSpec(_Strict):

@@ -42,6 +42,17 @@ class TokenTable:
         np.cumsum(lengths, out=offsets[1:])
         return cls(tokens, offsets)
 
+    def take(self, rows: np.ndarray) -> TokenTable:
+        """A new table of the given rows, in the given order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = self.lengths[rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        if not len(rows):
+            return TokenTable(self.tokens[:0], offsets)
+        starts = np.repeat(self.offsets[rows] - offsets[:-1], lengths)
+        return TokenTable(self.tokens[starts + np.arange(int(offsets[-1]))], offsets)
+
     def __len__(self) -> int:
         return len(self.offsets) - 1
 

@@ -5,27 +5,28 @@ from a fixed synthetic lexicon of 4096 pronounceable lowercase words, each with 
 49152-id vocabulary (90% of the words are one token, the 10% longest two: ~1.1 tokens a word), so the same
 word always gives the same ids, as with a real tokenizer. Lengths in the table below are in WORDS:
 
-| name      | rows at scale 1 | prompt                                                                   | max_tokens                |
-|-----------|-----------------|--------------------------------------------------------------------------|---------------------------|
-| fewshot   | 4096            | one 1200-word block shared by all + unique input of 30-300 words         | uniform 4-32              |
-| templates | 4096            | 16 templates of 100-1500 words (rows spread evenly) + question 20-500    | lognormal med 128, 16-512 |
-| rag       | 2048            | 200-word system prompt -> 128 documents of 400-1200 -> 16 questions each | uniform 32-256            |
-|           |                 | (10-40 words, unique per row)                                            |                           |
-| noshare   | 2048            | unique, lognormal median 300 words, clipped 16-2000                      | lognormal med 150, 8-1024 |
+| name      | rows | prompt                                                                 | max_tokens               |
+|-----------|------|------------------------------------------------------------------------|--------------------------|
+| fewshot   | 4096 | one 1200-word block shared by all + unique input of 30-300 words       | uniform 4-32             |
+| templates | 4096 | 16 templates of 100-1500 words (rows spread evenly) + question 20-500  | lognormal med 128 16-512 |
+| rag       | 2048 | 200-word system prompt -> 128 documents of 400-1200 -> 16 questions of | uniform 32-256           |
+|           |      | 10-40 words each (unique per row)                                      |                          |
+| noshare   | 2048 | unique, lognormal median 300 words, clipped 16-2000                    | lognormal med 150 8-1024 |
 
-``rows = round(base rows * scale)`` unless ``rows=`` is given; templates keep 16 templates, rag keeps 16
-questions per document (``ceil(rows / 16)`` documents). Rows come out in a seeded SHUFFLED order, so any
-sharing must be found by the planner. Unique parts are random words, so unrelated rows may still share a first
-word or two by chance (as real text does); "noshare" therefore has a few hundred tokens of accidental sharing.
+Rows are at scale 1; ``rows = round(base rows * scale)`` unless ``rows=`` is given; templates keep 16
+templates, rag keeps 16 questions per document (``ceil(rows / 16)`` documents). Rows come out in a seeded
+SHUFFLED order, so any sharing must be found by the planner. Unique parts are random words, so unrelated rows
+may still share a first word or two by chance (as real text does): "noshare" has ~0.05% of its tokens shared.
 Lognormal sigmas are not in the table: outputs use 0.55 (matches the anchor run's mean output of ~148 tokens
 for templates), the noshare prompt 0.75.
 
 Generation is vectorized numpy: the distinct text pieces (shared blocks, and every unique part) are
-tokenized into a pool in chunks, then rows are assembled by gathering from the pool in chunks of ~1M tokens
-(no Python loop per token or per row). Memory is the output plus the pool of unique text plus ~20 MB of
-scratch: ``make("fewshot", rows=1_000_000)`` holds ~1.5e9 tokens = ~6.0 GB int32 (+ 8 MB offsets), and peaks
-around 6.9 GB while it builds (the unique-input pool, ~0.7 GB, is freed at the end). 100k fewshot rows take
-~1 s and ~0.7 GB.
+tokenized into a pool in chunks, then rows are assembled by gathering from the pool in chunks of 256k tokens
+(no Python loop per token or per row). Memory is the output plus the pool of unique text plus a few MB of
+scratch. Measured on the 2-core dev box (/usr/bin/time -v): ``make("fewshot", rows=100_000)`` = 150 M tokens
+(600 MB) in 0.5-1 s, peak RSS 0.75 GB; ``make("fewshot", rows=1_000_000)`` = 1.53e9 tokens = 6.1 GB int32
+(+ 8 MB offsets) in 8-20 s (mostly page faults on the fresh 6 GB), peak RSS 7.1 GB (the ~0.7 GB pool of
+unique inputs is freed on return).
 
 ``Workload.texts()`` / ``make_texts()`` give the same prompts as text (the words joined by spaces) for
 tokenizer-throughput benchmarks with a real tokenizer.
@@ -50,7 +51,7 @@ LEXICON_SIZE = 4096
 TWO_TOKEN_FRACTION = 0.10
 _LEXICON_SEED = 20261129  # fixed: the word -> token ids mapping never depends on a workload's seed
 _WORDS_PER_CHUNK = 1 << 22  # words tokenized per step when building the pool
-_TOKENS_PER_CHUNK = 1 << 20  # tokens gathered per step when assembling rows
+_TOKENS_PER_CHUNK = 1 << 18  # tokens gathered per step when assembling rows
 _OUT_SIGMA = 0.55
 _NOSHARE_PROMPT_SIGMA = 0.75
 
@@ -123,7 +124,9 @@ def _tokenize_pieces(word_counts: np.ndarray, rng: np.random.Generator) -> Token
         keep = np.ones((n_words, 2), dtype=bool)
         keep[:, 1] = pair[:, 1] >= 0
         parts.append(pair[keep])
-        cum = np.r_[0, np.cumsum(keep.sum(axis=1, dtype=np.int64))]  # tokens before each word of the chunk
+        cum = np.zeros(n_words + 1, dtype=np.int64)  # tokens before each word of the chunk
+        np.cumsum(keep[:, 1], out=cum[1:])
+        cum[1:] += np.arange(1, n_words + 1)
         bounds = word_end[p0:p1] - w_start
         piece_tokens[p0:p1] = np.diff(np.r_[0, cum[bounds]])
         p0 = p1

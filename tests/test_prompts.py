@@ -107,9 +107,9 @@ def test_chat_text_and_tokens_match_the_tokenizer(tok):
         expected = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert p.texts[i] == expected
         assert p.texts[i].endswith(f"<|im_start|>user\nReview: {text}<|im_end|>\n<|im_start|>assistant\n")
-        assert p.token_ids[i] == tok(expected, add_special_tokens=False)["input_ids"]
-    assert (p.texts[1], p.token_ids[1], p.errors) == (None, [], [None, "column 'text' is null", None])
-    assert p.num_tokens == len(p.token_ids[0]) + len(p.token_ids[2])
+        assert p.tokens.row(i).tolist() == tok(expected, add_special_tokens=False)["input_ids"]
+    assert (p.texts[1], p.tokens.row(1).tolist(), p.errors) == (None, [], [None, "column 'text' is null", None])
+    assert p.num_tokens == len(p.tokens.row(0).tolist()) + len(p.tokens.row(2).tolist())
 
 
 def test_chat_without_system_uses_the_tokenizers_default(tok):
@@ -123,8 +123,8 @@ def test_chat_off_prepends_system_with_a_blank_line(tok):
     p = build_prompts(PromptSpec(template="Review: {{ text }}", system="Be brief.", chat=False), TABLE, tok)
     assert p.chat is False
     assert p.texts == ["Be brief.\n\nReview: hi there", None, "Be brief.\n\nReview: x"]
-    assert p.token_ids[0] == tok("Be brief.\n\nReview: hi there")["input_ids"]
-    assert p.token_ids[2] == tok("Be brief.\n\nReview: x")["input_ids"]
+    assert p.tokens.row(0).tolist() == tok("Be brief.\n\nReview: hi there")["input_ids"]
+    assert p.tokens.row(2).tolist() == tok("Be brief.\n\nReview: x")["input_ids"]
     plain = build_prompts(PromptSpec(template="{{ text }}", chat=False), TABLE, tok)
     assert plain.texts == ["hi there", None, "x"]
 

@@ -29,7 +29,7 @@ ALLOWED = {
     "fewshot": "user, assistant",
     "sampling": "max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos",
     "output": "path, columns, part_rows",
-    "engine": "backend, device, batch_size, threads",
+    "engine": "backend, device, batch_size, threads, step_tokens, block_size, kv_budget_tokens",
 }
 
 
@@ -64,7 +64,8 @@ def test_minimal_spec_fills_defaults_and_names_job_after_file(tmp_path):
         "sampling": {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": [], "seed": 0,
                      "ignore_eos": False},
         "output": {"path": "out/reviews", "columns": None, "part_rows": 1000},
-        "engine": {"backend": "reference", "device": "auto", "batch_size": 16, "threads": None},
+        "engine": {"backend": "reference", "device": "auto", "batch_size": 16, "threads": None,
+                   "step_tokens": 8192, "block_size": 16, "kv_budget_tokens": None},
     }
     assert spec.input.paths == ["data.parquet"]
 
@@ -81,7 +82,8 @@ def test_full_spec_keeps_every_value(tmp_path):
         "sampling": {"max_tokens": "budget", "temperature": 0.7, "top_p": 0.9, "top_k": 40, "stop": "END",
                      "seed": 7, "ignore_eos": True},
         "output": {"path": "out/x", "columns": ["lang"], "part_rows": 5},
-        "engine": {"backend": "reference", "device": "cuda:1", "batch_size": 8, "threads": 2},
+        "engine": {"backend": "reference", "device": "cuda:1", "batch_size": 8, "threads": 2,
+                   "step_tokens": 8192, "block_size": 16, "kv_budget_tokens": None},
     }
     spec = load_spec(write_job(tmp_path, yaml.safe_dump(full), "ignored.yaml"))
     assert spec.to_dict() == {**full, "sampling": {**full["sampling"], "stop": ["END"]}}

@@ -1,4 +1,4 @@
-"""The reference engine: plain transformers ``generate`` over length-sorted, left-padded batches.
+"""The reference engine: plain transformers ``generate`` over left-padded batches of consecutive requests.
 
 It stays for good as the correctness oracle and the benchmark baseline, so it is deliberately simple.
 Per-row limits (max_tokens, stop strings) are stopping criteria; sampling at temperature > 0 draws each
@@ -36,10 +36,9 @@ class ReferenceEngine:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (loaded.eos_ids or [0])[0]
 
     def run(self, requests: Sequence[Request]) -> Iterator[list[Completion]]:
-        """Yield the completions of each batch as it finishes (longest prompts first)."""
-        order = sorted(requests, key=lambda r: (-len(r.prompt_ids), r.index))
-        for start in range(0, len(order), self.batch_size):
-            yield self._generate(order[start : start + self.batch_size])
+        """Yield the completions of each batch as it finishes; requests run in the order given (the plan's)."""
+        for start in range(0, len(requests), self.batch_size):
+            yield self._generate(list(requests[start : start + self.batch_size]))
 
     @torch.inference_mode()
     def _generate(self, batch: list[Request]) -> list[Completion]:

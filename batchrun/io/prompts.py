@@ -21,6 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from batchrun.errors import InputDataError, SpecError
 from batchrun.io.source import require_columns
 from batchrun.spec import PromptSpec
+from batchrun.tokens import TokenTable
 
 
 class _NullRendered(Exception):
@@ -40,10 +41,10 @@ _TOKENIZE_CHUNK = 2048
 
 @dataclass(frozen=True)
 class Prompts:
-    """One entry per input row, in input order. ``error`` is set (and ``token_ids`` empty) for failed rows."""
+    """One entry per input row, in input order. ``error`` is set (and the row has no tokens) for failed rows."""
 
     texts: list[str | None]
-    token_ids: list[list[int]]
+    tokens: TokenTable
     errors: list[str | None]
     chat: bool
 
@@ -52,7 +53,7 @@ class Prompts:
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(t) for t in self.token_ids)
+        return self.tokens.num_tokens
 
 
 def check_templates(spec: PromptSpec) -> None:
@@ -136,17 +137,32 @@ def build_prompts(spec: PromptSpec, table: pa.Table, tokenizer: Any) -> Prompts:
             texts.append(_chat_text(tokenizer, spec, user, sys_text))
         else:
             texts.append(f"{sys_text}\n\n{user}" if sys_text else user)
-    token_ids: list[list[int]] = [[] for _ in texts]
-    live = [i for i, t in enumerate(texts) if t is not None]
-    for start in range(0, len(live), _TOKENIZE_CHUNK):
-        idx = live[start : start + _TOKENIZE_CHUNK]
-        # The chat template already wrote the special tokens; a plain prompt gets the tokenizer's own (BOS).
-        enc = tokenizer([texts[i] for i in idx], add_special_tokens=not chat)["input_ids"]
-        for i, ids in zip(idx, enc):
-            token_ids[i] = list(ids)
-            if not ids:
+    return Prompts(texts=texts, tokens=tokenize(tokenizer, texts, errors, add_special_tokens=not chat),
+                   errors=errors, chat=chat)
+
+
+def tokenize(tokenizer: Any, texts: list[str | None], errors: list[str | None] | None = None,
+             add_special_tokens: bool = True) -> TokenTable:
+    """Tokenize with the fast tokenizer in batches (its Rust core uses every CPU core) into a TokenTable.
+
+    ``None`` texts get no tokens. A text that tokenizes to nothing is set to None, with an error in
+    ``errors``. The chat template already writes special tokens, so chat prompts pass
+    ``add_special_tokens=False``; a plain prompt gets the tokenizer's own (BOS).
+    """
+    parts = []
+    for start in range(0, len(texts), _TOKENIZE_CHUNK):
+        idx = [i for i in range(start, min(start + _TOKENIZE_CHUNK, len(texts))) if texts[i] is not None]
+        rows: dict[int, list[int]] = {}
+        if idx:
+            enc = tokenizer([texts[i] for i in idx], add_special_tokens=add_special_tokens,
+                            return_attention_mask=False)["input_ids"]
+            rows = dict(zip(idx, enc))
+        for i in idx:
+            if not rows[i] and errors is not None:
                 errors[i], texts[i] = "prompt is empty after tokenization", None
-    return Prompts(texts=texts, token_ids=token_ids, errors=errors, chat=chat)
+        end = min(start + _TOKENIZE_CHUNK, len(texts))
+        parts.append(TokenTable.from_lists(rows.get(i, ()) for i in range(start, end)))
+    return TokenTable.concat(parts)
 
 
 def _chat_text(tokenizer: Any, spec: PromptSpec, user: str, system: str | None) -> str:

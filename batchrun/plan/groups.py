@@ -42,6 +42,13 @@ class PrefixGroups:
     def tokens(self) -> np.ndarray:
         return self.end - self.start
 
+    @property
+    def row_start(self) -> np.ndarray:
+        """Per row: where its own tokens begin (the end of its innermost shared prefix, or 0)."""
+        if not len(self.node):
+            return np.zeros(len(self.row_prefix), dtype=np.int64)
+        return np.where(self.row_prefix >= 0, self.end[np.maximum(self.row_prefix, 0)], 0)
+
     def share_degrees(self) -> dict[int, int]:
         """{members: how many prefixes have that many}"""
         values, counts = np.unique(self.members, return_counts=True)

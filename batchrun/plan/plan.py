@@ -54,7 +54,7 @@ class Plan:
     def prefill_tokens(self) -> int:
         """Prompt tokens the engine computes: each shared prefix once, each row's own tokens."""
         p = self.prefixes
-        own = self.tokens.lengths - np.where(p.row_prefix >= 0, p.end[np.maximum(p.row_prefix, 0)], 0)
+        own = self.tokens.lengths - p.row_start
         return int(own.sum() + p.tokens.sum())
 
     def stats(self) -> dict:

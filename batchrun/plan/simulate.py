@@ -68,7 +68,7 @@ def simulate(plan, kv_budget: int, outputs: np.ndarray | None = None) -> SimResu
     pre = plan.prefixes
     refs = pre.members.copy()
     live: dict[int, int] = {}  # prefix -> KV tokens (block-rounded)
-    own_start = np.where(pre.row_prefix >= 0, pre.end[np.maximum(pre.row_prefix, 0)], 0)
+    own_start = pre.row_start
     run = _Running()
     pending: deque = deque()
     packs = plan.packs()

@@ -92,6 +92,7 @@ def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = N
         timings["tokenize_s"] = time.monotonic() - t
 
         ids = source.table.column(source.id_column).to_pylist()
+        lengths = prompts.tokens.lengths
         rows_in = source.table.select(passthrough).to_pylist() if passthrough else [{} for _ in ids]
         schema = pa.schema([source.table.schema.field(source.id_column)]
                            + [source.table.schema.field(c) for c in passthrough] + sinks.RESULT_FIELDS)
@@ -100,6 +101,9 @@ def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = N
                                  "batchrun_version": __version__})
 
         requests, error_rows = _requests(spec, ids, prompts, max_tokens, mt_errors, loaded.max_context, done)
+        t = time.monotonic()
+        requests = _in_plan_order(spec, prompts, requests)
+        timings["plan_s"] = time.monotonic() - t
         counts = {"ok": 0, "error": 0, "prompt_tokens": 0, "output_tokens": 0}
 
         def emit(index: int, **result: Any) -> None:
@@ -110,7 +114,7 @@ def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = N
             sink.add(row)
 
         for index, message in error_rows:
-            n = len(prompts.token_ids[index]) or None
+            n = int(lengths[index]) or None
             emit(index, output=None, prompt_tokens=n, output_tokens=0, finish_reason="error", error=message)
 
         engine = _engine(spec, loaded)
@@ -119,7 +123,7 @@ def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = N
         try:
             for batch in engine.run(requests):
                 for c in batch:
-                    emit(c.index, output=c.text, prompt_tokens=len(prompts.token_ids[c.index]),
+                    emit(c.index, output=c.text, prompt_tokens=int(lengths[c.index]),
                          output_tokens=len(c.token_ids), finish_reason=c.finish_reason, error=None)
                 progress.advance(len(batch), sum(len(c.token_ids) for c in batch))
         except BaseException:
@@ -194,11 +198,12 @@ def _requests(spec: JobSpec, ids: list[Any], prompts: Prompts, max_tokens: list[
     from batchrun.engine.requests import Request, row_seed
 
     requests, errors = [], []
+    lengths = prompts.tokens.lengths
     for i, row_id in enumerate(ids):
         if row_id in done:
             continue
         message = prompts.errors[i] or mt_errors.get(i)
-        n = len(prompts.token_ids[i])
+        n = int(lengths[i])
         limit = max_tokens[i]
         if message is None and max_context and n >= max_context:
             message = f"prompt has {n} tokens; the model's context is {max_context}"
@@ -207,9 +212,31 @@ def _requests(spec: JobSpec, ids: list[Any], prompts: Prompts, max_tokens: list[
             continue
         if max_context:
             limit = min(limit, max_context - n)
-        requests.append(Request(index=i, prompt_ids=prompts.token_ids[i], max_tokens=limit,
+        requests.append(Request(index=i, prompt_ids=prompts.tokens.row(i).tolist(), max_tokens=limit,
                                 seed=row_seed(spec.sampling.seed, row_id)))
     return requests, errors
+
+
+def plan_config(spec: JobSpec):
+    from batchrun.plan.plan import PlanConfig
+
+    return PlanConfig(step_tokens=spec.engine.step_tokens, block_size=spec.engine.block_size)
+
+
+def _in_plan_order(spec: JobSpec, prompts: Prompts, requests: list) -> list:
+    """Plan the runnable rows (prefix trie, sharing, order) and return their requests in plan order."""
+    import numpy as np
+
+    from batchrun.plan.plan import build_plan
+
+    if len(requests) < 2:
+        return requests
+    rows = np.array([r.index for r in requests], dtype=np.int64)
+    plan = build_plan(prompts.tokens.take(rows), np.array([r.max_tokens for r in requests]), plan_config(spec))
+    st = plan.stats()
+    log.info("plan: %d rows, %d prompt tokens, %d after sharing (%.0f%% saved), %d shared prefixes",
+             st["rows"], st["prompt_tokens"], st["prefill_tokens"], 100 * st["saving_ratio"], st["shared_prefixes"])
+    return [requests[k] for k in plan.order.tolist()]
 
 
 def _manifest(spec: JobSpec, job_info: dict[str, Any], loaded: Any, result: JobResult,
