@@ -9,7 +9,6 @@ user can fix.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -43,36 +42,68 @@ def submit(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = 
 
 @dataclass
 class PlanReport:
+    """What ``batchrun plan`` prints: the job's size, what sharing saves, how the work packs and runs."""
+
     job: str
     rows: int
-    rows_error: int
+    rows_error: int  # rows that fail before the engine (template, null, context): reported, not planned
     prompt_tokens: int
-    prompt_tokens_min: int
-    prompt_tokens_mean: float
-    prompt_tokens_max: int
-    max_output_tokens: int  # sum of per-row max_tokens: an upper bound on generated tokens
+    unique_tokens: int  # nodes of the global prefix trie: prefill with perfect sharing
+    prefill_tokens: int  # what the plan computes: shared prefixes once, each row's own tokens
+    saving_ratio: float  # 1 - prefill_tokens / prompt_tokens
+    shared_prefixes: int
+    prefix_levels: int
+    share_degree: dict
+    packs: int
+    pack_capacity: int
+    packing_efficiency: float  # packed tokens / (packs * capacity)
+    max_output_tokens: int
+    kv_budget_tokens: int
+    projected_kv_peak: int  # simulated with every row running to max_tokens
+    estimated_steps: int
+    rows_too_big: int  # rows that cannot fit the KV budget even alone
+    plan_s: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PlanReport:
-    """A dry run: reads the input and tokenizes the prompts (no model weights, no output written)."""
-    from batchrun.engine.loader import load_tokenizer
+    """A dry run: read the input, tokenize, build the plan and simulate it (no model weights, no output)."""
+    import time
+
+    import numpy as np
+
+    from batchrun.engine.loader import auto_kv_budget, load_tokenizer, model_facts, pick_device, resolve
     from batchrun.io.prompts import build_prompts
     from batchrun.io.source import read_source
-    from batchrun.runtime.job import _max_tokens
+    from batchrun.plan.plan import build_plan
+    from batchrun.plan.simulate import simulate
+    from batchrun.runtime.job import _max_tokens, plan_config
 
     job = validate(spec, overrides)
     source = read_source(job.input)
-    prompts = build_prompts(job.prompt, source.table, load_tokenizer(job.model))
+    resolved = resolve(job.model)
+    prompts = build_prompts(job.prompt, source.table, load_tokenizer(job.model, resolved))
+    facts = model_facts(job.model, job.engine, resolved)
     max_tokens, mt_errors = _max_tokens(job, source)
-    ok = [i for i, e in enumerate(prompts.errors) if e is None and i not in mt_errors]
-    lengths = [int(prompts.tokens.lengths[i]) for i in ok] or [0]
+    lengths = prompts.tokens.lengths
+    ctx = facts.max_context or np.iinfo(np.int64).max
+    ok = np.array([i for i, e in enumerate(prompts.errors) if e is None and i not in mt_errors and lengths[i] < ctx],
+                  dtype=np.int64)
+    limits = np.minimum(np.asarray(max_tokens, dtype=np.int64)[ok], ctx - lengths[ok]) if len(ok) else ok
+    budget = job.engine.kv_budget_tokens or auto_kv_budget(facts, pick_device(job.engine.device))
+    t = time.monotonic()
+    the_plan = build_plan(prompts.tokens.take(ok), limits, plan_config(job))
+    plan_s = time.monotonic() - t
+    stats = the_plan.stats()
+    sim = simulate(the_plan, budget)
     return PlanReport(job=job.name, rows=source.num_rows, rows_error=source.num_rows - len(ok),
-                      prompt_tokens=sum(lengths), prompt_tokens_min=min(lengths),
-                      prompt_tokens_mean=round(statistics.fmean(lengths), 1), prompt_tokens_max=max(lengths),
-                      max_output_tokens=sum(max_tokens[i] for i in ok))
+                      **{k: stats[k] for k in ("prompt_tokens", "unique_tokens", "prefill_tokens", "saving_ratio",
+                                               "shared_prefixes", "prefix_levels", "share_degree", "packs",
+                                               "pack_capacity", "packing_efficiency", "max_output_tokens")},
+                      kv_budget_tokens=int(budget), projected_kv_peak=sim.peak_kv_tokens,
+                      estimated_steps=sim.steps, rows_too_big=len(sim.rows_too_big), plan_s=round(plan_s, 3))
 
 
 def status(output_dir: str | Path) -> dict[str, Any]:

@@ -172,9 +172,11 @@ def validate(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @_JSON
 @_guard
 def plan(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
-    """Dry run: read JOB's input and tokenize its prompts; report rows and token counts.
+    """Dry run: read JOB's input, tokenize, build the plan and simulate it; report what sharing saves.
 
-    Loads the tokenizer only (no model weights) and writes nothing.
+    Shows rows, prompt tokens, unique tokens of the global prefix trie, prefill tokens after sharing,
+    shared prefixes and their share degrees, prefill packing, the KV budget with the projected peak, and
+    the estimated number of steps. Loads the tokenizer and model config only (no weights); writes nothing.
 
     \b
     Example:
@@ -184,9 +186,25 @@ def plan(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
 
     report = api.plan(job, overrides)
     d = report.to_dict()
-    width = max(len(k) for k in d)
-    for k, v in d.items():
-        click.echo(f"{k:<{width}}  {v}")
+    sd = d["share_degree"]
+    degree = f"; share degree min {sd['min']} / median {sd['median']:g} / max {sd['max']}" if sd else ""
+    lines = [
+        ("rows", f"{d['rows']:,} ({d['rows_error']:,} fail before the engine)"),
+        ("prompt tokens", f"{d['prompt_tokens']:,}"),
+        ("unique tokens", f"{d['unique_tokens']:,} (nodes of the prefix trie)"),
+        ("prefill tokens", f"{d['prefill_tokens']:,} after sharing ({100 * d['saving_ratio']:.1f}% saved)"),
+        ("shared prefixes", f"{d['shared_prefixes']:,} in {d['prefix_levels']} level(s){degree}"),
+        ("prefill packs", f"{d['packs']:,} of {d['pack_capacity']:,} tokens, "
+                          f"{100 * d['packing_efficiency']:.1f}% full"),
+        ("output tokens", f"at most {d['max_output_tokens']:,}"),
+        ("KV budget", f"{d['kv_budget_tokens']:,} tokens; projected peak {d['projected_kv_peak']:,}"
+                      + (f"; {d['rows_too_big']:,} rows too big for it" if d["rows_too_big"] else "")),
+        ("estimated steps", f"{d['estimated_steps']:,}"),
+        ("planning time", f"{d['plan_s']:.3f}s"),
+    ]
+    click.echo(f"{d['job']}: plan")
+    for k, v in lines:
+        click.echo(f"  {k:<16} {v}")
     if as_json:
         _emit_json({"status": "ok", "exit_code": 0, **d})
 

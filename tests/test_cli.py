@@ -249,19 +249,28 @@ def test_submit_while_output_locked_exits_75(tmp_path, reviews_parquet):
 # ----------------------------------------------------------------------------------------------- plan
 
 
-def test_plan_prints_rows_and_prompt_tokens(tmp_path, tiny_model_dir, reviews_parquet, tok):
+def test_plan_prints_rows_tokens_and_sharing(tmp_path, tiny_model_dir, reviews_parquet, tok):
     out = tmp_path / "out"
     job = job_yaml(tmp_path, tiny_model_dir, reviews_parquet, out)
-    lengths = [prompt_tokens(tok, t) for t in TEXTS.values() if t is not None]
-    expected = {"job": "job", "rows": 6, "rows_error": 1, "prompt_tokens": sum(lengths),
-                "prompt_tokens_min": min(lengths), "prompt_tokens_mean": round(sum(lengths) / 5, 1),
-                "prompt_tokens_max": max(lengths), "max_output_tokens": 15}
-    r = run("plan", job, "--json")
+    ids = [tok(tok.apply_chat_template([{"role": "user", "content": f"Review: {t}"}], tokenize=False,
+                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+           for t in TEXTS.values() if t is not None]
+    unique = len({tuple(r[:k]) for r in ids for k in range(1, len(r) + 1)})
+    r = run("plan", job, "--json", "--set", "engine.kv_budget_tokens=4096")
     assert r.exit_code == 0, r.stderr
-    assert r.stdout.splitlines()[:-1] == [f"{k:<18}  {v}" for k, v in expected.items()]
-    assert last_json(r) == {"status": "ok", "exit_code": 0, **expected}
+    report = last_json(r)
+    assert {k: report[k] for k in ("job", "rows", "rows_error", "prompt_tokens", "unique_tokens",
+                                   "max_output_tokens", "kv_budget_tokens", "rows_too_big")} == {
+        "job": "job", "rows": 6, "rows_error": 1, "prompt_tokens": sum(map(len, ids)), "unique_tokens": unique,
+        "max_output_tokens": 15, "kv_budget_tokens": 4096, "rows_too_big": 0}
+    # The chat template's system block is shared by all five prompts.
+    assert report["shared_prefixes"] >= 1 and report["prefill_tokens"] < report["prompt_tokens"]
+    lines = r.stdout.splitlines()
+    assert lines[0] == "job: plan"
+    assert lines[1] == "  rows             6 (1 fail before the engine)"
+    assert f"  unique tokens    {unique:,} (nodes of the prefix trie)" in lines
     assert not out.exists()  # a dry run writes nothing
 
     r = run("plan", job, "--set", "sampling.max_tokens=budget")
     assert r.exit_code == 0
-    assert r.stdout.splitlines()[-1] == f"{'max_output_tokens':<18}  {3 + 2 + 4 + 1 + 5}"
+    assert "  output tokens    at most 15" in r.stdout.splitlines()  # 3 + 2 + 4 + 1 + 5: row d fails

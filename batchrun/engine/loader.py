@@ -175,3 +175,42 @@ def load(spec: ModelSpec, engine: EngineSpec) -> LoadedModel:
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     max_context = getattr(model.config, "max_position_embeddings", None)
     return LoadedModel(model, tokenizer, device, dtype, spec.path, resolved, eos_ids, max_context)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What planning needs to know of a model without loading its weights."""
+
+    max_context: int | None
+    kv_bytes_per_token: int  # K and V, all layers, at the dtype the job runs in
+
+
+def model_facts(spec: ModelSpec, engine: EngineSpec, resolved: str | None = None) -> ModelFacts:
+    from transformers import AutoConfig
+
+    source = resolved or resolve(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except Exception as e:
+        raise RuntimeFailure(f"model: cannot read the config of {source!r}: {e}") from None
+    config = getattr(config, "text_config", None) or config
+    heads = getattr(config, "num_attention_heads", 1)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers = config.num_hidden_layers
+    dtype = spec.dtype if spec.dtype != "auto" else ("float32" if engine.device == "cpu" else "bfloat16")
+    width = 4 if dtype == "float32" else 2
+    return ModelFacts(getattr(config, "max_position_embeddings", None), 2 * layers * kv_heads * head_dim * width)
+
+
+def auto_kv_budget(facts: ModelFacts, device: str, weight_bytes: int = 0) -> int:
+    """KV budget in tokens when the spec gives none: 90% of free GPU memory after the weights, or a quarter
+    of the machine's memory on CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        room = int(free * 0.9) - weight_bytes
+    else:
+        room = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    return max(room // facts.kv_bytes_per_token, 1)

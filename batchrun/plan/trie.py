@@ -5,9 +5,8 @@ adjacent; every subtree is a contiguous range) by an MSD refinement that compare
 together with the exact longest common prefix (LCP) of each row with the one before it; then one linear
 pass over the LCPs builds the compressed trie, as one builds a suffix tree from a suffix array.
 
-Chunks are compared through a 64-bit hash only to group rows; every LCP is computed by comparing tokens,
-so the counts are exact. (A hash collision could only split one trie node in two; it would never merge
-different prefixes.)
+Chunks are compared through a 64-bit hash only to group rows; a group whose chunks differ despite equal
+hashes is detected and sorted exactly, and every LCP is computed by comparing tokens, so counts are exact.
 """
 
 from __future__ import annotations
