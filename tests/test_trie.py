@@ -104,9 +104,9 @@ def test_trie_order_any_chunk(rows, chunk):
 
 @settings(max_examples=150, deadline=None)
 @given(prompt_rows(), st.sampled_from([0, 1]))
-def test_hash_collisions_fall_back_to_exact_sort(rows, prime):
-    """With a degenerate hash (0: every chunk collides; 1: xor of the tokens) the exact path must agree."""
-    with mock.patch.object(trie_mod, "_FNV_PRIME", np.uint64(prime)):
+def test_hash_collisions_fall_back_to_exact_sort(rows, mult):
+    """With a degenerate hash (0: every chunk collides; 1: the plain sum of the tokens) the exact path must agree."""
+    with mock.patch.object(trie_mod, "_MULT", np.full(256, mult, dtype=np.uint64)):
         t = build(rows)
     check_trie(rows, t)
 

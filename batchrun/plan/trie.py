@@ -18,8 +18,8 @@ import numpy as np
 from batchrun.tokens import TokenTable
 
 _CHUNK = 32
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
+# Odd 64-bit multipliers for a chunk hash (sum of token * multiplier, mod 2**64).
+_MULT = np.random.default_rng(0x5EED).integers(1, 2**63, size=256, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,9 @@ def trie_order(table: TokenTable, chunk: int = _CHUNK) -> tuple[np.ndarray, np.n
     """(order, lcp): rows in trie order and each row's exact LCP with the row before it.
 
     Each round looks at the next ``chunk`` tokens of every row still sharing its prefix with another row:
-    rows are grouped by a hash of those tokens, and the groups are put in lexicographic order of the tokens
-    (only one representative per group is sorted, so a round with no branching costs one hash pass).
+    a group whose rows all agree there (the common case inside a long shared prefix) costs one comparison;
+    a group that branches is split by a hash of the chunk, and its subgroups are put in lexicographic order
+    of their tokens (sorting one representative each).
     """
     n = len(table)
     order = np.arange(n, dtype=np.int64)
@@ -104,28 +105,17 @@ def trie_order(table: TokenTable, chunk: int = _CHUNK) -> tuple[np.ndarray, np.n
         at = d + steps
         valid = at[None, :] < lengths[rows][:, None]
         window = toks[np.minimum(offs[rows][:, None] + at[None, :], last_tok)] if len(toks) else valid * 0
-        window = np.where(valid, window.astype(np.int64), -1)  # -1 marks "the prompt has ended"
-        h = np.full(len(rows), _FNV_OFFSET, dtype=np.uint64)
-        with np.errstate(over="ignore"):
-            for j in range(chunk):
-                h = (h ^ window[:, j].astype(np.uint64)) * _FNV_PRIME
-        perm = np.lexsort((h, gid))
-        rows, h, window = rows[perm], h[perm], window[perm]
-        sub = np.nonzero(np.r_[True, (gid[1:] != gid[:-1]) | (h[1:] != h[:-1])])[0]
-        sub_size = np.diff(np.r_[sub, len(pos)])
-        if (window != np.repeat(window[sub], sub_size, axis=0)).any():  # a hash collision: sort exactly
-            perm = np.lexsort(tuple(window[:, j] for j in reversed(range(chunk))) + (gid,))
-            rows, window = rows[perm], window[perm]
-            differs = np.r_[True, (gid[1:] != gid[:-1]) | (window[1:] != window[:-1]).any(axis=1)]
-            sub = np.nonzero(differs)[0]
+        window = np.where(valid, window, -1).astype(np.int32, copy=False)  # -1: "the prompt has ended"
+        gfirst = np.cumsum(sizes) - sizes
+        same = (window == np.repeat(window[gfirst], sizes, axis=0)).all(axis=1)
+        split = ~np.logical_and.reduceat(same, gfirst)  # groups whose rows differ in this chunk
+        sub, sub_size = gfirst, sizes
+        if split.any():
+            sel = np.nonzero(np.repeat(split, sizes))[0]
+            srows, swin, ssub, ssub_size = _split(rows[sel], window[sel], gid[sel], chunk)
+            rows[sel], window[sel] = srows, swin
+            sub = np.sort(np.r_[gfirst[~split], sel[ssub]])
             sub_size = np.diff(np.r_[sub, len(pos)])
-        else:  # put the subgroups of each group in lexicographic order of their tokens
-            rep = window[sub]
-            sperm = np.lexsort(tuple(rep[:, j] for j in reversed(range(chunk))) + (gid[sub],))
-            take = _ranges(sub[sperm], sub_size[sperm])
-            rows, window = rows[take], window[take]
-            sub_size = sub_size[sperm]
-            sub = np.cumsum(sub_size) - sub_size
         order[pos] = rows
         sub_gid = gid[sub]
         inner = np.nonzero(np.r_[False, sub_gid[1:] == sub_gid[:-1]])[0]  # subgroups that split a group
@@ -140,6 +130,30 @@ def trie_order(table: TokenTable, chunk: int = _CHUNK) -> tuple[np.ndarray, np.n
         starts, sizes = pos[sub[keep]], sub_size[keep]
         d += chunk
     return order, lcp
+
+
+def _split(rows: np.ndarray, window: np.ndarray, gid: np.ndarray, chunk: int):
+    """Within each group, gather rows with equal chunks into subgroups ordered by their tokens.
+
+    Returns (rows, window) reordered and (start, size) of each subgroup, as indices into them.
+    """
+    with np.errstate(over="ignore"):
+        h = (window.astype(np.uint64) * _MULT[None, :chunk]).sum(axis=1, dtype=np.uint64)
+    perm = np.lexsort((h, gid))
+    rows, h, window, gid = rows[perm], h[perm], window[perm], gid[perm]
+    sub = np.nonzero(np.r_[True, (gid[1:] != gid[:-1]) | (h[1:] != h[:-1])])[0]
+    sub_size = np.diff(np.r_[sub, len(rows)])
+    if (window != np.repeat(window[sub], sub_size, axis=0)).any():  # a hash collision: sort exactly
+        perm = np.lexsort(tuple(window[:, j] for j in reversed(range(chunk))) + (gid,))
+        rows, window, gid = rows[perm], window[perm], gid[perm]
+        differs = np.r_[True, (gid[1:] != gid[:-1]) | (window[1:] != window[:-1]).any(axis=1)]
+        sub = np.nonzero(differs)[0]
+        return rows, window, sub, np.diff(np.r_[sub, len(rows)])
+    rep = window[sub]  # put the subgroups of each group in lexicographic order of their tokens
+    sperm = np.lexsort(tuple(rep[:, j] for j in reversed(range(chunk))) + (gid[sub],))
+    take = _ranges(sub[sperm], sub_size[sperm])
+    sub_size = sub_size[sperm]
+    return rows[take], window[take], np.cumsum(sub_size) - sub_size, sub_size
 
 
 def build_trie(table: TokenTable) -> Trie:
