@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import workloads  # noqa: E402
+import workloads
 
-from batchrun.plan.plan import PlanConfig, build_plan  # noqa: E402
+from batchrun.plan.plan import PlanConfig, build_plan
 
 RESULTS = Path(__file__).resolve().parent / "results" / "plan-cpu.jsonl"
 

@@ -56,7 +56,7 @@ class PrefixGroups:
 
 
 def choose_prefixes(trie: Trie, overhead_tokens: int = DEFAULT_OVERHEAD_TOKENS) -> PrefixGroups:
-    n_nodes, n_rows = trie.num_nodes, trie.num_rows
+    n_nodes = trie.num_nodes
     under = trie.rows_under
     depth = trie.depth
     # A row must keep >= 1 token of its own, so only rows longer than a node can share it.

@@ -59,7 +59,7 @@ def pack_window(items: list[tuple[int, int, int, int, int]], capacity: int) -> l
     content: list[list[int]] = []
 
     def earliest(k: int) -> int:
-        size, kind, ident, s, e, dep, prev = pieces[k]
+        dep, prev = pieces[k][5], pieces[k][6]
         lo = bin_of[prev] + 1 if prev >= 0 else 0
         if dep >= 0 and dep in prefix_pieces:
             for q in prefix_pieces[dep]:

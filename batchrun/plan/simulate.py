@@ -75,7 +75,7 @@ def simulate(plan, kv_budget: int, outputs: np.ndarray | None = None) -> SimResu
     skip: set[int] = set()
     steps = prefill = decode = peak = preempted = done = 0
     too_big: list[int] = []
-    rk = lambda t: int(blocks(t, bs)) * bs  # noqa: E731
+    rk = lambda t: int(blocks(t, bs)) * bs
 
     while True:
         if not pending:
@@ -86,7 +86,7 @@ def simulate(plan, kv_budget: int, outputs: np.ndarray | None = None) -> SimResu
             break
         steps += 1
         frac = estimator.fraction
-        est = lambda row, made: max(int(np.ceil(max_tokens[row] * frac)) - made, 1)  # noqa: E731
+        est = lambda row, made, frac=frac: max(int(np.ceil(max_tokens[row] * frac)) - made, 1)
         cur = [rk(k + t) for k, t in zip(run.kv, run.todo)]
         rem = [est(r, m) for r, m in zip(run.row, run.made)]
         budget_left = cfg.step_tokens

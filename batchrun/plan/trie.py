@@ -112,7 +112,7 @@ def trie_order(table: TokenTable, chunk: int = _CHUNK) -> tuple[np.ndarray, np.n
         sub, sub_size = gfirst, sizes
         if split.any():
             sel = np.nonzero(np.repeat(split, sizes))[0]
-            srows, swin, ssub, ssub_size = _split(rows[sel], window[sel], gid[sel], chunk)
+            srows, swin, ssub, _ = _split(rows[sel], window[sel], gid[sel], chunk)
             rows[sel], window[sel] = srows, swin
             sub = np.sort(np.r_[gfirst[~split], sel[ssub]])
             sub_size = np.diff(np.r_[sub, len(pos)])
@@ -186,6 +186,6 @@ def build_trie(table: TokenTable) -> Trie:
             row_node[order_list[i]] = stack[-1]
     for node in stack:
         last[node] = n - 1
-    as_array = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+    as_array = lambda v: np.asarray(v, dtype=np.int64)
     return Trie(order, lcp, lengths, as_array(parent), as_array(depth), as_array(first), as_array(last),
                 row_node)
