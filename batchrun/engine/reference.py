@@ -21,6 +21,7 @@ from transformers import (
 
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Request, SamplingParams
+from batchrun.engine.sampling import row_generator, sampling_probs
 from batchrun.engine.stopping import Stopper
 
 
@@ -91,7 +92,7 @@ class _RowSampler(LogitsProcessor):
 
     def __init__(self, sampling: SamplingParams, seeds: list[int], device: str):
         self.s = sampling
-        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+        self.generators = [row_generator(seed, device) for seed in seeds]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = sampling_probs(scores.float(), self.s)
@@ -100,19 +101,3 @@ class _RowSampler(LogitsProcessor):
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(scores.shape[0], device=scores.device), chosen] = 0.0
         return out
-
-
-def sampling_probs(logits: torch.Tensor, s: SamplingParams) -> torch.Tensor:
-    """Probabilities after temperature, top-k and top-p (each row keeps at least its best token)."""
-    logits = logits / s.temperature
-    if s.top_k and s.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens before it already hold top_p of the mass.
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= s.top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits.softmax(-1)

@@ -1,0 +1,93 @@
+"""batchrun's attention for transformers models: packed queries over a paged, prefix-shared KV pool.
+
+transformers' attention layers call the registered function ``"batchrun"`` with q, k, v after rotary
+embedding. The model runs on one packed row: the new tokens of every sequence in the step, positions
+restarting per sequence. This function writes the new k, v into the pool (``StepContext.slots``), then lets
+each sequence's queries attend, causally, to its context: its shared prefixes' segments and its own.
+Attention over several segments is exactly one softmax over their concatenation; here (the plain-torch path
+that runs everywhere) the segments are gathered and concatenated. Faster GPU paths read a shared prefix once
+for all its members and merge the parts by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+_LOCAL = threading.local()
+NAME = "batchrun"
+
+
+@dataclass
+class SeqSpan:
+    """One sequence's share of a step: queries ``[q_start, q_end)`` of the packed row."""
+
+    q_start: int
+    q_end: int
+    context_slots: torch.Tensor  # int64 [context tokens]: pool slots of every token it attends to, in order
+
+
+@dataclass
+class StepContext:
+    k_pool: torch.Tensor  # [layers, slots, kv_heads, head_dim]
+    v_pool: torch.Tensor
+    slots: torch.Tensor  # int64 [T]: where each new token's k, v go
+    spans: list[SeqSpan]
+
+
+class use_step:
+    """Context manager: the step whose attention the model's layers compute."""
+
+    def __init__(self, ctx: StepContext):
+        self.ctx = ctx
+
+    def __enter__(self) -> StepContext:
+        _LOCAL.ctx = self.ctx
+        return self.ctx
+
+    def __exit__(self, *exc) -> None:
+        _LOCAL.ctx = None
+
+
+def batchrun_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """query [1, H, T, D]; key, value [1, KVH, T, D]. Returns ([1, T, H, D], None)."""
+    ctx: StepContext = _LOCAL.ctx
+    layer = module.layer_idx
+    k_pool, v_pool = ctx.k_pool[layer], ctx.v_pool[layer]
+    k_pool[ctx.slots] = key[0].transpose(0, 1).to(k_pool.dtype)
+    v_pool[ctx.slots] = value[0].transpose(0, 1).to(v_pool.dtype)
+    heads, kv_heads = query.shape[1], key.shape[1]
+    out = query.new_empty(1, query.shape[2], heads, query.shape[3])
+    for span in ctx.spans:
+        q = query[0, :, span.q_start : span.q_end]  # [H, t, D]
+        k = k_pool[span.context_slots].transpose(0, 1)  # [KVH, n, D]
+        v = v_pool[span.context_slots].transpose(0, 1)
+        if kv_heads != heads:
+            k = k.repeat_interleave(heads // kv_heads, dim=0)
+            v = v.repeat_interleave(heads // kv_heads, dim=0)
+        t, n = q.shape[1], k.shape[1]
+        # Query i sits at context position n - t + i and sees keys 0 .. n - t + i.
+        mask = None
+        if t > 1:
+            mask = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(diagonal=n - t)
+        o = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype),
+                                           attn_mask=mask, scale=scaling)
+        out[0, span.q_start : span.q_end] = o[0].transpose(0, 1)
+    return out, None
+
+
+def _no_mask(*args, **kwargs):
+    return None
+
+
+def register() -> str:
+    """Make ``attn_implementation="batchrun"`` available to transformers models."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(NAME, batchrun_attention)
+    AttentionMaskInterface.register(NAME, _no_mask)
+    return NAME

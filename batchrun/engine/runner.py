@@ -1,0 +1,82 @@
+"""The runner: turns a step's work into one packed forward pass and returns the logits to sample from.
+Computes, never decides (the scheduler decides).
+
+All sequences of a step go in one row: token ids concatenated, position ids restarting per sequence, no
+padding. The model's attention layers run ``engine.attention`` over the paged KV pool.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchrun.engine import attention
+from batchrun.engine.loader import LoadedModel
+from batchrun.engine.scheduler import Work
+from batchrun.errors import RuntimeFailure
+
+
+def check_supported(model) -> None:
+    """Refuse, with a clear message, models whose attention batchrun cannot own."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    name = type(model).__name__
+    if not getattr(model, "_supports_attention_backend", False):
+        raise RuntimeFailure(f"engine.backend: {name} does not support custom attention functions in transformers; "
+                             "use engine.backend: reference")
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds - {"full_attention"}:
+        raise RuntimeFailure(f"engine.backend: {name} uses {sorted(kinds - {'full_attention'})} layers, which "
+                             "batchrun's engine does not implement yet; use engine.backend: reference")
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        raise RuntimeFailure(f"engine.backend: {name} uses sliding-window attention, which batchrun's engine does "
+                             "not implement yet; use engine.backend: reference")
+
+
+class Runner:
+    def __init__(self, loaded: LoadedModel, num_slots: int):
+        model = loaded.model
+        check_supported(model)
+        model.set_attn_implementation(attention.register())
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        dtype = next(model.parameters()).dtype
+        shape = (cfg.num_hidden_layers, num_slots, kv_heads, head_dim)
+        self.k_pool = torch.empty(shape, dtype=dtype, device=loaded.device)  # only written slots are read
+        self.v_pool = torch.empty(shape, dtype=dtype, device=loaded.device)
+        self.loaded = loaded
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.device = loaded.device
+
+    @torch.inference_mode()
+    def forward(self, works: list[Work], block_size: int) -> torch.Tensor:
+        """Run the step; return logits [number of sampling works, vocab], in the order of ``works``."""
+        ids, pos, slots, spans, last = [], [], [], [], []
+        t = 0
+        for w in works:
+            n = len(w.tokens)
+            ids.extend(w.tokens)
+            pos.extend(range(w.start_pos, w.start_pos + n))
+            slots.extend(w.slots)
+            spans.append(attention.SeqSpan(t, t + n, self._context_slots(w, block_size)))
+            t += n
+            if w.sample:
+                last.append(t - 1)
+        dev = self.device
+        ctx = attention.StepContext(self.k_pool, self.v_pool, torch.tensor(slots, dtype=torch.long, device=dev),
+                                    spans)
+        with attention.use_step(ctx):
+            hidden = self.decoder(input_ids=torch.tensor([ids], device=dev),
+                                  position_ids=torch.tensor([pos], device=dev), use_cache=False).last_hidden_state
+        if not last:
+            return hidden.new_empty(0, self.head.weight.shape[0])
+        return self.head(hidden[0, torch.tensor(last, device=dev)]).float()
+
+    def _context_slots(self, w: Work, block_size: int) -> torch.Tensor:
+        parts = []
+        offsets = torch.arange(block_size)
+        for seg, length in w.context:
+            blocks = torch.tensor(seg.blocks[: -(-length // block_size)], dtype=torch.long)
+            parts.append((blocks[:, None] * block_size + offsets).flatten()[:length])
+        return torch.cat(parts).to(self.device)

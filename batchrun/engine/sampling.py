@@ -1,0 +1,39 @@
+"""Choosing the next token on the device: greedy, or temperature / top-k / top-p with one generator per row.
+
+A row's generator is seeded from (job seed, row id) and advanced once per token it draws, so what a row
+samples never depends on which rows share its batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchrun.engine.requests import SamplingParams
+
+
+def sampling_probs(logits: torch.Tensor, s: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p (each row keeps at least its best token)."""
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens before it already hold top_p of the mass.
+        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= s.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits.softmax(-1)
+
+
+def sample(logits: torch.Tensor, s: SamplingParams, generators: list[torch.Generator] | None) -> list[int]:
+    """One token per row of ``logits`` [n, vocab]."""
+    if s.greedy:
+        return logits.argmax(-1).tolist()
+    probs = sampling_probs(logits.float(), s)
+    return [int(torch.multinomial(probs[i], 1, generator=g)[0]) for i, g in enumerate(generators)]
+
+
+def row_generator(seed: int, device: str) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
