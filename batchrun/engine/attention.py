@@ -53,8 +53,16 @@ class use_step:
 
 
 def batchrun_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
-    """query [1, H, T, D]; key, value [1, KVH, T, D]. Returns ([1, T, H, D], None)."""
-    ctx: StepContext = _LOCAL.ctx
+    """query [1, H, T, D]; key, value [1, KVH, T, D]. Returns ([1, T, H, D], None).
+
+    Outside a batchrun step (e.g. the reference engine's ``generate`` on the same model) it is plain SDPA.
+    """
+    ctx: StepContext | None = getattr(_LOCAL, "ctx", None)
+    if ctx is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
     layer = module.layer_idx
     k_pool, v_pool = ctx.k_pool[layer], ctx.v_pool[layer]
     k_pool[ctx.slots] = key[0].transpose(0, 1).to(k_pool.dtype)
@@ -79,8 +87,13 @@ def batchrun_attention(module, query, key, value, attention_mask=None, scaling=N
     return out, None
 
 
-def _no_mask(*args, **kwargs):
-    return None
+def _mask(*args, **kwargs):
+    """No mask inside a batchrun step (spans say who sees what); SDPA's mask outside one."""
+    if getattr(_LOCAL, "ctx", None) is not None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
 
 
 def register() -> str:
@@ -89,5 +102,5 @@ def register() -> str:
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(NAME, batchrun_attention)
-    AttentionMaskInterface.register(NAME, _no_mask)
+    AttentionMaskInterface.register(NAME, _mask)
     return NAME

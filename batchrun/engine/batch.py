@@ -28,7 +28,7 @@ class BatchEngine:
     name = "batchrun"
 
     def __init__(self, loaded: LoadedModel, sampling: SamplingParams, kv_budget_tokens: int, block_size: int = 16,
-                 step_tokens: int = 8192):
+                 step_tokens: int = 8192, initial_estimate: float = 1.0):
         self.loaded = loaded
         self.sampling = sampling
         self.block_size = block_size
@@ -36,6 +36,7 @@ class BatchEngine:
         self.num_blocks = max(kv_budget_tokens // block_size, 1)
         self.runner = Runner(loaded, self.num_blocks * block_size)
         self.stopper = Stopper(loaded.tokenizer, sampling.stop, [] if sampling.ignore_eos else loaded.eos_ids)
+        self.initial_estimate = initial_estimate  # < 1 admits more work at first (and may preempt)
         self.stats: dict[str, int] = {}
 
     def run(self, requests: Sequence[Request], plan) -> Iterator[list[Completion]]:
@@ -44,7 +45,7 @@ class BatchEngine:
         if not requests:
             return
         sched = Scheduler(plan, requests, BlockAllocator(self.num_blocks, self.block_size), self.stopper,
-                          self.step_tokens)
+                          self.step_tokens, self.initial_estimate)
         generators = {}
         while not sched.finished():
             works = sched.next_step()

@@ -36,8 +36,11 @@ class ReferenceEngine:
         tok = loaded.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (loaded.eos_ids or [0])[0]
 
-    def run(self, requests: Sequence[Request]) -> Iterator[list[Completion]]:
-        """Yield the completions of each batch as it finishes; requests run in the order given (the plan's)."""
+    def run(self, requests: Sequence[Request], plan=None) -> Iterator[list[Completion]]:
+        """Yield the completions of each batch as it finishes. Requests run in plan order (``plan`` was built
+        over ``requests``), or in the order given without a plan."""
+        if plan is not None:
+            requests = [requests[k] for k in plan.order.tolist()]
         for start in range(0, len(requests), self.batch_size):
             yield self._generate(list(requests[start : start + self.batch_size]))
 

@@ -26,7 +26,7 @@ def check_supported(model) -> None:
     if kinds - {"full_attention"}:
         raise RuntimeFailure(f"engine.backend: {name} uses {sorted(kinds - {'full_attention'})} layers, which "
                              "batchrun's engine does not implement yet; use engine.backend: reference")
-    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
         raise RuntimeFailure(f"engine.backend: {name} uses sliding-window attention, which batchrun's engine does "
                              "not implement yet; use engine.backend: reference")
 

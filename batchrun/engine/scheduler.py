@@ -56,7 +56,7 @@ class _Row:
 
 class Scheduler:
     def __init__(self, plan, requests: list[Request], allocator: BlockAllocator, stopper: Stopper,
-                 step_tokens: int):
+                 step_tokens: int, initial_estimate: float = 1.0):
         self.plan = plan
         self.alloc = allocator
         self.stopper = stopper
@@ -67,7 +67,8 @@ class Scheduler:
         self.rows = [_Row(r, int(row_start[i]), self._chain(i)) for i, r in enumerate(requests)]
         self.prefix_refs = pre.members.astype(np.int64).copy()
         self.prefix_seg: dict[int, Segment] = {}
-        self.estimator = OutputEstimator(np.array([r.max_tokens for r in requests], dtype=np.int64))
+        self.estimator = OutputEstimator(np.array([r.max_tokens for r in requests], dtype=np.int64),
+                                         initial_fraction=initial_estimate)
         self._packs = plan.packs()
         self._pending: deque = deque()
         self._requeue: deque[int] = deque()

@@ -68,12 +68,13 @@ def order_rows(trie: Trie, est_output: np.ndarray) -> np.ndarray:
 class OutputEstimator:
     """Estimated output tokens per row, updated from finished rows (capped by each row's max_tokens)."""
 
-    def __init__(self, max_tokens: np.ndarray, percentile: float = 90.0, min_samples: int = 32):
+    def __init__(self, max_tokens: np.ndarray, percentile: float = 90.0, min_samples: int = 32,
+                 initial_fraction: float = 1.0):
         self.max_tokens = np.asarray(max_tokens, dtype=np.int64)
         self.percentile = percentile
         self.min_samples = min_samples
         self._fractions: list[float] = []
-        self._fraction = 1.0
+        self._fraction = initial_fraction
 
     def observe(self, max_tokens: int, produced: int) -> None:
         self._fractions.append(min(produced, max_tokens) / max(max_tokens, 1))

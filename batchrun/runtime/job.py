@@ -102,7 +102,7 @@ def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = N
 
         requests, error_rows = _requests(spec, ids, prompts, max_tokens, mt_errors, loaded.max_context, done)
         t = time.monotonic()
-        requests = _in_plan_order(spec, prompts, requests)
+        plan = _plan(spec, prompts, requests)
         timings["plan_s"] = time.monotonic() - t
         counts = {"ok": 0, "error": 0, "prompt_tokens": 0, "output_tokens": 0}
 
@@ -121,7 +121,7 @@ def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = N
         progress.start(source.num_rows, already_done=len(done) + len(error_rows))
         t = time.monotonic()
         try:
-            for batch in engine.run(requests):
+            for batch in engine.run(requests, plan):
                 for c in batch:
                     emit(c.index, output=c.text, prompt_tokens=int(lengths[c.index]),
                          output_tokens=len(c.token_ids), finish_reason=c.finish_reason, error=None)
@@ -149,13 +149,21 @@ def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = N
 
 
 def _engine(spec: JobSpec, loaded: Any) -> Any:
-    from batchrun.engine.reference import ReferenceEngine
     from batchrun.engine.requests import SamplingParams
 
     s = spec.sampling
     params = SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop=tuple(s.stop),
                             ignore_eos=s.ignore_eos)
-    return ReferenceEngine(loaded, params, batch_size=spec.engine.batch_size)
+    e = spec.engine
+    if e.backend == "reference":
+        from batchrun.engine.reference import ReferenceEngine
+
+        return ReferenceEngine(loaded, params, batch_size=e.batch_size)
+    from batchrun.engine.batch import BatchEngine, default_kv_budget
+
+    budget = default_kv_budget(loaded, e.kv_budget_tokens)
+    log.info("engine: batchrun, KV budget %d tokens in blocks of %d", budget, e.block_size)
+    return BatchEngine(loaded, params, kv_budget_tokens=budget, block_size=e.block_size, step_tokens=e.step_tokens)
 
 
 def _output_columns(spec: JobSpec, source: Source) -> list[str]:
@@ -223,20 +231,21 @@ def plan_config(spec: JobSpec):
     return PlanConfig(step_tokens=spec.engine.step_tokens, block_size=spec.engine.block_size)
 
 
-def _in_plan_order(spec: JobSpec, prompts: Prompts, requests: list) -> list:
-    """Plan the runnable rows (prefix trie, sharing, order) and return their requests in plan order."""
+def _plan(spec: JobSpec, prompts: Prompts, requests: list):
+    """Plan the runnable rows (prefix trie, sharing, order, packs); the plan's rows are ``requests``."""
     import numpy as np
 
     from batchrun.plan.plan import build_plan
 
-    if len(requests) < 2:
-        return requests
     rows = np.array([r.index for r in requests], dtype=np.int64)
-    plan = build_plan(prompts.tokens.take(rows), np.array([r.max_tokens for r in requests]), plan_config(spec))
-    st = plan.stats()
-    log.info("plan: %d rows, %d prompt tokens, %d after sharing (%.0f%% saved), %d shared prefixes",
-             st["rows"], st["prompt_tokens"], st["prefill_tokens"], 100 * st["saving_ratio"], st["shared_prefixes"])
-    return [requests[k] for k in plan.order.tolist()]
+    plan = build_plan(prompts.tokens.take(rows), np.array([r.max_tokens for r in requests], dtype=np.int64),
+                      plan_config(spec))
+    if requests:
+        st = plan.stats()
+        log.info("plan: %d rows, %d prompt tokens, %d after sharing (%.0f%% saved), %d shared prefixes",
+                 st["rows"], st["prompt_tokens"], st["prefill_tokens"], 100 * st["saving_ratio"],
+                 st["shared_prefixes"])
+    return plan
 
 
 def _manifest(spec: JobSpec, job_info: dict[str, Any], loaded: Any, result: JobResult,

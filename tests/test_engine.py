@@ -1,0 +1,140 @@
+"""batchrun's engine against the oracle (the reference engine, one prompt at a time), fp32 on CPU.
+
+Rows share prefixes at several levels (system prompt -> document -> question), some are longer than a
+prefill chunk, groups end at different times, and one run is forced to preempt.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import make_tiny_model
+
+from batchrun.engine.batch import BatchEngine
+from batchrun.engine.loader import load
+from batchrun.engine.reference import ReferenceEngine
+from batchrun.engine.requests import Request, SamplingParams, row_seed
+from batchrun.errors import RuntimeFailure
+from batchrun.plan.plan import PlanConfig, build_plan
+from batchrun.spec import EngineSpec, ModelSpec
+from batchrun.tokens import TokenTable
+
+SYSTEM = "You are a careful assistant. Answer briefly and precisely, in one sentence. " * 2
+DOCS = ["The kettle boils fast, the lid never leaks and the handle stays cool. " * 2,
+        "The charger broke after a week and support never replied to my three emails. " * 3]
+QUESTIONS = ["What broke?", "Is it good?", "Summarize the review in five words.", "x"]
+MAX_TOKENS = [12, 5, 9, 16, 3, 7, 12, 10, 4, 6]
+
+
+def _requests(tok, seed: int = 0) -> list[Request]:
+    texts = [tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": d + q}],
+                                     tokenize=False, add_generation_prompt=True) for d in DOCS for q in QUESTIONS]
+    texts += ["Hi", "A completely different prompt with nothing shared at all, " * 8]
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    return [Request(index=i, prompt_ids=p, max_tokens=m, seed=row_seed(seed, i))
+            for i, (p, m) in enumerate(zip(ids, MAX_TOKENS))]
+
+
+def _plan(reqs: list[Request], step_tokens: int = 64, block_size: int = 4):
+    return build_plan(TokenTable.from_lists(r.prompt_ids for r in reqs), np.array([r.max_tokens for r in reqs]),
+                      PlanConfig(step_tokens=step_tokens, block_size=block_size))
+
+
+def _run(engine, reqs, plan=None) -> dict:
+    got = {c.index: c for batch in (engine.run(reqs, plan) if plan is not None else engine.run(reqs)) for c in batch}
+    assert sorted(got) == sorted(r.index for r in reqs)
+    return got
+
+
+def _oracle(loaded, reqs, params=SamplingParams()) -> dict:
+    one = ReferenceEngine(loaded, params, batch_size=1)
+    return {r.index: _run(one, [r])[r.index] for r in reqs}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def tiny(request, tmp_path_factory, smollm2_dir):
+    path = make_tiny_model(tmp_path_factory.mktemp(request.param), request.param, smollm2_dir, seed=3)
+    return load(ModelSpec(path=path), EngineSpec(device="cpu"))
+
+
+def test_plan_has_nested_sharing_and_chunked_rows(tiny):
+    reqs = _requests(tiny.tokenizer)
+    plan = _plan(reqs)
+    assert plan.stats()["prefix_levels"] == 2 and len(plan.prefixes) == 3
+    assert max(len(r.prompt_ids) - plan.prefixes.row_start[i] for i, r in enumerate(reqs)) > 64  # chunked
+
+
+@pytest.mark.parametrize("budget, step_tokens, block_size", [(100_000, 64, 4), (100_000, 4096, 16), (400, 32, 4)])
+def test_greedy_equals_the_oracle(tiny, budget, step_tokens, block_size):
+    reqs = _requests(tiny.tokenizer)
+    oracle = _oracle(tiny, reqs)
+    engine = BatchEngine(tiny, SamplingParams(), kv_budget_tokens=budget, block_size=block_size,
+                         step_tokens=step_tokens)
+    got = _run(engine, reqs, _plan(reqs, step_tokens, block_size))
+    for r in reqs:
+        assert got[r.index].token_ids == oracle[r.index].token_ids, f"row {r.index}"
+        assert (got[r.index].text, got[r.index].finish_reason) == (oracle[r.index].text, oracle[r.index].finish_reason)
+
+
+def test_forced_preemption_recomputes_exactly(tiny):
+    reqs = [Request(r.index, r.prompt_ids, 40) for r in _requests(tiny.tokenizer)]
+    params = SamplingParams(ignore_eos=True)
+    oracle = _oracle(tiny, reqs, params)
+    # Estimates of 5% of max_tokens admit too much; the pool then runs dry mid-decode.
+    engine = BatchEngine(tiny, params, kv_budget_tokens=360, block_size=4, step_tokens=64, initial_estimate=0.05)
+    got = _run(engine, reqs, _plan(reqs))
+    assert engine.stats["preemptions"] > 0
+    for r in reqs:
+        assert got[r.index].token_ids == oracle[r.index].token_ids, f"row {r.index}"
+
+
+def test_sampling_does_not_depend_on_batch_composition(tiny):
+    params = SamplingParams(temperature=1.2, top_p=0.95, top_k=40, ignore_eos=True)
+    reqs = _requests(tiny.tokenizer, seed=7)
+    engine = BatchEngine(tiny, params, kv_budget_tokens=100_000, block_size=4, step_tokens=64)
+    whole = _run(engine, reqs, _plan(reqs))
+    part = [reqs[i] for i in (9, 3, 0, 6)]
+    alone = _run(engine, part, _plan(part))
+    for r in part:
+        assert alone[r.index].token_ids == whole[r.index].token_ids
+    reseeded = _run(engine, _requests(tiny.tokenizer, seed=8), _plan(reqs))
+    assert any(reseeded[i].token_ids != whole[i].token_ids for i in range(len(reqs)))
+
+
+def test_stop_strings_end_rows_like_the_oracle(tiny):
+    reqs = [Request(r.index, r.prompt_ids, 16) for r in _requests(tiny.tokenizer)]
+    free = _run(BatchEngine(tiny, SamplingParams(ignore_eos=True), 100_000, 4, 64), reqs, _plan(reqs))
+    stop = free[0].text[3:5]
+    params = SamplingParams(stop=(stop,), ignore_eos=True)
+    oracle = _oracle(tiny, reqs, params)
+    got = _run(BatchEngine(tiny, params, 100_000, 4, 64), reqs, _plan(reqs))
+    assert got[0].finish_reason == "stop"
+    for r in reqs:
+        assert (got[r.index].token_ids, got[r.index].text) == (oracle[r.index].token_ids, oracle[r.index].text)
+
+
+@pytest.mark.slow
+def test_greedy_equals_the_oracle_on_smollm2(smollm2_dir):
+    loaded = load(ModelSpec(path=smollm2_dir), EngineSpec(device="cpu"))
+    reqs = _requests(loaded.tokenizer)
+    oracle = _oracle(loaded, reqs)
+    for budget, initial in ((100_000, 1.0), (400, 0.05)):
+        engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=budget, block_size=4, step_tokens=64,
+                             initial_estimate=initial)
+        got = _run(engine, reqs, _plan(reqs))
+        for r in reqs:
+            assert got[r.index].token_ids == oracle[r.index].token_ids, f"row {r.index} (budget {budget})"
+
+
+def test_unsupported_attention_is_refused(tmp_path, smollm2_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("mistral", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=1, sliding_window=8)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp_path)
+    loaded = load(ModelSpec(path=str(tmp_path)), EngineSpec(device="cpu"))
+    with pytest.raises(RuntimeFailure, match="sliding"):
+        BatchEngine(loaded, SamplingParams(), kv_budget_tokens=1000)
