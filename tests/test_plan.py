@@ -19,14 +19,18 @@ from batchrun.tokens import TokenTable
 Rows = list[list[int]]
 
 
+STEP_TOKENS = st.integers(8, 32) | st.integers(8, 200)  # small capacities often, so rows get chunked
+FEW_ROWS = st.integers(1, 12)
+
+
 @st.composite
-def jobs(draw, step_tokens=st.integers(8, 200)):
-    """(rows, max_tokens, config): 1-12 runnable rows (>= 1 token) cut from 1-4 base sequences plus tails."""
+def jobs(draw, step_tokens=STEP_TOKENS, n_rows=FEW_ROWS, base_len=80):
+    """(rows, max_tokens, config): runnable rows (>= 1 token) cut from 1-4 base sequences plus random tails."""
     ids = draw(st.lists(st.sampled_from([0, 1, 2, 7, 31, 49151]), min_size=1, max_size=3, unique=True))
     sym = st.sampled_from(ids)
-    bases = draw(st.lists(st.lists(sym, max_size=80), min_size=1, max_size=4))
+    bases = draw(st.lists(st.lists(sym, max_size=base_len), min_size=1, max_size=4))
     rows = []
-    for _ in range(draw(st.integers(1, 12))):
+    for _ in range(draw(n_rows)):
         base = draw(st.sampled_from(bases))
         row = base[: draw(st.integers(0, len(base)))] + draw(st.lists(sym, max_size=40))
         rows.append(row or [draw(sym)])
@@ -52,7 +56,7 @@ def chain(g, row: int) -> list[int]:
 def check_groups(rows: Rows, plan) -> None:
     g, n = plan.prefixes, len(rows)
     lengths = np.array([len(r) for r in rows])
-    assert (0 <= g.row_start).all() and (g.row_start < lengths).all()
+    assert (g.row_start >= 0).all() and (g.row_start < lengths).all()
     chains = [chain(g, r) for r in range(n)]
     for p in range(len(g)):
         start, end, q = int(g.start[p]), int(g.end[p]), int(g.parent[p])
@@ -129,7 +133,7 @@ def check_packs(rows: Rows, plan) -> list:
     return all_packs
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(jobs(), st.data())
 def test_plan_matches_brute_force(job, data):
     rows, max_tokens, config = job
@@ -160,7 +164,9 @@ def test_system_documents_questions():
     rows = [s + d1 + [10] + [1] * 4, s + d1 + [11] + [1] * 5, s + d2 + [12] + [1] * 3, s + d1 + [12] + [2] * 6,
             s + d2 + [10] + [3] * 7]
     plan = build(rows, [10, 30, 5, 20, 200], PlanConfig(step_tokens=64))
-    check_groups(rows, plan), check_order(rows, plan), check_packs(rows, plan)
+    check_groups(rows, plan)
+    check_order(rows, plan)
+    check_packs(rows, plan)
     g = plan.prefixes
     assert (g.start.tolist(), g.end.tolist(), g.parent.tolist()) == ([0, 40, 40], [40, 90, 100], [-1, 0, 0])
     assert g.members.tolist() == [5, 2, 3] and g.row_prefix.tolist() == [2, 2, 1, 2, 1]
@@ -204,7 +210,9 @@ def test_identical_prompts_share_all_but_last_token():
 def test_prompt_prefix_of_another():
     rows = [[1, 2, 3, 4], [1, 2], [1, 2, 9], [1]]
     plan = build(rows, [2] * 4, PlanConfig(overhead_tokens=0))
-    check_groups(rows, plan), check_order(rows, plan), check_packs(rows, plan)
+    check_groups(rows, plan)
+    check_order(rows, plan)
+    check_packs(rows, plan)
     g = plan.prefixes
     assert (g.start.tolist(), g.end.tolist(), g.parent.tolist(), g.members.tolist()) == ([0, 1], [1, 2], [-1, 0],
                                                                                        [3, 2])

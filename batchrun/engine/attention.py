@@ -31,11 +31,21 @@ class SeqSpan:
 
 
 @dataclass
+class DecodeBatch:
+    """Sequences with one new token each, attended in one padded call."""
+
+    q_index: torch.Tensor  # int64 [S]: their query positions in the packed row
+    context_slots: torch.Tensor  # int64 [S, N]: pool slots of each one's context, padded
+    valid: torch.Tensor  # bool [S, N]: which of those are real
+
+
+@dataclass
 class StepContext:
     k_pool: torch.Tensor  # [layers, slots, kv_heads, head_dim]
     v_pool: torch.Tensor
     slots: torch.Tensor  # int64 [T]: where each new token's k, v go
-    spans: list[SeqSpan]
+    spans: list[SeqSpan]  # sequences with several new tokens (prefill)
+    decode: DecodeBatch | None = None
 
 
 class use_step:
@@ -67,23 +77,28 @@ def batchrun_attention(module, query, key, value, attention_mask=None, scaling=N
     k_pool, v_pool = ctx.k_pool[layer], ctx.v_pool[layer]
     k_pool[ctx.slots] = key[0].transpose(0, 1).to(k_pool.dtype)
     v_pool[ctx.slots] = value[0].transpose(0, 1).to(v_pool.dtype)
-    heads, kv_heads = query.shape[1], key.shape[1]
-    out = query.new_empty(1, query.shape[2], heads, query.shape[3])
+    heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+    group = heads // kv_heads
+    out = query.new_empty(1, query.shape[2], heads, dim)
+    if ctx.decode is not None:
+        d = ctx.decode
+        s = len(d.q_index)
+        # Grouped-query attention without copying K/V: a KV head's query group is its query "length".
+        q = query[0, :, d.q_index].transpose(0, 1).reshape(s, kv_heads, group, dim)
+        k = k_pool[d.context_slots].transpose(1, 2).to(q.dtype)  # [S, KVH, N, D]
+        v = v_pool[d.context_slots].transpose(1, 2).to(q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=d.valid[:, None, None, :], scale=scaling)
+        out[0, d.q_index] = o.reshape(s, heads, dim)
     for span in ctx.spans:
-        q = query[0, :, span.q_start : span.q_end]  # [H, t, D]
-        k = k_pool[span.context_slots].transpose(0, 1)  # [KVH, n, D]
-        v = v_pool[span.context_slots].transpose(0, 1)
-        if kv_heads != heads:
-            k = k.repeat_interleave(heads // kv_heads, dim=0)
-            v = v.repeat_interleave(heads // kv_heads, dim=0)
-        t, n = q.shape[1], k.shape[1]
+        t = span.q_end - span.q_start
+        q = query[0, :, span.q_start : span.q_end].reshape(kv_heads, group * t, dim)
+        k = k_pool[span.context_slots].transpose(0, 1).to(q.dtype)  # [KVH, n, D]
+        v = v_pool[span.context_slots].transpose(0, 1).to(q.dtype)
+        n = k.shape[1]
         # Query i sits at context position n - t + i and sees keys 0 .. n - t + i.
-        mask = None
-        if t > 1:
-            mask = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(diagonal=n - t)
-        o = F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0).to(q.dtype), v.unsqueeze(0).to(q.dtype),
-                                           attn_mask=mask, scale=scaling)
-        out[0, span.q_start : span.q_end] = o[0].transpose(0, 1)
+        mask = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(diagonal=n - t).repeat(group, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [KVH, G*t, D]
+        out[0, span.q_start : span.q_end] = o.reshape(heads, t, dim).transpose(0, 1)
     return out, None
 
 

@@ -53,19 +53,33 @@ class Runner:
     def forward(self, works: list[Work], block_size: int) -> torch.Tensor:
         """Run the step; return logits [number of sampling works, vocab], in the order of ``works``."""
         ids, pos, slots, spans, last = [], [], [], [], []
+        single_q, single_ctx = [], []
         t = 0
         for w in works:
             n = len(w.tokens)
             ids.extend(w.tokens)
             pos.extend(range(w.start_pos, w.start_pos + n))
             slots.extend(w.slots)
-            spans.append(attention.SeqSpan(t, t + n, self._context_slots(w, block_size)))
+            if n == 1:
+                single_q.append(t)
+                single_ctx.append(self._context_slots(w, block_size))
+            else:
+                spans.append(attention.SeqSpan(t, t + n, self._context_slots(w, block_size).to(self.device)))
             t += n
             if w.sample:
                 last.append(t - 1)
         dev = self.device
+        decode = None
+        if single_q:
+            width = max(len(c) for c in single_ctx)
+            ctx_slots = torch.zeros(len(single_ctx), width, dtype=torch.long)
+            valid = torch.zeros(len(single_ctx), width, dtype=torch.bool)
+            for i, c in enumerate(single_ctx):
+                ctx_slots[i, : len(c)] = c
+                valid[i, : len(c)] = True
+            decode = attention.DecodeBatch(torch.tensor(single_q, device=dev), ctx_slots.to(dev), valid.to(dev))
         ctx = attention.StepContext(self.k_pool, self.v_pool, torch.tensor(slots, dtype=torch.long, device=dev),
-                                    spans)
+                                    spans, decode)
         with attention.use_step(ctx):
             hidden = self.decoder(input_ids=torch.tensor([ids], device=dev),
                                   position_ids=torch.tensor([pos], device=dev), use_cache=False).last_hidden_state
@@ -79,4 +93,4 @@ class Runner:
         for seg, length in w.context:
             blocks = torch.tensor(seg.blocks[: -(-length // block_size)], dtype=torch.long)
             parts.append((blocks[:, None] * block_size + offsets).flatten()[:length])
-        return torch.cat(parts).to(self.device)
+        return torch.cat(parts)
