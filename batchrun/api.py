@@ -78,7 +78,7 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
     from batchrun.io.prompts import build_prompts
     from batchrun.io.source import read_source
     from batchrun.plan.plan import build_plan
-    from batchrun.plan.simulate import simulate
+    from batchrun.engine.simulate import simulate
     from batchrun.runtime.job import _max_tokens, plan_config
 
     job = validate(spec, overrides)

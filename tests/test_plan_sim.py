@@ -17,7 +17,7 @@ from test_plan import build, chain, jobs
 from batchrun.plan.budget import blocks, fits, projected_peak
 from batchrun.plan.order import OutputEstimator
 from batchrun.plan.plan import PlanConfig
-from batchrun.plan.simulate import simulate
+from batchrun.engine.simulate import simulate
 
 
 @contextmanager

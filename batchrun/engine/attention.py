@@ -28,6 +28,13 @@ class SeqSpan:
     q_start: int
     q_end: int
     context_slots: torch.Tensor  # int64 [context tokens]: pool slots of every token it attends to, in order
+    mask: torch.Tensor | None = None  # bool [t, context tokens]: causal, offset to the context's end
+
+    def __post_init__(self) -> None:
+        if self.mask is None:
+            t, n = self.q_end - self.q_start, len(self.context_slots)
+            # Query i sits at context position n - t + i and sees keys 0 .. n - t + i.
+            self.mask = torch.ones(t, n, dtype=torch.bool, device=self.context_slots.device).tril(diagonal=n - t)
 
 
 @dataclass
@@ -94,9 +101,7 @@ def batchrun_attention(module, query, key, value, attention_mask=None, scaling=N
         q = query[0, :, span.q_start : span.q_end].reshape(kv_heads, group * t, dim)
         k = k_pool[span.context_slots].transpose(0, 1).to(q.dtype)  # [KVH, n, D]
         v = v_pool[span.context_slots].transpose(0, 1).to(q.dtype)
-        n = k.shape[1]
-        # Query i sits at context position n - t + i and sees keys 0 .. n - t + i.
-        mask = torch.ones(t, n, dtype=torch.bool, device=q.device).tril(diagonal=n - t).repeat(group, 1)
+        mask = span.mask.repeat(group, 1) if group > 1 else span.mask
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)  # [KVH, G*t, D]
         out[0, span.q_start : span.q_end] = o.reshape(heads, t, dim).transpose(0, 1)
     return out, None

@@ -50,6 +50,10 @@ class BatchEngine:
         while not sched.finished():
             works = sched.next_step()
             if not works:
+                failed = sched.take_errors()
+                if failed:
+                    yield failed
+                    continue
                 raise RuntimeFailure("the scheduler found no work it could admit (KV budget too small?)")
             logits = self.runner.forward(works, self.block_size)
             keys = [w.key for w in works if w.sample]

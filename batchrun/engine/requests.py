@@ -37,7 +37,8 @@ class Completion:
     index: int
     token_ids: list[int] = field(repr=False)  # generated tokens, EOS excluded, cut after a stop string
     text: str
-    finish_reason: str  # "stop" (EOS or a stop string) or "length" (max_tokens reached)
+    finish_reason: str  # "stop" (EOS or a stop string), "length" (max_tokens reached), "error"
+    error: str | None = None  # why the row failed (it could not fit the KV budget, say)
 
 
 def row_seed(job_seed: int, row_id: object) -> int:

@@ -1,12 +1,16 @@
 """The scheduler: decides each step's work from the plan, within the KV budget. Never touches tensors.
 
-A step is one forward pass over packed sequences: one token for every row that is decoding, plus prefill
-work taken in plan order from the plan's packs (shared prefixes before their members; long prompts in
-chunks), admitted while the projected future peak KV of the running set fits the budget
-(``plan.budget.fits``). The runner computes the step; ``commit`` takes the sampled tokens, finishes rows
-(EOS, stop strings, max_tokens) and frees their KV — a shared prefix's when its last member finishes.
-If real outputs outgrow the estimates and the pool runs dry, the newest decoding row is preempted: its KV
-is freed and it is recomputed later from its prompt and the tokens it already produced.
+A step is one forward pass over packed sequences:
+1. one token for every row that is decoding;
+2. the next tokens of work already started (a shared prefix or a row's prompt longer than what fitted in
+   earlier steps: chunked prefill, SARATHI-style), first come first served;
+3. new work in plan order — shared prefixes before their members — admitted while the projected future
+   peak KV of the running set (``plan.budget.fits``) plus the live shared prefixes fits the budget.
+The runner computes the step; ``commit`` takes the sampled tokens, finishes rows (EOS, stop strings,
+max_tokens) and frees their KV — a shared prefix's when its last member finishes. If real outputs outgrow
+the estimates and the pool runs dry, the newest decoding row is preempted: its KV is freed and it is
+recomputed later from its prompt and the tokens it already produced. A row that cannot fit the budget even
+alone finishes with an error instead of stopping the job.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from batchrun.plan.pack import PREFIX
 class Work:
     """One sequence's part of a step."""
 
-    key: int  # the row (plan index), or -1 - prefix id for a shared prefix
+    key: int  # the row (index into the requests), or -1 - p for shared prefix p
     tokens: list[int]
     start_pos: int  # position of tokens[0]
     # Every segment it attends to, outermost first (its own last, holding the new tokens), with the number of
@@ -36,6 +40,16 @@ class Work:
     context: list[tuple[Segment, int]]
     slots: list[int]  # pool slots of the new tokens
     sample: bool  # a next token is drawn from its last position
+    decode: bool = False  # the one new token is the row's last output
+
+
+@dataclass
+class _Job:
+    """Tokens still to compute for a row or a shared prefix."""
+
+    tokens: list[int]
+    start_pos: int
+    done: int = 0
 
 
 @dataclass
@@ -44,14 +58,14 @@ class _Row:
     own_start: int
     chain: list[int]  # shared prefixes, outermost first
     own: Segment = field(default_factory=Segment)
-    computed: int = 0  # tokens of the own segment computed (prompt part, then recomputed output)
     generated: list[int] = field(default_factory=list)
-    running: bool = False
-    order: int = 0  # admission counter (newest is preempted first)
+    running: bool = False  # holds KV
+    started: bool = False  # its pack item was taken
+    order: int = 0  # admission counter (the newest is preempted first)
 
     @property
-    def prompt_len(self) -> int:
-        return len(self.req.prompt_ids)
+    def own_tokens(self) -> int:
+        return len(self.req.prompt_ids) - self.own_start + len(self.generated)
 
 
 class Scheduler:
@@ -62,19 +76,20 @@ class Scheduler:
         self.stopper = stopper
         self.step_tokens = step_tokens
         self.budget = allocator.num_blocks * allocator.block_size
-        pre = plan.prefixes
-        row_start = pre.row_start
-        self.rows = [_Row(r, int(row_start[i]), self._chain(i)) for i, r in enumerate(requests)]
-        self.prefix_refs = pre.members.astype(np.int64).copy()
+        self.rows = [_Row(r, int(s), self._chain(i)) for i, (r, s) in enumerate(zip(requests, plan.prefixes.row_start))]
+        self.prefix_refs = plan.prefixes.members.astype(np.int64).copy()
         self.prefix_seg: dict[int, Segment] = {}
+        self.failed_prefixes: set[int] = set()
         self.estimator = OutputEstimator(np.array([r.max_tokens for r in requests], dtype=np.int64),
                                          initial_fraction=initial_estimate)
         self._packs = plan.packs()
         self._pending: deque = deque()
+        self._jobs: dict[int, _Job] = {}  # started, unfinished computations, in start order
         self._requeue: deque[int] = deque()
-        self._admitted = 0
         self._running: dict[int, None] = {}  # rows holding KV, in admission order
+        self._admitted = 0
         self._works: list[Work] = []
+        self._errors: list[Completion] = []
         self.preemptions = 0
         self.steps = 0
 
@@ -86,19 +101,105 @@ class Scheduler:
             p = int(pre.parent[p])
         return chain[::-1]
 
-    # -- deciding a step -----------------------------------------------------------------------------------
-
     def finished(self) -> bool:
-        return not self._running and not self._requeue and not self._fill_pending()
+        return not self._running and not self._jobs and not self._requeue and not self._fill_pending()
 
     def _fill_pending(self) -> bool:
-        if self._pending:
-            return True
-        nxt = next(self._packs, None)
-        if nxt is None:
-            return False
-        self._pending.extend(tuple(x) for x in nxt.tolist())
+        if not self._pending:
+            nxt = next(self._packs, None)
+            if nxt is None:
+                return False
+            self._pending.extend(tuple(x) for x in nxt.tolist())
         return True
+
+    # -- deciding a step -----------------------------------------------------------------------------------
+
+    def next_step(self) -> list[Work]:
+        """The next step's work (empty when nothing can run: the job is finished, or only errors were left)."""
+        self.steps += 1
+        works = self._works = []
+        for i in list(self._running):
+            r = self.rows[i]
+            if r.running and r.generated and i not in self._jobs:
+                works.append(self._decode_work(i, r))
+        budget = self.step_tokens
+        for key in list(self._jobs):  # work already started, oldest first
+            if budget <= 0:
+                break
+            budget -= self._advance(key, budget)
+        while budget > 0:
+            key = self._admit_next()
+            if key is None:
+                break
+            budget -= self._advance(key, budget)
+        return works
+
+    def take_errors(self) -> list[Completion]:
+        errors, self._errors = self._errors, []
+        return errors
+
+    def _admit_next(self) -> int | None:
+        """Start the next piece of work if the KV budget admits it; its key, or None."""
+        while True:
+            if self._requeue:
+                i = self._requeue[0]
+                if not self._fits_row(self.rows[i]):
+                    return None
+                self._requeue.popleft()
+                r = self.rows[i]
+                self._start_row(i, list(r.req.prompt_ids[r.own_start :]) + r.generated)
+                return i
+            if not self._fill_pending():
+                return None
+            kind, ident, _, _ = self._pending[0]
+            if kind == PREFIX:
+                if ident in self.prefix_seg or ident in self.failed_prefixes:
+                    self._pending.popleft()  # a later chunk of a prefix already started
+                    continue
+                if not self._fits_prefix(ident):
+                    return self._blocked()
+                self._pending.popleft()
+                return self._start_prefix(ident)
+            r = self.rows[ident]
+            if r.started:
+                self._pending.popleft()  # a later chunk of a row already started
+                continue
+            if any(p in self.failed_prefixes for p in r.chain):
+                self._pending.popleft()
+                self._fail(ident, "its shared prefix does not fit the KV budget")
+                continue
+            if not self._fits_row(r):
+                return self._blocked()
+            self._pending.popleft()
+            self._start_row(ident, list(r.req.prompt_ids[r.own_start :]))
+            return ident
+
+    def _blocked(self) -> int | None:
+        """The next piece of work does not fit. Wait, unless nothing runs that could free memory."""
+        if self._running or self._jobs:
+            return None
+        kind, ident, _, _ = self._pending.popleft()
+        if kind == PREFIX:
+            self.failed_prefixes.add(ident)
+        else:
+            r = self.rows[ident]
+            need = r.own_tokens + r.req.max_tokens
+            self._fail(ident, f"needs about {need} KV tokens beyond its shared prefixes; the KV budget is "
+                              f"{self.budget} (engine.kv_budget_tokens)")
+        return self._admit_next()
+
+    def _fits_row(self, r: _Row) -> bool:
+        cur, rem = self._projection()
+        bs = self.alloc.block_size
+        left = max(int(np.ceil(r.req.max_tokens * self.estimator.fraction)) - len(r.generated), 1)
+        return fits(np.array(cur + [-(-r.own_tokens // bs) * bs]), np.array(rem + [left]),
+                    self._prefix_tokens(), self.budget, bs)
+
+    def _fits_prefix(self, p: int) -> bool:
+        cur, rem = self._projection()
+        bs = self.alloc.block_size
+        size = int(self.plan.prefixes.end[p] - self.plan.prefixes.start[p])
+        return fits(np.array(cur), np.array(rem), self._prefix_tokens() + -(-size // bs) * bs, self.budget, bs)
 
     def _projection(self) -> tuple[list[int], list[int]]:
         frac = self.estimator.fraction
@@ -106,108 +207,70 @@ class Scheduler:
         cur, rem = [], []
         for i in self._running:
             r = self.rows[i]
-            total_own = r.prompt_len - r.own_start + len(r.generated)
-            cur.append(-(-total_own // bs) * bs)
+            cur.append(-(-r.own_tokens // bs) * bs)
             rem.append(max(int(np.ceil(r.req.max_tokens * frac)) - len(r.generated), 0))
         return cur, rem
 
     def _prefix_tokens(self) -> int:
         bs = self.alloc.block_size
-        return sum(len(s.blocks) * bs for s in self.prefix_seg.values())
+        pre = self.plan.prefixes
+        return sum(-(-int(pre.end[p] - pre.start[p]) // bs) * bs for p in self.prefix_seg)
 
-    def next_step(self) -> list[Work]:
-        """The next step's work; empty when the job is finished."""
-        self.steps += 1
-        works = self._works = []
-        for i in list(self._running):  # decodes first: one token each
-            r = self.rows[i]
-            if r.running and r.generated and r.computed == r.prompt_len - r.own_start + len(r.generated) - 1:
-                works.append(self._decode_work(i, r))
-        budget = self.step_tokens
-        cur, rem = self._projection()
-        frac = self.estimator.fraction
-        bs = self.alloc.block_size
-        while budget > 0:
-            if self._requeue:
-                i = self._requeue[0]
-                r = self.rows[i]
-                own = r.prompt_len - r.own_start + len(r.generated)
-                add = -(-own // bs) * bs
-                left = max(int(np.ceil(r.req.max_tokens * frac)) - len(r.generated), 1)
-                if not fits(np.array(cur + [add]), np.array(rem + [left]), self._prefix_tokens(), self.budget, bs):
-                    break
-                self._requeue.popleft()
-                cur.append(add), rem.append(left)
-                self._admit(i)
-                tokens = list(r.req.prompt_ids[r.own_start :]) + r.generated
-                works.append(self._prefill_work(i, r, tokens, r.own_start, sample=True))
-                budget -= len(tokens)
-                continue
-            if not self._fill_pending():
-                break
-            kind, ident, start, end = self._pending[0]
-            if kind == PREFIX:
-                add_prefix = -(-(end - start) // bs) * bs
-                if not fits(np.array(cur), np.array(rem), self._prefix_tokens() + add_prefix, self.budget, bs):
-                    if not works:
-                        raise OutOfBlocks(f"the KV budget ({self.budget} tokens) cannot hold shared prefix {ident}")
-                    break
-                self._pending.popleft()
-                works.append(self._prefix_work(ident, start, end))
-                budget -= end - start
-                continue
-            r = self.rows[ident]
-            if not r.running:
-                own = r.prompt_len - r.own_start
-                add = -(-own // bs) * bs
-                left = max(int(np.ceil(r.req.max_tokens * frac)), 1)
-                if not fits(np.array(cur + [add]), np.array(rem + [left]), self._prefix_tokens(), self.budget, bs):
-                    if not works and not self._running:
-                        raise OutOfBlocks(f"row {r.req.index} needs more KV than the budget of {self.budget} tokens")
-                    break
-                cur.append(add), rem.append(left)
-                self._admit(ident)
-            self._pending.popleft()
-            tokens = list(r.req.prompt_ids[start:end])
-            works.append(self._prefill_work(ident, r, tokens, start, sample=end == r.prompt_len))
-            budget -= end - start
-        return works
-
-    def _admit(self, i: int) -> None:
+    def _start_row(self, i: int, tokens: list[int]) -> None:
         r = self.rows[i]
-        r.running = True
-        self._running[i] = None
+        r.started = r.running = True
         r.order = self._admitted
         self._admitted += 1
+        self._running[i] = None
+        self._jobs[i] = _Job(tokens, r.own_start)
+
+    def _start_prefix(self, p: int) -> int:
+        pre = self.plan.prefixes
+        start, end = int(pre.start[p]), int(pre.end[p])
+        rep = self.rows[self.plan.trie.rep_row(int(pre.node[p]))]
+        self.prefix_seg[p] = Segment()
+        self._jobs[-1 - p] = _Job(list(rep.req.prompt_ids[start:end]), start)
+        return -1 - p
+
+    def _advance(self, key: int, budget: int) -> int:
+        """Compute up to ``budget`` more tokens of a started job; returns how many."""
+        job = self._jobs[key]
+        n = min(len(job.tokens) - job.done, budget)
+        tokens = job.tokens[job.done : job.done + n]
+        pos = job.start_pos + job.done
+        job.done += n
+        last = job.done == len(job.tokens)
+        if last:
+            del self._jobs[key]
+        if key < 0:
+            p = -1 - key
+            seg = self.prefix_seg.get(p)
+            if seg is None:  # every member failed or finished meanwhile: nothing needs it any more
+                return 0
+            slots = self._reserve(seg, n, protect=None)
+            context = [(self.prefix_seg[q], self.prefix_seg[q].length) for q in self._prefix_chain(p)]
+            self._works.append(Work(key, tokens, pos, context + [(seg, seg.length)], slots, False))
+        else:
+            r = self.rows[key]
+            slots = self._reserve(r.own, n, protect=key)
+            self._works.append(Work(key, tokens, pos, self._context(r), slots, last))
+        return n
+
+    def _prefix_chain(self, p: int) -> list[int]:
+        pre = self.plan.prefixes
+        chain, q = [], int(pre.parent[p])
+        while q >= 0:
+            chain.append(q)
+            q = int(pre.parent[q])
+        return chain[::-1]
 
     def _context(self, r: _Row) -> list[tuple[Segment, int]]:
         return [(self.prefix_seg[p], self.prefix_seg[p].length) for p in r.chain] + [(r.own, r.own.length)]
 
-    def _prefill_work(self, i: int, r: _Row, tokens: list[int], start: int, sample: bool) -> Work:
-        slots = self._reserve(r.own, len(tokens), protect=i)
-        r.computed += len(tokens)
-        return Work(i, tokens, start, self._context(r), slots, sample)
-
     def _decode_work(self, i: int, r: _Row) -> Work:
         slots = self._reserve(r.own, 1, protect=i)
-        r.computed += 1
-        pos = r.prompt_len + len(r.generated) - 1
-        return Work(i, [r.generated[-1]], pos, self._context(r), slots, True)
-
-    def _prefix_work(self, p: int, start: int, end: int) -> Work:
-        pre = self.plan.prefixes
-        seg = self.prefix_seg.get(p)
-        if seg is None:
-            seg = self.prefix_seg[p] = Segment()
-        rep = self.rows[self.plan.trie.rep_row(int(pre.node[p]))]
-        slots = self._reserve(seg, end - start, protect=None)
-        chain = []
-        q = int(pre.parent[p])
-        while q >= 0:
-            chain.append((self.prefix_seg[q], self.prefix_seg[q].length))
-            q = int(pre.parent[q])
-        return Work(-1 - p, list(rep.req.prompt_ids[start:end]), start, chain[::-1] + [(seg, seg.length)], slots,
-                    False)
+        pos = len(r.req.prompt_ids) + len(r.generated) - 1
+        return Work(i, [r.generated[-1]], pos, self._context(r), slots, True, decode=True)
 
     def _reserve(self, seg: Segment, n: int, protect: int | None) -> list[int]:
         while True:
@@ -219,14 +282,14 @@ class Scheduler:
 
     def _preempt(self, protect: int | None) -> bool:
         """Free the newest decoding row's KV (not ``protect``); it is recomputed later."""
-        victims = [i for i in self._running if self.rows[i].generated and i != protect]
+        victims = [i for i in self._running if self.rows[i].generated and i not in self._jobs and i != protect]
         if not victims:
             return False
         i = max(victims, key=lambda k: self.rows[k].order)
         r = self.rows[i]
         self._works[:] = [w for w in self._works if w.key != i]  # drop its work in this step, if any
         self.alloc.release(r.own)
-        r.own, r.computed, r.running = Segment(), 0, False
+        r.own, r.running = Segment(), False
         self._running.pop(i, None)
         self._requeue.appendleft(i)
         self.preemptions += 1
@@ -235,28 +298,36 @@ class Scheduler:
     # -- after the step ------------------------------------------------------------------------------------
 
     def commit(self, works: list[Work], sampled: dict[int, int]) -> list[Completion]:
-        """Record the sampled token of each sampling row; return the rows that finished."""
-        finished = []
+        """Record each sampling row's token; return the rows that finished (and rows failed meanwhile)."""
+        finished = self.take_errors()
         for w in works:
-            if w.key < 0 or w.key not in sampled:
+            if w.key < 0 or w.key not in sampled or not self.rows[w.key].running:
                 continue
             r = self.rows[w.key]
-            if not r.running:  # preempted during this step
-                continue
             r.generated.append(sampled[w.key])
             t = r.generated[-1]
             if t in self.stopper.eos_ids or len(r.generated) >= r.req.max_tokens or self.stopper.hit(r.generated):
                 finished.append(self._finish(w.key))
         return finished
 
+    def _release_prefixes(self, r: _Row) -> None:
+        for p in r.chain:
+            self.prefix_refs[p] -= 1
+            if self.prefix_refs[p] == 0 and p in self.prefix_seg:
+                self.alloc.release(self.prefix_seg.pop(p))
+                self._jobs.pop(-1 - p, None)
+
     def _finish(self, i: int) -> Completion:
         r = self.rows[i]
         r.running = False
         self._running.pop(i, None)
         self.alloc.release(r.own)
-        for p in r.chain:
-            self.prefix_refs[p] -= 1
-            if self.prefix_refs[p] == 0:
-                self.alloc.release(self.prefix_seg.pop(p))
+        self._release_prefixes(r)
         self.estimator.observe(r.req.max_tokens, len(r.generated))
         return self.stopper.finish(r.req.index, r.generated, r.req.max_tokens)
+
+    def _fail(self, i: int, message: str) -> None:
+        r = self.rows[i]
+        r.started = True
+        self._release_prefixes(r)
+        self._errors.append(Completion(r.req.index, [], "", "error", error=message))

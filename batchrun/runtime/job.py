@@ -123,8 +123,8 @@ def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = N
         try:
             for batch in engine.run(requests, plan):
                 for c in batch:
-                    emit(c.index, output=c.text, prompt_tokens=int(lengths[c.index]),
-                         output_tokens=len(c.token_ids), finish_reason=c.finish_reason, error=None)
+                    emit(c.index, output=None if c.error else c.text, prompt_tokens=int(lengths[c.index]),
+                         output_tokens=len(c.token_ids), finish_reason=c.finish_reason, error=c.error)
                 progress.advance(len(batch), sum(len(c.token_ids) for c in batch))
         except BaseException:
             # Keep every finished row: a crash or Ctrl-C then costs only the rows in flight.

@@ -1,0 +1,73 @@
+"""CPU: the example job's generation phase, reference engine vs batchrun's engine, in one process.
+
+    python benchmarks/cpu_example_bench.py            # appends a line to benchmarks/results/cpu-example.jsonl
+
+Both engines get the same model (SmolLM2-135M-Instruct, fp32), the same requests and the same plan; the
+timer covers generation only (model loading, reading and tokenizing are shared and excluded). The outputs
+are compared token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from batchrun.engine.batch import BatchEngine, default_kv_budget
+from batchrun.engine.loader import load
+from batchrun.engine.reference import ReferenceEngine
+from batchrun.io.prompts import build_prompts
+from batchrun.io.source import read_source
+from batchrun.runtime.job import _engine, _max_tokens, _plan, _requests
+from batchrun.spec import load_spec
+
+RESULTS = Path(__file__).resolve().parent / "results" / "cpu-example.jsonl"
+
+
+def timed(engine, requests, plan) -> tuple[float, dict]:
+    t = time.perf_counter()
+    out = {c.index: c for batch in engine.run(requests, plan) for c in batch}
+    return time.perf_counter() - t, out
+
+
+def main() -> None:
+    spec = load_spec(Path(__file__).resolve().parents[1] / "jobs/example.yaml", sys.argv[1:])
+    source = read_source(spec.input)
+    loaded = load(spec.model, spec.engine)
+    prompts = build_prompts(spec.prompt, source.table, loaded.tokenizer)
+    max_tokens, mt_errors = _max_tokens(spec, source)
+    ids = source.table.column(source.id_column).to_pylist()
+    requests, _ = _requests(spec, ids, prompts, max_tokens, mt_errors, loaded.max_context, set())
+    plan = _plan(spec, prompts, requests)
+    ref_engine = _engine(spec.model_copy(update={"engine": spec.engine.model_copy(update={"backend": "reference"})}),
+                         loaded)
+    assert isinstance(ref_engine, ReferenceEngine)
+    budget = default_kv_budget(loaded, spec.engine.kv_budget_tokens)
+    ours = BatchEngine(loaded, ref_engine.sampling, budget, spec.engine.block_size, spec.engine.step_tokens)
+    t_ref, ref = timed(ref_engine, requests, plan)
+    t_ours, got = timed(ours, requests, plan)
+    same = sum(got[i].token_ids == ref[i].token_ids for i in ref)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    row = {"bench": "cpu-example", "model": spec.model.path, "dtype": loaded.dtype, "rows": len(requests),
+           "prompt_tokens": int(sum(len(r.prompt_ids) for r in requests)),
+           "prefill_tokens_after_sharing": plan.prefill_tokens(),
+           "output_tokens": sum(len(c.token_ids) for c in ref.values()),
+           "reference_generate_s": round(t_ref, 2), "batchrun_generate_s": round(t_ours, 2),
+           "speedup": round(t_ref / t_ours, 2), "identical_rows": same, "engine_stats": ours.stats,
+           "reference_batch_size": spec.engine.batch_size, "kv_budget_tokens": budget,
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "python": platform.python_version(), "commit": commit, "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps(row))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
