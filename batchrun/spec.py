@@ -132,7 +132,7 @@ class OutputSpec(_Strict):
 class EngineSpec(_Strict):
     """How the model is executed."""
 
-    backend: Literal["reference", "batchrun"] = "reference"
+    backend: Literal["batchrun", "reference"] = "batchrun"
     device: str = Field(default="auto", pattern=_DEVICE)
     batch_size: int = Field(default=16, ge=1, le=4096, strict=True)
     threads: int | None = Field(default=None, ge=1, le=1024, strict=True)

@@ -46,7 +46,7 @@ def main() -> None:
     requests, _ = _requests(spec, ids, prompts, max_tokens, mt_errors, loaded.max_context, set())
     plan = _plan(spec, prompts, requests)
     ref_engine = _engine(spec.model_copy(update={"engine": spec.engine.model_copy(update={"backend": "reference"})}),
-                         loaded)
+                         loaded, requests)
     assert isinstance(ref_engine, ReferenceEngine)
     budget = default_kv_budget(loaded, spec.engine.kv_budget_tokens)
     ours = BatchEngine(loaded, ref_engine.sampling, budget, spec.engine.block_size, spec.engine.step_tokens)

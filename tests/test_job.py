@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun import api
+from batchrun.engine.batch import BatchEngine
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.errors import SpecError
 from batchrun.spec import load_spec
@@ -82,33 +83,39 @@ def test_changed_spec_is_refused_unless_fresh(tmp_path, tiny_model_dir, reviews_
     assert api.submit(path, ["sampling.max_tokens=2", "engine.batch_size=5"]).status == "already_complete"
 
 
+@pytest.mark.parametrize("backend", ["batchrun", "reference"])
 @pytest.mark.parametrize("part_rows", [2, 1000])  # 1000: the finished rows are flushed as the job fails
 def test_crash_then_rerun_keeps_committed_rows_and_duplicates_none(tmp_path, tiny_model_dir, reviews_parquet,
-                                                                   monkeypatch, part_rows):
+                                                                   monkeypatch, part_rows, backend):
     path = _job(tmp_path, tiny_model_dir, reviews_parquet)
-    path.write_text(path.read_text().replace("part_rows: 2", f"part_rows: {part_rows}"))
+    path.write_text(path.read_text().replace("part_rows: 2", f"part_rows: {part_rows}")
+                    .replace("batch_size: 2", f"batch_size: 2, backend: {backend}, step_tokens: 16"))
     api.submit(path, ["output.path=" + str(tmp_path / "clean")])
     clean = _rows(tmp_path / "clean")
 
-    real_run = ReferenceEngine.run
+    engine_cls = BatchEngine if backend == "batchrun" else ReferenceEngine
+    real_run = engine_cls.run
+    first: list = []
 
-    def crash_after_first_batch(self, requests):
-        it = real_run(self, requests)
-        yield next(it)
+    def crash_after_first_batch(self, requests, plan=None):
+        it = real_run(self, requests, plan)
+        first.extend(next(it))
+        yield first
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(ReferenceEngine, "run", crash_after_first_batch)
+    monkeypatch.setattr(engine_cls, "run", crash_after_first_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
         api.submit(path)
     out = tmp_path / "out"
     st = api.status(out)
-    assert st["state"] == "incomplete" and st["rows_committed"] == 3  # the error row and one batch of 2
-    monkeypatch.setattr(ReferenceEngine, "run", real_run)
+    committed = 1 + len(first)  # the error row, and the first rows to finish
+    assert st["state"] == "incomplete" and st["rows_committed"] == committed < 6
+    monkeypatch.setattr(engine_cls, "run", real_run)
     result = api.submit(path)
-    assert (result.rows_skipped, result.rows_ok + result.rows_error) == (3, 3)
+    assert (result.rows_skipped, result.rows_ok + result.rows_error) == (committed, 6 - committed)
     assert _rows(out) == clean
     manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["rows"]["total"] == 6 and manifest["rows"]["from_earlier_runs"] == 3
+    assert manifest["rows"]["total"] == 6 and manifest["rows"]["from_earlier_runs"] == committed
 
 
 def test_prompt_longer_than_context_is_a_row_error(tmp_path, tiny_model_dir):

@@ -64,7 +64,7 @@ def test_minimal_spec_fills_defaults_and_names_job_after_file(tmp_path):
         "sampling": {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": [], "seed": 0,
                      "ignore_eos": False},
         "output": {"path": "out/reviews", "columns": None, "part_rows": 1000},
-        "engine": {"backend": "reference", "device": "auto", "batch_size": 16, "threads": None,
+        "engine": {"backend": "batchrun", "device": "auto", "batch_size": 16, "threads": None,
                    "step_tokens": 8192, "block_size": 16, "kv_budget_tokens": None},
     }
     assert spec.input.paths == ["data.parquet"]
@@ -131,7 +131,7 @@ ERRORS = [
     (with_("sampling", stop=["s"] * 17), ["sampling.stop: at most 16 items (got 17)"]),
     (with_("engine", device="gpu"), ["engine.device: must be auto, cpu, cuda or cuda:N (got 'gpu')"]),
     (with_("engine", device="cuda:"), ["engine.device: must be auto, cpu, cuda or cuda:N (got 'cuda:')"]),
-    (with_("engine", backend="vllm"), ["engine.backend: must be one of 'reference' (got 'vllm')"]),
+    (with_("engine", backend="vllm"), ["engine.backend: must be one of 'batchrun' or 'reference' (got 'vllm')"]),
     (with_("engine", batch_size="many"), ["engine.batch_size: must be an integer (got 'many')"]),
     (with_("engine", batch_size=0), ["engine.batch_size: must be >= 1 (got 0)"]),
     (with_("engine", threads=0), ["engine.threads: must be >= 1 (got 0)"]),
