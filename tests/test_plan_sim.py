@@ -1,23 +1,36 @@
-"""batchrun.plan.simulate, budget and OutputEstimator: properties of the simulated run on small random jobs
-(every row finishes, KV stays within the budget, token counts add up, rows too big are exactly those that
-cannot fit alone) and hand-made cases with exact results. Random jobs come from test_plan.jobs."""
+"""batchrun.engine.simulate (the engine's scheduler driven on paper), budget and OutputEstimator: properties of
+the simulated run on small random jobs (every row finishes, KV stays within the budget, token counts add up,
+rows too big are exactly those that cannot fit alone) and hand-made cases with exact results. Random jobs
+come from test_plan.jobs.
+
+Conventions of the simulator (see batchrun/engine/simulate.py and scheduler.py):
+- a row's first output token is sampled from its last prefill position; each later token costs one decode
+  step. A row producing L tokens makes L - 1 decode steps if L == max_tokens, else L (the last one samples
+  EOS): ``decodes`` below;
+- prefill_tokens counts every computed non-decode token (shared prefixes once, each row's own tokens, and
+  the prompt + generated tokens of a preempted row when it is recomputed);
+- the KV budget is used in whole blocks: the pool holds max(budget // block_size, 1) blocks (``pool``);
+- a row is too big iff it does not fit alone with the shared prefixes live then (its own, and any that
+  packing started ahead of it for later rows): ``least`` below.
+"""
 
 from __future__ import annotations
 
 import signal
 from contextlib import contextmanager
-from dataclasses import replace
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 from test_plan import build, chain, jobs
 
+from batchrun.engine.blocks import OutOfBlocks
+from batchrun.engine.simulate import simulate
 from batchrun.plan.budget import blocks, fits, projected_peak
 from batchrun.plan.order import OutputEstimator
+from batchrun.plan.pack import PREFIX, ROW
 from batchrun.plan.plan import PlanConfig
-from batchrun.engine.simulate import simulate
 
 
 @contextmanager
@@ -34,124 +47,281 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
-def sim(plan, budget, outputs=None, seconds=10.0):
+def sim(plan, budget, outputs=None, initial_estimate=1.0, seconds=10.0):
     with time_limit(seconds):
-        return simulate(plan, budget, outputs)
+        return simulate(plan, budget, outputs, initial_estimate=initial_estimate)
 
 
 def rk(tokens, bs):
     return int(blocks(int(tokens), bs)) * bs
 
 
+def pool(budget, bs):
+    """The KV tokens the simulator's allocator really has: whole blocks, at least one."""
+    return max(budget // bs, 1) * bs
+
+
+def own(plan):
+    return (plan.tokens.lengths - plan.prefixes.row_start).astype(np.int64)
+
+
+def prefix_kv(plan):
+    g, bs = plan.prefixes, plan.config.block_size
+    return [rk(e - s, bs) for s, e in zip(g.start.tolist(), g.end.tolist())]
+
+
 def needs(plan):
-    """Per row: (KV to admit it alone with only its own prefixes live, ... with every prefix live)."""
-    g, bs = plan.prefixes, plan.config.block_size
-    own = plan.tokens.lengths - g.row_start
-    pre = [rk(e - s, bs) for s, e in zip(g.start.tolist(), g.end.tolist())]
-    alone = [rk(own[r], bs) + int(plan.max_tokens[r]) + bs - 1 for r in range(plan.num_rows)]
-    return [a + sum(pre[p] for p in chain(g, r)) for r, a in enumerate(alone)], [a + sum(pre) for a in alone]
+    """Per stream item ((ROW, r) or (PREFIX, p)): the KV the scheduler asks to start it when nothing runs: a
+    row's block-rounded prompt + max_tokens (the estimate) + the projection's block slack, or a prefix's
+    blocks, plus the prefixes live then: those started before it that still have a member to come (packing
+    may start a prefix before rows in plan order ahead of its members)."""
+    g, bs, pre = plan.prefixes, plan.config.block_size, prefix_kv(plan)
+    items, _ = stream(plan)
+    pos = {(kind, ident): k for k, (kind, ident, _, _) in enumerate(items)}
+    last_member = [max(pos[ROW, r] for r in range(plan.num_rows) if p in chain(g, r)) for p in range(len(g))]
+    out = {}
+    for k, (kind, ident, _, _) in enumerate(items):
+        live = sum(pre[p] for p in range(len(g)) if pos[PREFIX, p] < k <= last_member[p])
+        own_need = rk(own(plan)[ident], bs) + int(plan.max_tokens[ident]) + bs - 1 if kind == ROW else pre[ident]
+        out[kind, ident] = live + own_need
+    return out
 
 
-def unchunked(rows, max_tokens, config, est=None):
-    """A plan whose items all fit one pack (no row is prefilled in pieces: see test_chunked_row_deadlock)."""
-    plan = build(rows, max_tokens, config, est)
+def least(plan):
+    """Per row: the KV needed to admit it alone; a row is too big iff this exceeds the pool."""
+    need = needs(plan)
+    return [need[ROW, r] for r in range(plan.num_rows)]
+
+
+def generous(plan):
+    """A budget under which nothing ever waits for KV: every row's admission need at any time (a running
+    row's block-rounded KV + remaining estimate + the projection's block slack) plus every prefix."""
+    bs = plan.config.block_size
+    need = sum(rk(o, bs) + int(m) + 2 * (bs - 1) for o, m in zip(own(plan), plan.max_tokens))
+    return need + sum(prefix_kv(plan))
+
+
+def decodes(target, max_tokens):
+    """Decode steps per row: the first token comes from prefill; a row stopped by EOS pays one more."""
+    target, max_tokens = np.asarray(target), np.asarray(max_tokens)
+    return np.where(target == max_tokens, target - 1, target)
+
+
+def stream(plan):
+    """Prefill work in the order the scheduler starts it: the first chunk of each item, pack by pack.
+    Returns [(kind, id, start, end)] in stream coordinates, and whether the last pack item is a later chunk."""
     g = plan.prefixes
-    biggest = max(int((plan.tokens.lengths - g.row_start).max()), int((g.end - g.start).max(initial=0)))
-    return build(rows, max_tokens, replace(config, step_tokens=max(config.step_tokens, biggest)), est)
+    items = [tuple(x) for pack in plan.packs() for x in pack.tolist()]
+    out, seen, at = [], set(), 0
+    for kind, ident, _, _ in items:
+        if (kind, ident) in seen:
+            continue
+        seen.add((kind, ident))
+        n = int(g.end[ident] - g.start[ident]) if kind == PREFIX else int(own(plan)[ident])
+        out.append((kind, ident, at, at + n))
+        at += n
+    last_is_later_chunk = [x[:2] for x in items].index(items[-1][:2]) < len(items) - 1
+    return out, last_is_later_chunk
 
 
-def lower_peak(plan, target):
-    """After its prefill step a row holds its prompt, one generated token and its prefixes (if not done)."""
+def nothing_waits(plan, target):
+    """(steps, peak KV) of a run where KV never makes work wait: prefill is one FIFO stream of step_tokens a
+    step (started work first, then new work in pack order), every row then decodes once a step; a row's KV
+    is freed after its last step, a prefix's after its last member's. Also whether the run is one of those
+    that end with an empty step (see test_no_empty_step_after_the_last_chunk)."""
+    g, bs, cap = plan.prefixes, plan.config.block_size, plan.config.step_tokens
+    items, stale_last = stream(plan)
+    total = items[-1][3]
+    dec = decodes(target, plan.max_tokens)
+    done, end, where = {}, {}, {}
+    for kind, ident, a, b in items:
+        where[kind, ident] = (a, b)
+        if kind == ROW:
+            done[ident] = -(-b // cap)  # the step its prefill ends (and its first token is sampled)
+            end[ident] = done[ident] + int(dec[ident])
+    last = {p: max(end[r] for r in range(plan.num_rows) if p in chain(g, r)) for p in range(len(g))}
+    steps = max(end.values())
+    peak = 0
+    for t in range(1, steps + 1):
+        c = min(t * cap, total)
+        kv = 0
+        for (kind, ident), (a, b) in where.items():
+            if a >= c:
+                continue
+            if kind == PREFIX and t <= last[ident]:
+                kv += rk(min(c, b) - a, bs)
+            elif kind == ROW and t <= end[ident]:
+                kv += rk(min(c, b) - a + min(max(t - done[ident], 0), int(dec[ident])), bs)
+        peak = max(peak, kv)
+    empty_step = stale_last and total % cap == 0 and steps == total // cap
+    return steps, peak, empty_step
+
+
+def lower_peak(plan, target, rows=None):
+    """In its last step a row holds its prompt, its decoded tokens and its prefixes."""
     g, bs = plan.prefixes, plan.config.block_size
-    own = plan.tokens.lengths - g.row_start
-    return max([rk(own[r] + 1, bs) + sum(rk(g.end[p] - g.start[p], bs) for p in chain(g, r))
-                for r in range(plan.num_rows) if target[r] >= 2], default=0)
+    dec, pre = decodes(target, plan.max_tokens), prefix_kv(plan)
+    rows = range(plan.num_rows) if rows is None else rows
+    return max([rk(own(plan)[r] + dec[r], bs) + sum(pre[p] for p in chain(g, r)) for r in rows], default=0)
 
 
+def draw_outputs(data, max_tokens):
+    """None (every row runs to max_tokens) or a true output length per row."""
+    if data.draw(st.booleans()):
+        return None
+    return np.array([data.draw(st.integers(1, int(m))) for m in max_tokens])
+
+
+# ------------------------------------------------------------------------------ random jobs
 @settings(max_examples=60, deadline=None)
-@given(jobs(), st.integers(0, 50))
-def test_sim_budget_for_everything(job, slack):
+@given(jobs(), st.integers(0, 50), st.data())
+def test_sim_budget_for_everything(job, slack, data):
+    """Nothing ever waits for KV: steps, token counts and the KV peak are exactly those of a FIFO prefill."""
     rows, max_tokens, config = job
     plan = build(rows, max_tokens, config)
-    budget = sum(needs(plan)[1]) + slack  # every row at once: nothing ever waits
-    res = sim(plan, budget)
+    outputs = draw_outputs(data, max_tokens)
+    target = max_tokens if outputs is None else outputs
+    budget = rk(generous(plan) + slack, config.block_size)
+    res = sim(plan, budget, outputs)
+    steps, peak, empty_step = nothing_waits(plan, target)
     assert (res.rows_done, res.rows_too_big, res.preemptions) == (len(rows), [], 0)
-    assert res.prefill_tokens == plan.prefill_tokens() and res.decode_tokens == int(max_tokens.sum())
-    assert res.peak_kv_tokens <= budget and res.steps >= max(len(list(plan.packs())), int(max_tokens.max()))
+    assert res.prefill_tokens == plan.prefill_tokens()
+    assert res.decode_tokens == int(decodes(target, max_tokens).sum())
+    assert res.peak_kv_tokens == peak <= budget
+    # BUG (test_no_empty_step_after_the_last_chunk): one extra, empty step in rare cases
+    assert res.steps in {steps, steps + empty_step}
 
 
 @settings(max_examples=60, deadline=None)
 @given(jobs(), st.integers(0, 50), st.data())
 def test_sim_budget_for_the_biggest_row(job, slack, data):
+    """Rows wait for each other, but every one fits alone: all finish, with exact token counts."""
     rows, max_tokens, config = job
-    n = len(rows)
+    n, bs = len(rows), config.block_size
     est = data.draw(st.none() | st.lists(st.integers(1, 20), min_size=n, max_size=n).map(np.array))
-    shorter = data.draw(st.booleans())
-    plan = unchunked(rows, max_tokens, config, est)
-    budget = max(needs(plan)[1]) + slack  # prefixes + the biggest row alone
-    outputs = np.array([data.draw(st.integers(1, int(m))) for m in max_tokens]) if shorter else None
+    plan = build(rows, max_tokens, config, est)
+    outputs = draw_outputs(data, max_tokens)
     target = max_tokens if outputs is None else outputs
+    budget = rk(max(needs(plan).values()), bs) + slack
     res = sim(plan, budget, outputs)
-    assert (res.rows_done, res.rows_too_big) == (n, [])
-    assert res.decode_tokens == int(target.sum()) and res.peak_kv_tokens <= budget
-    assert res.prefill_tokens >= plan.prefill_tokens()
-    if res.preemptions == 0:
-        assert res.prefill_tokens == plan.prefill_tokens() and res.peak_kv_tokens >= lower_peak(plan, target)
-    if not shorter:
-        assert res.preemptions == 0  # exact estimates never overrun
+    # fewer than 32 rows: the estimate stays max_tokens, which never falls short, so nothing is preempted
+    assert (res.rows_done, res.rows_too_big, res.preemptions) == (n, [], 0)
+    assert res.prefill_tokens == plan.prefill_tokens()
+    assert res.decode_tokens == int(decodes(target, max_tokens).sum())
+    assert lower_peak(plan, target) <= res.peak_kv_tokens <= budget
+    prefill_steps = -(-plan.prefill_tokens() // config.step_tokens)
+    assert res.steps >= max(prefill_steps, int(decodes(target, max_tokens).max()) + 1)
 
 
 @settings(max_examples=60, deadline=None)
 @given(jobs(), st.data())
 def test_sim_small_budget_reports_rows_too_big(job, data):
+    """Every prefix fits, not every row: the rows too big are exactly those whose ``least`` exceeds the pool."""
     rows, max_tokens, config = job
-    plan = unchunked(rows, max_tokens, config)
-    least, most = needs(plan)
-    prefixes = sum(rk(e - s, config.block_size) for s, e in zip(plan.prefixes.start, plan.prefixes.end))
-    budget = prefixes + data.draw(st.integers(0, max(most) - prefixes))  # every prefix fits, not every row
-    res = sim(plan, budget)
-    too_big = set(res.rows_too_big)
-    assert len(too_big) == len(res.rows_too_big) and res.rows_done + len(too_big) == len(rows)
-    for r in range(len(rows)):
-        if least[r] > budget:
-            assert r in too_big, r
-        if most[r] <= budget:
-            assert r not in too_big, r
-    assert res.peak_kv_tokens <= budget
+    plan = build(rows, max_tokens, config)
+    bs, need = config.block_size, least(plan)
+    prefixes = sum(prefix_kv(plan))
+    budget = prefixes + data.draw(st.integers(0, max(max(need) + bs - prefixes, 0)))
+    outputs = draw_outputs(data, max_tokens)
+    target = max_tokens if outputs is None else outputs
+    res = sim(plan, budget, outputs)
+    too_big = [r for r in range(len(rows)) if need[r] > pool(budget, bs)]
+    ok = [r for r in range(len(rows)) if r not in too_big]
+    assert (res.rows_too_big, res.rows_done, res.preemptions) == (too_big, len(ok), 0)
+    # every prefix is computed (once, before its members are tried), the rows that fit are computed once
+    assert res.prefill_tokens == int(own(plan)[ok].sum() + plan.prefixes.tokens.sum())
+    assert res.decode_tokens == int(decodes(target, max_tokens)[ok].sum())
+    assert lower_peak(plan, target, ok) <= res.peak_kv_tokens <= budget
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(jobs(n_rows=st.integers(33, 60), base_len=30), st.data())
 def test_sim_learned_estimates_and_preemption(job, data):
-    """With more than 32 rows the estimator learns from short outputs; rows that outrun it get preempted."""
+    """With more than 32 rows the estimator learns from short outputs; rows that outrun it get preempted.
+    A preempted row is recomputed from its prompt and the tokens it made: that prefill replaces one decode."""
     rows, max_tokens, config = job
-    plan = unchunked(rows, max_tokens, config)
-    budget = max(needs(plan)[1]) + data.draw(st.integers(0, 300))
+    max_tokens = max_tokens + 10  # the first 32 rows make 1 token: a learned fraction <= 1/11
+    plan = build(rows, max_tokens, config)
+    budget = rk(max(needs(plan).values()), config.block_size) + data.draw(st.integers(0, 300))
     outputs = np.array([data.draw(st.integers(1, int(m)) if i >= 32 else st.just(1)) for i, m in
                         enumerate(max_tokens[plan.order])])[np.argsort(plan.order)]
     if data.draw(st.booleans()):  # rows after the first 32 run to max_tokens: beyond the learned estimate
         outputs = np.where(plan.position >= 32, max_tokens, outputs)
-    res = sim(plan, budget, outputs)
+    try:
+        res = sim(plan, budget, outputs)
+    except OutOfBlocks:  # BUG, rare here: see test_preemption_when_the_others_are_prefilling
+        reject()
     assert (res.rows_done, res.rows_too_big) == (len(rows), []) and res.peak_kv_tokens <= budget
-    assert res.decode_tokens == int(outputs.sum())
-    assert (res.prefill_tokens > plan.prefill_tokens()) == (res.preemptions > 0)
+    assert res.decode_tokens + res.preemptions == int(decodes(outputs, max_tokens).sum())
+    extra = res.prefill_tokens - plan.prefill_tokens()
+    assert (extra > 0) == (res.preemptions > 0) and extra >= 2 * res.preemptions  # >= 1 own + 1 made each
 
 
+# ------------------------------------------------------------------------------ hand-made runs
 def test_sim_exact_two_rows():
     plan = build([[1] * 10, [2] * 5], [3, 2], PlanConfig(step_tokens=64, block_size=1))
     assert [p.tolist() for p in plan.packs()] == [[[0, 1, 0, 5], [0, 0, 0, 10]]]
     res = sim(plan, 1000)
-    assert res.to_dict() == dict(steps=3, prefill_tokens=15, decode_tokens=5, peak_kv_tokens=17, preemptions=0,
-                                 rows_done=2, rows_too_big=[])
+    # step 1: both prefills (15 KV), first tokens; step 2: both decode (11 + 6 = 17), row 1 ends; step 3: row 0
+    assert res.to_dict() == dict(steps=3, prefill_tokens=15, decode_tokens=2 + 1, peak_kv_tokens=17,
+                                 preemptions=0, rows_done=2, rows_too_big=[])
 
 
 def test_sim_exact_rows_too_big():
     rows = [[1] * 10, [2] * 30, [3] * 4, [4] * 20]
     plan = build(rows, [5, 2, 20, 1], PlanConfig(step_tokens=64, block_size=4))
-    # alone: rk(len) + max_tokens + 3  ->  18, 37, 27, 24
-    res = sim(plan, 26)
-    assert sorted(res.rows_too_big) == [1, 2] and res.rows_done == 2 and res.peak_kv_tokens <= 26
-    assert res.decode_tokens == 6 and res.prefill_tokens == 30
+    assert plan.order.tolist() == [2, 0, 1, 3]
+    assert least(plan) == [12 + 5 + 3, 32 + 2 + 3, 4 + 20 + 3, 20 + 1 + 3]  # 20, 37, 27, 24
+    res = sim(plan, 26)  # a pool of 6 blocks: 24 tokens
+    # step 1: row 2 fails, row 0 runs alone (row 1 waits: 20 + 37 > 24); 4 decodes (2-5, KV rk(10 + 4) = 16);
+    # step 6: row 1 fails, row 3 runs alone (20 KV; its one token comes from its prefill)
+    assert res.to_dict() == dict(steps=6, prefill_tokens=10 + 20, decode_tokens=4 + 0, peak_kv_tokens=20,
+                                 preemptions=0, rows_done=2, rows_too_big=[1, 2])
+
+
+def test_sim_too_big_shared_prefix_fails_its_members():
+    """A shared prefix that does not fit while nothing runs: all its members fail, other rows still run."""
+    p = list(range(100, 140))
+    rows = [p + [1], p + [2], [3] * 10]
+    plan = build(rows, [20, 20, 4], PlanConfig(step_tokens=64, block_size=1, overhead_tokens=0))
+    assert plan.prefixes.end.tolist() == [40] and plan.order.tolist() == [0, 1, 2]
+    res = sim(plan, 30)  # step 1: the prefix (40) fails, so do rows 0 and 1; row 2: prefill, 3 decodes (2-4)
+    assert res.to_dict() == dict(steps=4, prefill_tokens=10, decode_tokens=3, peak_kv_tokens=13, preemptions=0,
+                                 rows_done=1, rows_too_big=[0, 1])
+
+
+def test_sim_prefix_started_ahead_of_a_row_counts_for_it():
+    """Row 2 runs first in plan order, but packing puts the prefix of rows 0 and 1 in an earlier pack: when
+    row 2 is tried the prefix is live, so it must fit next to it (8 + 1 + 10 = 19) though alone it needs 11.
+    Pinned as it is: "cannot fit alone" means with the prefixes live at that time."""
+    P = [9] * 8
+    plan = build([P + [1] * 5, P + [2] * 5, [5]], [1, 1, 10], PlanConfig(step_tokens=16, block_size=1,
+                                                                          overhead_tokens=0))
+    assert plan.order.tolist() == [2, 0, 1] and plan.prefixes.end.tolist() == [8]
+    assert [p.tolist() for p in plan.packs()] == [[[PREFIX, 0, 0, 8]], [[ROW, 2, 0, 1], [ROW, 0, 8, 13],
+                                                                         [ROW, 1, 8, 13]]]
+    assert least(plan) == [14, 14, 19]
+    # step 1: the prefix, row 2 fails, row 0 (8 + 5 KV; row 1 waits: 8 + 2 * (5 + 1) > 16); step 2: row 1
+    assert sim(plan, 18).to_dict() == dict(steps=2, prefill_tokens=18, decode_tokens=0, peak_kv_tokens=13,
+                                           preemptions=0, rows_done=2, rows_too_big=[2])
+    # step 1: the prefix, rows 2 and 0 (8 + 1 + 5); step 2: row 2 decodes, row 1 (8 + 2 + 5); then row 2 alone
+    assert sim(plan, 19).to_dict() == dict(steps=10, prefill_tokens=19, decode_tokens=9, peak_kv_tokens=15,
+                                           preemptions=0, rows_done=3, rows_too_big=[])
+
+
+def test_sim_preempts_when_the_initial_estimate_is_small():
+    """initial_estimate=0.2 admits three 10-token rows as if each made 1 of its 5 tokens (3 * 11 <= 40).
+    Steps 2-4: each decodes (KV 33, 36, 39); step 5: row 0 decodes (40), row 1 finds the pool full, so the
+    newest row, 2, is preempted (its 13 KV tokens freed), rows 0 and 1 end; step 6: row 2 is recomputed from
+    its prompt and 4 tokens (one prefill of 14 instead of a decode) and samples its 5th token."""
+    plan = build([[i] * 10 for i in range(3)], [5] * 3, PlanConfig(step_tokens=64, block_size=1))
+    assert plan.order.tolist() == [0, 1, 2]
+    res = sim(plan, 40, initial_estimate=0.2)
+    assert res.to_dict() == dict(steps=6, prefill_tokens=30 + 14, decode_tokens=4 + 4 + 3, peak_kv_tokens=39,
+                                 preemptions=1, rows_done=3, rows_too_big=[])
+    # with the default estimate (max_tokens) only 2 rows are admitted at a time (2 * 15 <= 40 < 3 * 15)
+    assert sim(plan, 40).to_dict() == dict(steps=10, prefill_tokens=30, decode_tokens=12, peak_kv_tokens=28,
+                                           preemptions=0, rows_done=3, rows_too_big=[])
 
 
 def test_sim_preempts_when_estimates_fall_short():
@@ -162,45 +332,123 @@ def test_sim_preempts_when_estimates_fall_short():
     outputs = np.array([1] * 32 + [20] * 16)
     for budget in (31, 60, 200):
         res = sim(plan, budget, outputs)
-        assert res.rows_done == 48 and res.rows_too_big == [] and res.decode_tokens == 32 + 16 * 20
-        assert res.preemptions > 0 and res.prefill_tokens > plan.prefill_tokens() == 480
+        assert res.rows_done == 48 and res.rows_too_big == [] and res.preemptions > 0
+        assert res.decode_tokens + res.preemptions == 32 * 1 + 16 * 19
+        assert res.prefill_tokens - plan.prefill_tokens() >= 11 * res.preemptions and plan.prefill_tokens() == 480
         assert res.peak_kv_tokens <= budget
 
 
-@pytest.mark.xfail(strict=True, raises=TimeoutError, reason="BUG: simulate never ends when a chunked row "
-                   "waits for its next chunk behind a row that cannot be admitted until it finishes")
-def test_chunked_row_deadlock():
+# ------------------------------------------------------------------------------ former simulator bugs
+def test_chunked_rows_do_not_deadlock():
+    """Was a hang: a chunked row waited for its next chunk behind a row that could not be admitted yet."""
     plan = build([[1] * 21, [2] * 30], [10, 5], PlanConfig(step_tokens=22, block_size=1, window_packs=1))
     assert [p.tolist() for p in plan.packs()] == [[[0, 1, 0, 22]], [[0, 0, 0, 21]], [[0, 1, 22, 30]]]
     res = sim(plan, 40, seconds=2.0)  # each row fits alone (21 + 10, 30 + 5), not both at once
-    assert (res.rows_done, res.rows_too_big) == (2, [])
+    # row 1: prefill 22 + 8 (steps 1-2), 4 decodes (3-6, KV 30 + 4); then row 0: prefill (7), 9 decodes (8-16)
+    assert res.to_dict() == dict(steps=16, prefill_tokens=51, decode_tokens=4 + 9, peak_kv_tokens=34,
+                                 preemptions=0, rows_done=2, rows_too_big=[])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a row reported too big keeps its prefix referenced forever, so "
-                   "the prefix KV is never freed and a later row that fits alone is reported too big")
 def test_rows_too_big_release_their_prefix():
     p = list(range(100, 120))
     rows = [p + [1], p + [2], [3] * 30]
     plan = build(rows, [100, 10, 5], PlanConfig(step_tokens=22, block_size=1, overhead_tokens=0, window_packs=1))
     assert plan.order.tolist() == [0, 1, 2] and plan.prefixes.end.tolist() == [20]
     res = sim(plan, 40)  # row 0 needs 20 + 1 + 100; row 1 20 + 1 + 10; row 2 alone 30 + 5
-    assert res.rows_too_big == [0] and res.rows_done == 2
+    # step 1: the prefix, row 0 fails, row 1's token; 9 decodes (2-10, KV 20 + 10); the prefix is freed with
+    # row 1, so row 2 runs: prefill 22 + 8 (11-12), 4 decodes (13-16, KV 34)
+    assert res.to_dict() == dict(steps=16, prefill_tokens=20 + 1 + 30, decode_tokens=9 + 4, peak_kv_tokens=34,
+                                 preemptions=0, rows_done=2, rows_too_big=[0])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: simulate records a chunked prefix's KV as its last chunk only "
-                   "(live[ident] = rk(end - start) per piece)")
 def test_chunked_prefix_counts_whole_prefix():
     p = list(range(100, 130))
     plan = build([p + [1], p + [2]], [5, 5], PlanConfig(step_tokens=22, block_size=1, overhead_tokens=0))
     assert [x.tolist() for x in plan.packs()] == [[[1, 0, 0, 22]], [[1, 0, 22, 30]], [[0, 0, 30, 31], [0, 1, 30, 31]]]
-    assert sim(plan, 10**6).peak_kv_tokens == 30 + 2 * (1 + 4)  # just before both rows' 5th token
+    res = sim(plan, 10**6)
+    # the prefix in steps 1-2, both rows' tokens in step 2, 4 decodes each (3-6): 30 + 2 * (1 + 4) in step 6
+    assert res.to_dict() == dict(steps=6, prefill_tokens=32, decode_tokens=8, peak_kv_tokens=30 + 2 * (1 + 4),
+                                 preemptions=0, rows_done=2, rows_too_big=[])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: peak_kv_tokens is measured after finished rows are freed, so a "
-                   "row's KV in its last step (all of it when max_tokens is 1) is never counted")
 def test_peak_counts_rows_in_their_last_step():
     plan = build([[1] * 10], [1], PlanConfig(block_size=1))
-    assert sim(plan, 1000).peak_kv_tokens >= 10
+    assert sim(plan, 1000).to_dict() == dict(steps=1, prefill_tokens=10, decode_tokens=0, peak_kv_tokens=10,
+                                             preemptions=0, rows_done=1, rows_too_big=[])
+
+
+# ------------------------------------------------------------------------------ open bugs
+# Strict xfails: each passes once its bug is fixed (then make it a normal test).
+@pytest.mark.xfail(strict=True, raises=OutOfBlocks, reason="BUG (scheduler._preempt): only decoding rows can be "
+                   "preempted; when a decoding row that outran its estimate finds the pool full and every other "
+                   "row holding KV is prefilling (here: row 2, being recomputed after a preemption), there is no "
+                   "victim and OutOfBlocks escapes. Also seen with learned estimates (initial_estimate=1.0)")
+def test_preemption_when_the_others_are_prefilling():
+    plan = build([[1] * 4, [2] * 4, [3] * 2], [10, 2, 4],
+                 PlanConfig(step_tokens=2, block_size=1, overhead_tokens=0, window_packs=1))
+    assert least(plan) == [14, 6, 6] and plan.order.tolist() == [0, 2, 1]
+    res = sim(plan, 15, initial_estimate=0.5)  # each row fits alone
+    assert (res.rows_done, res.rows_too_big) == (3, []) and res.peak_kv_tokens <= 15
+    assert res.decode_tokens + res.preemptions == 9 + 1 + 3
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (scheduler.finished): when the last pack holds only a later chunk of "
+                   "a row already started and the run ends in the step that exhausts the prefill budget, "
+                   "finished() loads that stale pack and says False: the simulator counts an empty extra step, "
+                   "and BatchEngine.run raises RuntimeFailure('the scheduler found no work it could admit')")
+def test_no_empty_step_after_the_last_chunk():
+    plan = build([[1] * 44], [1], PlanConfig(step_tokens=22, block_size=1, window_packs=1))
+    assert [p.tolist() for p in plan.packs()] == [[[0, 0, 0, 22]], [[0, 0, 22, 44]]]
+    assert sim(plan, 1000).to_dict() == dict(steps=2, prefill_tokens=44, decode_tokens=0, peak_kv_tokens=44,
+                                             preemptions=0, rows_done=1, rows_too_big=[])
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError, reason="BUG (scheduler._admit_next): a nested shared prefix "
+                   "whose enclosing prefix failed (too big) is still admitted on its own size; computing it "
+                   "looks up the failed parent's segment (_advance: self.prefix_seg[q]) -> KeyError")
+def test_nested_prefix_of_a_failed_prefix():
+    P, Q = list(range(100, 140)), list(range(200, 230))
+    rows = [P + Q + [i] for i in range(3)] + [P + [9, 8, 7], P + [9, 8, 6], [5] * 10]
+    plan = build(rows, [1] * 6, PlanConfig(step_tokens=100, block_size=1, overhead_tokens=0))
+    g = plan.prefixes
+    assert (g.start.tolist(), g.end.tolist(), g.parent.tolist()) == ([0, 40, 40], [40, 42, 70], [-1, 0, 0])
+    res = sim(plan, 35)  # P (40) never fits; Q (30) and row 5 (10 + 1) would
+    assert (res.rows_too_big, res.rows_done, res.prefill_tokens, res.decode_tokens) == ([0, 1, 2, 3, 4], 1, 10, 0)
+
+
+@pytest.mark.xfail(strict=True, raises=OutOfBlocks, reason="BUG (scheduler._reserve/_preempt): a row admitted "
+                   "alone on a small output estimate (initial_estimate, or a learned one) that outgrows the whole "
+                   "pool has no victim to preempt: OutOfBlocks escapes instead of a row error")
+def test_row_outgrowing_the_pool_alone():
+    plan = build([[1] * 10], [20], PlanConfig(step_tokens=64, block_size=1))
+    res = sim(plan, 15, initial_estimate=0.05)  # admitted as 10 + 1 tokens; needs 10 + 19
+    assert res.rows_done + len(res.rows_too_big) == 1 and res.peak_kv_tokens <= 15
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (scheduler._fail -> _release_prefixes inside next_step): a prefix "
+                   "computed in the step in which all its members fail is freed in that same step while its "
+                   "Work stays in the step; a row admitted later in the step reserves the same blocks (both "
+                   "write KV slots 0-1 in one forward pass), and peak_kv_tokens misses the prefix's 20 tokens")
+def test_prefix_freed_in_the_step_it_is_computed():
+    p = list(range(100, 120))
+    plan = build([p + [1], p + [2], [3] * 10], [100, 100, 5],
+                 PlanConfig(step_tokens=22, block_size=1, overhead_tokens=0, window_packs=1))
+    assert [x.tolist() for x in plan.packs()] == [[[1, 0, 0, 20]], [[0, 0, 20, 21], [0, 1, 20, 21]],
+                                                  [[0, 2, 0, 10]]]
+    res = sim(plan, 40)  # rows 0 and 1 need 20 + 1 + 100 each: too big; row 2 fits
+    assert (res.rows_too_big, res.rows_done) == ([0, 1], 1)
+    # either the prefix is not computed for nothing, or its KV counts
+    assert res.prefill_tokens == 10 or res.peak_kv_tokens >= 20
+
+
+@pytest.mark.xfail(strict=True, reason="BUG (simulate / BatchEngine: max(kv_budget // block_size, 1) blocks): "
+                   "a budget under one block still gets a whole block, so a small prefix is computed in it and "
+                   "peak_kv_tokens exceeds the budget")
+def test_budget_under_one_block():
+    plan = build([[7, 7, 7, i] for i in range(3)], [1] * 3, PlanConfig(step_tokens=2, block_size=4, overhead_tokens=0))
+    assert plan.prefixes.end.tolist() == [3]
+    res = sim(plan, 3)
+    assert (res.rows_too_big, res.rows_done) == ([0, 1, 2], 0) and res.peak_kv_tokens <= 3
 
 
 # ------------------------------------------------------------------------------ budget
