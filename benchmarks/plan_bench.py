@@ -80,27 +80,24 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     meta = _meta()
-    out = []
-    for rows in args.rows + ([1_000_000] if args.million else []):
-        r = plan_once(rows)
+
+    def record(r: dict) -> None:  # each measurement is written as soon as it exists
         print(json.dumps(r), flush=True)
-        out.append(r)
+        if not args.no_write:
+            RESULTS.parent.mkdir(parents=True, exist_ok=True)
+            with open(RESULTS, "a") as f:
+                f.write(json.dumps({**r, **meta}) + "\n")
+
     if args.tokenize_rows:
-        r = tokenize_once(args.tokenize_rows)
-        print(json.dumps(r), flush=True)
-        out.append(r)
+        record(tokenize_once(args.tokenize_rows))
         single = subprocess.run([sys.executable, __file__, "--rows", "--tokenize-rows", str(args.tokenize_rows),
                                  "--no-write"], capture_output=True, text=True,
                                 env={**os.environ, "RAYON_NUM_THREADS": "1"})
         for line in single.stdout.splitlines():
             if line.startswith("{"):
-                print(line, flush=True)
-                out.append(json.loads(line))
-    if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        with open(RESULTS, "a") as f:
-            for r in out:
-                f.write(json.dumps({**r, **meta}) + "\n")
+                record(json.loads(line))
+    for rows in args.rows + ([1_000_000] if args.million else []):
+        record(plan_once(rows))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ class BatchEngine:
         self.sampling = sampling
         self.block_size = block_size
         self.step_tokens = step_tokens
-        self.num_blocks = max(kv_budget_tokens // block_size, 1)
+        self.num_blocks = kv_budget_tokens // block_size
         self.runner = Runner(loaded, self.num_blocks * block_size)
         self.stopper = Stopper(loaded.tokenizer, sampling.stop, [] if sampling.ignore_eos else loaded.eos_ids)
         self.initial_estimate = initial_estimate  # < 1 admits more work at first (and may preempt)

@@ -23,8 +23,8 @@ class Segment:
 
 class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int):
-        if num_blocks < 1:
-            raise ValueError("the KV pool needs at least one block")
+        if num_blocks < 0:
+            raise ValueError("the KV pool cannot have fewer than 0 blocks")
         self.block_size = block_size
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))

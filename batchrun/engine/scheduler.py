@@ -89,7 +89,7 @@ class Scheduler:
         self._running: dict[int, None] = {}  # rows holding KV, in admission order
         self._admitted = 0
         self._works: list[Work] = []
-        self._errors: list[Completion] = []
+        self._failed: list[tuple[int, str]] = []
         self.preemptions = 0
         self.steps = 0
 
@@ -102,7 +102,18 @@ class Scheduler:
         return chain[::-1]
 
     def finished(self) -> bool:
-        return not self._running and not self._jobs and not self._requeue and not self._fill_pending()
+        return not self._running and not self._jobs and not self._requeue and not self._next_item()
+
+    def _next_item(self) -> tuple | None:
+        """The first pending pack item that still means work (later chunks of started work are dropped)."""
+        while self._fill_pending():
+            kind, ident, _, _ = self._pending[0]
+            stale = (ident in self.prefix_seg or ident in self.failed_prefixes) if kind == PREFIX \
+                else self.rows[ident].started
+            if not stale:
+                return self._pending[0]
+            self._pending.popleft()
+        return None
 
     def _fill_pending(self) -> bool:
         if not self._pending:
@@ -121,7 +132,9 @@ class Scheduler:
         for i in list(self._running):
             r = self.rows[i]
             if r.running and r.generated and i not in self._jobs:
-                works.append(self._decode_work(i, r))
+                work = self._decode_work(i, r)
+                if work is not None:
+                    works.append(work)
         budget = self.step_tokens
         for key in list(self._jobs):  # work already started, oldest first
             if budget <= 0:
@@ -135,8 +148,14 @@ class Scheduler:
         return works
 
     def take_errors(self) -> list[Completion]:
-        errors, self._errors = self._errors, []
-        return errors
+        """Rows that failed since the last call. Their shared prefixes are let go only now, after the step
+        ran, so no block is reused within the step that still reads it."""
+        failed, self._failed = self._failed, []
+        out = []
+        for i, message in failed:
+            self._release_prefixes(self.rows[i])
+            out.append(Completion(self.rows[i].req.index, [], "", "error", error=message))
+        return out
 
     def _admit_next(self) -> int | None:
         """Start the next piece of work if the KV budget admits it; its key, or None."""
@@ -149,35 +168,40 @@ class Scheduler:
                 r = self.rows[i]
                 self._start_row(i, list(r.req.prompt_ids[r.own_start :]) + r.generated)
                 return i
-            if not self._fill_pending():
+            item = self._next_item()
+            if item is None:
                 return None
-            kind, ident, _, _ = self._pending[0]
+            kind, ident, _, _ = item
             if kind == PREFIX:
-                if ident in self.prefix_seg or ident in self.failed_prefixes:
-                    self._pending.popleft()  # a later chunk of a prefix already started
+                parent = int(self.plan.prefixes.parent[ident])
+                if parent in self.failed_prefixes:  # nested in a prefix that could not fit
+                    self._pending.popleft()
+                    self.failed_prefixes.add(ident)
                     continue
                 if not self._fits_prefix(ident):
-                    return self._blocked()
+                    if self._blocked():
+                        continue
+                    return None
                 self._pending.popleft()
                 return self._start_prefix(ident)
             r = self.rows[ident]
-            if r.started:
-                self._pending.popleft()  # a later chunk of a row already started
-                continue
             if any(p in self.failed_prefixes for p in r.chain):
                 self._pending.popleft()
                 self._fail(ident, "its shared prefix does not fit the KV budget")
                 continue
             if not self._fits_row(r):
-                return self._blocked()
+                if self._blocked():
+                    continue
+                return None
             self._pending.popleft()
             self._start_row(ident, list(r.req.prompt_ids[r.own_start :]))
             return ident
 
-    def _blocked(self) -> int | None:
-        """The next piece of work does not fit. Wait, unless nothing runs that could free memory."""
-        if self._running or self._jobs:
-            return None
+    def _blocked(self) -> bool:
+        """The next piece of work does not fit. Wait (False), unless nothing runs that could free memory:
+        then it fails, and the caller tries the next (True)."""
+        if self._running or self._jobs or self._failed:  # (failed rows free their prefixes after this step)
+            return False
         kind, ident, _, _ = self._pending.popleft()
         if kind == PREFIX:
             self.failed_prefixes.add(ident)
@@ -186,7 +210,7 @@ class Scheduler:
             need = r.own_tokens + r.req.max_tokens
             self._fail(ident, f"needs about {need} KV tokens beyond its shared prefixes; the KV budget is "
                               f"{self.budget} (engine.kv_budget_tokens)")
-        return self._admit_next()
+        return True
 
     def _fits_row(self, r: _Row) -> bool:
         cur, rem = self._projection()
@@ -248,11 +272,19 @@ class Scheduler:
             if seg is None:  # every member failed or finished meanwhile: nothing needs it any more
                 return 0
             slots = self._reserve(seg, n, protect=None)
+            if slots is None:  # the prefix cannot fit even alone: its members fail as they come
+                self.failed_prefixes.add(p)
+                self.alloc.release(self.prefix_seg.pop(p))
+                self._jobs.pop(key, None)
+                return n
             context = [(self.prefix_seg[q], self.prefix_seg[q].length) for q in self._prefix_chain(p)]
             self._works.append(Work(key, tokens, pos, context + [(seg, seg.length)], slots, False))
         else:
             r = self.rows[key]
             slots = self._reserve(r.own, n, protect=key)
+            if slots is None:
+                self._outgrown(key)
+                return n
             self._works.append(Work(key, tokens, pos, self._context(r), slots, last))
         return n
 
@@ -267,33 +299,51 @@ class Scheduler:
     def _context(self, r: _Row) -> list[tuple[Segment, int]]:
         return [(self.prefix_seg[p], self.prefix_seg[p].length) for p in r.chain] + [(r.own, r.own.length)]
 
-    def _decode_work(self, i: int, r: _Row) -> Work:
+    def _decode_work(self, i: int, r: _Row) -> Work | None:
         slots = self._reserve(r.own, 1, protect=i)
+        if slots is None:
+            self._outgrown(i)
+            return None
         pos = len(r.req.prompt_ids) + len(r.generated) - 1
         return Work(i, [r.generated[-1]], pos, self._context(r), slots, True, decode=True)
 
-    def _reserve(self, seg: Segment, n: int, protect: int | None) -> list[int]:
+    def _reserve(self, seg: Segment, n: int, protect: int | None) -> list[int] | None:
+        """Slots for ``n`` more tokens of ``seg``, preempting other rows if the pool is dry. None if even
+        that cannot make room (then the caller's row alone outgrows the budget)."""
         while True:
             try:
                 return self.alloc.reserve(seg, n)
             except OutOfBlocks:
                 if not self._preempt(protect):
-                    raise
+                    return None
 
     def _preempt(self, protect: int | None) -> bool:
-        """Free the newest decoding row's KV (not ``protect``); it is recomputed later."""
-        victims = [i for i in self._running if self.rows[i].generated and i not in self._jobs and i != protect]
+        """Free the KV of the newest running row other than ``protect`` (decoding rows first); the row is
+        recomputed later from its prompt and what it generated."""
+        victims = [i for i in self._running if i != protect]
         if not victims:
             return False
-        i = max(victims, key=lambda k: self.rows[k].order)
+        i = max(victims, key=lambda k: (k not in self._jobs, self.rows[k].order))
         r = self.rows[i]
         self._works[:] = [w for w in self._works if w.key != i]  # drop its work in this step, if any
+        self._jobs.pop(i, None)
         self.alloc.release(r.own)
         r.own, r.running = Segment(), False
         self._running.pop(i, None)
         self._requeue.appendleft(i)
         self.preemptions += 1
         return True
+
+    def _outgrown(self, i: int) -> None:
+        """Row ``i`` alone needs more KV than the pool holds: it fails, the job goes on."""
+        r = self.rows[i]
+        self._works[:] = [w for w in self._works if w.key != i]
+        self._jobs.pop(i, None)
+        self.alloc.release(r.own)
+        r.own, r.running = Segment(), False
+        self._running.pop(i, None)
+        self._fail(i, f"outgrew the KV budget of {self.budget} tokens after {len(r.generated)} output tokens "
+                      "(engine.kv_budget_tokens)")
 
     # -- after the step ------------------------------------------------------------------------------------
 
@@ -327,7 +377,5 @@ class Scheduler:
         return self.stopper.finish(r.req.index, r.generated, r.req.max_tokens)
 
     def _fail(self, i: int, message: str) -> None:
-        r = self.rows[i]
-        r.started = True
-        self._release_prefixes(r)
-        self._errors.append(Completion(r.req.index, [], "", "error", error=message))
+        self.rows[i].started = True
+        self._failed.append((i, message))

@@ -48,7 +48,7 @@ def simulate(plan, kv_budget: int, outputs: np.ndarray | None = None, initial_es
     target = max_tokens if outputs is None else np.clip(np.asarray(outputs, dtype=np.int64), 1, max_tokens)
     requests = [Request(index=i, prompt_ids=plan.tokens.row(i), max_tokens=int(max_tokens[i]))
                 for i in range(plan.num_rows)]
-    alloc = BlockAllocator(max(kv_budget // cfg.block_size, 1), cfg.block_size)
+    alloc = BlockAllocator(kv_budget // cfg.block_size, cfg.block_size)
     sched = Scheduler(plan, requests, alloc, Stopper(_NoText(), (), [_EOS]), cfg.step_tokens, initial_estimate)
     made = np.zeros(plan.num_rows, dtype=np.int64)
     prefill = decode = peak = done = 0
