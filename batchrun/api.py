@@ -75,10 +75,10 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
     import numpy as np
 
     from batchrun.engine.loader import auto_kv_budget, load_tokenizer, model_facts, pick_device, resolve
+    from batchrun.engine.simulate import simulate
     from batchrun.io.prompts import build_prompts
     from batchrun.io.source import read_source
     from batchrun.plan.plan import build_plan
-    from batchrun.engine.simulate import simulate
     from batchrun.runtime.job import _max_tokens, plan_config
 
     job = validate(spec, overrides)

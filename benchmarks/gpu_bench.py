@@ -94,7 +94,8 @@ def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan) 
     else:
         free = torch.cuda.mem_get_info()[0] if loaded.device == "cuda" else 2**30
         cfg = loaded.model.config
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2  # K and V, bf16
         engine = BatchEngine(loaded, params, kv_budget_tokens=int(free * 0.8) // per_token, block_size=16,
                              step_tokens=plan.config.step_tokens)
         it = engine.run(requests, plan)
@@ -133,7 +134,8 @@ def main() -> None:
     t = time.perf_counter()
     plan = build_plan(w.tokens, w.max_tokens, PlanConfig(step_tokens=args.step_tokens))
     plan_s = time.perf_counter() - t
-    n_params = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name and "lm_head" not in name)
+    n_params = sum(p.numel() for name, p in model.named_parameters()
+                   if "embed_tokens" not in name and "lm_head" not in name)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     unique, output = plan.trie.unique_tokens, int(w.max_tokens.sum())
     roofline = max(2 * n_params * (unique + output) / flops, int(w.max_tokens.max()) * weight_bytes / hbm)
@@ -145,12 +147,15 @@ def main() -> None:
         row = {"bench": "gpu", "model": args.model, "workload": args.workload, "scale": args.scale, "system": system,
                "rows": len(requests), "prompt_tokens": w.tokens.num_tokens, "unique_tokens": unique,
                "output_tokens": output, "wall_s": round(wall, 3),
-               "tokens_per_s": round((w.tokens.num_tokens + output) / wall), "output_tokens_per_s": round(output / wall),
-               "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+               "tokens_per_s": round((w.tokens.num_tokens + output) / wall),
+               "output_tokens_per_s": round(output / wall),
+               "peak_gpu_mem_gb": (round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda"
+                                   else None),
                "roofline_s": round(roofline, 4), "roofline_fraction": round(roofline / wall, 4),
                "peak_tflops": round(flops / 1e12, 1), "hbm_tb_s": round(hbm / 1e12, 2), "plan_s": round(plan_s, 3),
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-               "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "commit": commit, "date": time.strftime("%Y-%m-%d")}
+               "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "commit": commit,
+               "date": time.strftime("%Y-%m-%d")}
         print(json.dumps(row), flush=True)
         if args.out:
             with open(args.out, "a") as f:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model
 
 from batchrun.engine.batch import BatchEngine
 from batchrun.engine.loader import load
@@ -19,6 +18,7 @@ from batchrun.errors import RuntimeFailure
 from batchrun.plan.plan import PlanConfig, build_plan
 from batchrun.spec import EngineSpec, ModelSpec
 from batchrun.tokens import TokenTable
+from conftest import make_tiny_model
 
 SYSTEM = "You are a careful assistant. Answer briefly and precisely, in one sentence. " * 2
 DOCS = ["The kettle boils fast, the lid never leaks and the handle stays cool. " * 2,
@@ -47,8 +47,8 @@ def _run(engine, reqs, plan=None) -> dict:
     return got
 
 
-def _oracle(loaded, reqs, params=SamplingParams()) -> dict:
-    one = ReferenceEngine(loaded, params, batch_size=1)
+def _oracle(loaded, reqs, params: SamplingParams | None = None) -> dict:
+    one = ReferenceEngine(loaded, params or SamplingParams(), batch_size=1)
     return {r.index: _run(one, [r])[r.index] for r in reqs}
 
 

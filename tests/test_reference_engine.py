@@ -7,8 +7,8 @@ import torch
 
 from batchrun.engine.loader import load
 from batchrun.engine.reference import ReferenceEngine
-from batchrun.engine.sampling import sampling_probs
 from batchrun.engine.requests import Request, SamplingParams, row_seed
+from batchrun.engine.sampling import sampling_probs
 from batchrun.spec import EngineSpec, ModelSpec
 from conftest import make_tiny_model
 

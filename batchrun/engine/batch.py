@@ -77,8 +77,8 @@ def default_kv_budget(loaded: LoadedModel, requested: int | None) -> int:
 
     if requested:
         return requested
-    facts = model_facts(ModelSpec(path=loaded.resolved, dtype=loaded.dtype), EngineSpec(device=loaded.device.split(":")[0]
-                        if loaded.device == "cpu" else "cuda"), loaded.resolved)
+    device = "cpu" if loaded.device == "cpu" else "cuda"
+    facts = model_facts(ModelSpec(path=loaded.resolved, dtype=loaded.dtype), EngineSpec(device=device), loaded.resolved)
     budget = auto_kv_budget(facts, loaded.device)
     if loaded.device == "cpu":  # the pool is allocated up front: keep it modest on CPU
         budget = min(budget, (2 << 30) // facts.kv_bytes_per_token)
