@@ -78,7 +78,11 @@ def main() -> None:
     ap.add_argument("--million", action="store_true", help="also plan 1,000,000 rows")
     ap.add_argument("--tokenize-rows", type=int, default=2000)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--tokenize-only", action="store_true", help=argparse.SUPPRESS)  # the 1-thread child run
     args = ap.parse_args()
+    if args.tokenize_only:
+        print(json.dumps(tokenize_once(args.tokenize_rows)), flush=True)
+        return
     meta = _meta()
 
     def record(r: dict) -> None:  # each measurement is written as soon as it exists
@@ -90,8 +94,8 @@ def main() -> None:
 
     if args.tokenize_rows:
         record(tokenize_once(args.tokenize_rows))
-        single = subprocess.run([sys.executable, __file__, "--rows", "--tokenize-rows", str(args.tokenize_rows),
-                                 "--no-write"], capture_output=True, text=True,
+        single = subprocess.run([sys.executable, __file__, "--tokenize-only", "--tokenize-rows",
+                                 str(args.tokenize_rows)], capture_output=True, text=True,
                                 env={**os.environ, "RAYON_NUM_THREADS": "1"})
         for line in single.stdout.splitlines():
             if line.startswith("{"):
