@@ -147,3 +147,25 @@ def test_unsupported_attention_is_refused(tmp_path, tokenizer_dir):
     loaded = load(ModelSpec(path=str(tmp_path)), EngineSpec(device="cpu"))
     with pytest.raises(RuntimeFailure, match="sliding"):
         BatchEngine(loaded, SamplingParams(), kv_budget_tokens=1000)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_flash_varlen_path_matches_the_torch_path_in_bf16(tmp_path, tokenizer_dir, monkeypatch):
+    """On the GPU in half precision the engine uses flash varlen attention; it must pick the same tokens as
+    the plain-torch path (tiny peaked model: clear winners at every step)."""
+    from batchrun.engine import runner
+
+    path = make_tiny_model(tmp_path / "llama", "llama", tokenizer_dir, seed=3)
+    loaded = load(ModelSpec(path=path, dtype="bfloat16"), EngineSpec(device="cuda"))
+    reqs = _requests(loaded.tokenizer)
+    assert runner.use_varlen("cuda", torch.bfloat16)
+    flash = BatchEngine(loaded, SamplingParams(), 100_000, 16, 64)
+    assert flash.runner.use_varlen
+    got = _run(flash, reqs, _plan(reqs, 64, 16))
+    monkeypatch.setenv("BATCHRUN_ATTENTION", "torch")
+    plain = BatchEngine(loaded, SamplingParams(), 100_000, 16, 64)
+    assert not plain.runner.use_varlen
+    want = _run(plain, reqs, _plan(reqs, 64, 16))
+    for r in reqs:
+        assert got[r.index].token_ids == want[r.index].token_ids, f"row {r.index}"

@@ -47,12 +47,24 @@ class DecodeBatch:
 
 
 @dataclass
+class VarlenBatch:
+    """Every sequence of the step in one flash varlen call (GPU, half precision)."""
+
+    cu_q: torch.Tensor  # int32 [S + 1]: query offsets in the packed row
+    cu_k: torch.Tensor  # int32 [S + 1]: offsets of each one's context in ``context_slots``
+    max_q: int
+    max_k: int
+    context_slots: torch.Tensor  # int64 [sum of context lengths]
+
+
+@dataclass
 class StepContext:
     k_pool: torch.Tensor  # [layers, slots, kv_heads, head_dim]
     v_pool: torch.Tensor
     slots: torch.Tensor  # int64 [T]: where each new token's k, v go
     spans: list[SeqSpan]  # sequences with several new tokens (prefill)
     decode: DecodeBatch | None = None
+    varlen: VarlenBatch | None = None  # when set, it covers every sequence (spans and decode are empty)
 
 
 class use_step:
@@ -86,6 +98,14 @@ def batchrun_attention(module, query, key, value, attention_mask=None, scaling=N
     v_pool[ctx.slots] = value[0].transpose(0, 1).to(v_pool.dtype)
     heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
     group = heads // kv_heads
+    if ctx.varlen is not None:
+        from torch.nn.attention.varlen import varlen_attn
+
+        b = ctx.varlen
+        # Flash's causal mask is aligned to the end of each context: exactly "query i sees keys <= n - t + i".
+        o = varlen_attn(query[0].transpose(0, 1), k_pool[b.context_slots], v_pool[b.context_slots], b.cu_q, b.cu_k,
+                        b.max_q, b.max_k, scale=scaling, window_size=(-1, 0))
+        return o.unsqueeze(0), None
     out = query.new_empty(1, query.shape[2], heads, dim)
     if ctx.decode is not None:
         d = ctx.decode

@@ -31,6 +31,22 @@ def check_supported(model) -> None:
                              "not implement yet; use engine.backend: reference")
 
 
+def use_varlen(device: str, dtype: torch.dtype) -> bool:
+    """Flash varlen attention: CUDA, half precision, and torch's ``varlen_attn`` present.
+    ``BATCHRUN_ATTENTION=torch`` forces the plain-torch path (to compare the two)."""
+    import os
+
+    if os.environ.get("BATCHRUN_ATTENTION") == "torch":
+        return False
+    if not device.startswith("cuda") or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Runner:
     def __init__(self, loaded: LoadedModel, num_slots: int):
         model = loaded.model
@@ -48,10 +64,13 @@ class Runner:
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.device = loaded.device
+        self.use_varlen = use_varlen(loaded.device, dtype)
 
     @torch.inference_mode()
     def forward(self, works: list[Work], block_size: int) -> torch.Tensor:
         """Run the step; return logits [number of sampling works, vocab], in the order of ``works``."""
+        if self.use_varlen:
+            return self._forward_varlen(works, block_size)
         ids, pos, slots, spans, last = [], [], [], [], []
         single_q, single_ctx = [], []
         t = 0
@@ -80,6 +99,34 @@ class Runner:
             decode = attention.DecodeBatch(torch.tensor(single_q, device=dev), ctx_slots.to(dev), valid.to(dev))
         ctx = attention.StepContext(self.k_pool, self.v_pool, torch.tensor(slots, dtype=torch.long, device=dev),
                                     spans, decode)
+        return self._run(ctx, ids, pos, last)
+
+    def _forward_varlen(self, works: list[Work], block_size: int) -> torch.Tensor:
+        ids, pos, slots, ctx_parts, last = [], [], [], [], []
+        cu_q, cu_k = [0], [0]
+        max_q = max_k = 0
+        for w in works:
+            n = len(w.tokens)
+            ids.extend(w.tokens)
+            pos.extend(range(w.start_pos, w.start_pos + n))
+            slots.extend(w.slots)
+            c = self._context_slots(w, block_size)
+            ctx_parts.append(c)
+            cu_q.append(cu_q[-1] + n)
+            cu_k.append(cu_k[-1] + len(c))
+            max_q, max_k = max(max_q, n), max(max_k, len(c))
+            if w.sample:
+                last.append(cu_q[-1] - 1)
+        dev = self.device
+        batch = attention.VarlenBatch(torch.tensor(cu_q, dtype=torch.int32, device=dev),
+                                      torch.tensor(cu_k, dtype=torch.int32, device=dev), max_q, max_k,
+                                      torch.cat(ctx_parts).to(dev))
+        ctx = attention.StepContext(self.k_pool, self.v_pool, torch.tensor(slots, dtype=torch.long, device=dev), [],
+                                    None, batch)
+        return self._run(ctx, ids, pos, last)
+
+    def _run(self, ctx, ids: list[int], pos: list[int], last: list[int]) -> torch.Tensor:
+        dev = self.device
         with attention.use_step(ctx):
             hidden = self.decoder(input_ids=torch.tensor([ids], device=dev),
                                   position_ids=torch.tensor([pos], device=dev), use_cache=False).last_hidden_state
