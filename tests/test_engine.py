@@ -149,17 +149,28 @@ def test_unsupported_attention_is_refused(tmp_path, tokenizer_dir):
         BatchEngine(loaded, SamplingParams(), kv_budget_tokens=1000)
 
 
+def _top2_margin(loaded, prompt: list[int], generated: list[int]) -> tuple[float, float]:
+    """(top-1 minus top-2 logit, |top-1|) for the next token after prompt + generated (plain forward)."""
+    ids = torch.tensor([list(prompt) + list(generated)], device=loaded.device)
+    with torch.no_grad():
+        logits = loaded.model(input_ids=ids).logits[0, -1].float()
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1]), float(top[0].abs())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_flash_varlen_path_matches_the_torch_path_in_bf16(tmp_path, tokenizer_dir, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_flash_varlen_path_matches_the_torch_path(tmp_path, tokenizer_dir, monkeypatch, dtype):
     """On the GPU in half precision the engine uses flash varlen attention; it must pick the same tokens as
-    the plain-torch path (tiny peaked model: clear winners at every step)."""
+    the plain-torch path, tie-aware (DESIGN.md): rows may part only where the top-2 logits are within
+    half-precision noise, and that position is reported."""
     from batchrun.engine import runner
 
     path = make_tiny_model(tmp_path / "llama", "llama", tokenizer_dir, seed=3)
-    loaded = load(ModelSpec(path=path, dtype="bfloat16"), EngineSpec(device="cuda"))
+    loaded = load(ModelSpec(path=path, dtype=dtype), EngineSpec(device="cuda"))
     reqs = _requests(loaded.tokenizer)
-    assert runner.use_varlen("cuda", torch.bfloat16)
+    assert runner.use_varlen("cuda", getattr(torch, dtype))
     flash = BatchEngine(loaded, SamplingParams(), 100_000, 16, 64)
     assert flash.runner.use_varlen
     got = _run(flash, reqs, _plan(reqs, 64, 16))
@@ -167,5 +178,15 @@ def test_flash_varlen_path_matches_the_torch_path_in_bf16(tmp_path, tokenizer_di
     plain = BatchEngine(loaded, SamplingParams(), 100_000, 16, 64)
     assert not plain.runner.use_varlen
     want = _run(plain, reqs, _plan(reqs, 64, 16))
+    parted = []
     for r in reqs:
-        assert got[r.index].token_ids == want[r.index].token_ids, f"row {r.index}"
+        a, b = got[r.index].token_ids, want[r.index].token_ids
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if k is None:
+            assert len(a) == len(b), f"row {r.index}"
+            continue
+        margin, scale = _top2_margin(loaded, r.prompt_ids, b[:k])
+        parted.append((r.index, k, round(margin, 4)))
+        assert margin <= 0.02 * max(scale, 1.0), f"row {r.index} parts at token {k} with a clear margin {margin}"
+    print("rows parting at a near-tie (row, position, top-2 margin):", parted)
+    assert len(parted) <= len(reqs) // 3
