@@ -94,11 +94,14 @@ class Scheduler:
         self.steps = 0
 
     def _chain(self, row: int) -> list[int]:
-        pre = self.plan.prefixes
-        chain, p = [], int(pre.row_prefix[row])
+        return self._ancestry(int(self.plan.prefixes.row_prefix[row]))
+
+    def _ancestry(self, p: int) -> list[int]:
+        """Shared prefix ``p`` and the prefixes enclosing it, outermost first ([] for p = -1)."""
+        chain = []
         while p >= 0:
             chain.append(p)
-            p = int(pre.parent[p])
+            p = int(self.plan.prefixes.parent[p])
         return chain[::-1]
 
     def finished(self) -> bool:
@@ -289,12 +292,7 @@ class Scheduler:
         return n
 
     def _prefix_chain(self, p: int) -> list[int]:
-        pre = self.plan.prefixes
-        chain, q = [], int(pre.parent[p])
-        while q >= 0:
-            chain.append(q)
-            q = int(pre.parent[q])
-        return chain[::-1]
+        return self._ancestry(int(self.plan.prefixes.parent[p]))
 
     def _context(self, r: _Row) -> list[tuple[Segment, int]]:
         return [(self.prefix_seg[p], self.prefix_seg[p].length) for p in r.chain] + [(r.own, r.own.length)]
