@@ -127,6 +127,7 @@ class OutputSpec(_Strict):
     path: str = Field(min_length=1)
     columns: list[str] | None = None  # input columns copied to the output; None copies all of them
     part_rows: int = Field(default=1000, ge=1, le=10_000_000, strict=True)
+    max_error_rate: float | None = Field(default=None, ge=0, le=1)  # above it the job fails (exit 1)
 
 
 class EngineSpec(_Strict):

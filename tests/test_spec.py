@@ -28,7 +28,7 @@ ALLOWED = {
     "prompt": "template, system, chat, fewshot",
     "fewshot": "user, assistant",
     "sampling": "max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos",
-    "output": "path, columns, part_rows",
+    "output": "path, columns, part_rows, max_error_rate",
     "engine": "backend, device, batch_size, threads, step_tokens, block_size, kv_budget_tokens",
 }
 
@@ -63,7 +63,7 @@ def test_minimal_spec_fills_defaults_and_names_job_after_file(tmp_path):
         "prompt": {"template": "Review: {{ text }}", "system": None, "chat": None, "fewshot": []},
         "sampling": {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": [], "seed": 0,
                      "ignore_eos": False},
-        "output": {"path": "out/reviews", "columns": None, "part_rows": 1000},
+        "output": {"path": "out/reviews", "columns": None, "part_rows": 1000, "max_error_rate": None},
         "engine": {"backend": "batchrun", "device": "auto", "batch_size": 16, "threads": None,
                    "step_tokens": 8192, "block_size": 16, "kv_budget_tokens": None},
     }
@@ -81,7 +81,7 @@ def test_full_spec_keeps_every_value(tmp_path):
                    "fewshot": [{"user": "u1", "assistant": "a1"}]},
         "sampling": {"max_tokens": "budget", "temperature": 0.7, "top_p": 0.9, "top_k": 40, "stop": "END",
                      "seed": 7, "ignore_eos": True},
-        "output": {"path": "out/x", "columns": ["lang"], "part_rows": 5},
+        "output": {"path": "out/x", "columns": ["lang"], "part_rows": 5, "max_error_rate": None},
         "engine": {"backend": "reference", "device": "cuda:1", "batch_size": 8, "threads": 2,
                    "step_tokens": 8192, "block_size": 16, "kv_budget_tokens": None},
     }

@@ -64,9 +64,8 @@ class BatchEngine:
                         generators[k] = row_generator(requests[k].seed, self.loaded.device)
                 gens = [generators[k] for k in keys]
             tokens = sample(logits, self.sampling, gens) if keys else []
-            done = sched.commit(works, dict(zip(keys, tokens)))
-            if done:
-                yield done
+            # Every step yields (maybe nothing), so the job can stop between steps on a signal.
+            yield sched.commit(works, dict(zip(keys, tokens)))
         self.stats = {"steps": sched.steps, "preemptions": sched.preemptions}
         log.debug("engine: %d steps, %d preemptions", sched.steps, sched.preemptions)
 

@@ -81,11 +81,15 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TemporaryFailure(f"cannot write {path}: {e}; fix the cause (free space, permissions) and rerun") from None
 
 
 class Sink:
@@ -143,7 +147,7 @@ class Sink:
             done.update(pq.read_table(self.path / name, columns=[id_col]).column(id_col).to_pylist())
         self._next_part = max((int(_PART.match(p).group(1)) + 1 for p in state.parts), default=0)
         if not state.owned or fresh:
-            write_atomic(self.path / JOB_FILE, _dumps(job))
+            write_atomic(self.path / JOB_FILE, dumps(job))
         if not state.complete:
             (self.path / SUCCESS).unlink(missing_ok=True)
         return state, done
@@ -167,17 +171,27 @@ class Sink:
 
     def flush(self) -> None:
         while self._buffer:
-            rows, self._buffer = self._buffer[: self.part_rows], self._buffer[self.part_rows :]
-            table = pa.Table.from_pylist(rows, schema=self.schema)
-            target = self.path / f"part-{self._next_part:06d}.parquet"
-            tmp = target.with_name(f".{target.name}.tmp")
+            rows = self._buffer[: self.part_rows]
+            self._write_part(pa.Table.from_pylist(rows, schema=self.schema))
+            self._buffer = self._buffer[self.part_rows :]
+            self.rows_written += len(rows)
+        self.last_flush = time.monotonic()
+
+    def _write_part(self, table: pa.Table) -> None:
+        """Write one part under a temporary name, then rename it: a part exists only once it is complete.
+        A write error (disk full, permissions) leaves no part behind and keeps the rows buffered."""
+        target = self.path / f"part-{self._next_part:06d}.parquet"
+        tmp = target.with_name(f".{target.name}.tmp")
+        try:
             pq.write_table(table, tmp, compression="zstd")
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, target)
-            self._next_part += 1
-            self.rows_written += len(rows)
-        self.last_flush = time.monotonic()
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise TemporaryFailure(f"cannot write results to {self.path}: {e}; the rows written before are kept: "
+                                   "fix the cause (free space, permissions) and rerun to resume") from None
+        self._next_part += 1
 
     def totals(self) -> dict[str, int]:
         """Counts over every committed part (this run's and earlier runs')."""
@@ -191,9 +205,12 @@ class Sink:
         return out
 
     def commit(self, manifest: dict[str, Any]) -> None:
-        """Flush what is left, then write the manifest and the success marker, in that order."""
+        """Flush what is left, then write the manifest and the success marker, in that order. A job with no
+        rows at all still gets one (empty) part, so readers find the schema."""
         self.flush()
-        write_atomic(self.path / MANIFEST, _dumps(manifest))
+        if not any(_PART.match(f.name) for f in self.path.iterdir()):
+            self._write_part(self.schema.empty_table())
+        write_atomic(self.path / MANIFEST, dumps(manifest))
         write_atomic(self.path / SUCCESS, b"")
 
 
@@ -203,5 +220,5 @@ def is_batchrun_file(name: str) -> bool:
         name.startswith(".") and name.endswith(".tmp"))
 
 
-def _dumps(obj: Any) -> bytes:
+def dumps(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()

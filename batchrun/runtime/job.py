@@ -18,11 +18,12 @@ from typing import Any
 import pyarrow as pa
 
 from batchrun import __version__
-from batchrun.errors import InputDataError, SpecError
+from batchrun.errors import InputDataError, RuntimeFailure, SpecError, TemporaryFailure
 from batchrun.io import sink as sinks
 from batchrun.io.prompts import Prompts, build_prompts, check_templates
 from batchrun.io.source import Source, read_source, require_columns, resolve_files
 from batchrun.runtime.progress import Progress
+from batchrun.runtime.stop import StopFlag, handle_signals
 from batchrun.spec import JobSpec
 
 log = logging.getLogger("batchrun")
@@ -120,12 +121,16 @@ def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = N
         engine = _engine(spec, loaded, requests)
         progress.start(source.num_rows, already_done=len(done) + len(error_rows))
         t = time.monotonic()
+        stop = StopFlag()
         try:
-            for batch in engine.run(requests, plan):
-                for c in batch:
-                    emit(c.index, output=None if c.error else c.text, prompt_tokens=int(lengths[c.index]),
-                         output_tokens=len(c.token_ids), finish_reason=c.finish_reason, error=c.error)
-                progress.advance(len(batch), sum(len(c.token_ids) for c in batch))
+            with handle_signals(stop):
+                for batch in engine.run(requests, plan):
+                    for c in batch:
+                        emit(c.index, output=None if c.error else c.text, prompt_tokens=int(lengths[c.index]),
+                             output_tokens=len(c.token_ids), finish_reason=c.finish_reason, error=c.error)
+                    progress.advance(len(batch), sum(len(c.token_ids) for c in batch))
+                    if stop.requested:
+                        break
         except BaseException:
             # Keep every finished row: a crash or Ctrl-C then costs only the rows in flight.
             try:
@@ -137,12 +142,32 @@ def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = N
             progress.finish()  # also on a crash or Ctrl-C: leave the terminal clean
         timings["generate_s"] = time.monotonic() - t
         timings["total_s"] = time.monotonic() - t_start
+        if stop.requested:
+            sink.flush()
+            partial = JobResult("interrupted", spec.name, str(sink.path), rows_total=source.num_rows,
+                                rows_ok=counts["ok"], rows_error=counts["error"], rows_skipped=len(done),
+                                prompt_tokens=counts["prompt_tokens"], output_tokens=counts["output_tokens"],
+                                timings={k: round(v, 3) for k, v in timings.items()})
+            manifest = _manifest(spec, job_info, loaded, partial, source, sink.totals())
+            sinks.write_atomic(sink.path / sinks.MANIFEST, sinks.dumps({**manifest, "complete": False,
+                                                                        "stopped_by": stop.signal}))
+            raise TemporaryFailure(f"stopped by {stop.signal}: {sink.rows_written + len(done)} of "
+                                   f"{source.num_rows} rows are saved in {sink.path}; rerun the same command to "
+                                   "finish the job")
         result = JobResult("ok", spec.name, str(sink.path), rows_total=source.num_rows,
                            rows_ok=counts["ok"], rows_error=counts["error"], rows_skipped=len(done),
                            prompt_tokens=counts["prompt_tokens"], output_tokens=counts["output_tokens"],
                            timings={k: round(v, 3) for k, v in timings.items()})
         sink.flush()  # totals() reads the parts
-        sink.commit(_manifest(spec, job_info, loaded, result, source, sink.totals()))
+        totals = sink.totals()
+        manifest = _manifest(spec, job_info, loaded, result, source, totals)
+        limit = spec.output.max_error_rate
+        if limit is not None and totals["rows"] and totals["error"] / totals["rows"] > limit:
+            sinks.write_atomic(sink.path / sinks.MANIFEST, sinks.dumps({**manifest, "complete": False}))
+            raise RuntimeFailure(f"{totals['error']} of {totals['rows']} rows failed "
+                                 f"({100 * totals['error'] / totals['rows']:.1f}%), more than output.max_error_rate "
+                                 f"= {limit}; the rows and their errors are in {sink.path}")
+        sink.commit(manifest)
         return result
     finally:
         sink.close()

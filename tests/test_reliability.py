@@ -1,0 +1,183 @@
+"""Running unattended: kill -9 and resume, SIGTERM, error-rate threshold, storage faults, odd input."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batchrun import api
+from batchrun.errors import RuntimeFailure, TemporaryFailure
+from conftest import REPO, write_job
+
+JOB = """
+name: rel
+model: {{path: "{model}"}}
+input: {{path: "{data}", id: id}}
+prompt: {{template: "Item {{{{ id }}}}: {{{{ text }}}}", chat: false}}
+sampling: {{max_tokens: {max_tokens}, ignore_eos: true}}
+output: {{path: "{out}", part_rows: {part_rows}}}
+engine: {{device: cpu, step_tokens: 64, kv_budget_tokens: 2048, threads: 1}}
+"""
+
+
+def _data(tmp_path: Path, n: int) -> Path:
+    words = ["kettle", "charger", "lamp", "mat", "grinder", "earbuds", "ça marche", "😀 fine", "שלום", "a\\x00b"]
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(n)]
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"id": list(range(n)), "text": texts}), path)
+    return path
+
+
+def _job(tmp_path: Path, model: str, n: int, out: str = "out", max_tokens: int = 12, part_rows: int = 4) -> Path:
+    return write_job(tmp_path, JOB.format(model=model, data=_data(tmp_path, n), out=tmp_path / out,
+                                          max_tokens=max_tokens, part_rows=part_rows), f"{out}.yaml")
+
+
+def _rows(out: Path) -> list[tuple]:
+    return duckdb.sql(f"SELECT id, output, output_tokens, finish_reason FROM '{out}/*.parquet' ORDER BY id").fetchall()
+
+
+def _submit(job: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "batchrun", "--log-format", "json", "submit", str(job), *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_parts(out: Path, timeout: float = 60) -> None:
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        if out.is_dir() and any(out.glob("part-*.parquet")):
+            return
+        time.sleep(0.05)
+    raise AssertionError("no part was written in time")
+
+
+def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_path, tiny_model_dir):
+    clean_job = _job(tmp_path, tiny_model_dir, 600, out="clean", max_tokens=16)
+    assert api.submit(clean_job).rows_total == 600
+    clean = _rows(tmp_path / "clean")
+    job = _job(tmp_path, tiny_model_dir, 600, out="killed", max_tokens=16)
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(3):
+        p = _submit(job)
+        _wait_for_parts(out)
+        time.sleep(rng.uniform(0.0, 0.5))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait(timeout=60)
+        committed = len(duckdb.sql(f"SELECT id FROM '{out}/*.parquet'").fetchall())
+        assert committed == len({r[0] for r in _rows(out)})  # never a duplicate, even mid-way
+        if (out / "_SUCCESS").exists():  # finished just before the kill: then it is whole
+            assert committed == 600
+    assert kills >= 1
+    p = _submit(job, "--json")
+    stdout, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, stdout
+    assert _rows(out) == clean
+
+
+def test_sigterm_stops_gracefully_with_75_and_resumes(tmp_path, tiny_model_dir):
+    job = _job(tmp_path, tiny_model_dir, 400, max_tokens=24, part_rows=1000)
+    out = tmp_path / "out"
+    p = _submit(job, "--json")
+    t = time.monotonic()
+    while time.monotonic() - t < 60 and "engine: batchrun" not in (p.stderr.readline() or ""):
+        pass
+    time.sleep(1.5)  # some rows finish, most do not
+    p.send_signal(signal.SIGTERM)
+    t = time.monotonic()
+    stdout, stderr = p.communicate(timeout=30)
+    assert time.monotonic() - t < 10, "the graceful stop must be quick"
+    assert p.returncode == 75, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["exit_code"] == 75 and "stopped by SIGTERM" in summary["error"]
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] is False and manifest["stopped_by"] == "SIGTERM"
+    assert not (out / "_SUCCESS").exists()
+    saved = len(_rows(out))
+    assert 0 < saved < 400 and manifest["rows"]["total"] == saved
+    assert api.status(out)["state"] == "incomplete"
+    result = api.submit(job)
+    assert (result.status, result.rows_skipped, len(_rows(out))) == ("ok", saved, 400)
+
+
+def test_error_rate_threshold_fails_the_job_but_keeps_its_rows(tmp_path, tiny_model_dir):
+    data = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "text": ["a", None, "c", None]}), data)
+    job = write_job(tmp_path, JOB.format(model=tiny_model_dir, data=data, out=tmp_path / "out", max_tokens=2,
+                                         part_rows=10).replace('"Item {{ id }}: {{ text }}"', '"{{ text }}"')
+                    + "\n", "j.yaml")
+    with pytest.raises(RuntimeFailure) as e:
+        api.submit(job, ["output.max_error_rate=0.25"])
+    assert e.value.exit_code == 1 and e.value.message.startswith("2 of 4 rows failed (50.0%), more than")
+    out = tmp_path / "out"
+    assert not (out / "_SUCCESS").exists() and len(_rows(out)) == 4
+    with pytest.raises(RuntimeFailure):  # the same verdict on a rerun, without duplicating rows
+        api.submit(job, ["output.max_error_rate=0.25"])
+    assert len(_rows(out)) == 4
+    assert api.submit(job, ["output.max_error_rate=0.5"]).status == "ok" and (out / "_SUCCESS").exists()
+
+
+def test_disk_full_leaves_no_committed_looking_file_and_resume_works(tmp_path, tiny_model_dir, monkeypatch):
+    clean_job = _job(tmp_path, tiny_model_dir, 12, out="clean", part_rows=2)
+    api.submit(clean_job)
+    job = _job(tmp_path, tiny_model_dir, 12, out="full", part_rows=2)
+    real = pq.write_table
+    calls = {"n": 0}
+
+    def full_after_two(table, where, **kw):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            Path(where).write_bytes(b"PAR1 half a file")  # the disk fills mid-write
+            raise OSError(28, "No space left on device")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(pq, "write_table", full_after_two)
+    with pytest.raises(TemporaryFailure) as e:
+        api.submit(job)
+    assert e.value.exit_code == 75 and "No space left on device" in e.value.message
+    out = tmp_path / "full"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("_")) == [
+        ".lock", "part-000000.parquet", "part-000001.parquet"]
+    monkeypatch.setattr(pq, "write_table", real)
+    assert api.submit(job).rows_skipped == 4
+    assert _rows(out) == _rows(tmp_path / "clean")
+
+
+def test_empty_input_gives_a_valid_empty_output(tmp_path, tiny_model_dir):
+    data = tmp_path / "e.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}), data)
+    job = write_job(tmp_path, JOB.format(model=tiny_model_dir, data=data, out=tmp_path / "out", max_tokens=2,
+                                         part_rows=10), "e.yaml")
+    result = api.submit(job)
+    assert (result.status, result.rows_total) == ("ok", 0)
+    out = tmp_path / "out"
+    assert (out / "_SUCCESS").exists()
+    assert duckdb.sql(f"SELECT count(*) FROM '{out}/*.parquet'").fetchall() == [(0,)]
+    assert pq.read_schema(next(out.glob("part-*.parquet"))).names[:2] == ["id", "text"]
+
+
+def test_unicode_emoji_rtl_and_nul_bytes_survive_the_round_trip(tmp_path, tiny_model_dir):
+    texts = ["naïve café", "😀🎉 emoji", "שלום עולם", "nul\x00byte", "混合 text"]
+    data = tmp_path / "u.parquet"
+    pq.write_table(pa.table({"id": list(range(5)), "text": texts}), data)
+    job = write_job(tmp_path, JOB.format(model=tiny_model_dir, data=data, out=tmp_path / "out", max_tokens=3,
+                                         part_rows=10), "u.yaml")
+    assert api.submit(job).rows_ok == 5
+    got = duckdb.sql(f"SELECT text FROM '{tmp_path}/out/*.parquet' ORDER BY id").fetchall()
+    assert [r[0] for r in got] == texts
