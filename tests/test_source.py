@@ -237,3 +237,17 @@ def test_sql_syntax_error_mentions_input_sql():
     assert err.problems[0] == "LINE 1: SELEC * FROM input"
     err = input_error(path="r.parquet", sql="SELECT nope FROM input")
     assert err.message == 'input.sql: Binder Error: Referenced column "nope" not found in FROM clause!'
+
+
+@pytest.mark.parametrize("sql, fragment", [
+    ("SELECT * FROM read_csv('/etc/passwd')", "Permission Error"),
+    ("SELECT * FROM read_parquet('secret.parquet')", "Permission Error"),
+    ("COPY (SELECT * FROM input) TO 'leak.csv'", "Permission Error"),
+    ("SELECT * FROM input; SET enable_external_access = true", "lock"),
+])
+def test_job_sql_cannot_reach_other_files(sql, fragment):
+    parquet("r.parquet", t=["a"])
+    parquet("secret.parquet", t=["s"])
+    err = input_error(path="r.parquet", sql=sql)
+    assert err.exit_code == 65 and err.message.startswith("input.sql: ") and fragment in str(err)
+    assert not os.path.exists("leak.csv")

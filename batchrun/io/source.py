@@ -4,6 +4,8 @@ Files (one, a glob, or a list; Parquet, CSV, JSON/JSONL) become a view named ``i
 may query it. The result must carry a unique, non-null id column, or batchrun adds ``row_id``: the 0-based
 position of the row in the source (files in the order given, a glob's matches sorted by path, rows in file
 order; with SQL, the query's order, so give it an ORDER BY or an id).
+The job's SQL runs in a confined DuckDB: it can read the input files and nothing else (no other files, no
+COPY/ATTACH, no extensions; the configuration is locked). Remote URLs in input.path are left unconfined.
 This module owns its DuckDB connection and knows nothing of models.
 """
 
@@ -98,11 +100,15 @@ def detect_format(files: list[str], declared: str) -> str:
 def read_source(spec: InputSpec) -> Source:
     files = resolve_files(spec)
     fmt = detect_format(files, spec.format)
-    literal = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
+    local = [f if "://" in f else os.path.abspath(f) for f in files]
+    literal = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in local) + "]"
     con = duckdb.connect(":memory:")
     try:
         try:
+            if not any("://" in f for f in local):
+                _confine(con, local)
             con.execute(f'CREATE VIEW "{spec.table}" AS SELECT * FROM ' + _READERS[fmt].format(files=literal))
+            con.execute("SET lock_configuration = true")
         except duckdb.Error as e:
             raise InputDataError(f"input.path: cannot read {fmt} input: {_first_line(e)}") from None
         query = spec.sql if spec.sql else f'SELECT * FROM "{spec.table}"'
@@ -124,6 +130,13 @@ def read_source(spec: InputSpec) -> Source:
     require_columns(table, [spec.id], "input.id")
     check_ids(table, spec.id)
     return Source(table, spec.id, False, stats)
+
+
+def _confine(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:
+    """The job's SQL may read the input files and nothing else: no other file, no COPY/EXPORT/ATTACH, no
+    extension installs, and (once the configuration is locked) no way to turn this off."""
+    con.execute("SET allowed_paths = " + "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]")
+    con.execute("SET enable_external_access = false")
 
 
 def require_columns(table: pa.Table, columns: list[str], field_name: str) -> None:
