@@ -11,6 +11,8 @@ from pathlib import Path
 import duckdb
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from batchrun.cli import cli
 from conftest import write_job
@@ -274,3 +276,14 @@ def test_plan_prints_rows_tokens_and_sharing(tmp_path, tiny_model_dir, reviews_p
     r = run("plan", job, "--set", "sampling.max_tokens=budget")
     assert r.exit_code == 0
     assert "  output tokens    at most 15" in r.stdout.splitlines()  # 3 + 2 + 4 + 1 + 5: row d fails
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=st.sampled_from(list("abz:{}[]-, \n'\"!&*#|>%@`0123456789.")), max_size=80))
+def test_any_job_file_gives_a_clean_exit_never_a_traceback(tmp_path, body):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(body, encoding="utf-8")
+    r = run("validate", path, "--json")
+    assert r.exit_code in (0, 2, 78), r.output
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
+    assert last_json(r)["exit_code"] == r.exit_code

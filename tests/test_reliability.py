@@ -181,3 +181,31 @@ def test_unicode_emoji_rtl_and_nul_bytes_survive_the_round_trip(tmp_path, tiny_m
     assert api.submit(job).rows_ok == 5
     got = duckdb.sql(f"SELECT text FROM '{tmp_path}/out/*.parquet' ORDER BY id").fetchall()
     assert [r[0] for r in got] == texts
+
+
+def test_yaml_cannot_build_python_objects(tmp_path):
+    from batchrun.errors import SpecError
+    from batchrun.spec import load_spec
+
+    job = write_job(tmp_path, "model: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(job)
+    assert not (tmp_path / "pwned").exists() and not (REPO / "pwned").exists()
+
+
+def test_mixed_column_types_across_files_are_unified_or_named(tmp_path):
+    from batchrun.io.source import read_source
+    from batchrun.spec import InputSpec
+
+    pq.write_table(pa.table({"id": [1, 2], "n": pa.array([1, 2], pa.int32())}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": [3], "n": pa.array([3.5], pa.float64())}), tmp_path / "b.parquet")
+    src = read_source(InputSpec(path=str(tmp_path / "*.parquet"), id="id"))
+    assert src.table.column("n").to_pylist() == [1.0, 2.0, 3.5]  # promoted to a common type
+    pq.write_table(pa.table({"id": [4], "n": ["text"]}), tmp_path / "c.parquet")
+    try:
+        src = read_source(InputSpec(path=str(tmp_path / "*.parquet"), id="id"))
+        assert src.table.column("n").to_pylist()[-1] == "text"
+    except Exception as e:  # if DuckDB cannot unify, the error must be ours and name the input
+        from batchrun.errors import InputDataError
+
+        assert isinstance(e, InputDataError) and e.message.startswith("input.")
