@@ -153,3 +153,21 @@ def test_example_job_end_to_end(tmp_path, monkeypatch):
     # The model read the review: most summaries name the product or a word from the review.
     hits = sum(p.split()[-1].lower() in o.lower() for p, o in zip(df["product"], df["output"]))
     assert hits >= 60, f"only {hits} summaries mention their product"
+
+
+def test_changed_input_or_model_files_are_refused_unless_fresh(tmp_path, tiny_model_dir, reviews_parquet):
+    import os
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    path = _job(tmp_path, str(model), reviews_parquet)
+    api.submit(path)
+    st = os.stat(reviews_parquet)
+    os.utime(reviews_parquet, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the input file was replaced
+    with pytest.raises(SpecError, match="holds results of a different job"):
+        api.submit(path)
+    assert api.submit(path, fresh=True).status == "ok"
+    (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # the model changed
+    with pytest.raises(SpecError, match="holds results of a different job"):
+        api.submit(path)

@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,12 +50,24 @@ class JobResult:
 
 
 def fingerprint(spec: JobSpec, files: list[str]) -> str:
-    """What decides the result rows: the spec's model/input/prompt/sampling and the input files' stats."""
+    """What decides the result rows: the spec's model/input/prompt/sampling, the input files' stats and the
+    model's files (a local model directory or GGUF file: names, sizes, modification times)."""
     from batchrun.io.source import _stat
 
     stats = [asdict(_stat(f)) for f in files]
-    blob = json.dumps({"spec": spec.results_hash(), "files": stats}, sort_keys=True)
+    blob = json.dumps({"spec": spec.results_hash(), "files": stats, "model": _model_stats(spec.model.path)},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _model_stats(path: str) -> list:
+    """Stats of a local model's files; a built-in name or hub id is identified by the spec alone."""
+    from batchrun.io.source import _stat
+
+    if os.path.isdir(path):
+        return [asdict(_stat(os.path.join(path, f))) | {"path": f} for f in sorted(os.listdir(path))
+                if not f.startswith(".")]
+    return [asdict(_stat(path)) | {"path": os.path.basename(path)}] if os.path.isfile(path) else []
 
 
 def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = None) -> JobResult:
