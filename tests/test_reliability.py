@@ -209,3 +209,29 @@ def test_mixed_column_types_across_files_are_unified_or_named(tmp_path):
         from batchrun.errors import InputDataError
 
         assert isinstance(e, InputDataError) and e.message.startswith("input.")
+
+
+def test_output_path_that_cannot_be_a_directory_is_a_clear_error(tmp_path, tiny_model_dir):
+    (tmp_path / "afile").write_text("x")
+    job = _job(tmp_path, tiny_model_dir, 3)
+    with pytest.raises(TemporaryFailure) as e:
+        api.submit(job, [f"output.path={tmp_path / 'afile' / 'sub'}"])
+    assert e.value.exit_code == 75 and e.value.message.startswith(f"output.path: cannot create or write {tmp_path}")
+
+
+def test_pickled_weights_are_refused(tmp_path, tokenizer_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from batchrun.engine.loader import load
+    from batchrun.spec import EngineSpec, ModelSpec
+    from conftest import make_tiny_model
+
+    src = make_tiny_model(tmp_path / "src", "llama", tokenizer_dir)
+    (tmp_path / "pickled").mkdir()
+    torch.save(AutoModelForCausalLM.from_pretrained(src).state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "pickled" / f).write_bytes((tmp_path / "src" / f).read_bytes())
+    assert (tmp_path / "pickled" / "pytorch_model.bin").exists()
+    with pytest.raises(RuntimeFailure, match="cannot load"):
+        load(ModelSpec(path=str(tmp_path / "pickled")), EngineSpec(device="cpu"))
