@@ -166,7 +166,11 @@ class Scheduler:
             if self._requeue:
                 i = self._requeue[0]
                 if not self._fits_row(self.rows[i]):
-                    return None
+                    if self._running or self._jobs or self._failed:
+                        return None  # wait for memory
+                    self._requeue.popleft()  # alone it no longer fits: it has outgrown the budget
+                    self._fail(i, self._outgrew_message(self.rows[i]))
+                    continue
                 self._requeue.popleft()
                 r = self.rows[i]
                 self._start_row(i, list(r.req.prompt_ids[r.own_start :]) + r.generated)
@@ -340,8 +344,11 @@ class Scheduler:
         self.alloc.release(r.own)
         r.own, r.running = Segment(), False
         self._running.pop(i, None)
-        self._fail(i, f"outgrew the KV budget of {self.budget} tokens after {len(r.generated)} output tokens "
-                      "(engine.kv_budget_tokens)")
+        self._fail(i, self._outgrew_message(r))
+
+    def _outgrew_message(self, r: _Row) -> str:
+        return (f"outgrew the KV budget of {self.budget} tokens after {len(r.generated)} output tokens "
+                "(engine.kv_budget_tokens)")
 
     # -- after the step ------------------------------------------------------------------------------------
 
