@@ -80,6 +80,7 @@ class Scheduler:
         self.prefix_refs = plan.prefixes.members.astype(np.int64).copy()
         self.prefix_seg: dict[int, Segment] = {}
         self.failed_prefixes: set[int] = set()
+        self._prefix_started: set[int] = set()  # (an evicted prefix is recomputed for its members, not here)
         self.estimator = OutputEstimator(np.array([r.max_tokens for r in requests], dtype=np.int64),
                                          initial_fraction=initial_estimate)
         self._packs = plan.packs()
@@ -91,6 +92,7 @@ class Scheduler:
         self._works: list[Work] = []
         self._failed: list[tuple[int, str]] = []
         self.preemptions = 0
+        self.prefix_evictions = 0
         self.steps = 0
 
     def _chain(self, row: int) -> list[int]:
@@ -111,7 +113,7 @@ class Scheduler:
         """The first pending pack item that still means work (later chunks of started work are dropped)."""
         while self._fill_pending():
             kind, ident, _, _ = self._pending[0]
-            stale = (ident in self.prefix_seg or ident in self.failed_prefixes) if kind == PREFIX \
+            stale = (ident in self._prefix_started or ident in self.failed_prefixes) if kind == PREFIX \
                 else self.rows[ident].started
             if not stale:
                 return self._pending[0]
@@ -165,9 +167,21 @@ class Scheduler:
         while True:
             if self._requeue:
                 i = self._requeue[0]
+                missing = self._missing_prefix(self.rows[i])
+                if missing is not None:  # its shared prefix was evicted meanwhile: recompute it first
+                    if not self._fits_prefix(missing):
+                        if self._running or self._jobs or self._failed or \
+                                self._evict_idle_prefixes(set(self.rows[i].chain)):
+                            return None
+                        self._requeue.popleft()
+                        self._fail(i, self._outgrew_message(self.rows[i]))
+                        continue
+                    return self._start_prefix(missing)
                 if not self._fits_row(self.rows[i]):
                     if self._running or self._jobs or self._failed:
                         return None  # wait for memory
+                    if self._evict_idle_prefixes(set(self.rows[i].chain)):
+                        continue
                     self._requeue.popleft()  # alone it no longer fits: it has outgrown the budget
                     self._fail(i, self._outgrew_message(self.rows[i]))
                     continue
@@ -185,8 +199,15 @@ class Scheduler:
                     self._pending.popleft()
                     self.failed_prefixes.add(ident)
                     continue
+                missing = next((q for q in self._prefix_chain(ident) if q not in self.prefix_seg), None)
+                if missing is not None:  # an enclosing prefix was evicted: recompute it first
+                    if not self._fits_prefix(missing):
+                        if self._blocked(keep=set(self._ancestry(ident))):
+                            continue
+                        return None
+                    return self._start_prefix(missing)
                 if not self._fits_prefix(ident):
-                    if self._blocked():
+                    if self._blocked(keep=set(self._ancestry(ident))):
                         continue
                     return None
                 self._pending.popleft()
@@ -196,19 +217,29 @@ class Scheduler:
                 self._pending.popleft()
                 self._fail(ident, "its shared prefix does not fit the KV budget")
                 continue
+            missing = self._missing_prefix(r)
+            if missing is not None:  # evicted while its members waited: recompute it first
+                if not self._fits_prefix(missing):
+                    if self._blocked(keep=set(r.chain)):
+                        continue
+                    return None
+                return self._start_prefix(missing)
             if not self._fits_row(r):
-                if self._blocked():
+                if self._blocked(keep=set(r.chain)):
                     continue
                 return None
             self._pending.popleft()
             self._start_row(ident, list(r.req.prompt_ids[r.own_start :]))
             return ident
 
-    def _blocked(self) -> bool:
+    def _blocked(self, keep: set[int]) -> bool:
         """The next piece of work does not fit. Wait (False), unless nothing runs that could free memory:
-        then it fails, and the caller tries the next (True)."""
-        if self._running or self._jobs or self._failed:  # (failed rows free their prefixes after this step)
-            return False
+        then shared prefixes held for waiting rows are evicted (recomputed when needed), or, with none left,
+        the work fails; either way the caller tries again (True)."""
+        if self._running or self._jobs or self._failed or self._works:
+            return False  # wait: this step's work (and failed rows' prefixes) free up after the step
+        if self._evict_idle_prefixes(keep):
+            return True
         kind, ident, _, _ = self._pending.popleft()
         if kind == PREFIX:
             self.failed_prefixes.add(ident)
@@ -218,6 +249,25 @@ class Scheduler:
             self._fail(ident, f"needs about {need} KV tokens beyond its shared prefixes; the KV budget is "
                               f"{self.budget} (engine.kv_budget_tokens)")
         return True
+
+    def _missing_prefix(self, r: _Row) -> int | None:
+        """The outermost shared prefix of ``r`` whose KV is not held (evicted), if any."""
+        return next((p for p in r.chain if p not in self.prefix_seg), None)
+
+    def _evict_idle_prefixes(self, keep: set[int]) -> bool:
+        """Free the KV of shared prefixes that no running row, no prefix being computed and nothing in
+        ``keep`` uses; True if any was freed."""
+        in_use = set(keep)
+        for i in self._running:
+            in_use.update(self.rows[i].chain)
+        for key in [*self._jobs, *(w.key for w in self._works)]:  # (a prefix written in this step stays)
+            if key < 0:
+                in_use.update(self._ancestry(-1 - key))
+        idle = [p for p in self.prefix_seg if p not in in_use]
+        for p in idle:
+            self.alloc.release(self.prefix_seg.pop(p))
+        self.prefix_evictions += len(idle)
+        return bool(idle)
 
     def _fits_row(self, r: _Row) -> bool:
         cur, rem = self._projection()
@@ -259,6 +309,7 @@ class Scheduler:
         pre = self.plan.prefixes
         start, end = int(pre.start[p]), int(pre.end[p])
         rep = self.rows[self.plan.trie.rep_row(int(pre.node[p]))]
+        self._prefix_started.add(p)
         self.prefix_seg[p] = Segment()
         self._jobs[-1 - p] = _Job(list(rep.req.prompt_ids[start:end]), start)
         return -1 - p
@@ -278,7 +329,7 @@ class Scheduler:
             seg = self.prefix_seg.get(p)
             if seg is None:  # every member failed or finished meanwhile: nothing needs it any more
                 return 0
-            slots = self._reserve(seg, n, protect=None)
+            slots = self._reserve(seg, n, protect=None, keep=set(self._ancestry(p)))
             if slots is None:  # the prefix cannot fit even alone: its members fail as they come
                 self.failed_prefixes.add(p)
                 self.alloc.release(self.prefix_seg.pop(p))
@@ -288,7 +339,7 @@ class Scheduler:
             self._works.append(Work(key, tokens, pos, context + [(seg, seg.length)], slots, False))
         else:
             r = self.rows[key]
-            slots = self._reserve(r.own, n, protect=key)
+            slots = self._reserve(r.own, n, protect=key, keep=set(r.chain))
             if slots is None:
                 self._outgrown(key)
                 return n
@@ -302,21 +353,21 @@ class Scheduler:
         return [(self.prefix_seg[p], self.prefix_seg[p].length) for p in r.chain] + [(r.own, r.own.length)]
 
     def _decode_work(self, i: int, r: _Row) -> Work | None:
-        slots = self._reserve(r.own, 1, protect=i)
+        slots = self._reserve(r.own, 1, protect=i, keep=set(r.chain))
         if slots is None:
             self._outgrown(i)
             return None
         pos = len(r.req.prompt_ids) + len(r.generated) - 1
         return Work(i, [r.generated[-1]], pos, self._context(r), slots, True, decode=True)
 
-    def _reserve(self, seg: Segment, n: int, protect: int | None) -> list[int] | None:
-        """Slots for ``n`` more tokens of ``seg``, preempting other rows if the pool is dry. None if even
-        that cannot make room (then the caller's row alone outgrows the budget)."""
+    def _reserve(self, seg: Segment, n: int, protect: int | None, keep: set[int]) -> list[int] | None:
+        """Slots for ``n`` more tokens of ``seg``. If the pool is dry: preempt another row, else evict shared
+        prefixes nobody running needs (not ``keep``). None if even that cannot make room."""
         while True:
             try:
                 return self.alloc.reserve(seg, n)
             except OutOfBlocks:
-                if not self._preempt(protect):
+                if not self._preempt(protect) and not self._evict_idle_prefixes(keep):
                     return None
 
     def _preempt(self, protect: int | None) -> bool:
