@@ -11,7 +11,7 @@ import torch
 
 from batchrun.engine import attention
 from batchrun.engine.loader import LoadedModel
-from batchrun.engine.scheduler import Work
+from batchrun.engine.work import Work
 from batchrun.errors import RuntimeFailure
 
 

@@ -16,56 +16,16 @@ alone finishes with an error instead of stopping the job.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from batchrun.engine.blocks import BlockAllocator, OutOfBlocks, Segment
 from batchrun.engine.requests import Completion, Request
 from batchrun.engine.stopping import Stopper
+from batchrun.engine.work import Job, RowState, Work
 from batchrun.plan.budget import fits
 from batchrun.plan.order import OutputEstimator
 from batchrun.plan.pack import PREFIX
-
-
-@dataclass
-class Work:
-    """One sequence's part of a step."""
-
-    key: int  # the row (index into the requests), or -1 - p for shared prefix p
-    tokens: list[int]
-    start_pos: int  # position of tokens[0]
-    # Every segment it attends to, outermost first (its own last, holding the new tokens), with the number of
-    # tokens it sees in each: a snapshot, since a later chunk of the same row may grow the segment this step.
-    context: list[tuple[Segment, int]]
-    slots: list[int]  # pool slots of the new tokens
-    sample: bool  # a next token is drawn from its last position
-    decode: bool = False  # the one new token is the row's last output
-
-
-@dataclass
-class _Job:
-    """Tokens still to compute for a row or a shared prefix."""
-
-    tokens: list[int]
-    start_pos: int
-    done: int = 0
-
-
-@dataclass
-class _Row:
-    req: Request
-    own_start: int
-    chain: list[int]  # shared prefixes, outermost first
-    own: Segment = field(default_factory=Segment)
-    generated: list[int] = field(default_factory=list)
-    running: bool = False  # holds KV
-    started: bool = False  # its pack item was taken
-    order: int = 0  # admission counter (the newest is preempted first)
-
-    @property
-    def own_tokens(self) -> int:
-        return len(self.req.prompt_ids) - self.own_start + len(self.generated)
 
 
 class Scheduler:
@@ -76,7 +36,8 @@ class Scheduler:
         self.stopper = stopper
         self.step_tokens = step_tokens
         self.budget = allocator.num_blocks * allocator.block_size
-        self.rows = [_Row(r, int(s), self._chain(i)) for i, (r, s) in enumerate(zip(requests, plan.prefixes.row_start))]
+        starts = plan.prefixes.row_start
+        self.rows = [RowState(r, int(s), self._chain(i)) for i, (r, s) in enumerate(zip(requests, starts))]
         self.prefix_refs = plan.prefixes.members.astype(np.int64).copy()
         self.prefix_seg: dict[int, Segment] = {}
         self.failed_prefixes: set[int] = set()
@@ -85,7 +46,7 @@ class Scheduler:
                                          initial_fraction=initial_estimate)
         self._packs = plan.packs()
         self._pending: deque = deque()
-        self._jobs: dict[int, _Job] = {}  # started, unfinished computations, in start order
+        self._jobs: dict[int, Job] = {}  # started, unfinished computations, in start order
         self._requeue: deque[int] = deque()
         self._running: dict[int, None] = {}  # rows holding KV, in admission order
         self._admitted = 0
@@ -250,7 +211,7 @@ class Scheduler:
                               f"{self.budget} (engine.kv_budget_tokens)")
         return True
 
-    def _missing_prefix(self, r: _Row) -> int | None:
+    def _missing_prefix(self, r: RowState) -> int | None:
         """The outermost shared prefix of ``r`` whose KV is not held (evicted), if any."""
         return next((p for p in r.chain if p not in self.prefix_seg), None)
 
@@ -269,7 +230,7 @@ class Scheduler:
         self.prefix_evictions += len(idle)
         return bool(idle)
 
-    def _fits_row(self, r: _Row) -> bool:
+    def _fits_row(self, r: RowState) -> bool:
         cur, rem = self._projection()
         bs = self.alloc.block_size
         left = max(int(np.ceil(r.req.max_tokens * self.estimator.fraction)) - len(r.generated), 1)
@@ -303,7 +264,7 @@ class Scheduler:
         r.order = self._admitted
         self._admitted += 1
         self._running[i] = None
-        self._jobs[i] = _Job(tokens, r.own_start)
+        self._jobs[i] = Job(tokens, r.own_start)
 
     def _start_prefix(self, p: int) -> int:
         pre = self.plan.prefixes
@@ -311,7 +272,7 @@ class Scheduler:
         rep = self.rows[self.plan.trie.rep_row(int(pre.node[p]))]
         self._prefix_started.add(p)
         self.prefix_seg[p] = Segment()
-        self._jobs[-1 - p] = _Job(list(rep.req.prompt_ids[start:end]), start)
+        self._jobs[-1 - p] = Job(list(rep.req.prompt_ids[start:end]), start)
         return -1 - p
 
     def _advance(self, key: int, budget: int) -> int:
@@ -349,10 +310,10 @@ class Scheduler:
     def _prefix_chain(self, p: int) -> list[int]:
         return self._ancestry(int(self.plan.prefixes.parent[p]))
 
-    def _context(self, r: _Row) -> list[tuple[Segment, int]]:
+    def _context(self, r: RowState) -> list[tuple[Segment, int]]:
         return [(self.prefix_seg[p], self.prefix_seg[p].length) for p in r.chain] + [(r.own, r.own.length)]
 
-    def _decode_work(self, i: int, r: _Row) -> Work | None:
+    def _decode_work(self, i: int, r: RowState) -> Work | None:
         slots = self._reserve(r.own, 1, protect=i, keep=set(r.chain))
         if slots is None:
             self._outgrown(i)
@@ -397,7 +358,7 @@ class Scheduler:
         self._running.pop(i, None)
         self._fail(i, self._outgrew_message(r))
 
-    def _outgrew_message(self, r: _Row) -> str:
+    def _outgrew_message(self, r: RowState) -> str:
         return (f"outgrew the KV budget of {self.budget} tokens after {len(r.generated)} output tokens "
                 "(engine.kv_budget_tokens)")
 
@@ -416,7 +377,7 @@ class Scheduler:
                 finished.append(self._finish(w.key))
         return finished
 
-    def _release_prefixes(self, r: _Row) -> None:
+    def _release_prefixes(self, r: RowState) -> None:
         for p in r.chain:
             self.prefix_refs[p] -= 1
             if self.prefix_refs[p] == 0 and p in self.prefix_seg:
