@@ -7,6 +7,8 @@ padding. The model's attention layers run ``engine.attention`` over the paged KV
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from batchrun.engine import attention
@@ -69,25 +71,33 @@ class Runner:
     @torch.inference_mode()
     def forward(self, works: list[Work], block_size: int) -> torch.Tensor:
         """Run the step; return logits [number of sampling works, vocab], in the order of ``works``."""
-        if self.use_varlen:
-            return self._forward_varlen(works, block_size)
-        ids, pos, slots, spans, last = [], [], [], [], []
-        single_q, single_ctx = [], []
-        t = 0
+        ids, pos, slots, last = [], [], [], []
+        q_start, contexts = [], []  # per work: where its queries start in the packed row, its context slots
         for w in works:
-            n = len(w.tokens)
+            q_start.append(len(ids))
             ids.extend(w.tokens)
-            pos.extend(range(w.start_pos, w.start_pos + n))
+            pos.extend(range(w.start_pos, w.start_pos + len(w.tokens)))
             slots.extend(w.slots)
-            if n == 1:
-                single_q.append(t)
-                single_ctx.append(self._context_slots(w, block_size))
-            else:
-                spans.append(attention.SeqSpan(t, t + n, self._context_slots(w, block_size).to(self.device)))
-            t += n
+            contexts.append(self._context_slots(w, block_size))
             if w.sample:
-                last.append(t - 1)
+                last.append(len(ids) - 1)
         dev = self.device
+        new_slots = torch.tensor(slots, dtype=torch.long, device=dev)
+        if self.use_varlen:
+            cu_q = [*q_start, len(ids)]
+            cu_k = [0, *itertools.accumulate(len(c) for c in contexts)]
+            batch = attention.VarlenBatch(
+                torch.tensor(cu_q, dtype=torch.int32, device=dev), torch.tensor(cu_k, dtype=torch.int32, device=dev),
+                max(len(w.tokens) for w in works), max(len(c) for c in contexts), torch.cat(contexts).to(dev))
+            return self._run(attention.StepContext(self.k_pool, self.v_pool, new_slots, [], None, batch), ids, pos,
+                             last)
+        spans, single_q, single_ctx = [], [], []
+        for w, start, c in zip(works, q_start, contexts):
+            if len(w.tokens) == 1:
+                single_q.append(start)
+                single_ctx.append(c)
+            else:
+                spans.append(attention.SeqSpan(start, start + len(w.tokens), c.to(dev)))
         decode = None
         if single_q:
             width = max(len(c) for c in single_ctx)
@@ -97,33 +107,7 @@ class Runner:
                 ctx_slots[i, : len(c)] = c
                 valid[i, : len(c)] = True
             decode = attention.DecodeBatch(torch.tensor(single_q, device=dev), ctx_slots.to(dev), valid.to(dev))
-        ctx = attention.StepContext(self.k_pool, self.v_pool, torch.tensor(slots, dtype=torch.long, device=dev),
-                                    spans, decode)
-        return self._run(ctx, ids, pos, last)
-
-    def _forward_varlen(self, works: list[Work], block_size: int) -> torch.Tensor:
-        ids, pos, slots, ctx_parts, last = [], [], [], [], []
-        cu_q, cu_k = [0], [0]
-        max_q = max_k = 0
-        for w in works:
-            n = len(w.tokens)
-            ids.extend(w.tokens)
-            pos.extend(range(w.start_pos, w.start_pos + n))
-            slots.extend(w.slots)
-            c = self._context_slots(w, block_size)
-            ctx_parts.append(c)
-            cu_q.append(cu_q[-1] + n)
-            cu_k.append(cu_k[-1] + len(c))
-            max_q, max_k = max(max_q, n), max(max_k, len(c))
-            if w.sample:
-                last.append(cu_q[-1] - 1)
-        dev = self.device
-        batch = attention.VarlenBatch(torch.tensor(cu_q, dtype=torch.int32, device=dev),
-                                      torch.tensor(cu_k, dtype=torch.int32, device=dev), max_q, max_k,
-                                      torch.cat(ctx_parts).to(dev))
-        ctx = attention.StepContext(self.k_pool, self.v_pool, torch.tensor(slots, dtype=torch.long, device=dev), [],
-                                    None, batch)
-        return self._run(ctx, ids, pos, last)
+        return self._run(attention.StepContext(self.k_pool, self.v_pool, new_slots, spans, decode), ids, pos, last)
 
     def _run(self, ctx, ids: list[int], pos: list[int], last: list[int]) -> torch.Tensor:
         dev = self.device
