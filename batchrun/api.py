@@ -72,14 +72,11 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
     """A dry run: read the input, tokenize, build the plan and simulate it (no model weights, no output)."""
     import time
 
-    import numpy as np
-
     from batchrun.engine.loader import auto_kv_budget, load_tokenizer, model_facts, pick_device, resolve
     from batchrun.engine.simulate import simulate
     from batchrun.io.prompts import build_prompts
     from batchrun.io.source import read_source
-    from batchrun.plan.plan import build_plan
-    from batchrun.runtime.job import _max_tokens, plan_config
+    from batchrun.runtime.job import _max_tokens, _plan, _requests
 
     job = validate(spec, overrides)
     source = read_source(job.input)
@@ -87,18 +84,15 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
     prompts = build_prompts(job.prompt, source.table, load_tokenizer(job.model, resolved))
     facts = model_facts(job.model, job.engine, resolved)
     max_tokens, mt_errors = _max_tokens(job, source)
-    lengths = prompts.tokens.lengths
-    ctx = facts.max_context or np.iinfo(np.int64).max
-    ok = np.array([i for i, e in enumerate(prompts.errors) if e is None and i not in mt_errors and lengths[i] < ctx],
-                  dtype=np.int64)
-    limits = np.minimum(np.asarray(max_tokens, dtype=np.int64)[ok], ctx - lengths[ok]) if len(ok) else ok
+    ids = source.table.column(source.id_column).to_pylist()
+    requests, _ = _requests(job, ids, prompts, max_tokens, mt_errors, facts.max_context, set())
     budget = job.engine.kv_budget_tokens or auto_kv_budget(facts, pick_device(job.engine.device))
     t = time.monotonic()
-    the_plan = build_plan(prompts.tokens.take(ok), limits, plan_config(job))
+    the_plan = _plan(job, prompts, requests)
     plan_s = time.monotonic() - t
     stats = the_plan.stats()
     sim = simulate(the_plan, budget)
-    return PlanReport(job=job.name, rows=source.num_rows, rows_error=source.num_rows - len(ok),
+    return PlanReport(job=job.name, rows=source.num_rows, rows_error=source.num_rows - len(requests),
                       **{k: stats[k] for k in ("prompt_tokens", "unique_tokens", "prefill_tokens", "saving_ratio",
                                                "shared_prefixes", "prefix_levels", "share_degree", "packs",
                                                "pack_capacity", "packing_efficiency", "max_output_tokens")},

@@ -282,11 +282,9 @@ def _plan(spec: JobSpec, prompts: Prompts, requests: list):
     rows = np.array([r.index for r in requests], dtype=np.int64)
     plan = build_plan(prompts.tokens.take(rows), np.array([r.max_tokens for r in requests], dtype=np.int64),
                       plan_config(spec))
-    if requests:
-        st = plan.stats()
-        log.info("plan: %d rows, %d prompt tokens, %d after sharing (%.0f%% saved), %d shared prefixes",
-                 st["rows"], st["prompt_tokens"], st["prefill_tokens"], 100 * st["saving_ratio"],
-                 st["shared_prefixes"])
+    if requests:  # (cheap numbers only: Plan.stats() would walk every pack)
+        log.info("plan: %d rows, %d prompt tokens, %d after sharing, %d shared prefixes", len(requests),
+                 plan.tokens.num_tokens, plan.prefill_tokens(), len(plan.prefixes))
     return plan
 
 
