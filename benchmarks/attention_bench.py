@@ -11,13 +11,17 @@ uses), ``flex`` (FlexAttention, compiled, with a block mask for "same sequence a
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch.nn.attention.varlen import varlen_attn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import record
 
 
 def timeit(fn, reps: int = 20) -> float:
@@ -80,11 +84,7 @@ def main() -> None:
     flex = torch.compile(flex_attention)
     for name, q_lens, k_extra in (("prefill", [300] * 24, 1500), ("mixed", [300] * 8 + [1] * 256, 1500),
                                   ("decode", [1] * 512, 1500)):
-        row = run_case(name, q_lens, k_extra, flex)
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        record(run_case(name, q_lens, k_extra, flex), args.out)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,8 @@ are compared token for token.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +24,9 @@ from batchrun.io.prompts import build_prompts
 from batchrun.io.source import read_source
 from batchrun.runtime.job import _engine, _max_tokens, _plan, _requests
 from batchrun.spec import load_spec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import git_commit, record
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu-example.jsonl"
 
@@ -53,7 +54,7 @@ def main() -> None:
     t_ref, ref = timed(ref_engine, requests, plan)
     t_ours, got = timed(ours, requests, plan)
     same = sum(got[i].token_ids == ref[i].token_ids for i in ref)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     row = {"bench": "cpu-example", "model": spec.model.path, "dtype": loaded.dtype, "rows": len(requests),
            "prompt_tokens": int(sum(len(r.prompt_ids) for r in requests)),
            "prefill_tokens_after_sharing": plan.prefill_tokens(),
@@ -63,10 +64,7 @@ def main() -> None:
            "reference_batch_size": spec.engine.batch_size, "kv_budget_tokens": budget,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
            "python": platform.python_version(), "commit": commit, "date": time.strftime("%Y-%m-%d")}
-    print(json.dumps(row))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    record(row, RESULTS)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ HBM bandwidth), both peaks measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads
+from results_io import git_commit, record
 
 from batchrun.engine.batch import BatchEngine
 from batchrun.engine.loader import LoadedModel
@@ -139,7 +138,7 @@ def main() -> None:
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     unique, output = plan.trie.unique_tokens, int(w.max_tokens.sum())
     roofline = max(2 * n_params * (unique + output) / flops, int(w.max_tokens.max()) * weight_bytes / hbm)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     for system in args.systems.split(","):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -156,10 +155,7 @@ def main() -> None:
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "commit": commit,
                "date": time.strftime("%Y-%m-%d")}
-        print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        record(row, args.out)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads
+from results_io import git_commit, record
 
 from batchrun.plan.plan import PlanConfig, build_plan
 
@@ -33,8 +34,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "plan-cpu.jsonl"
 
 
 def _meta() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"commit": commit, "cpus": os.cpu_count(), "python": platform.python_version(),
+    return {"commit": git_commit(), "cpus": os.cpu_count(), "python": platform.python_version(),
             "numpy": np.__version__, "machine": platform.machine(), "date": time.strftime("%Y-%m-%d")}
 
 
@@ -85,23 +85,19 @@ def main() -> None:
         return
     meta = _meta()
 
-    def record(r: dict) -> None:  # each measurement is written as soon as it exists
-        print(json.dumps(r), flush=True)
-        if not args.no_write:
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            with open(RESULTS, "a") as f:
-                f.write(json.dumps({**r, **meta}) + "\n")
+    def keep(r: dict) -> None:  # each measurement is written as soon as it exists
+        record({**r, **meta}, None if args.no_write else RESULTS)
 
     if args.tokenize_rows:
-        record(tokenize_once(args.tokenize_rows))
+        keep(tokenize_once(args.tokenize_rows))
         single = subprocess.run([sys.executable, __file__, "--tokenize-only", "--tokenize-rows",
                                  str(args.tokenize_rows)], capture_output=True, text=True,
                                 env={**os.environ, "RAYON_NUM_THREADS": "1"})
         for line in single.stdout.splitlines():
             if line.startswith("{"):
-                record(json.loads(line))
+                keep(json.loads(line))
     for rows in args.rows + ([1_000_000] if args.million else []):
-        record(plan_once(rows))
+        keep(plan_once(rows))
 
 
 if __name__ == "__main__":
