@@ -47,8 +47,10 @@ class BatchEngine:
         sched = Scheduler(plan, requests, BlockAllocator(self.num_blocks, self.block_size), self.stopper,
                           self.step_tokens, self.initial_estimate)
         generators = {}
+        peak = 0
         while not sched.finished():
             works = sched.next_step()
+            peak = max(peak, sched.alloc.used_tokens)
             if not works:
                 failed = sched.take_errors()
                 if failed:
@@ -66,7 +68,8 @@ class BatchEngine:
             tokens = sample(logits, self.sampling, gens) if keys else []
             # Every step yields (maybe nothing), so the job can stop between steps on a signal.
             yield sched.commit(works, dict(zip(keys, tokens)))
-        self.stats = {"steps": sched.steps, "preemptions": sched.preemptions}
+        self.stats = {"steps": sched.steps, "preemptions": sched.preemptions, "kv_peak_tokens": peak,
+                      "kv_budget_tokens": self.num_blocks * self.block_size}
         log.debug("engine: %d steps, %d preemptions", sched.steps, sched.preemptions)
 
 
