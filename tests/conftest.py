@@ -1,4 +1,7 @@
-"""Shared fixtures: small input tables, a tiny random-weight model directory, the real SmolLM2 (slow)."""
+"""Shared fixtures: small input tables, a tiny random-weight model directory, the real SmolLM2 (slow).
+
+Plain helpers (write_job, REPO, make_tiny_model, plan and simulator helpers) live in helpers.py; test modules
+import them from there, never from this module."""
 
 from __future__ import annotations
 
@@ -9,11 +12,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import make_tiny_model  # imports neither torch nor transformers: the settings below still apply
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -32,31 +34,6 @@ def tokenizer_dir(request) -> str:
     """The SmolLM2 tokenizer: $BATCHRUN_TEST_TOKENIZER (a directory; the GPU machine gets only that), or the
     converted model's."""
     return os.environ.get("BATCHRUN_TEST_TOKENIZER") or request.getfixturevalue("smollm2_dir")
-
-
-def make_tiny_model(directory: Path, arch: str = "llama", tokenizer_dir: str | None = None, seed: int = 0,
-                    init: float = 0.5) -> str:
-    """A tiny random-weight causal LM saved as a model directory, with the SmolLM2 tokenizer.
-
-    A large init scale makes its logits peaked, so greedy decoding has clear winners (see DESIGN.md,
-    "Testing exactness honestly").
-    """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    common = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  initializer_range=init, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                  tie_word_embeddings=False)
-    if arch == "qwen3":
-        common["head_dim"] = 16
-    config = AutoConfig.for_model(arch, **common)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(directory)
-    if tokenizer_dir:
-        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
-    return str(directory)
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +55,3 @@ def reviews_parquet(tmp_path) -> Path:
     pq.write_table(table, path)
     return path
 
-
-def write_job(tmp_path: Path, body: str, name: str = "job.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(body, encoding="utf-8")
-    return path

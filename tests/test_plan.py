@@ -1,6 +1,7 @@
 """batchrun.plan: shared prefix groups, row order, prefix lifetimes and prefill packs, checked against brute
 force on small random jobs (few base sequences + random tails over a tiny vocabulary, so sharing nests) and on
-hand-made jobs with exact expected results. The simulator, budget and estimator are in test_plan_sim.py."""
+hand-made jobs with exact expected results. Random jobs come from helpers.jobs. The simulator, budget and
+estimator are tested in test_plan_sim.py and test_sim_cases.py."""
 
 from __future__ import annotations
 
@@ -9,48 +10,12 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from helpers import Rows, build, chain, jobs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchrun.plan.pack import PREFIX, ROW, pack_window, packs
-from batchrun.plan.plan import PlanConfig, build_plan
-from batchrun.tokens import TokenTable
-
-Rows = list[list[int]]
-
-
-STEP_TOKENS = st.integers(8, 32) | st.integers(8, 200)  # small capacities often, so rows get chunked
-FEW_ROWS = st.integers(1, 12)
-
-
-@st.composite
-def jobs(draw, step_tokens=STEP_TOKENS, n_rows=FEW_ROWS, base_len=80):
-    """(rows, max_tokens, config): runnable rows (>= 1 token) cut from 1-4 base sequences plus random tails."""
-    ids = draw(st.lists(st.sampled_from([0, 1, 2, 7, 31, 49151]), min_size=1, max_size=3, unique=True))
-    sym = st.sampled_from(ids)
-    bases = draw(st.lists(st.lists(sym, max_size=base_len), min_size=1, max_size=4))
-    rows = []
-    for _ in range(draw(n_rows)):
-        base = draw(st.sampled_from(bases))
-        row = base[: draw(st.integers(0, len(base)))] + draw(st.lists(sym, max_size=40))
-        rows.append(row or [draw(sym)])
-    max_tokens = np.array(draw(st.lists(st.integers(1, 20), min_size=len(rows), max_size=len(rows))))
-    config = PlanConfig(step_tokens=draw(step_tokens), block_size=draw(st.sampled_from([1, 4, 16])),
-                        overhead_tokens=draw(st.sampled_from([0, 16])), window_packs=draw(st.sampled_from([1, 2, 8])))
-    return rows, max_tokens, config
-
-
-def build(rows: Rows, max_tokens, config: PlanConfig | None = None, est=None):
-    return build_plan(TokenTable.from_lists(rows), np.asarray(max_tokens, dtype=np.int64), config, est)
-
-
-def chain(g, row: int) -> list[int]:
-    """The shared prefixes row uses, innermost first."""
-    out, p = [], int(g.row_prefix[row])
-    while p >= 0:
-        out.append(p)
-        p = int(g.parent[p])
-    return out
+from batchrun.plan.plan import PlanConfig
 
 
 def check_groups(rows: Rows, plan) -> None:

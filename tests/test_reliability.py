@@ -15,10 +15,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import REPO, make_tiny_model, write_job
 
 from batchrun import api
 from batchrun.errors import RuntimeFailure, TemporaryFailure
-from conftest import REPO, write_job
 
 JOB = """
 name: rel
@@ -225,7 +225,6 @@ def test_pickled_weights_are_refused(tmp_path, tokenizer_dir):
 
     from batchrun.engine.loader import load
     from batchrun.spec import EngineSpec, ModelSpec
-    from conftest import make_tiny_model
 
     src = make_tiny_model(tmp_path / "src", "llama", tokenizer_dir)
     (tmp_path / "pickled").mkdir()
