@@ -58,7 +58,7 @@ class PlanReport:
     pack_capacity: int
     packing_efficiency: float  # packed tokens / (packs * capacity)
     max_output_tokens: int
-    kv_budget_tokens: int
+    kv_budget_tokens: int  # what submit uses (on CUDA an estimate: see plan)
     projected_kv_peak: int  # simulated with every row running to max_tokens
     estimated_steps: int
     rows_too_big: int  # rows that cannot fit the KV budget even alone
@@ -69,35 +69,28 @@ class PlanReport:
 
 
 def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PlanReport:
-    """A dry run: read the input, tokenize, build the plan and simulate it (no model weights, no output)."""
-    import time
-
-    from batchrun.engine.loader import auto_kv_budget, load_tokenizer, model_facts, pick_device, resolve
+    """A dry run: read the input, tokenize, build the plan and simulate it under the KV budget ``submit``
+    would use (no model weights, no output). On CUDA the budget is an estimate: ``submit`` measures the free
+    memory after loading the weights; ``plan`` subtracts their computed size from the free memory now."""
+    from batchrun.engine import loader
+    from batchrun.engine.factory import kv_budget
     from batchrun.engine.simulate import simulate
-    from batchrun.io.prompts import build_prompts
-    from batchrun.io.source import read_source
-    from batchrun.runtime.job import _max_tokens, _plan, _requests
+    from batchrun.runtime.prepare import prepare
 
     job = validate(spec, overrides)
-    source = read_source(job.input)
-    resolved = resolve(job.model)
-    prompts = build_prompts(job.prompt, source.table, load_tokenizer(job.model, resolved))
-    facts = model_facts(job.model, job.engine, resolved)
-    max_tokens, mt_errors = _max_tokens(job, source)
-    ids = source.table.column(source.id_column).to_pylist()
-    requests, _ = _requests(job, ids, prompts, max_tokens, mt_errors, facts.max_context, set())
-    budget = job.engine.kv_budget_tokens or auto_kv_budget(facts, pick_device(job.engine.device))
-    t = time.monotonic()
-    the_plan = _plan(job, prompts, requests)
-    plan_s = time.monotonic() - t
-    stats = the_plan.stats()
-    sim = simulate(the_plan, budget)
-    return PlanReport(job=job.name, rows=source.num_rows, rows_error=source.num_rows - len(requests),
+    resolved = loader.resolve(job.model)
+    facts = loader.model_facts(job.model, job.engine, resolved, count_weights=True)
+    prepared = prepare(job, loader.load_tokenizer(job.model, resolved), facts.max_context)
+    budget = kv_budget(job.engine, facts, prepared.requests)
+    stats = prepared.plan.stats()
+    sim = simulate(prepared.plan, budget)
+    return PlanReport(job=job.name, rows=prepared.num_rows, rows_error=len(prepared.errors),
                       **{k: stats[k] for k in ("prompt_tokens", "unique_tokens", "prefill_tokens", "saving_ratio",
                                                "shared_prefixes", "prefix_levels", "share_degree", "packs",
                                                "pack_capacity", "packing_efficiency", "max_output_tokens")},
-                      kv_budget_tokens=int(budget), projected_kv_peak=sim.peak_kv_tokens,
-                      estimated_steps=sim.steps, rows_too_big=len(sim.rows_too_big), plan_s=round(plan_s, 3))
+                      kv_budget_tokens=budget, projected_kv_peak=sim.peak_kv_tokens,
+                      estimated_steps=sim.steps, rows_too_big=len(sim.rows_too_big),
+                      plan_s=round(prepared.timings["plan_s"], 3))
 
 
 def status(output_dir: str | Path) -> dict[str, Any]:

@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 
-from batchrun.engine.batch import BatchEngine, default_kv_budget
+from batchrun.engine.factory import kv_usage, make_engine
 from batchrun.engine.loader import load
 from batchrun.engine.reference import ReferenceEngine
-from batchrun.io.prompts import build_prompts
-from batchrun.io.source import read_source
-from batchrun.runtime.job import _engine, _max_tokens, _plan, _requests
+from batchrun.runtime.prepare import prepare, row_of
 from batchrun.spec import load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,26 +31,22 @@ RESULTS = Path(__file__).resolve().parent / "results" / "cpu-example.jsonl"
 
 def timed(engine, requests, plan) -> tuple[float, dict]:
     t = time.perf_counter()
-    out = {c.index: c for batch in engine.run(requests, plan) for c in batch}
+    out = {row_of(c): c for batch in engine.run(requests, plan) for c in batch}
     return time.perf_counter() - t, out
 
 
 def main() -> None:
     spec = load_spec(Path(__file__).resolve().parents[1] / "jobs/example.yaml", sys.argv[1:])
-    source = read_source(spec.input)
     loaded = load(spec.model, spec.engine)
-    prompts = build_prompts(spec.prompt, source.table, loaded.tokenizer)
-    max_tokens, mt_errors = _max_tokens(spec, source)
-    ids = source.table.column(source.id_column).to_pylist()
-    requests, _ = _requests(spec, ids, prompts, max_tokens, mt_errors, loaded.max_context, set())
-    plan = _plan(spec, prompts, requests)
-    ref_engine = _engine(spec.model_copy(update={"engine": spec.engine.model_copy(update={"backend": "reference"})}),
-                         loaded, requests)
+    job = prepare(spec, loaded.tokenizer, loaded.max_context)
+    requests, plan = job.requests, job.plan
+    reference = spec.model_copy(update={"engine": spec.engine.model_copy(update={"backend": "reference"})})
+    ref_engine = make_engine(reference, loaded, requests)
     assert isinstance(ref_engine, ReferenceEngine)
-    budget = default_kv_budget(loaded, spec.engine.kv_budget_tokens)
-    ours = BatchEngine(loaded, ref_engine.sampling, budget, spec.engine.block_size, spec.engine.step_tokens)
+    ours = make_engine(spec, loaded, requests)
     t_ref, ref = timed(ref_engine, requests, plan)
     t_ours, got = timed(ours, requests, plan)
+    budget, _ = kv_usage(ours)
     same = sum(got[i].token_ids == ref[i].token_ids for i in ref)
     commit = git_commit()
     row = {"bench": "cpu-example", "model": spec.model.path, "dtype": loaded.dtype, "rows": len(requests),

@@ -23,10 +23,12 @@ import workloads
 from results_io import git_commit, record
 
 from batchrun.engine.batch import BatchEngine
-from batchrun.engine.loader import LoadedModel
+from batchrun.engine.factory import kv_budget
+from batchrun.engine.loader import LoadedModel, loaded_facts
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.engine.requests import Request, SamplingParams
 from batchrun.plan.plan import PlanConfig, build_plan
+from batchrun.spec import EngineSpec
 
 MODELS = {"1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                      intermediate_size=8192),
@@ -91,12 +93,10 @@ def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan) 
         engine = ReferenceEngine(loaded, params, batch_size=64)
         it = engine.run(requests)
     else:
-        free = torch.cuda.mem_get_info()[0] if loaded.device == "cuda" else 2**30
-        cfg = loaded.model.config
-        head_dim = cfg.hidden_size // cfg.num_attention_heads
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 2  # K and V, bf16
-        engine = BatchEngine(loaded, params, kv_budget_tokens=int(free * 0.8) // per_token, block_size=16,
-                             step_tokens=plan.config.step_tokens)
+        cfg = EngineSpec(block_size=plan.config.block_size, step_tokens=plan.config.step_tokens)
+        budget = kv_budget(cfg, loaded_facts(loaded), requests)  # the job's rule: weights loaded, 90% of free
+        engine = BatchEngine(loaded, params, kv_budget_tokens=budget, block_size=cfg.block_size,
+                             step_tokens=cfg.step_tokens)
         it = engine.run(requests, plan)
     _sync()
     t = time.perf_counter()

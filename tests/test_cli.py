@@ -258,13 +258,13 @@ def test_plan_prints_rows_tokens_and_sharing(tmp_path, tiny_model_dir, reviews_p
                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"]
            for t in TEXTS.values() if t is not None]
     unique = len({tuple(r[:k]) for r in ids for k in range(1, len(r) + 1)})
-    r = run("plan", job, "--json", "--set", "engine.kv_budget_tokens=4096")
+    r = run("plan", job, "--json", "--set", "engine.kv_budget_tokens=256")
     assert r.exit_code == 0, r.stderr
     report = last_json(r)
     assert {k: report[k] for k in ("job", "rows", "rows_error", "prompt_tokens", "unique_tokens",
                                    "max_output_tokens", "kv_budget_tokens", "rows_too_big")} == {
         "job": "job", "rows": 6, "rows_error": 1, "prompt_tokens": sum(map(len, ids)), "unique_tokens": unique,
-        "max_output_tokens": 15, "kv_budget_tokens": 4096, "rows_too_big": 0}
+        "max_output_tokens": 15, "kv_budget_tokens": 256, "rows_too_big": 0}
     # The chat template's system block is shared by all five prompts.
     assert report["shared_prefixes"] >= 1 and report["prefill_tokens"] < report["prompt_tokens"]
     lines = r.stdout.splitlines()

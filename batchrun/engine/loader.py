@@ -150,7 +150,8 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def load(spec: ModelSpec, engine: EngineSpec) -> LoadedModel:
+def load(spec: ModelSpec, engine: EngineSpec, tokenizer: Any = None) -> LoadedModel:
+    """Load the weights onto the device (``tokenizer``: one already loaded with ``load_tokenizer``)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -160,7 +161,7 @@ def load(spec: ModelSpec, engine: EngineSpec) -> LoadedModel:
     device = pick_device(engine.device)
     dtype = pick_dtype(spec.dtype, device)
     resolved = resolve(spec)
-    tokenizer = load_tokenizer(spec, resolved)
+    tokenizer = tokenizer or load_tokenizer(spec, resolved)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             resolved, revision=spec.revision, dtype=getattr(torch, dtype), use_safetensors=True,
@@ -173,19 +174,27 @@ def load(spec: ModelSpec, engine: EngineSpec) -> LoadedModel:
     if eos is None:
         eos = tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    max_context = getattr(model.config, "max_position_embeddings", None)
+    max_context = _max_context(model.config)
     return LoadedModel(model, tokenizer, device, dtype, spec.path, resolved, eos_ids, max_context)
 
 
 @dataclass(frozen=True)
 class ModelFacts:
-    """What planning needs to know of a model without loading its weights."""
+    """What the KV budget and planning need to know of a model, with or without its weights loaded."""
 
     max_context: int | None
-    kv_bytes_per_token: int  # K and V, all layers, at the dtype the job runs in
+    device: str  # where the job runs (``pick_device``)
+    dtype: str  # what it runs in (``pick_dtype``)
+    kv_bytes_per_token: int  # K and V, all layers, at ``dtype``
+    pending_weight_bytes: int = 0  # weights not yet on the device (estimated; counted on CUDA only)
 
 
-def model_facts(spec: ModelSpec, engine: EngineSpec, resolved: str | None = None) -> ModelFacts:
+def model_facts(spec: ModelSpec, engine: EngineSpec, resolved: str | None = None, *,
+                count_weights: bool = False) -> ModelFacts:
+    """Facts from the model's config alone, at the device and dtype the job really runs in.
+
+    ``count_weights``: the weights will not be loaded first (``batchrun plan``); on CUDA their size is then
+    estimated, since the KV budget must leave them room. (On CPU the budget does not depend on them.)"""
     from transformers import AutoConfig
 
     source = resolved or resolve(spec)
@@ -193,24 +202,50 @@ def model_facts(spec: ModelSpec, engine: EngineSpec, resolved: str | None = None
         config = AutoConfig.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     except Exception as e:
         raise RuntimeFailure(f"model: cannot read the config of {source!r}: {e}") from None
+    device = pick_device(engine.device)
+    dtype = pick_dtype(spec.dtype, device)
+    pending = 0
+    if count_weights and device.startswith("cuda"):
+        pending = estimate_weight_bytes(config, dtype, spec.trust_remote_code)
+    return ModelFacts(_max_context(config), device, dtype, kv_bytes_per_token(config, dtype), pending)
+
+
+def loaded_facts(loaded: LoadedModel) -> ModelFacts:
+    """Facts of a loaded model: its weights are on the device already (the free memory shows them)."""
+    config = loaded.model.config
+    return ModelFacts(_max_context(config), loaded.device, loaded.dtype, kv_bytes_per_token(config, loaded.dtype))
+
+
+def kv_bytes_per_token(config: Any, dtype: str) -> int:
+    """Bytes of K and V for one token over all layers, at ``dtype``."""
     config = getattr(config, "text_config", None) or config
     heads = getattr(config, "num_attention_heads", 1)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    layers = config.num_hidden_layers
-    dtype = spec.dtype if spec.dtype != "auto" else ("float32" if engine.device == "cpu" else "bfloat16")
     width = 4 if dtype == "float32" else 2
-    return ModelFacts(getattr(config, "max_position_embeddings", None), 2 * layers * kv_heads * head_dim * width)
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * width
 
 
-def auto_kv_budget(facts: ModelFacts, device: str, weight_bytes: int = 0) -> int:
-    """KV budget in tokens when the spec gives none: 90% of free GPU memory after the weights, or a quarter
-    of the machine's memory on CPU."""
-    if device.startswith("cuda"):
-        import torch
+def estimate_weight_bytes(config: Any, dtype: str, trust_remote_code: bool = False) -> int:
+    """The bytes the model's parameters and buffers will take at ``dtype``, without loading them.
 
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        room = int(free * 0.9) - weight_bytes
-    else:
-        room = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    return max(room // facts.kv_bytes_per_token, 1)
+    The model is built on the meta device (no memory, a fraction of a second) and its tensors counted: this
+    is exactly what ``load`` puts on the device (tied weights once, whatever the checkpoint's storage dtype,
+    sharding or format), which the sizes of the safetensors files are not."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _quiet_transformers()
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
+                                                     trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise RuntimeFailure(f"model: cannot build the model from its config to size it: {e}") from None
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _max_context(config: Any) -> int | None:
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "max_position_embeddings", None)

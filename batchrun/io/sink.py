@@ -14,18 +14,21 @@ committed. Readers: ``duckdb "SELECT * FROM 'out/job/*.parquet'"`` or ``polars.r
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import json
 import os
+import platform
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from batchrun import __version__
 from batchrun.errors import SpecError, TemporaryFailure
 
 JOB_FILE = "_batchrun_job.json"
@@ -42,6 +45,11 @@ RESULT_FIELDS = [
     pa.field("error", pa.string()),
 ]
 RESULT_COLUMNS = [f.name for f in RESULT_FIELDS]
+
+
+def output_schema(input_schema: pa.Schema, id_column: str, columns: list[str]) -> pa.Schema:
+    """The parts' columns: the id, the passthrough ``columns`` (types as in the input), then the results."""
+    return pa.schema([input_schema.field(id_column)] + [input_schema.field(c) for c in columns] + RESULT_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -207,6 +215,10 @@ class Sink:
             out["output_tokens"] += sum(v or 0 for v in t.column("output_tokens").to_pylist())
         return out
 
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Write the manifest of a job that did not finish (``complete`` false): no success marker."""
+        write_atomic(self.path / MANIFEST, dumps(manifest))
+
     def commit(self, manifest: dict[str, Any]) -> None:
         """Flush what is left, then write the manifest and the success marker, in that order. A job with no
         rows at all still gets one (empty) part, so readers find the schema."""
@@ -215,6 +227,49 @@ class Sink:
             self._write_part(self.schema.empty_table())
         write_atomic(self.path / MANIFEST, dumps(manifest))
         write_atomic(self.path / SUCCESS, b"")
+
+
+def build_manifest(job: dict[str, Any], totals: dict[str, int], *, this_run: int, from_earlier_runs: int,
+                   model: dict[str, Any], engine: str, source: Any, timings: dict[str, float],
+                   kv: dict[str, int | None], complete: bool = True, **extra: Any) -> dict[str, Any]:
+    """The ``_manifest.json`` document. ``job``: the job file's record (``_batchrun_job.json``); ``totals``:
+    ``Sink.totals()``; ``source``: the ``batchrun.io.source.Source`` read; ``extra``: more top-level keys
+    (``stopped_by``)."""
+    return {
+        "job": job["job"],
+        "complete": complete,
+        "spec_hash": job["spec_hash"],
+        "results_hash": job["results_hash"],
+        "spec": job["spec"],
+        "model": model,
+        "engine": engine,
+        "kv": kv,
+        "input": {"files": [asdict(f) for f in source.files], "id_column": source.id_column,
+                  "generated_id": source.generated_id},
+        "rows": {"total": totals["rows"], "ok": totals["rows"] - totals["error"], "error": totals["error"],
+                 "this_run": this_run, "from_earlier_runs": from_earlier_runs},
+        "tokens": {"prompt": totals["prompt_tokens"], "output": totals["output_tokens"]},
+        "timings": timings,
+        "versions": versions(),
+        "finished_at": utc_now(),
+        **extra,
+    }
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"batchrun": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "duckdb", "pyarrow", "tokenizers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def is_batchrun_file(name: str) -> bool:

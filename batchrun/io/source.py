@@ -120,7 +120,7 @@ def read_source(spec: InputSpec) -> Source:
     finally:
         con.close()
     table = table.combine_chunks() if table.num_columns else table
-    stats = [_stat(f) for f in files]
+    stats = [file_stat(f) for f in files]
     if spec.id is None:
         if GENERATED_ID in table.column_names:
             raise InputDataError(f"input.id: the input already has a column named {GENERATED_ID!r}; set input.id to it "
@@ -166,7 +166,8 @@ def check_ids(table: pa.Table, id_column: str) -> None:
         raise InputDataError(f"input.id: column {id_column!r} has {len(dup)} duplicated id(s): {shown}{more}")
 
 
-def _stat(path: str) -> FileStat:
+def file_stat(path: str) -> FileStat:
+    """Path, size and modification time (-1 for a path that cannot be read), to fingerprint inputs."""
     try:
         st = os.stat(path)
         return FileStat(path, st.st_size, st.st_mtime_ns)

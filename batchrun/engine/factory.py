@@ -1,0 +1,80 @@
+"""The engine a job runs on, and the one rule for its KV budget (``submit``, ``plan`` and benchmarks use both).
+
+The KV budget, in tokens, whole blocks:
+1. ``engine.kv_budget_tokens`` if the spec sets it; otherwise
+2. automatic: on CUDA 90% of the free GPU memory once the weights are loaded (``submit`` measures it after
+   loading them; ``plan``, which loads none, subtracts their estimated size from the free memory now), on
+   CPU a quarter of the machine's memory, at most 2 GiB of KV (the pool is allocated up front); bytes per
+   token at the dtype the job really runs in;
+3. then capped by what the requests can ever use: each row's prompt + max_tokens + 2 blocks (one for
+   rounding up, one for the admission rule's allowance), rounded up to whole blocks; at least one block.
+This module knows the spec's engine section and the engine classes, nothing of input, prompts or output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from batchrun.engine.loader import LoadedModel, ModelFacts, loaded_facts
+from batchrun.engine.requests import Request, SamplingParams
+from batchrun.spec import EngineSpec, JobSpec, SamplingSpec
+
+log = logging.getLogger("batchrun")
+
+GPU_MEMORY_FRACTION = 0.9  # the rest: activations, logits, the allocator's slack
+CPU_KV_BYTES_MAX = 2 << 30
+
+
+def kv_budget(engine: EngineSpec, facts: ModelFacts, requests: Sequence[Request]) -> int:
+    """The KV budget in tokens (a multiple of ``engine.block_size``) for running ``requests``."""
+    bs = engine.block_size
+    budget = engine.kv_budget_tokens or auto_kv_budget(facts)
+    need = sum(len(r.prompt_ids) + r.max_tokens + 2 * bs for r in requests)
+    return max(min(budget // bs * bs, -(-need // bs) * bs), bs)
+
+
+def auto_kv_budget(facts: ModelFacts) -> int:
+    """KV tokens that fit the device's memory when the spec names no budget (before the cap by requests)."""
+    if facts.device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(facts.device))
+        room = int((free - facts.pending_weight_bytes) * GPU_MEMORY_FRACTION)
+    else:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        room = min(ram // 4, CPU_KV_BYTES_MAX)
+    return max(room // facts.kv_bytes_per_token, 1)
+
+
+def sampling_params(sampling: SamplingSpec) -> SamplingParams:
+    s = sampling
+    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop=tuple(s.stop),
+                          ignore_eos=s.ignore_eos)
+
+
+def make_engine(spec: JobSpec, loaded: LoadedModel, requests: Sequence[Request]) -> Any:
+    """The engine ``spec.engine.backend`` names, for ``requests``: the reference engine or batchrun's."""
+    params = sampling_params(spec.sampling)
+    e = spec.engine
+    if e.backend == "reference":
+        from batchrun.engine.reference import ReferenceEngine
+
+        return ReferenceEngine(loaded, params, batch_size=e.batch_size)
+    from batchrun.engine.batch import BatchEngine
+
+    budget = kv_budget(e, loaded_facts(loaded), requests)
+    log.info("engine: batchrun, KV budget %d tokens in blocks of %d", budget, e.block_size)
+    return BatchEngine(loaded, params, kv_budget_tokens=budget, block_size=e.block_size, step_tokens=e.step_tokens)
+
+
+def kv_usage(engine: Any) -> tuple[int | None, int | None]:
+    """(KV budget, peak KV held) in tokens, whole blocks, after ``engine.run``; None where the engine has no
+    KV pool (the reference engine), and a None peak where its last run did not finish (stopped)."""
+    stats = getattr(engine, "stats", None) or {}
+    budget = stats.get("kv_budget_tokens")
+    if budget is None and hasattr(engine, "num_blocks"):  # (no finished run yet)
+        budget = engine.num_blocks * engine.block_size
+    return budget, stats.get("kv_peak_tokens")

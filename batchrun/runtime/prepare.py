@@ -1,0 +1,149 @@
+"""The one preparation path of a job: read the input, build and tokenize the prompts, sort rows into engine
+requests and row errors, and plan the requests. ``submit``, ``plan`` and the benchmarks all start here.
+
+It takes a tokenizer and the model's context length, never the model: ``plan`` prepares a job without
+loading any weights. It writes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from batchrun.engine.requests import Request, row_seed
+from batchrun.errors import InputDataError, SpecError
+from batchrun.io.prompts import Prompts, build_prompts
+from batchrun.io.sink import RESULT_COLUMNS
+from batchrun.io.source import Source, read_source, require_columns
+from batchrun.plan.plan import Plan, PlanConfig, build_plan
+from batchrun.spec import JobSpec
+
+log = logging.getLogger("batchrun")
+
+
+@dataclass
+class PreparedJob:
+    """Everything known about a job before the engine runs (rows are positions in ``source.table``)."""
+
+    source: Source
+    columns: list[str]  # passthrough input columns copied to the output (the id column not included)
+    ids: list[Any]  # each row's id, in input order
+    prompts: Prompts
+    requests: list[Request]  # the rows still to run (not committed earlier, no error), in input order
+    errors: list[tuple[int, str]]  # (row, message): rows still to run that fail before the engine
+    plan: Plan  # over ``requests``: plan row k is ``requests[k]``
+    timings: dict[str, float] = field(default_factory=dict)  # read_s, tokenize_s, plan_s
+
+    @property
+    def num_rows(self) -> int:
+        return self.source.num_rows
+
+
+def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
+            done: Collection[Any] = frozenset()) -> PreparedJob:
+    """Prepare ``spec``'s rows whose ids are not in ``done`` (the ids an earlier run committed)."""
+    timings = {}
+    t = time.monotonic()
+    source = read_source(spec.input)
+    columns = output_columns(spec, source)
+    max_tokens, mt_errors = row_max_tokens(spec, source)
+    timings["read_s"] = time.monotonic() - t
+    log.info("read %d rows from %d file(s)", source.num_rows, len(source.files))
+
+    t = time.monotonic()
+    prompts = build_prompts(spec.prompt, source.table, tokenizer)
+    timings["tokenize_s"] = time.monotonic() - t
+
+    ids = source.table.column(source.id_column).to_pylist()
+    requests, errors = build_requests(spec, ids, prompts, max_tokens, mt_errors, max_context, done)
+    t = time.monotonic()
+    plan = plan_requests(spec, prompts, requests)
+    timings["plan_s"] = time.monotonic() - t
+    return PreparedJob(source, columns, ids, prompts, requests, errors, plan, timings)
+
+
+def output_columns(spec: JobSpec, source: Source) -> list[str]:
+    """The input columns the output keeps: ``output.columns``, or every column; never a result column."""
+    names = source.table.column_names
+    if spec.output.columns is None:
+        cols = [c for c in names if c != source.id_column]
+        clash = [c for c in cols if c in RESULT_COLUMNS]
+        if clash:
+            raise SpecError(f"output.columns: input column(s) {clash} would clash with result columns "
+                            f"{RESULT_COLUMNS}; list the columns to keep in output.columns")
+        return cols
+    require_columns(source.table, list(spec.output.columns), "output.columns")
+    clash = [c for c in spec.output.columns if c in RESULT_COLUMNS]
+    if clash:
+        raise SpecError(f"output.columns: {clash} clash with result columns {RESULT_COLUMNS}")
+    return list(dict.fromkeys(c for c in spec.output.columns if c != source.id_column))
+
+
+def row_max_tokens(spec: JobSpec, source: Source) -> tuple[list[int], dict[int, str]]:
+    """Per-row max_tokens: the spec's number, or a column (a null or non-positive value is a row error)."""
+    mt = spec.sampling.max_tokens
+    n = source.num_rows
+    if isinstance(mt, int):
+        return [mt] * n, {}
+    require_columns(source.table, [mt], "sampling.max_tokens")
+    col = source.table.column(mt)
+    if not pa.types.is_integer(col.type):
+        raise InputDataError(f"sampling.max_tokens: column {mt!r} has type {col.type}; it must hold integers")
+    values, errors = [], {}
+    for i, v in enumerate(col.to_pylist()):
+        if v is None or v < 1:
+            errors[i] = f"max_tokens column {mt!r} is {'null' if v is None else v}; it must be >= 1"
+        values.append(v or 0)
+    return values, errors
+
+
+def build_requests(spec: JobSpec, ids: list[Any], prompts: Prompts, max_tokens: list[int],
+                   mt_errors: dict[int, str], max_context: int | None,
+                   done: Collection[Any]) -> tuple[list[Request], list[tuple[int, str]]]:
+    """Requests for the rows still to run, and (row, message) for rows that fail before the engine: a prompt
+    that failed to render, a bad max_tokens value, a prompt that does not fit the model's context. A prompt
+    that fits but leaves less room than max_tokens is generated up to the context length."""
+    requests, errors = [], []
+    lengths = prompts.tokens.lengths
+    for i, row_id in enumerate(ids):
+        if row_id in done:
+            continue
+        message = prompts.errors[i] or mt_errors.get(i)
+        n = int(lengths[i])
+        limit = max_tokens[i]
+        if message is None and max_context and n >= max_context:
+            message = f"prompt has {n} tokens; the model's context is {max_context}"
+        if message is not None:
+            errors.append((i, message))
+            continue
+        if max_context:
+            limit = min(limit, max_context - n)
+        requests.append(Request(index=i, prompt_ids=prompts.tokens.row(i).tolist(), max_tokens=limit,
+                                seed=row_seed(spec.sampling.seed, row_id)))
+    return requests, errors
+
+
+def row_of(item: Any) -> int:
+    """The input row of a Request or of the Completion an engine made of it (its ``index``)."""
+    return item.index
+
+
+def plan_config(spec: JobSpec) -> PlanConfig:
+    return PlanConfig(step_tokens=spec.engine.step_tokens, block_size=spec.engine.block_size)
+
+
+def plan_requests(spec: JobSpec, prompts: Prompts, requests: list[Request]) -> Plan:
+    """Plan the runnable rows (prefix trie, sharing, order, packs); the plan's rows are ``requests``."""
+    rows = np.array([row_of(r) for r in requests], dtype=np.int64)
+    plan = build_plan(prompts.tokens.take(rows), np.array([r.max_tokens for r in requests], dtype=np.int64),
+                      plan_config(spec))
+    if requests:  # (cheap numbers only: Plan.stats() would walk every pack)
+        log.info("plan: %d rows, %d prompt tokens, %d after sharing, %d shared prefixes", len(requests),
+                 plan.tokens.num_tokens, plan.prefill_tokens(), len(plan.prefixes))
+    return plan
