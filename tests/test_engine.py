@@ -18,7 +18,7 @@ from batchrun.errors import RuntimeFailure
 from batchrun.plan.plan import PlanConfig, build_plan
 from batchrun.spec import EngineSpec, ModelSpec
 from batchrun.tokens import TokenTable
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 SYSTEM = "You are a careful assistant. Answer briefly and precisely, in one sentence. " * 2
 DOCS = ["The kettle boils fast, the lid never leaks and the handle stays cool. " * 2,
