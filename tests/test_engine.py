@@ -18,7 +18,7 @@ from batchrun.errors import RuntimeFailure
 from batchrun.plan.plan import PlanConfig, build_plan
 from batchrun.spec import EngineSpec, ModelSpec
 from batchrun.tokens import TokenTable
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 SYSTEM = "You are a careful assistant. Answer briefly and precisely, in one sentence. " * 2
 DOCS = ["The kettle boils fast, the lid never leaks and the handle stays cool. " * 2,
@@ -32,7 +32,7 @@ def _requests(tok, seed: int = 0) -> list[Request]:
                                      tokenize=False, add_generation_prompt=True) for d in DOCS for q in QUESTIONS]
     texts += ["Hi", "A completely different prompt with nothing shared at all, " * 8]
     ids = tok(texts, add_special_tokens=False)["input_ids"]
-    return [Request(index=i, prompt_ids=p, max_tokens=m, seed=row_seed(seed, i))
+    return [Request(key=i, prompt_ids=p, max_tokens=m, seed=row_seed(seed, i))
             for i, (p, m) in enumerate(zip(ids, MAX_TOKENS))]
 
 
@@ -42,14 +42,26 @@ def _plan(reqs: list[Request], step_tokens: int = 64, block_size: int = 4):
 
 
 def _run(engine, reqs, plan=None) -> dict:
-    got = {c.index: c for batch in (engine.run(reqs, plan) if plan is not None else engine.run(reqs)) for c in batch}
-    assert sorted(got) == sorted(r.index for r in reqs)
+    got = {c.key: c for batch in (engine.run(reqs, plan) if plan is not None else engine.run(reqs)) for c in batch}
+    assert sorted(got) == sorted(r.key for r in reqs)
     return got
 
 
+_ORACLE: dict = {}  # (model, device, params, request) -> Completion: each oracle run happens once per session
+
+
 def _oracle(loaded, reqs, params: SamplingParams | None = None) -> dict:
-    one = ReferenceEngine(loaded, params or SamplingParams(), batch_size=1)
-    return {r.index: _run(one, [r])[r.index] for r in reqs}
+    """The reference engine, one prompt at a time (cached: several tests ask for the same rows)."""
+    params = params or SamplingParams()
+    one = ReferenceEngine(loaded, params, batch_size=1)
+    out = {}
+    for r in reqs:
+        k = (loaded.resolved, loaded.device, loaded.dtype, params, r.key, tuple(r.prompt_ids), r.max_tokens, r.seed,
+             r.constraint)
+        if k not in _ORACLE:
+            _ORACLE[k] = _run(one, [r])[r.key]
+        out[r.key] = _ORACLE[k]
+    return out
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -81,12 +93,12 @@ def test_greedy_equals_the_oracle(tiny, budget, step_tokens, block_size):
                          step_tokens=step_tokens)
     got = _run(engine, reqs, _plan(reqs, step_tokens, block_size))
     for r in reqs:
-        assert got[r.index].token_ids == oracle[r.index].token_ids, f"row {r.index}"
-        assert (got[r.index].text, got[r.index].finish_reason) == (oracle[r.index].text, oracle[r.index].finish_reason)
+        assert got[r.key].token_ids == oracle[r.key].token_ids, f"row {r.key}"
+        assert (got[r.key].text, got[r.key].finish_reason) == (oracle[r.key].text, oracle[r.key].finish_reason)
 
 
 def test_forced_preemption_recomputes_exactly(tiny):
-    reqs = [Request(r.index, r.prompt_ids, 40) for r in _requests(tiny.tokenizer)]
+    reqs = [Request(r.key, r.prompt_ids, 40) for r in _requests(tiny.tokenizer)]
     params = SamplingParams(ignore_eos=True)
     oracle = _oracle(tiny, reqs, params)
     # Estimates of 5% of max_tokens admit too much; the pool then runs dry mid-decode.
@@ -94,7 +106,7 @@ def test_forced_preemption_recomputes_exactly(tiny):
     got = _run(engine, reqs, _plan(reqs))
     assert engine.stats["preemptions"] > 0
     for r in reqs:
-        assert got[r.index].token_ids == oracle[r.index].token_ids, f"row {r.index}"
+        assert got[r.key].token_ids == oracle[r.key].token_ids, f"row {r.key}"
 
 
 def test_sampling_does_not_depend_on_batch_composition(tiny):
@@ -105,13 +117,13 @@ def test_sampling_does_not_depend_on_batch_composition(tiny):
     part = [reqs[i] for i in (9, 3, 0, 6)]
     alone = _run(engine, part, _plan(part))
     for r in part:
-        assert alone[r.index].token_ids == whole[r.index].token_ids
+        assert alone[r.key].token_ids == whole[r.key].token_ids
     reseeded = _run(engine, _requests(tiny.tokenizer, seed=8), _plan(reqs))
     assert any(reseeded[i].token_ids != whole[i].token_ids for i in range(len(reqs)))
 
 
 def test_stop_strings_end_rows_like_the_oracle(tiny):
-    reqs = [Request(r.index, r.prompt_ids, 16) for r in _requests(tiny.tokenizer)]
+    reqs = [Request(r.key, r.prompt_ids, 16) for r in _requests(tiny.tokenizer)]
     free = _run(BatchEngine(tiny, SamplingParams(ignore_eos=True), 100_000, 4, 64), reqs, _plan(reqs))
     stop = free[0].text[3:5]
     params = SamplingParams(stop=(stop,), ignore_eos=True)
@@ -119,7 +131,47 @@ def test_stop_strings_end_rows_like_the_oracle(tiny):
     got = _run(BatchEngine(tiny, params, 100_000, 4, 64), reqs, _plan(reqs))
     assert got[0].finish_reason == "stop"
     for r in reqs:
-        assert (got[r.index].token_ids, got[r.index].text) == (oracle[r.index].token_ids, oracle[r.index].text)
+        assert (got[r.key].token_ids, got[r.key].text) == (oracle[r.key].token_ids, oracle[r.key].text)
+
+
+class _Alternating:
+    """A logits constraint: even positions may only be one of ``even``, odd positions one of ``odd``."""
+
+    def __init__(self, even: list[int], odd: list[int]):
+        self.even, self.odd = even, odd
+
+    def allowed_tokens(self, generated):
+        return self.odd if len(generated) % 2 else self.even
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_logits_constraints_are_honoured_by_both_engines(tiny, temperature):
+    """Greedy: the engine equals the oracle under the constraint; sampled: every token obeys it. Rows
+    without a constraint are unaffected."""
+    base = _requests(tiny.tokenizer)
+    tok = tiny.tokenizer
+    even = tok(" yes no maybe", add_special_tokens=False)["input_ids"]
+    odd = tok(" cat dog", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    rule = _Alternating(even, odd)
+    reqs = [Request(r.key, r.prompt_ids, r.max_tokens, r.seed, constraint=rule if r.key % 2 == 0 else None)
+            for r in base]
+    params = SamplingParams(temperature=temperature)
+    got = _run(BatchEngine(tiny, params, 100_000, 4, 64), reqs, _plan(reqs))
+    ref = _run(ReferenceEngine(tiny, params, batch_size=4), reqs)
+    for r in reqs:
+        for out in (got[r.key], ref[r.key]):
+            if r.constraint is not None:
+                assert out.token_ids, f"row {r.key}"
+                assert all(t in (odd if j % 2 else even) for j, t in enumerate(out.token_ids)), f"row {r.key}"
+    if temperature == 0.0:
+        oracle = _oracle(tiny, reqs, params)
+        free = _oracle(tiny, base, params)
+        for r in reqs:
+            assert got[r.key].token_ids == oracle[r.key].token_ids == ref[r.key].token_ids, f"row {r.key}"
+            if r.constraint is None:
+                assert got[r.key].token_ids == free[r.key].token_ids
+            else:
+                assert got[r.key].token_ids != free[r.key].token_ids  # the constraint changed something
 
 
 @pytest.mark.slow
@@ -132,7 +184,7 @@ def test_greedy_equals_the_oracle_on_smollm2(smollm2_dir):
                              initial_estimate=initial)
         got = _run(engine, reqs, _plan(reqs))
         for r in reqs:
-            assert got[r.index].token_ids == oracle[r.index].token_ids, f"row {r.index} (budget {budget})"
+            assert got[r.key].token_ids == oracle[r.key].token_ids, f"row {r.key} (budget {budget})"
 
 
 def test_unsupported_attention_is_refused(tmp_path, tokenizer_dir):
@@ -165,28 +217,28 @@ def test_flash_varlen_path_matches_the_torch_path(tmp_path, tokenizer_dir, monke
     """On the GPU in half precision the engine uses flash varlen attention; it must pick the same tokens as
     the plain-torch path, tie-aware (DESIGN.md): rows may part only where the top-2 logits are within
     half-precision noise, and that position is reported."""
-    from batchrun.engine import runner
+    from batchrun.engine import attention
 
     path = make_tiny_model(tmp_path / "llama", "llama", tokenizer_dir, seed=3)
     loaded = load(ModelSpec(path=path, dtype=dtype), EngineSpec(device="cuda"))
     reqs = _requests(loaded.tokenizer)
-    assert runner.use_varlen("cuda", getattr(torch, dtype))
+    assert attention.choose_backend("cuda", getattr(torch, dtype)).name == "varlen"
     flash = BatchEngine(loaded, SamplingParams(), 100_000, 16, 64)
-    assert flash.runner.use_varlen
+    assert flash.runner.backend.name == "varlen"
     got = _run(flash, reqs, _plan(reqs, 64, 16))
     monkeypatch.setenv("BATCHRUN_ATTENTION", "torch")
     plain = BatchEngine(loaded, SamplingParams(), 100_000, 16, 64)
-    assert not plain.runner.use_varlen
+    assert plain.runner.backend.name == "torch"
     want = _run(plain, reqs, _plan(reqs, 64, 16))
     parted = []
     for r in reqs:
-        a, b = got[r.index].token_ids, want[r.index].token_ids
+        a, b = got[r.key].token_ids, want[r.key].token_ids
         k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if k is None:
-            assert len(a) == len(b), f"row {r.index}"
+            assert len(a) == len(b), f"row {r.key}"
             continue
         margin, scale = _top2_margin(loaded, r.prompt_ids, b[:k])
-        parted.append((r.index, k, round(margin, 4)))
-        assert margin <= 0.02 * max(scale, 1.0), f"row {r.index} parts at token {k} with a clear margin {margin}"
+        parted.append((r.key, k, round(margin, 4)))
+        assert margin <= 0.02 * max(scale, 1.0), f"row {r.key} parts at token {k} with a clear margin {margin}"
     print("rows parting at a near-tie (row, position, top-2 margin):", parted)
     assert len(parted) <= len(reqs) // 3

@@ -29,7 +29,7 @@ def _load(path: str):
 
 def _requests(tok, max_tokens: list[int], seed: int = 0) -> list[Request]:
     ids = tok(PROMPTS, add_special_tokens=False)["input_ids"]
-    return [Request(index=i, prompt_ids=p, max_tokens=m, seed=row_seed(seed, i))
+    return [Request(key=i, prompt_ids=p, max_tokens=m, seed=row_seed(seed, i))
             for i, (p, m) in enumerate(zip(ids, max_tokens))]
 
 
@@ -48,8 +48,8 @@ def _oracle(loaded, req: Request, ignore_eos: bool = False) -> list[int]:
 
 
 def _run(engine: ReferenceEngine, requests: list[Request]):
-    got = {c.index: c for batch in engine.run(requests) for c in batch}
-    assert sorted(got) == sorted(r.index for r in requests)  # every row exactly once
+    got = {c.key: c for batch in engine.run(requests) for c in batch}
+    assert sorted(got) == sorted(r.key for r in requests)  # every row exactly once
     return got
 
 
@@ -59,8 +59,8 @@ def test_greedy_equals_generate_one_at_a_time_tiny(arch, tmp_path, smollm2_dir):
     reqs = _requests(loaded.tokenizer, [9, 4, 12, 1, 7, 10, 5])
     got = _run(ReferenceEngine(loaded, SamplingParams(), batch_size=3), reqs)
     for r in reqs:
-        assert got[r.index].token_ids == _oracle(loaded, r), f"row {r.index} differs"
-        assert len(got[r.index].token_ids) <= r.max_tokens
+        assert got[r.key].token_ids == _oracle(loaded, r), f"row {r.key} differs"
+        assert len(got[r.key].token_ids) <= r.max_tokens
 
 
 def test_ignore_eos_runs_exactly_max_tokens(tiny_model_dir):
@@ -68,7 +68,7 @@ def test_ignore_eos_runs_exactly_max_tokens(tiny_model_dir):
     reqs = _requests(loaded.tokenizer, [6, 3, 8, 2, 5, 4, 7])
     got = _run(ReferenceEngine(loaded, SamplingParams(ignore_eos=True), batch_size=4), reqs)
     for r in reqs:
-        c = got[r.index]
+        c = got[r.key]
         assert len(c.token_ids) == r.max_tokens and c.finish_reason == "length"
         assert c.token_ids == _oracle(loaded, r, ignore_eos=True)
 
@@ -80,10 +80,10 @@ def test_greedy_equals_generate_one_at_a_time_smollm2(smollm2_dir):
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                      add_generation_prompt=True) for p in PROMPTS]
     ids = tok(texts, add_special_tokens=False)["input_ids"]
-    reqs = [Request(index=i, prompt_ids=p, max_tokens=16) for i, p in enumerate(ids)]
+    reqs = [Request(key=i, prompt_ids=p, max_tokens=16) for i, p in enumerate(ids)]
     got = _run(ReferenceEngine(loaded, SamplingParams(), batch_size=4), reqs)
     for r in reqs:
-        assert got[r.index].token_ids == _oracle(loaded, r), f"row {r.index} differs"
+        assert got[r.key].token_ids == _oracle(loaded, r), f"row {r.key} differs"
     # The real model answers the question (it really ran).
     assert "Paris" in got[5].text
 
@@ -109,7 +109,7 @@ def test_sampling_is_per_row_and_independent_of_batch(tiny_model_dir):
     params = SamplingParams(temperature=1.5, top_p=0.95, top_k=50, ignore_eos=True)
     reqs = _requests(loaded.tokenizer, [8] * len(PROMPTS), seed=11)
     together = _run(ReferenceEngine(loaded, params, batch_size=7), reqs)
-    alone = {r.index: _run(ReferenceEngine(loaded, params, batch_size=1), [r])[r.index] for r in reqs[:3]}
+    alone = {r.key: _run(ReferenceEngine(loaded, params, batch_size=1), [r])[r.key] for r in reqs[:3]}
     reordered = _run(ReferenceEngine(loaded, params, batch_size=2), list(reversed(reqs)))
     for i in range(3):
         assert together[i].token_ids == alone[i].token_ids == reordered[i].token_ids

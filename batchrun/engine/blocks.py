@@ -1,8 +1,8 @@
-"""KV block bookkeeping (no torch): which blocks of the pool are free, and who holds each one.
+"""KV block bookkeeping (no torch): which blocks of the pool are free, and which a segment holds.
 
 A sequence's KV is a list of ``Segment``s: the segments of its shared prefixes (outermost first), then its
-own. A segment is a list of block ids plus how many tokens it holds; a shared prefix's segment is referenced
-by every member and freed when the last one lets go.
+own. A segment is a list of block ids plus how many tokens it holds. Who may free a segment (reference
+counts of shared prefixes) is the KV manager's business (``engine.kv``), not the allocator's.
 """
 
 from __future__ import annotations
@@ -10,15 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-class OutOfBlocks(Exception):
-    """The pool has no free block left (the scheduler preempts, then retries)."""
-
-
 @dataclass
 class Segment:
     blocks: list[int] = field(default_factory=list)
     length: int = 0  # tokens written
-    refs: int = 1
 
 
 class BlockAllocator:
@@ -37,22 +32,21 @@ class BlockAllocator:
     def used_tokens(self) -> int:
         return (self.num_blocks - len(self._free)) * self.block_size
 
-    def reserve(self, seg: Segment, new_tokens: int) -> list[int]:
-        """Grow ``seg`` to hold ``new_tokens`` more tokens; returns the slot index of each new token."""
+    def reserve(self, seg: Segment, new_tokens: int) -> list[int] | None:
+        """Grow ``seg`` to hold ``new_tokens`` more tokens; the slot of each new token, or None (and ``seg``
+        unchanged) if the pool has too few free blocks."""
         bs = self.block_size
         need = -(-(seg.length + new_tokens) // bs) - len(seg.blocks)
         if need > len(self._free):
-            raise OutOfBlocks(f"need {need} blocks, {len(self._free)} free")
+            return None
         for _ in range(need):
             seg.blocks.append(self._free.pop())
         slots = [seg.blocks[p // bs] * bs + p % bs for p in range(seg.length, seg.length + new_tokens)]
         seg.length += new_tokens
         return slots
 
-    def release(self, seg: Segment) -> None:
-        """Drop one reference; the blocks go back to the pool with the last one."""
-        seg.refs -= 1
-        if seg.refs <= 0:
-            self._free.extend(reversed(seg.blocks))
-            seg.blocks = []
-            seg.length = 0
+    def free(self, seg: Segment) -> None:
+        """Give ``seg``'s blocks back to the pool; the segment is empty afterwards."""
+        self._free.extend(reversed(seg.blocks))
+        seg.blocks = []
+        seg.length = 0

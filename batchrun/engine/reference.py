@@ -1,9 +1,9 @@
 """The reference engine: plain transformers ``generate`` over left-padded batches of consecutive requests.
 
 It stays for good as the correctness oracle and the benchmark baseline, so it is deliberately simple.
-Per-row limits (max_tokens, stop strings) are stopping criteria; sampling at temperature > 0 draws each
-row's token from that row's own generator (seeded from the job seed and the row id), so a row's output does
-not depend on which rows share its batch.
+Per-row limits (max_tokens, stop strings) are stopping criteria and per-request logits constraints a logits
+processor; sampling at temperature > 0 draws each row's token from that row's own generator (seeded from the
+job seed and the row id), so a row's output does not depend on which rows share its batch.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from transformers import (
 
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Request, SamplingParams
-from batchrun.engine.sampling import row_generator, sampling_probs
+from batchrun.engine.sampling import constrain, row_generator, sampling_probs
 from batchrun.engine.stopping import Stopper
+from batchrun.plan.plan import Plan
 
 
 class ReferenceEngine:
@@ -36,7 +37,9 @@ class ReferenceEngine:
         tok = loaded.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (loaded.eos_ids or [0])[0]
 
-    def run(self, requests: Sequence[Request], plan=None) -> Iterator[list[Completion]]:
+    stats: dict = {}  # (no pool, no steps of its own)
+
+    def run(self, requests: Sequence[Request], plan: Plan | None = None) -> Iterator[list[Completion]]:
         """Yield the completions of each batch as it finishes. Requests run in plan order (``plan`` was built
         over ``requests``), or in the order given without a plan."""
         if plan is not None:
@@ -59,6 +62,8 @@ class ReferenceEngine:
             eos_token_id=None if self.sampling.ignore_eos else self.loaded.eos_ids,
         )
         processors = LogitsProcessorList()
+        if any(r.constraint is not None for r in batch):
+            processors.append(_RowConstraints(batch, width))
         if not self.sampling.greedy:
             processors.append(_RowSampler(self.sampling, [r.seed for r in batch], device))
         stops = StoppingCriteriaList([_RowStops(batch, width, self.stopper)])
@@ -67,7 +72,7 @@ class ReferenceEngine:
             logits_processor=processors, stopping_criteria=stops,
         )
         generated = out[:, width:].tolist()
-        return [self.stopper.finish(r.index, g, r.max_tokens) for r, g in zip(batch, generated)]
+        return [self.stopper.finish(r.key, g, r.max_tokens) for r, g in zip(batch, generated)]
 
 
 class _RowStops(StoppingCriteria):
@@ -85,6 +90,18 @@ class _RowStops(StoppingCriteria):
             rows = input_ids[:, self.width :].tolist()
             done = [d or self.stopper.hit(row) for d, row in zip(done, rows)]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _RowConstraints(LogitsProcessor):
+    """Each request's logits constraint, given the tokens that request generated so far (before sampling)."""
+
+    def __init__(self, batch: list[Request], prompt_width: int):
+        self.constraints = [r.constraint for r in batch]
+        self.width = prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = input_ids[:, self.width :].tolist()
+        return constrain(scores, [None if c is None else c.allowed_tokens(g) for c, g in zip(self.constraints, rows)])
 
 
 class _RowSampler(LogitsProcessor):

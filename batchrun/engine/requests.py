@@ -1,17 +1,21 @@
-"""The plain objects an engine takes and gives back (no torch here).
+"""The contract between batchrun and an engine: the plain objects it takes and gives back (no torch here).
 
-An engine gets ``Request``s (token ids and per-row limits) and yields ``Completion``s as rows finish.
+An engine gets ``Request``s (token ids and per-request limits) and yields ``Completion``s as requests
+finish. A request's ``key`` is opaque to the engine: whoever builds the requests (the result assembler)
+decides what it means — an input row today; a (row, sample) pair or a BatchPrompt round later.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Job-wide decoding settings (per-row limits live on the Request)."""
+    """Job-wide decoding settings (per-request limits live on the Request)."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -24,21 +28,45 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
+@runtime_checkable
+class LogitsConstraint(Protocol):
+    """A per-request restriction of the next token (a grammar, a choice list, a BatchPrompt label slot).
+
+    Both engines call it before every token of the request is chosen, with the tokens generated so far, and
+    only the tokens it returns can be chosen (greedy or sampled). ``None`` means no restriction at this
+    position. The returned collection must not be empty.
+    """
+
+    def allowed_tokens(self, generated: Sequence[int]) -> Sequence[int] | None: ...
+
+
 @dataclass(frozen=True)
 class Request:
-    index: int  # the row's position in the job's input table
+    key: Hashable  # opaque to the engine; echoed in the Completion
     prompt_ids: list[int]
     max_tokens: int
-    seed: int = 0  # per-row seed, from row_seed(job seed, row id)
+    seed: int = 0  # per-request seed, e.g. row_seed(job seed, row id)
+    constraint: LogitsConstraint | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
 class Completion:
-    index: int
+    key: Hashable  # the Request's key
     token_ids: list[int] = field(repr=False)  # generated tokens, EOS excluded, cut after a stop string
     text: str
     finish_reason: str  # "stop" (EOS or a stop string), "length" (max_tokens reached), "error"
-    error: str | None = None  # why the row failed (it could not fit the KV budget, say)
+    error: str | None = None  # why the request failed (it could not fit the KV budget, say)
+
+
+class Engine(Protocol):
+    """What the job runner needs of an engine (batchrun's ``BatchEngine``, the ``ReferenceEngine``)."""
+
+    name: str
+    stats: dict[str, Any]  # counters of the last run (steps, preemptions, KV peak, ...)
+
+    def run(self, requests: Sequence[Request], plan: Any) -> Iterator[list[Completion]]:
+        """Run every request (``plan`` was built over ``requests``, in this order); yield finished ones."""
+        ...
 
 
 def row_seed(job_seed: int, row_id: object) -> int:

@@ -6,6 +6,8 @@ samples never depends on which rows share its batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from batchrun.engine.requests import SamplingParams
@@ -25,6 +27,21 @@ def sampling_probs(logits: torch.Tensor, s: SamplingParams) -> torch.Tensor:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits.softmax(-1)
+
+
+def constrain(logits: torch.Tensor, allowed: list[Sequence[int] | None]) -> torch.Tensor:
+    """Logits [n, vocab] with every token outside row i's ``allowed[i]`` set to -inf (None: no restriction).
+    The masks are built on the CPU and applied on the device in one step."""
+    rows = [i for i, a in enumerate(allowed) if a is not None]
+    if not rows:
+        return logits
+    keep = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool)
+    for j, i in enumerate(rows):
+        keep[j, torch.as_tensor(list(allowed[i]), dtype=torch.long)] = True
+    index = torch.tensor(rows, device=logits.device)
+    logits = logits.clone()
+    logits[index] = logits[index].masked_fill(~keep.to(logits.device), float("-inf"))
+    return logits
 
 
 def sample(logits: torch.Tensor, s: SamplingParams, generators: list[torch.Generator] | None) -> list[int]:

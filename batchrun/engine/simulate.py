@@ -1,4 +1,4 @@
-"""Run a plan on paper: the engine's own scheduler, with a stand-in for the model.
+"""Run a plan on paper: the engine's own scheduler and KV manager, with a stand-in for the model.
 
 ``batchrun plan`` uses it to project steps and KV peak, and tests use it to check that the KV budget is
 never exceeded. The stand-in "model" makes each row produce its given number of tokens (default: all of
@@ -12,17 +12,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from batchrun.engine.blocks import BlockAllocator
+from batchrun.engine.kv import KVManager
 from batchrun.engine.requests import Request
 from batchrun.engine.scheduler import Scheduler
-from batchrun.engine.stopping import Stopper
+from batchrun.plan.plan import Plan
 
 _EOS = -1
-
-
-class _NoText:
-    def decode(self, ids, skip_special_tokens=True) -> str:
-        return ""
 
 
 @dataclass(frozen=True)
@@ -39,38 +34,39 @@ class SimResult:
         return asdict(self)
 
 
-def simulate(plan, kv_budget: int, outputs: np.ndarray | None = None, initial_estimate: float = 1.0) -> SimResult:
-    """Simulate ``plan`` (a ``batchrun.plan.plan.Plan``) under ``kv_budget`` tokens of KV.
+def simulate(plan: Plan, kv_budget: int, outputs: np.ndarray | None = None,
+             initial_estimate: float = 1.0) -> SimResult:
+    """Simulate ``plan`` under ``kv_budget`` tokens of KV.
 
     ``outputs``: each row's true output length (default: its max_tokens)."""
     cfg = plan.config
     max_tokens = np.asarray(plan.max_tokens, dtype=np.int64)
     target = max_tokens if outputs is None else np.clip(np.asarray(outputs, dtype=np.int64), 1, max_tokens)
-    requests = [Request(index=i, prompt_ids=plan.tokens.row(i), max_tokens=int(max_tokens[i]))
+    requests = [Request(key=i, prompt_ids=plan.tokens.row(i), max_tokens=int(max_tokens[i]))
                 for i in range(plan.num_rows)]
-    alloc = BlockAllocator(kv_budget // cfg.block_size, cfg.block_size)
-    sched = Scheduler(plan, requests, alloc, Stopper(_NoText(), (), [_EOS]), cfg.step_tokens, initial_estimate)
+    kv = KVManager(plan.prefixes, kv_budget // cfg.block_size, cfg.block_size)
+    sched = Scheduler(plan, requests, kv, cfg.step_tokens, [_EOS], initial_estimate)
     made = np.zeros(plan.num_rows, dtype=np.int64)
     prefill = decode = peak = done = 0
     too_big: list[int] = []
     while not sched.finished():
-        works = sched.next_step()
-        peak = max(peak, alloc.used_tokens)
-        sampled = {}
-        for w in works:
+        step = sched.next_step()
+        peak = max(peak, kv.used_tokens)
+        for w in step.seqs:
             if w.decode:
                 decode += 1
             else:
                 prefill += len(w.tokens)
-            if w.sample:
-                made[w.key] += 1
-                sampled[w.key] = _EOS if made[w.key] > target[w.key] else 0
-        finished = sched.commit(works, sampled)
-        for c in finished:
-            if c.finish_reason == "error":
-                too_big.append(c.index)
-            else:
-                done += 1
-        if not works and not finished:
+        tokens = []
+        for key in step.sample_keys:
+            made[key.row] += 1
+            tokens.append(_EOS if made[key.row] > target[key.row] else 0)
+        ended = [e.key for e in sched.commit(step, tokens) if e.ended]
+        errors = [req.key for req, _ in sched.take_errors()]
+        too_big += errors
+        for key in ended:
+            sched.finish(key)
+        done += len(ended)
+        if not step.seqs and not ended and not errors:
             break  # nothing can run any more
     return SimResult(sched.steps, prefill, decode, peak, sched.preemptions, done, sorted(too_big))

@@ -1,13 +1,13 @@
 """When generation stops and what text it leaves: EOS, stop strings, max_tokens (no torch here).
 
-Engines call ``hit`` while decoding (a cheap check on the tail of a row) and ``finish`` once per row to cut
+The only place that detokenizes while generating. Engines call ``hit`` while decoding (a cheap check on the tail of a row) and ``finish`` once per row to cut
 the tokens and the text exactly: the text ends before the first stop string, and the tokens end with the
 token that completed it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any
 
 from batchrun.engine.requests import Completion
@@ -31,7 +31,7 @@ class Stopper:
         tail = self.decode(generated[-self._tail :])
         return any(s in tail for s in self.stop)
 
-    def finish(self, index: int, generated: Sequence[int], max_tokens: int) -> Completion:
+    def finish(self, key: Hashable, generated: Sequence[int], max_tokens: int) -> Completion:
         """Cut a row's raw generated ids (possibly with EOS and padding after it) into its Completion."""
         ids: list[int] = []
         reason = "length"
@@ -46,7 +46,7 @@ class Stopper:
             # The fewest tokens whose text already holds the stop string.
             k = next(k for k in range(1, len(ids) + 1) if self._first_stop(self.decode(ids[:k])) is not None)
             ids, text, reason = ids[:k], text[:cut], "stop"
-        return Completion(index=index, token_ids=ids, text=text, finish_reason=reason)
+        return Completion(key=key, token_ids=ids, text=text, finish_reason=reason)
 
     def _first_stop(self, text: str) -> int | None:
         found = [p for p in (text.find(s) for s in self.stop) if p >= 0]

@@ -1,7 +1,4 @@
-"""The scheduler's plain state objects: one step's work for a sequence, a pending computation, a row.
-
-No torch here; the runner reads ``Work``, the scheduler owns ``Job`` and ``RowState``.
-"""
+"""The scheduler's own state objects: a computation in progress and a request's life (no torch here)."""
 
 from __future__ import annotations
 
@@ -12,23 +9,8 @@ from batchrun.engine.requests import Request
 
 
 @dataclass
-class Work:
-    """One sequence's part of a step."""
-
-    key: int  # the row (index into the requests), or -1 - p for shared prefix p
-    tokens: list[int]
-    start_pos: int  # position of tokens[0]
-    # Every segment it attends to, outermost first (its own last, holding the new tokens), with the number of
-    # tokens it sees in each: a snapshot, since a later chunk of the same row may grow the segment this step.
-    context: list[tuple[Segment, int]]
-    slots: list[int]  # pool slots of the new tokens
-    sample: bool  # a next token is drawn from its last position
-    decode: bool = False  # the one new token is the row's last output
-
-
-@dataclass
-class Job:
-    """Tokens still to compute for a row or a shared prefix."""
+class Pending:
+    """Tokens still to compute for a request or a shared prefix (prefill, maybe over several steps)."""
 
     tokens: list[int]
     start_pos: int
@@ -38,7 +20,7 @@ class Job:
 @dataclass
 class RowState:
     req: Request
-    own_start: int
+    own_start: int  # where its own tokens start (after its shared prefixes)
     chain: list[int]  # shared prefixes, outermost first
     own: Segment = field(default_factory=Segment)
     generated: list[int] = field(default_factory=list)

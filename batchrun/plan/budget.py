@@ -19,6 +19,11 @@ def blocks(tokens: np.ndarray | int, block_size: int) -> np.ndarray | int:
     return -(-np.asarray(tokens) // block_size) if isinstance(tokens, np.ndarray) else -(-tokens // block_size)
 
 
+def round_up(tokens: int, block_size: int) -> int:
+    """``tokens`` rounded up to whole blocks, in tokens."""
+    return -(-tokens // block_size) * block_size
+
+
 def projected_peak(current: np.ndarray, remaining: np.ndarray, block_size: int = 1) -> int:
     """Future peak KV tokens of rows holding ``current`` tokens that will grow by ``remaining`` more."""
     if len(current) == 0:

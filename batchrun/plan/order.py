@@ -86,6 +86,10 @@ class OutputEstimator:
     def fraction(self) -> float:
         return self._fraction
 
+    def remaining(self, max_tokens: int, generated: int) -> int:
+        """Estimated output tokens a row with ``max_tokens`` still produces after ``generated``."""
+        return max(min(int(np.ceil(max_tokens * self._fraction)), max_tokens) - generated, 0)
+
     def estimate(self, rows: np.ndarray | None = None) -> np.ndarray:
         mt = self.max_tokens if rows is None else self.max_tokens[rows]
         return np.clip(np.ceil(mt * self._fraction), 1, mt).astype(np.int64)

@@ -1,0 +1,86 @@
+"""What one engine step computes, as plain data: the scheduler writes it, the runner and the attention
+backend read it (no torch here).
+
+A step is one forward pass over the new tokens of several sequences packed into one row. For each
+sequence the step says which tokens it adds (ids, positions, the pool slots their K/V go to), what it
+attends to — its KV levels: the segments of its shared prefixes, outermost first, then its own, kept apart
+so that a backend can read a shared prefix once for all the sequences under it — and whether a next token
+is drawn from its last position.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class RowKey:
+    """A request being generated (its index in the engine's request list)."""
+
+    row: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixKey:
+    """A shared prefix of the plan (its index in ``plan.prefixes``), computed once for all its members."""
+
+    prefix: int
+
+
+WorkKey = RowKey | PrefixKey
+
+
+@dataclass(frozen=True, slots=True)
+class KVLevel:
+    """One segment of a sequence's context: whose it is, its blocks, how many of its tokens are seen."""
+
+    owner: WorkKey  # the shared prefix (PrefixKey), or the sequence itself
+    blocks: tuple[int, ...]  # pool block ids, covering ``length`` tokens
+    length: int
+
+
+@dataclass
+class SeqWork:
+    """One sequence's part of a step."""
+
+    key: WorkKey
+    tokens: list[int]
+    start_pos: int  # position of tokens[0]
+    levels: list[KVLevel]  # everything it attends to, outermost first; the last holds the new tokens
+    slots: list[int]  # pool slots of the new tokens
+    sample: bool  # a next token is drawn from its last position
+    decode: bool = False  # the one new token is the row's last output
+
+    @property
+    def context_len(self) -> int:
+        return sum(level.length for level in self.levels)
+
+
+@dataclass
+class Step:
+    """Every sequence of a step, and the flat arrays a forward pass needs (built once)."""
+
+    seqs: list[SeqWork]
+    block_size: int
+    token_ids: list[int] = field(init=False)  # [T] the packed row
+    positions: list[int] = field(init=False)  # [T] positions restart per sequence
+    slot_mapping: list[int] = field(init=False)  # [T] pool slot of each new token's K/V
+    query_start: list[int] = field(init=False)  # [S + 1] offsets of each sequence's tokens in the row
+    sample_index: list[int] = field(init=False)  # [R] row positions whose logits are sampled
+    sample_keys: list[RowKey] = field(init=False)  # [R] the request each of those belongs to
+
+    def __post_init__(self) -> None:
+        self.token_ids = [t for s in self.seqs for t in s.tokens]
+        self.positions = [p for s in self.seqs for p in range(s.start_pos, s.start_pos + len(s.tokens))]
+        self.slot_mapping = [x for s in self.seqs for x in s.slots]
+        self.query_start = [0, *itertools.accumulate(len(s.tokens) for s in self.seqs)]
+        self.sample_index = [self.query_start[i + 1] - 1 for i, s in enumerate(self.seqs) if s.sample]
+        self.sample_keys = [s.key for s in self.seqs if s.sample]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
