@@ -20,7 +20,7 @@ import torch
 from batchrun.engine.factory import kv_usage, make_engine
 from batchrun.engine.loader import load
 from batchrun.engine.reference import ReferenceEngine
-from batchrun.runtime.prepare import prepare, row_of
+from batchrun.runtime.prepare import prepare
 from batchrun.spec import load_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,7 +31,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "cpu-example.jsonl"
 
 def timed(engine, requests, plan) -> tuple[float, dict]:
     t = time.perf_counter()
-    out = {row_of(c): c for batch in engine.run(requests, plan) for c in batch}
+    out = {c.key: c for batch in engine.run(requests, plan) for c in batch}
     return time.perf_counter() - t, out
 
 

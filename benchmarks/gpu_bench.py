@@ -128,7 +128,7 @@ def main() -> None:
     model = random_model(args.model, device)
     loaded = LoadedModel(model, _Ids(), device, "bfloat16", f"random:{args.model}", f"random:{args.model}", [], 8192)
     w = workloads.make(args.workload, scale=args.scale, rows=args.rows)
-    requests = [Request(index=i, prompt_ids=w.tokens.row(i).tolist(), max_tokens=int(w.max_tokens[i]))
+    requests = [Request(key=i, prompt_ids=w.tokens.row(i).tolist(), max_tokens=int(w.max_tokens[i]))
                 for i in range(len(w.tokens))]
     t = time.perf_counter()
     plan = build_plan(w.tokens, w.max_tokens, PlanConfig(step_tokens=args.step_tokens))

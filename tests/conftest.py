@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from helpers import make_tiny_model  # imports neither torch nor transformers: the settings below still apply
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network

@@ -11,11 +11,11 @@ from pathlib import Path
 import duckdb
 import pytest
 from click.testing import CliRunner
-from helpers import write_job
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun.cli import cli
+from helpers import write_job
 
 TEMPLATE = "Review: {{ text }}"
 TEXTS = {"a": "Great kettle, boils fast.", "b": "Broke after a day.", "c": "It is a cable.", "d": None,

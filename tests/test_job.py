@@ -9,13 +9,13 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, write_job
 
 from batchrun import api
 from batchrun.engine.batch import BatchEngine
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.errors import SpecError
 from batchrun.spec import load_spec
+from helpers import REPO, write_job
 
 JOB = """
 name: t

@@ -10,12 +10,12 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from helpers import Rows, build, chain, jobs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchrun.plan.pack import PREFIX, ROW, pack_window, packs
 from batchrun.plan.plan import PlanConfig
+from helpers import Rows, build, chain, jobs
 
 
 def check_groups(rows: Rows, plan) -> None:

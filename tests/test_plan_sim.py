@@ -9,10 +9,26 @@ described in helpers.py. Hand-made runs (a few exact golden runs, the former bug
 from __future__ import annotations
 
 import numpy as np
-from helpers import (at_once, build, check_run, decodes, draw_outputs, generous, jobs, least, lower_peak, needs,
-                     own, pool, prefix_kv, rk, sim)
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from helpers import (
+    at_once,
+    build,
+    check_run,
+    decodes,
+    draw_outputs,
+    generous,
+    jobs,
+    least,
+    lower_peak,
+    needs,
+    own,
+    pool,
+    prefix_kv,
+    rk,
+    sim,
+)
 
 
 @settings(max_examples=60, deadline=None)

@@ -10,7 +10,6 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import write_job
 
 from batchrun import api
 from batchrun.engine import factory, loader
@@ -18,6 +17,7 @@ from batchrun.engine.loader import ModelFacts
 from batchrun.engine.requests import Request
 from batchrun.runtime.prepare import prepare
 from batchrun.spec import EngineSpec, ModelSpec, load_spec
+from helpers import write_job
 
 JOB = """
 name: p
@@ -68,7 +68,7 @@ def test_prepare_sorts_rows_into_requests_and_errors_as_the_job_emits_them(tmp_p
     tok = loader.load_tokenizer(spec.model)
     prepared = prepare(spec, tok, 512, done={13})
     assert prepared.ids == [10, 11, 12, 13, 14] and prepared.columns == ["text", "budget"]
-    assert [r.index for r in prepared.requests] == [0] and prepared.requests[0].max_tokens == 3
+    assert [r.key for r in prepared.requests] == [0] and prepared.requests[0].max_tokens == 3
     assert [row for row, _ in prepared.errors] == [1, 2, 4]  # 13 was committed earlier: skipped
     messages = dict(prepared.errors)
     assert messages[1] == "column 'text' is null"
@@ -97,7 +97,7 @@ def _facts(device: str, pending: int = 0) -> ModelFacts:
 
 
 def test_budget_rule_explicit_cpu_cap_and_request_cap():
-    reqs = [Request(index=i, prompt_ids=[1] * 10, max_tokens=5) for i in range(3)]
+    reqs = [Request(key=i, prompt_ids=[1] * 10, max_tokens=5) for i in range(3)]
     e = EngineSpec(block_size=4)
     assert factory.kv_budget(e, _facts("cpu"), reqs) == 72  # 3 * (10 + 5 + 2 * 4) = 69, whole blocks
     assert factory.kv_budget(e.model_copy(update={"kv_budget_tokens": 30}), _facts("cpu"), reqs) == 28

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_tiny_model
 
 from batchrun.engine.loader import load
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.engine.requests import Request, SamplingParams, row_seed
 from batchrun.engine.sampling import sampling_probs
 from batchrun.spec import EngineSpec, ModelSpec
+from helpers import make_tiny_model
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog because",

@@ -15,10 +15,10 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import REPO, make_tiny_model, write_job
 
 from batchrun import api
 from batchrun.errors import RuntimeFailure, TemporaryFailure
+from helpers import REPO, make_tiny_model, write_job
 
 JOB = """
 name: rel

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import at_once, build, check_run, least, pool, prefix_kv, sim
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +14,7 @@ from batchrun.plan.budget import blocks, fits, projected_peak
 from batchrun.plan.order import OutputEstimator
 from batchrun.plan.pack import PREFIX, ROW
 from batchrun.plan.plan import PlanConfig
+from helpers import at_once, build, check_run, least, pool, prefix_kv, sim
 
 
 # ------------------------------------------------------------------------------ golden runs (exact results)

@@ -9,13 +9,13 @@ import typing
 
 import pytest
 import yaml
-from helpers import REPO, write_job
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, Field
 
 from batchrun.errors import SpecError, UsageError
 from batchrun.spec import JobSpec, SamplingSpec, apply_override, load_spec, validate_dict
+from helpers import REPO, write_job
 
 MINIMAL = """\
 model: {path: some/model}

@@ -33,11 +33,10 @@ class ReferenceEngine:
         self.loaded = loaded
         self.sampling = sampling
         self.batch_size = batch_size
+        self.stats: dict = {}  # (no KV pool, no steps of its own)
         self.stopper = Stopper(loaded.tokenizer, sampling.stop, [] if sampling.ignore_eos else loaded.eos_ids)
         tok = loaded.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (loaded.eos_ids or [0])[0]
-
-    stats: dict = {}  # (no pool, no steps of its own)
 
     def run(self, requests: Sequence[Request], plan: Plan | None = None) -> Iterator[list[Completion]]:
         """Yield the completions of each batch as it finishes. Requests run in plan order (``plan`` was built

@@ -1,8 +1,8 @@
 """When generation stops and what text it leaves: EOS, stop strings, max_tokens (no torch here).
 
-The only place that detokenizes while generating. Engines call ``hit`` while decoding (a cheap check on the tail of a row) and ``finish`` once per row to cut
-the tokens and the text exactly: the text ends before the first stop string, and the tokens end with the
-token that completed it.
+The only place that detokenizes while generating. Engines call ``hit`` while decoding (a cheap check on the
+tail of a row) and ``finish`` once per row to cut the tokens and the text exactly: the text ends before the
+first stop string, and the tokens end with the token that completed it.
 """
 
 from __future__ import annotations

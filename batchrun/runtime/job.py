@@ -22,7 +22,8 @@ from batchrun.errors import RuntimeFailure, TemporaryFailure
 from batchrun.io import sink as sinks
 from batchrun.io.prompts import check_templates
 from batchrun.io.source import file_stat, resolve_files
-from batchrun.runtime.prepare import PreparedJob, prepare, row_of
+from batchrun.runtime.assemble import RowResult
+from batchrun.runtime.prepare import PreparedJob, prepare
 from batchrun.runtime.progress import Progress
 from batchrun.runtime.stop import StopFlag, handle_signals
 from batchrun.spec import JobSpec
@@ -130,22 +131,23 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
     every finished row (flushed) and propagates."""
     from batchrun.engine.factory import kv_usage, make_engine
 
-    source, ids, lengths = prepared.source, prepared.ids, prepared.prompts.tokens.lengths
+    source, ids, assembler = prepared.source, prepared.ids, prepared.assembler
     columns = source.table.select(prepared.columns).to_pylist() if prepared.columns else [{} for _ in ids]
     run = Execution()
 
-    def emit(row: int, **result: Any) -> None:
-        if result["error"]:
-            run.rows_error += 1
-        else:
-            run.rows_ok += 1
-        run.prompt_tokens += result["prompt_tokens"] or 0
-        run.output_tokens += result["output_tokens"]
-        sink.add({source.id_column: ids[row], **columns[row], **result})
+    def emit(results: list[RowResult]) -> None:
+        for r in results:
+            v = r.values
+            if v["error"]:
+                run.rows_error += 1
+            else:
+                run.rows_ok += 1
+            run.prompt_tokens += v["prompt_tokens"] or 0
+            run.output_tokens += v["output_tokens"]
+            sink.add({source.id_column: ids[r.row], **columns[r.row], **v})
 
     for row, message in prepared.errors:
-        emit(row, output=None, prompt_tokens=int(lengths[row]) or None, output_tokens=0, finish_reason="error",
-             error=message)
+        emit(assembler.failed(row, message))
 
     engine = make_engine(spec, loaded, prepared.requests)
     progress.start(source.num_rows, already_done=already_done + len(prepared.errors))
@@ -155,9 +157,7 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
         with handle_signals(stop):
             for batch in engine.run(prepared.requests, prepared.plan):
                 for c in batch:
-                    row = row_of(c)
-                    emit(row, output=None if c.error else c.text, prompt_tokens=int(lengths[row]),
-                         output_tokens=len(c.token_ids), finish_reason=c.finish_reason, error=c.error)
+                    emit(assembler.add(c))
                 progress.advance(len(batch), sum(len(c.token_ids) for c in batch))
                 if stop.requested:
                     break

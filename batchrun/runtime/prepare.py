@@ -22,6 +22,7 @@ from batchrun.io.prompts import Prompts, build_prompts
 from batchrun.io.sink import RESULT_COLUMNS
 from batchrun.io.source import Source, read_source, require_columns
 from batchrun.plan.plan import Plan, PlanConfig, build_plan
+from batchrun.runtime.assemble import Assembler, OneToOne
 from batchrun.spec import JobSpec
 
 log = logging.getLogger("batchrun")
@@ -35,9 +36,11 @@ class PreparedJob:
     columns: list[str]  # passthrough input columns copied to the output (the id column not included)
     ids: list[Any]  # each row's id, in input order
     prompts: Prompts
-    requests: list[Request]  # the rows still to run (not committed earlier, no error), in input order
+    requests: list[Request]  # for the rows still to run (not committed earlier, no error), in input order
+    request_rows: np.ndarray  # int64 [requests]: the input row each request prompts from
     errors: list[tuple[int, str]]  # (row, message): rows still to run that fail before the engine
     plan: Plan  # over ``requests``: plan row k is ``requests[k]``
+    assembler: Assembler  # input rows -> requests; completions -> output rows
     timings: dict[str, float] = field(default_factory=dict)  # read_s, tokenize_s, plan_s
 
     @property
@@ -61,11 +64,12 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     timings["tokenize_s"] = time.monotonic() - t
 
     ids = source.table.column(source.id_column).to_pylist()
-    requests, errors = build_requests(spec, ids, prompts, max_tokens, mt_errors, max_context, done)
+    assembler = OneToOne(prompts.tokens.lengths)
+    requests, rows, errors = build_requests(spec, ids, prompts, max_tokens, mt_errors, max_context, done, assembler)
     t = time.monotonic()
-    plan = plan_requests(spec, prompts, requests)
+    plan = plan_requests(spec, prompts, requests, rows)
     timings["plan_s"] = time.monotonic() - t
-    return PreparedJob(source, columns, ids, prompts, requests, errors, plan, timings)
+    return PreparedJob(source, columns, ids, prompts, requests, rows, errors, plan, assembler, timings)
 
 
 def output_columns(spec: JobSpec, source: Source) -> list[str]:
@@ -105,11 +109,13 @@ def row_max_tokens(spec: JobSpec, source: Source) -> tuple[list[int], dict[int, 
 
 def build_requests(spec: JobSpec, ids: list[Any], prompts: Prompts, max_tokens: list[int],
                    mt_errors: dict[int, str], max_context: int | None,
-                   done: Collection[Any]) -> tuple[list[Request], list[tuple[int, str]]]:
-    """Requests for the rows still to run, and (row, message) for rows that fail before the engine: a prompt
-    that failed to render, a bad max_tokens value, a prompt that does not fit the model's context. A prompt
-    that fits but leaves less room than max_tokens is generated up to the context length."""
-    requests, errors = [], []
+                   done: Collection[Any], assembler: Assembler,
+                   ) -> tuple[list[Request], np.ndarray, list[tuple[int, str]]]:
+    """Requests for the rows still to run (as ``assembler`` makes them), the input row of each, and (row,
+    message) for rows that fail before the engine: a prompt that failed to render, a bad max_tokens value, a
+    prompt that does not fit the model's context. A prompt that fits but leaves less room than max_tokens is
+    generated up to the context length."""
+    requests, rows, errors = [], [], []
     lengths = prompts.tokens.lengths
     for i, row_id in enumerate(ids):
         if row_id in done:
@@ -124,23 +130,19 @@ def build_requests(spec: JobSpec, ids: list[Any], prompts: Prompts, max_tokens: 
             continue
         if max_context:
             limit = min(limit, max_context - n)
-        requests.append(Request(index=i, prompt_ids=prompts.tokens.row(i).tolist(), max_tokens=limit,
-                                seed=row_seed(spec.sampling.seed, row_id)))
-    return requests, errors
-
-
-def row_of(item: Any) -> int:
-    """The input row of a Request or of the Completion an engine made of it (its ``index``)."""
-    return item.index
+        made = assembler.requests(i, prompts.tokens.row(i).tolist(), limit, row_seed(spec.sampling.seed, row_id))
+        requests += made
+        rows += [i] * len(made)
+    return requests, np.array(rows, dtype=np.int64), errors
 
 
 def plan_config(spec: JobSpec) -> PlanConfig:
     return PlanConfig(step_tokens=spec.engine.step_tokens, block_size=spec.engine.block_size)
 
 
-def plan_requests(spec: JobSpec, prompts: Prompts, requests: list[Request]) -> Plan:
-    """Plan the runnable rows (prefix trie, sharing, order, packs); the plan's rows are ``requests``."""
-    rows = np.array([row_of(r) for r in requests], dtype=np.int64)
+def plan_requests(spec: JobSpec, prompts: Prompts, requests: list[Request], rows: np.ndarray) -> Plan:
+    """Plan the requests (prefix trie, sharing, order, packs); the plan's rows are ``requests``, whose
+    prompts are the input rows ``rows``."""
     plan = build_plan(prompts.tokens.take(rows), np.array([r.max_tokens for r in requests], dtype=np.int64),
                       plan_config(spec))
     if requests:  # (cheap numbers only: Plan.stats() would walk every pack)

@@ -18,7 +18,7 @@ from batchrun.engine.attention.torch_sdpa import TorchBackend
 from batchrun.engine.attention.varlen import VarlenBackend
 from batchrun.engine.attention.varlen import available as varlen_available
 
-__all__ = ["AttentionBackend", "BACKENDS", "choose_backend", "register", "use_backend"]
+__all__ = ["BACKENDS", "AttentionBackend", "choose_backend", "register", "use_backend"]
 
 NAME = "batchrun"
 BACKENDS: dict[str, type[AttentionBackend]] = {b.name: b for b in (TorchBackend, VarlenBackend)}
