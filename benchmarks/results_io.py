@@ -8,7 +8,12 @@ from pathlib import Path
 
 
 def git_commit() -> str:
-    """The short commit of the checkout ('' where there is no git, e.g. on the GPU machine)."""
+    """The short commit of the checkout: $BATCHRUN_COMMIT if set (a copy of the tree whose .git is not the
+    one measured, e.g. on a remote GPU machine), else git's ('' where there is no git)."""
+    import os
+
+    if os.environ.get("BATCHRUN_COMMIT"):
+        return os.environ["BATCHRUN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
