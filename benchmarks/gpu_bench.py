@@ -1,4 +1,4 @@
-"""GPU benchmark: batchrun's engine vs hf_padded on BENCHMARKS.md workloads, random-weight Llama models.
+"""GPU benchmark: batchrun's engine vs hf_padded on ../shared/BENCHMARKS.md workloads, random-weight Llama models.
 
     python benchmarks/gpu_bench.py --model 1b --workload fewshot --scale 0.25 --out results.jsonl
 

@@ -1,4 +1,5 @@
-"""Deterministic synthetic workloads for benchmarks (BENCHMARKS.md, "Workloads"): fewshot, templates, rag, noshare.
+"""Deterministic synthetic workloads for benchmarks (../shared/BENCHMARKS.md, "Workloads"): fewshot,
+templates, rag, noshare.
 
 Planning benchmarks exclude tokenization, so prompts are produced directly as TOKENS: every workload is built
 from a fixed synthetic lexicon of 4096 pronounceable lowercase words, each with fixed token ids from a

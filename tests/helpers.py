@@ -44,7 +44,7 @@ def make_tiny_model(directory: Path, arch: str = "llama", tokenizer_dir: str | N
                     init: float = 0.5) -> str:
     """A tiny random-weight causal LM saved as a model directory, with the SmolLM2 tokenizer.
 
-    A large init scale makes its logits peaked, so greedy decoding has clear winners (see DESIGN.md,
+    A large init scale makes its logits peaked, so greedy decoding has clear winners (see ../shared/DESIGN.md,
     "Testing exactness honestly").
     """
     import torch

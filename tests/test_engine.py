@@ -215,7 +215,7 @@ def _top2_margin(loaded, prompt: list[int], generated: list[int]) -> tuple[float
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_flash_varlen_path_matches_the_torch_path(tmp_path, tokenizer_dir, monkeypatch, dtype):
     """On the GPU in half precision the engine uses flash varlen attention; it must pick the same tokens as
-    the plain-torch path, tie-aware (DESIGN.md): rows may part only where the top-2 logits are within
+    the plain-torch path, tie-aware (../shared/DESIGN.md): rows may part only where the top-2 logits are within
     half-precision noise, and that position is reported."""
     from batchrun.engine import attention
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
 
 from batchrun.engine.loader import LoadedModel, ModelFacts, loaded_facts
-from batchrun.engine.requests import Request, SamplingParams
+from batchrun.engine.requests import Engine, Request, SamplingParams
 from batchrun.spec import EngineSpec, JobSpec, SamplingSpec
 
 log = logging.getLogger("batchrun")
@@ -55,7 +54,7 @@ def sampling_params(sampling: SamplingSpec) -> SamplingParams:
                           ignore_eos=s.ignore_eos)
 
 
-def make_engine(spec: JobSpec, loaded: LoadedModel, requests: Sequence[Request]) -> Any:
+def make_engine(spec: JobSpec, loaded: LoadedModel, requests: Sequence[Request]) -> Engine:
     """The engine ``spec.engine.backend`` names, for ``requests``: the reference engine or batchrun's."""
     params = sampling_params(spec.sampling)
     e = spec.engine
@@ -70,7 +69,7 @@ def make_engine(spec: JobSpec, loaded: LoadedModel, requests: Sequence[Request])
     return BatchEngine(loaded, params, kv_budget_tokens=budget, block_size=e.block_size, step_tokens=e.step_tokens)
 
 
-def kv_usage(engine: Any) -> tuple[int | None, int | None]:
+def kv_usage(engine: Engine) -> tuple[int | None, int | None]:
     """(KV budget, peak KV held) in tokens, whole blocks, after ``engine.run``; None where the engine has no
     KV pool (the reference engine), and a None peak where its last run did not finish (stopped)."""
     stats = getattr(engine, "stats", None) or {}
