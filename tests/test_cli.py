@@ -287,3 +287,25 @@ def test_any_job_file_gives_a_clean_exit_never_a_traceback(tmp_path, body):
     assert r.exit_code in (0, 2, 78), r.output
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
     assert last_json(r)["exit_code"] == r.exit_code
+
+
+@pytest.mark.parametrize("args, message", [
+    (["submit", "--bogus", "x"], "No such option '--bogus'"),
+    (["submit", "{tmp}"], "is a directory"),
+    (["status", "{file}"], "is a file"),
+    (["plan"], "Missing argument 'JOB'"),
+])
+def test_command_line_errors_still_end_with_the_json_line(tmp_path, args, message):
+    """--json promises one JSON object as the last stdout line, also when click rejects the command line."""
+    (tmp_path / "f.txt").write_text("x")
+    args = [a.format(tmp=tmp_path, file=tmp_path / "f.txt") for a in args] + ["--json"]
+    result = run(*args)
+    assert result.exit_code == 2
+    out = last_json(result)
+    assert (out["status"], out["exit_code"], out["kind"]) == ("error", 2, "usage_error")
+    assert message in out["error"]
+
+
+def test_without_json_a_command_line_error_prints_usage_only():
+    result = run("submit", "--bogus", "x")
+    assert result.exit_code == 2 and "No such option" in result.stderr and result.stdout == ""

@@ -174,6 +174,37 @@ def test_logits_constraints_are_honoured_by_both_engines(tiny, temperature):
                 assert got[r.key].token_ids != free[r.key].token_ids  # the constraint changed something
 
 
+def _polls(stop_after: int):
+    """An ``interrupt`` callable that says stop from its ``stop_after + 1``-th call on, counting calls."""
+    calls = []
+
+    def interrupt() -> bool:
+        calls.append(1)
+        return len(calls) > stop_after
+
+    return interrupt, calls
+
+
+@pytest.mark.parametrize("backend", ["batchrun", "reference"])
+def test_interrupt_ends_the_run_promptly_and_keeps_finished_rows_exact(tiny, backend):
+    """A stop request ends the run at the next poll (between layers, or between tokens in the reference
+    engine), inside a step; rows finished before it are exact, the rows in flight are simply not returned."""
+    reqs = _requests(tiny.tokenizer)
+    oracle = _oracle(tiny, reqs)
+    interrupt, calls = _polls(20)
+    if backend == "batchrun":
+        engine, plan = BatchEngine(tiny, SamplingParams(), 100_000, 4, 64), _plan(reqs)
+    else:
+        engine, plan = ReferenceEngine(tiny, SamplingParams(), batch_size=4), None
+    got = [c for batch in engine.run(reqs, plan, interrupt=interrupt) for c in batch]
+    assert len(calls) == 21  # nothing ran after the poll that said stop
+    assert 0 < len(got) < len(reqs)
+    for c in got:
+        assert c.token_ids == oracle[c.key].token_ids, f"row {c.key}"
+    again = _run(engine, reqs[:2], _plan(reqs[:2]) if plan else None)  # the engine is usable again
+    assert [again[k].token_ids for k in (0, 1)] == [oracle[0].token_ids, oracle[1].token_ids]
+
+
 @pytest.mark.slow
 def test_greedy_equals_the_oracle_on_smollm2(smollm2_dir):
     loaded = load(ModelSpec(path=smollm2_dir), EngineSpec(device="cpu"))

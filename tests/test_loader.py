@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchrun.engine import loader
-from batchrun.errors import RuntimeFailure
+from batchrun.errors import InputDataError, RuntimeFailure, TemporaryFailure
 from batchrun.spec import EngineSpec, ModelSpec
 
 
@@ -40,8 +40,63 @@ def test_missing_local_paths_are_clear_errors(tmp_path):
         loader.resolve(ModelSpec(path=str(tmp_path / "nope.gguf")))
     with pytest.raises(RuntimeFailure, match="neither a model directory"):
         loader.resolve(ModelSpec(path="./models/missing"))
-    assert loader.resolve(ModelSpec(path="HuggingFaceTB/SmolLM2-135M-Instruct")) == \
-        "HuggingFaceTB/SmolLM2-135M-Instruct"  # a hub id is left to transformers
+
+
+def _fake_hub_cache(root: Path, repo: str, files: dict[str, str]) -> Path:
+    """The layout huggingface_hub's cache uses: refs/main names a snapshot directory holding the files."""
+    base = root / ("models--" + repo.replace("/", "--"))
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text("0" * 40)
+    snap = base / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    for name, text in files.items():
+        (snap / name).write_text(text)
+    return snap
+
+
+def test_hub_id_in_the_local_cache_resolves_to_its_snapshot_without_network(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snap = _fake_hub_cache(tmp_path, "org/cached-model", {"config.json": "{}"})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert loader.resolve(ModelSpec(path="org/cached-model")) == str(snap)
+
+
+def test_hub_id_offline_or_unreachable_fails_in_seconds(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeFailure, match="not in the local Hugging Face cache and the hub is off"):
+        loader.resolve(ModelSpec(path="org/not-cached"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    t = time.monotonic()
+    with pytest.raises(TemporaryFailure, match=r"the hub at http://127.0.0.1:9 cannot be reached"):
+        loader.resolve(ModelSpec(path="org/not-cached"))
+    assert time.monotonic() - t < loader.HUB_PROBE_TIMEOUT_S + 5
+    with socket.create_server(("127.0.0.1", 0)) as server:  # a hub that answers: the id goes to transformers
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert loader.resolve(ModelSpec(path="org/not-cached")) == "org/not-cached"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"PK\x03\x04 definitely not a gguf", "is not a GGUF file"),
+    (b"GGUF" + bytes(range(40)), "is a damaged or unreadable GGUF file"),
+    (b"", "is not a GGUF file"),
+])
+def test_garbage_gguf_is_an_input_error_before_anything_loads(tmp_path, monkeypatch, content, message):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(content)
+    monkeypatch.setenv("BATCHRUN_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(InputDataError, match=message) as e:
+        loader.resolve(ModelSpec(path=str(bad)))
+    assert e.value.exit_code == 65
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
 
 
 def test_device_and_dtype_choice():

@@ -15,6 +15,7 @@ from batchrun import api
 from batchrun.engine import factory, loader
 from batchrun.engine.loader import ModelFacts
 from batchrun.engine.requests import Request
+from batchrun.errors import SpecError
 from batchrun.runtime.prepare import prepare
 from batchrun.spec import EngineSpec, ModelSpec, load_spec
 from helpers import write_job
@@ -105,6 +106,28 @@ def test_budget_rule_explicit_cpu_cap_and_request_cap():
     assert factory.kv_budget(e, _facts("cpu"), []) == 4  # at least one block
     # CPU: a quarter of the memory, at most 2 GiB of KV
     assert factory.auto_kv_budget(_facts("cpu")) <= (2 << 30) // 1000
+
+
+def test_an_explicit_budget_larger_than_the_device_is_a_spec_error():
+    reqs = [Request(key=0, prompt_ids=[1] * 10, max_tokens=10**9)]  # (so the request cap does not bite)
+    ram = factory.device_room(_facts("cpu"))
+    e = EngineSpec(block_size=4, kv_budget_tokens=2 * ram // 1000)
+    with pytest.raises(SpecError, match=r"engine.kv_budget_tokens: .* tokens of KV need .* GiB on cpu") as err:
+        factory.kv_budget(e, _facts("cpu"), reqs)
+    assert err.value.exit_code == 78
+
+
+def test_a_huge_budget_is_planned_without_materializing_the_pool():
+    """The simulator's allocator hands out blocks lazily: a budget of 10^12 tokens costs nothing."""
+    import numpy as np
+
+    from batchrun.engine.simulate import simulate
+    from batchrun.plan.plan import PlanConfig, build_plan
+    from batchrun.tokens import TokenTable
+
+    plan = build_plan(TokenTable.from_lists([[1, 2, 3], [1, 2, 4]]), np.array([3, 2]), PlanConfig(block_size=4))
+    res = simulate(plan, 10**12)
+    assert (res.rows_done, res.rows_too_big, res.peak_kv_tokens) == (2, [], 8)
 
 
 def test_cuda_budget_subtracts_the_weights_not_yet_loaded(monkeypatch):

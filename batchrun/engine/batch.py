@@ -9,11 +9,11 @@ the engine ends rows whose text reached a stop string. Completions stream out as
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
-from batchrun.engine.requests import Completion, Request, SamplingParams
+from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
 from batchrun.engine.runner import Runner
 from batchrun.engine.sampling import constrain, row_generator, sample
 from batchrun.engine.scheduler import Scheduler
@@ -39,12 +39,23 @@ class BatchEngine:
         self.initial_estimate = initial_estimate  # < 1 admits more work at first (and may preempt)
         self.stats: dict[str, int] = {}
 
-    def run(self, requests: Sequence[Request], plan: Plan) -> Iterator[list[Completion]]:
+    def run(self, requests: Sequence[Request], plan: Plan,
+            interrupt: Callable[[], bool] | None = None) -> Iterator[list[Completion]]:
         """Run every request (``plan`` was built over ``requests``, in this order); yield finished ones.
-        Every step yields (maybe nothing), so the caller can stop between steps on a signal."""
+        Every step yields (maybe nothing), so the caller can stop between steps; ``interrupt`` is polled
+        inside a step too: when it says stop, the run ends at once, dropping the step's work."""
         requests = list(requests)
         if not requests:
             return
+        self.runner.interrupt = interrupt
+        try:
+            yield from self._run(requests, plan)
+        except Interrupted:
+            log.info("stopped in the middle of a step; rows in flight are recomputed on resume")
+        finally:
+            self.runner.interrupt = None
+
+    def _run(self, requests: list[Request], plan: Plan) -> Iterator[list[Completion]]:
         kv = KVManager(plan.prefixes, self.num_blocks, self.block_size)
         sched = Scheduler(plan, requests, kv, self.step_tokens, self.stopper.eos_ids, self.initial_estimate)
         generators = {}

@@ -22,25 +22,32 @@ class BlockAllocator:
             raise ValueError("the KV pool cannot have fewer than 0 blocks")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
+        self._fresh = 0  # blocks 0 .. _fresh - 1 have been handed out at least once
+        self._free: list[int] = []  # blocks given back, reused first (the last one given back first)
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        return self.num_blocks - self._fresh + len(self._free)
 
     @property
     def used_tokens(self) -> int:
-        return (self.num_blocks - len(self._free)) * self.block_size
+        return (self._fresh - len(self._free)) * self.block_size
+
+    def _take(self) -> int:
+        if self._free:
+            return self._free.pop()
+        self._fresh += 1
+        return self._fresh - 1
 
     def reserve(self, seg: Segment, new_tokens: int) -> list[int] | None:
         """Grow ``seg`` to hold ``new_tokens`` more tokens; the slot of each new token, or None (and ``seg``
         unchanged) if the pool has too few free blocks."""
         bs = self.block_size
         need = -(-(seg.length + new_tokens) // bs) - len(seg.blocks)
-        if need > len(self._free):
+        if need > self.free_blocks:
             return None
         for _ in range(need):
-            seg.blocks.append(self._free.pop())
+            seg.blocks.append(self._take())
         slots = [seg.blocks[p // bs] * bs + p % bs for p in range(seg.length, seg.length + new_tokens)]
         seg.length += new_tokens
         return slots

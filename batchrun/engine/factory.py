@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from batchrun.engine.loader import LoadedModel, ModelFacts, loaded_facts
 from batchrun.engine.requests import Engine, Request, SamplingParams
+from batchrun.errors import SpecError
 from batchrun.spec import EngineSpec, JobSpec, SamplingSpec
 
 log = logging.getLogger("batchrun")
@@ -32,19 +33,33 @@ def kv_budget(engine: EngineSpec, facts: ModelFacts, requests: Sequence[Request]
     bs = engine.block_size
     budget = engine.kv_budget_tokens or auto_kv_budget(facts)
     need = sum(len(r.prompt_ids) + r.max_tokens + 2 * bs for r in requests)
-    return max(min(budget // bs * bs, -(-need // bs) * bs), bs)
+    budget = max(min(budget // bs * bs, -(-need // bs) * bs), bs)
+    if engine.kv_budget_tokens:
+        room = device_room(facts)
+        if budget * facts.kv_bytes_per_token > room:
+            raise SpecError(f"engine.kv_budget_tokens: {budget:,} tokens of KV need "
+                            f"{budget * facts.kv_bytes_per_token / 2**30:.1f} GiB on {facts.device}, which has "
+                            f"about {room / 2**30:.1f} GiB for it; lower it or leave it unset (automatic)")
+    return budget
+
+
+def device_room(facts: ModelFacts) -> int:
+    """Bytes the KV pool could take at most: the free GPU memory less the weights still to load, or the
+    machine's memory on CPU."""
+    if facts.device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(facts.device))
+        return free - facts.pending_weight_bytes
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def auto_kv_budget(facts: ModelFacts) -> int:
     """KV tokens that fit the device's memory when the spec names no budget (before the cap by requests)."""
     if facts.device.startswith("cuda"):
-        import torch
-
-        free, _ = torch.cuda.mem_get_info(torch.device(facts.device))
-        room = int((free - facts.pending_weight_bytes) * GPU_MEMORY_FRACTION)
+        room = int(device_room(facts) * GPU_MEMORY_FRACTION)
     else:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        room = min(ram // 4, CPU_KV_BYTES_MAX)
+        room = min(device_room(facts) // 4, CPU_KV_BYTES_MAX)
     return max(room // facts.kv_bytes_per_token, 1)
 
 

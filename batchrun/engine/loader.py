@@ -12,12 +12,14 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from batchrun.errors import RuntimeFailure
+from batchrun.errors import InputDataError, RuntimeFailure, TemporaryFailure
 from batchrun.spec import EngineSpec, ModelSpec
 
 log = logging.getLogger("batchrun")
@@ -60,7 +62,34 @@ def resolve(spec: ModelSpec) -> str:
         return path
     if os.path.exists(path) or path.startswith((".", "/")):
         raise RuntimeFailure(f"model.path: {path!r} is neither a model directory, a .gguf file, nor a hub id")
-    return path  # a hub id: transformers resolves it (network or the local hub cache)
+    return resolve_hub_id(path, spec.revision)
+
+
+HUB_PROBE_TIMEOUT_S = 5.0
+
+
+def resolve_hub_id(repo_id: str, revision: str | None) -> str:
+    """A hub id: its snapshot directory when the local Hugging Face cache has it (then nothing touches the
+    network), else the id itself for transformers to download — after checking within seconds that the hub
+    answers, so that a machine without network fails at once and clearly, not after minutes of retries."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(repo_id, revision=revision, local_files_only=True)
+    except Exception:  # not cached (or not a valid id): it has to come from the hub
+        pass
+    if constants.HF_HUB_OFFLINE:
+        raise RuntimeFailure(f"model.path: {repo_id!r} is not in the local Hugging Face cache and the hub is off "
+                             "(HF_HUB_OFFLINE is set); download it first or give a local model directory")
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        raise TemporaryFailure(f"model.path: {repo_id!r} is not in the local Hugging Face cache and the hub at "
+                               f"{constants.ENDPOINT} cannot be reached ({e}); retry when it can, or download the "
+                               "model first / give a local model directory") from None
+    return repo_id
 
 
 def convert_gguf(gguf: Path) -> Path:
@@ -70,6 +99,7 @@ def convert_gguf(gguf: Path) -> Path:
     target = cache_dir() / "models" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file():
         return target
+    _check_gguf(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -95,6 +125,28 @@ def convert_gguf(gguf: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _check_gguf(gguf: Path) -> None:
+    """A clear input error (65), before anything loads, for a file that is not a GGUF model transformers can
+    read: wrong magic, truncated, or a GGUF of an architecture transformers cannot de-quantize."""
+    try:
+        with open(gguf, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise InputDataError(f"model.path: cannot read {str(gguf)!r}: {e.strerror or e}") from None
+    if magic != b"GGUF":
+        raise InputDataError(f"model.path: {str(gguf)!r} is not a GGUF file (it does not start with the GGUF "
+                             "magic bytes)")
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(gguf))
+        arch = reader.fields.get("general.architecture")
+        if arch is None:
+            raise ValueError("it has no general.architecture")
+    except Exception as e:
+        raise InputDataError(f"model.path: {str(gguf)!r} is a damaged or unreadable GGUF file: {e}") from None
 
 
 def _fix_special_tokens(tok: Any, model: Any) -> None:

@@ -8,7 +8,7 @@ job seed and the row id), so a row's output does not depend on which rows share 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from transformers import (
@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from batchrun.engine.loader import LoadedModel
-from batchrun.engine.requests import Completion, Request, SamplingParams
+from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
 from batchrun.engine.sampling import constrain, row_generator, sampling_probs
 from batchrun.engine.stopping import Stopper
 from batchrun.plan.plan import Plan
@@ -38,16 +38,21 @@ class ReferenceEngine:
         tok = loaded.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (loaded.eos_ids or [0])[0]
 
-    def run(self, requests: Sequence[Request], plan: Plan | None = None) -> Iterator[list[Completion]]:
+    def run(self, requests: Sequence[Request], plan: Plan | None = None,
+            interrupt: Callable[[], bool] | None = None) -> Iterator[list[Completion]]:
         """Yield the completions of each batch as it finishes. Requests run in plan order (``plan`` was built
         over ``requests``), or in the order given without a plan."""
         if plan is not None:
             requests = [requests[k] for k in plan.order.tolist()]
         for start in range(0, len(requests), self.batch_size):
-            yield self._generate(list(requests[start : start + self.batch_size]))
+            try:
+                done = self._generate(list(requests[start : start + self.batch_size]), interrupt)
+            except Interrupted:
+                return  # the batch in flight is dropped: it is recomputed on resume
+            yield done
 
     @torch.inference_mode()
-    def _generate(self, batch: list[Request]) -> list[Completion]:
+    def _generate(self, batch: list[Request], interrupt: Callable[[], bool] | None = None) -> list[Completion]:
         device = self.loaded.device
         width = max(len(r.prompt_ids) for r in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -65,7 +70,7 @@ class ReferenceEngine:
             processors.append(_RowConstraints(batch, width))
         if not self.sampling.greedy:
             processors.append(_RowSampler(self.sampling, [r.seed for r in batch], device))
-        stops = StoppingCriteriaList([_RowStops(batch, width, self.stopper)])
+        stops = StoppingCriteriaList([_RowStops(batch, width, self.stopper, interrupt)])
         out = self.loaded.model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
             logits_processor=processors, stopping_criteria=stops,
@@ -77,12 +82,16 @@ class ReferenceEngine:
 class _RowStops(StoppingCriteria):
     """A row is done at its own max_tokens or once it produced a stop string."""
 
-    def __init__(self, batch: list[Request], prompt_width: int, stopper: Stopper):
+    def __init__(self, batch: list[Request], prompt_width: int, stopper: Stopper,
+                 interrupt: Callable[[], bool] | None = None):
         self.limits = [r.max_tokens for r in batch]
         self.width = prompt_width
         self.stopper = stopper
+        self.interrupt = interrupt
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if self.interrupt is not None and self.interrupt():
+            raise Interrupted
         n = input_ids.shape[1] - self.width
         done = [n >= limit for limit in self.limits]
         if self.stopper.stop:

@@ -8,7 +8,7 @@ decides what it means — an input row today; a (row, sample) pair or a BatchPro
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -58,14 +58,22 @@ class Completion:
     error: str | None = None  # why the request failed (it could not fit the KV budget, say)
 
 
+class Interrupted(Exception):
+    """Raised inside an engine when ``interrupt`` asks it to stop mid-computation; the engine's ``run`` catches
+    it and ends (the work in flight is dropped and recomputed on resume)."""
+
+
 class Engine(Protocol):
     """What the job runner needs of an engine (batchrun's ``BatchEngine``, the ``ReferenceEngine``)."""
 
     name: str
     stats: dict[str, Any]  # counters of the last run (steps, preemptions, KV peak, ...)
 
-    def run(self, requests: Sequence[Request], plan: Any) -> Iterator[list[Completion]]:
-        """Run every request (``plan`` was built over ``requests``, in this order); yield finished ones."""
+    def run(self, requests: Sequence[Request], plan: Any,
+            interrupt: Callable[[], bool] | None = None) -> Iterator[list[Completion]]:
+        """Run every request (``plan`` was built over ``requests``, in this order); yield finished ones as
+        they finish. ``interrupt`` is polled while the engine computes; when it returns True the run ends
+        promptly, dropping the work in flight (those requests are simply not yielded)."""
         ...
 
 

@@ -8,12 +8,21 @@ paged KV pool.
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from batchrun.engine import attention
 from batchrun.engine.loader import LoadedModel
+from batchrun.engine.requests import Interrupted
 from batchrun.engine.step import Step
 from batchrun.errors import RuntimeFailure
+
+log = logging.getLogger("batchrun")
 
 
 def check_supported(model) -> None:
@@ -32,8 +41,14 @@ def check_supported(model) -> None:
                              "not implement yet; use engine.backend: reference")
 
 
+LONG_STEP_LOG_S = 10.0  # a step running longer than this logs its progress, layer by layer, this often
+
+
 class Runner:
-    """Owns the KV pool tensors and the attention backend; ``forward(step)`` runs one step."""
+    """Owns the KV pool tensors and the attention backend; ``forward(step)`` runs one step.
+
+    Between decoder layers it polls ``interrupt`` (so a stop request ends even a minutes-long CPU prefill
+    step within about one layer's time) and, in a long step, logs how far it got."""
 
     def __init__(self, loaded: LoadedModel, num_slots: int):
         model = loaded.model
@@ -51,11 +66,28 @@ class Runner:
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.device = loaded.device
+        self.interrupt: Callable[[], bool] | None = None
+        self._layers = list(getattr(self.decoder, "layers", []))
+        for i, layer in enumerate(self._layers):
+            layer.register_forward_pre_hook(functools.partial(self._between_layers, i))
+        self._step_started = self._last_log = 0.0
+        self._step_tokens = 0
+
+    def _between_layers(self, index: int, module: Any, args: Any) -> None:
+        if self.interrupt is not None and self.interrupt():
+            raise Interrupted
+        now = time.monotonic()
+        if now - self._last_log >= LONG_STEP_LOG_S:
+            self._last_log = now
+            log.info("a long step: %d tokens, layer %d of %d after %.0f s", self._step_tokens, index + 1,
+                     len(self._layers), now - self._step_started)
 
     @torch.inference_mode()
     def forward(self, step: Step) -> torch.Tensor:
         """Run the step; return logits [len(step.sample_index), vocab], in the order of ``step.sample_keys``."""
         t = step.num_tokens
+        self._step_started = self._last_log = time.monotonic()
+        self._step_tokens = t
         # One host-to-device copy for the packed row's ids and positions and the sampled positions.
         ints = torch.tensor(step.token_ids + step.positions + step.sample_index, dtype=torch.long)
         ints = ints.to(self.device, non_blocking=True)
