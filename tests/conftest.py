@@ -17,6 +17,10 @@ from helpers import make_tiny_model  # imports neither torch nor transformers: t
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if not os.environ.get("CUDA_VISIBLE_DEVICES", "x") or not Path("/dev/nvidiactl").exists():
+    # No GPU: Triton kernels (the paged attention backend) run in Triton's interpreter. It must be chosen
+    # before anything imports triton, so here, before the tests import torch or transformers.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

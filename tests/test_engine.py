@@ -174,6 +174,20 @@ def test_logits_constraints_are_honoured_by_both_engines(tiny, temperature):
                 assert got[r.key].token_ids != free[r.key].token_ids  # the constraint changed something
 
 
+def test_paged_backend_equals_the_oracle(tiny, monkeypatch):
+    """The paged (cascade) backend — pool read in place, shared prefixes once per step, parts merged by
+    log-sum-exp — gives the oracle's tokens exactly in fp32 (on CPU through Triton's interpreter)."""
+    pytest.importorskip("triton")  # (on a machine without a GPU, conftest runs it in Triton's interpreter)
+    monkeypatch.setenv("BATCHRUN_ATTENTION", "paged")
+    reqs = _requests(tiny.tokenizer)
+    oracle = _oracle(tiny, reqs)
+    engine = BatchEngine(tiny, SamplingParams(), kv_budget_tokens=100_000, block_size=16, step_tokens=64)
+    assert engine.runner.backend.name == "paged"
+    got = _run(engine, reqs, _plan(reqs, 64, 16))
+    for r in reqs:
+        assert got[r.key].token_ids == oracle[r.key].token_ids, f"row {r.key}"
+
+
 def _polls(stop_after: int):
     """An ``interrupt`` callable that says stop from its ``stop_after + 1``-th call on, counting calls."""
     calls = []

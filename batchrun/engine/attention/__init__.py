@@ -2,7 +2,8 @@
 
 transformers' attention layers call the registered function ``"batchrun"`` with q, k, v after rotary
 embedding. Inside a batchrun step (``use_backend``) the call goes to the step's attention backend
-(``base.AttentionBackend``: ``torch_sdpa`` everywhere, ``varlen`` on CUDA in half precision); outside one
+(``base.AttentionBackend``: ``torch_sdpa`` everywhere, ``varlen`` on CUDA in half precision, ``paged``: the
+pool read in place and shared prefixes read once per step, in Triton); outside one
 (e.g. the reference engine's ``generate`` on the same model) it is plain SDPA.
 """
 
@@ -14,6 +15,7 @@ import threading
 import torch
 
 from batchrun.engine.attention.base import AttentionBackend
+from batchrun.engine.attention.paged import PagedBackend
 from batchrun.engine.attention.torch_sdpa import TorchBackend
 from batchrun.engine.attention.varlen import VarlenBackend
 from batchrun.engine.attention.varlen import available as varlen_available
@@ -21,7 +23,7 @@ from batchrun.engine.attention.varlen import available as varlen_available
 __all__ = ["BACKENDS", "AttentionBackend", "choose_backend", "register", "use_backend"]
 
 NAME = "batchrun"
-BACKENDS: dict[str, type[AttentionBackend]] = {b.name: b for b in (TorchBackend, VarlenBackend)}
+BACKENDS: dict[str, type[AttentionBackend]] = {b.name: b for b in (TorchBackend, VarlenBackend, PagedBackend)}
 _LOCAL = threading.local()
 
 

@@ -1,0 +1,133 @@
+"""The paged (cascade) backend: the KV pool is read in place, and each shared prefix once per step for all the
+sequences of the step under it (Hydragen / BatchLLM's horizontal fusion), at every level of the trie.
+
+``prepare`` turns the step into the items of ``paged_kernel``: one item per distinct shared-prefix level in the
+step (the queries of every sequence under it stacked, non-causal) and one per sequence for its own level
+(causal). One kernel launch per layer computes every item; a query that has several items (its prefixes,
+then its own tokens) gets its parts merged exactly by log-sum-exp. Needs Triton (the GPU machine has it);
+runs on the CPU only through Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from batchrun.engine.attention.base import AttentionBackend
+from batchrun.engine.step import Step
+
+
+def available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class PagedBackend(AttentionBackend):
+    name = "paged"
+    BLOCK_N = 64  # keys per inner tile
+
+    def prepare(self, step: Step) -> None:
+        bs = step.block_size
+        qs = step.query_start
+        shared: dict[tuple, list[int]] = {}  # (level owner, length) -> sequences under it
+        shared_level = {}
+        own = []
+        for i, seq in enumerate(step.seqs):
+            for level in seq.levels[:-1]:
+                key = (level.owner, level.length)
+                shared.setdefault(key, []).append(i)
+                shared_level[key] = level
+            own.append(seq.levels[-1])
+        rows, item_row0, item_nrows, item_table0, item_klen, item_causal, table = [], [], [], [], [], [], []
+        n_rows = n_table = 0
+
+        def add(seq_ids: list[int], level, causal: int) -> None:
+            nonlocal n_rows, n_table
+            item_rows = [np.arange(qs[i], qs[i + 1], dtype=np.int32) for i in seq_ids]
+            count = sum(len(r) for r in item_rows)
+            blocks = level.blocks[: -(-level.length // bs)]
+            rows.extend(item_rows)
+            item_row0.append(n_rows)
+            item_nrows.append(count)
+            item_table0.append(n_table)
+            item_klen.append(level.length)
+            item_causal.append(causal)
+            table.append(np.asarray(blocks, dtype=np.int32))
+            n_rows += count
+            n_table += len(blocks)
+
+        for i, level in enumerate(own):  # first: then part row = token for the own items
+            add([i], level, 1)
+        for key, seq_ids in shared.items():
+            add(seq_ids, shared_level[key], 0)
+        self.merge = bool(shared)
+        self.num_parts = n_rows
+        nrows = np.asarray(item_nrows, dtype=np.int64)
+        self._item_nrows = nrows
+        ints = [np.concatenate(rows), np.asarray(item_row0, np.int32), nrows.astype(np.int32),
+                np.asarray(item_table0, np.int32), np.asarray(item_klen, np.int32), np.asarray(item_causal, np.int32),
+                np.concatenate(table) if table else np.zeros(0, np.int32),
+                np.asarray(step.slot_mapping, dtype=np.int32)]
+        sizes = [len(a) for a in ints]
+        flat = torch.from_numpy(np.concatenate(ints).astype(np.int32)).to(self.device, non_blocking=True)
+        parts = torch.split(flat, sizes)
+        (self.rows, self.item_row0, self.item_nrows, self.item_table0, self.item_klen, self.item_causal,
+         self.table, slots) = parts
+        self.slots = slots.long()
+        self.block_size = bs
+        self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _tiles_for(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item, first row) of every program for row tiles of ``block_m`` rows (cached per step)."""
+        if block_m not in self._tiles:
+            counts = -(-self._item_nrows // block_m)
+            item = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+            first = np.concatenate([np.arange(c, dtype=np.int32) * block_m for c in counts]) if len(counts) else \
+                np.zeros(0, np.int32)
+            t = torch.from_numpy(np.stack([item, first])).to(self.device, non_blocking=True)
+            self._tiles[block_m] = (t[0], t[1])
+        return self._tiles[block_m]
+
+    def forward(self, query, key, value, layer, scaling):
+        from batchrun.engine.attention.paged_kernel import paged_attention_kernel
+
+        k_pool, v_pool = self.write_kv(key, value, layer)
+        heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
+        group = heads // kv_heads
+        q = query[0].transpose(0, 1)  # [T, H, D], a view
+        block_m = max(16 // group, 1)  # the tile's rows (block_m * group) must be at least 16 for tl.dot
+        tile_item, tile_row = self._tiles_for(block_m)
+        out = torch.empty(self.num_parts, heads, dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(self.num_parts, heads, dtype=torch.float32, device=q.device)
+        if len(tile_item):
+            paged_attention_kernel[(len(tile_item), kv_heads)](
+                q, k_pool, v_pool, out, lse, self.rows, self.item_row0, self.item_nrows, self.item_table0,
+                self.item_klen, self.item_causal, self.table, tile_item, tile_row,
+                scaling if scaling is not None else 1.0 / math.sqrt(dim),
+                q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
+                lse.stride(0),
+                G=group, D=dim, BLOCK_M=block_m, BLOCK_N=self.BLOCK_N, PAGE=self.block_size,
+                IEEE=k_pool.dtype == torch.float32)
+        t = q.shape[0]
+        if self.merge:
+            out = merge_parts(out, lse, self.rows.long(), t)
+        else:
+            out = out[:t]  # own items come first, one part row per token, in token order
+        return out.to(query.dtype).unsqueeze(0)
+
+
+def merge_parts(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Combine partial attention outputs of the same query token exactly: softmax over all parts' keys is the
+    parts' outputs weighted by exp(lse - max lse). out [P, H, D], lse [P, H], rows [P] -> [tokens, H, D]."""
+    heads = lse.shape[1]
+    top = torch.full((tokens, heads), float("-inf"), device=lse.device).scatter_reduce(
+        0, rows[:, None].expand(-1, heads), lse, "amax")
+    w = torch.exp(lse - top[rows])
+    num = torch.zeros(tokens, heads, out.shape[2], device=out.device).index_add_(0, rows, out * w[..., None])
+    den = torch.zeros(tokens, heads, device=out.device).index_add_(0, rows, w)
+    return num / den[..., None]
