@@ -114,10 +114,8 @@ class PagedBackend(AttentionBackend):
                 G=group, D=dim, BLOCK_M=block_m, BLOCK_N=self.BLOCK_N, PAGE=self.block_size,
                 IEEE=k_pool.dtype == torch.float32)
         t = q.shape[0]
-        if self.merge:
-            out = merge_parts(out, lse, self.rows.long(), t)
-        else:
-            out = out[:t]  # own items come first, one part row per token, in token order
+        # (Own items come first, one part row per token in token order: alone, they are the output.)
+        out = merge_parts(out, lse, self.rows.long(), t) if self.merge else out[:t]
         return out.to(query.dtype).unsqueeze(0)
 
 

@@ -19,7 +19,7 @@ import triton.language as tl
 
 @triton.jit
 def paged_attention_kernel(
-    Q, K, V, O, LSE,  # Q [T, H, D] (any strides); K, V [slots, KVH, D]; O [P, H, D] fp32; LSE [P, H] fp32
+    Q, K, V, OUT, LSE,  # Q [T, H, D] (any strides); K, V [slots, KVH, D]; OUT [P, H, D] fp32; LSE [P, H] fp32
     ROWS,  # int32 [P]: the query token (row of Q) of each part row
     ITEM_ROW0, ITEM_NROWS, ITEM_TABLE0, ITEM_KLEN, ITEM_CAUSAL,  # int32 [I]
     TABLE,  # int32: every item's block ids, concatenated
@@ -82,5 +82,5 @@ def paged_attention_kernel(
         m_i = m_new
         n0 += BLOCK_N
     out = acc / l_i[:, None]
-    tl.store(O + part[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out, mask=row_ok[:, None])
+    tl.store(OUT + part[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out, mask=row_ok[:, None])
     tl.store(LSE + part * stride_lp + head, m_i + tl.log(l_i), mask=row_ok)
