@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads
 from results_io import git_commit, record
 
+from batchrun.engine import attention
 from batchrun.engine.batch import BatchEngine
 from batchrun.engine.factory import kv_budget
 from batchrun.engine.loader import LoadedModel, loaded_facts
@@ -152,6 +153,7 @@ def main() -> None:
                                    else None),
                "roofline_s": round(roofline, 4), "roofline_fraction": round(roofline / wall, 4),
                "peak_tflops": round(flops / 1e12, 1), "hbm_tb_s": round(hbm / 1e12, 2), "plan_s": round(plan_s, 3),
+               "attention": attention.choose_backend(device, torch.bfloat16).name if system == "batchrun" else None,
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "commit": commit,
                "date": time.strftime("%Y-%m-%d")}

@@ -258,19 +258,18 @@ def _top2_margin(loaded, prompt: list[int], generated: list[int]) -> tuple[float
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_flash_varlen_path_matches_the_torch_path(tmp_path, tokenizer_dir, monkeypatch, dtype):
-    """On the GPU in half precision the engine uses flash varlen attention; it must pick the same tokens as
-    the plain-torch path, tie-aware (../shared/DESIGN.md): rows may part only where the top-2 logits are within
-    half-precision noise, and that position is reported."""
-    from batchrun.engine import attention
-
+@pytest.mark.parametrize("backend", ["varlen", "paged"])
+def test_gpu_backends_match_the_torch_path(tmp_path, tokenizer_dir, monkeypatch, dtype, backend):
+    """On the GPU in half precision the engine uses a fast backend (flash varlen, or the paged Triton kernel);
+    it must pick the same tokens as the plain-torch path, tie-aware (../shared/DESIGN.md): rows may part only
+    where the top-2 logits are within half-precision noise, and that position is reported."""
     path = make_tiny_model(tmp_path / "llama", "llama", tokenizer_dir, seed=3)
     loaded = load(ModelSpec(path=path, dtype=dtype), EngineSpec(device="cuda"))
     reqs = _requests(loaded.tokenizer)
-    assert attention.choose_backend("cuda", getattr(torch, dtype)).name == "varlen"
-    flash = BatchEngine(loaded, SamplingParams(), 100_000, 16, 64)
-    assert flash.runner.backend.name == "varlen"
-    got = _run(flash, reqs, _plan(reqs, 64, 16))
+    monkeypatch.setenv("BATCHRUN_ATTENTION", backend)
+    fast = BatchEngine(loaded, SamplingParams(), 100_000, 16, 64)
+    assert fast.runner.backend.name == backend
+    got = _run(fast, reqs, _plan(reqs, 64, 16))
     monkeypatch.setenv("BATCHRUN_ATTENTION", "torch")
     plain = BatchEngine(loaded, SamplingParams(), 100_000, 16, 64)
     assert plain.runner.backend.name == "torch"
