@@ -11,12 +11,14 @@ runs on the CPU only through Triton's interpreter (``TRITON_INTERPRET=1``), whic
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
 
 from batchrun.engine.attention.base import AttentionBackend
 from batchrun.engine.step import Step
+from batchrun.errors import RuntimeFailure
 
 
 def available() -> bool:
@@ -30,6 +32,14 @@ def available() -> bool:
 class PagedBackend(AttentionBackend):
     name = "paged"
     BLOCK_N = 64  # keys per inner tile
+    NARROW_ROWS = 16  # a tile's query rows (tokens x the heads of one KV head) for items of few rows (decode)
+    WIDE_ROWS = 128  # ... and for items of many rows (prefill, a shared prefix under many sequences)
+
+    def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor):
+        super().__init__(k_pool, v_pool)
+        if k_pool.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeFailure("BATCHRUN_ATTENTION=paged needs a CUDA device (or TRITON_INTERPRET=1 to run "
+                                 "its Triton kernel in the interpreter, for tests)")
 
     def prepare(self, step: Step) -> None:
         bs = step.block_size
@@ -80,18 +90,26 @@ class PagedBackend(AttentionBackend):
          self.table, slots) = parts
         self.slots = slots.long()
         self.block_size = bs
-        self._tiles: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tiles: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
 
-    def _tiles_for(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(item, first row) of every program for row tiles of ``block_m`` rows (cached per step)."""
-        if block_m not in self._tiles:
-            counts = -(-self._item_nrows // block_m)
-            item = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-            first = np.concatenate([np.arange(c, dtype=np.int32) * block_m for c in counts]) if len(counts) else \
-                np.zeros(0, np.int32)
-            t = torch.from_numpy(np.stack([item, first])).to(self.device, non_blocking=True)
-            self._tiles[block_m] = (t[0], t[1])
-        return self._tiles[block_m]
+    def _tiles_for(self, group: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Per launch: (tokens per tile, item of each program, its first row in the item). Items of few rows
+        get narrow tiles, the others wide ones (cached per step: every layer has the same heads)."""
+        if group not in self._tiles:
+            narrow, wide = max(self.NARROW_ROWS // group, 1), max(self.WIDE_ROWS // group, 1)
+            is_wide = self._item_nrows > narrow
+            launches = []
+            for block_m, chosen in ((narrow, ~is_wide), (wide, is_wide)):
+                items = np.nonzero(chosen)[0].astype(np.int32)
+                if not len(items):
+                    continue
+                counts = -(-self._item_nrows[items] // block_m)
+                item = np.repeat(items, counts)
+                first = (np.arange(len(item)) - np.repeat(np.cumsum(counts) - counts, counts)) * block_m
+                t = torch.from_numpy(np.stack([item, first.astype(np.int32)])).to(self.device, non_blocking=True)
+                launches.append((block_m, t[0], t[1]))
+            self._tiles[group] = launches
+        return self._tiles[group]
 
     def forward(self, query, key, value, layer, scaling):
         from batchrun.engine.attention.paged_kernel import paged_attention_kernel
@@ -100,11 +118,9 @@ class PagedBackend(AttentionBackend):
         heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
         group = heads // kv_heads
         q = query[0].transpose(0, 1)  # [T, H, D], a view
-        block_m = max(16 // group, 1)  # the tile's rows (block_m * group) must be at least 16 for tl.dot
-        tile_item, tile_row = self._tiles_for(block_m)
         out = torch.empty(self.num_parts, heads, dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(self.num_parts, heads, dtype=torch.float32, device=q.device)
-        if len(tile_item):
+        for block_m, tile_item, tile_row in self._tiles_for(group):
             paged_attention_kernel[(len(tile_item), kv_heads)](
                 q, k_pool, v_pool, out, lse, self.rows, self.item_row0, self.item_nrows, self.item_table0,
                 self.item_klen, self.item_causal, self.table, tile_item, tile_row,
@@ -112,7 +128,7 @@ class PagedBackend(AttentionBackend):
                 q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
                 lse.stride(0),
                 G=group, D=dim, BLOCK_M=block_m, BLOCK_N=self.BLOCK_N, PAGE=self.block_size,
-                IEEE=k_pool.dtype == torch.float32)
+                IEEE=k_pool.dtype == torch.float32, num_warps=4 if block_m * group <= 64 else 8)
         t = q.shape[0]
         # (Own items come first, one part row per token in token order: alone, they are the output.)
         out = merge_parts(out, lse, self.rows.long(), t) if self.merge else out[:t]
