@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.io.prompts import check_templates
-from batchrun.io.sink import is_batchrun_file, read_state
+from batchrun.io.sink import path_problem, read_state
 from batchrun.runtime.job import JobResult, run_job
 from batchrun.runtime.progress import Progress
 from batchrun.spec import JobSpec, load_spec
@@ -94,17 +94,30 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
 
 
 def status(output_dir: str | Path) -> dict[str, Any]:
-    """What an output directory holds: complete, incomplete (resumable), empty, or missing."""
+    """What an output directory holds: complete, incomplete (resumable), damaged (``problems`` says what is
+    wrong, ``fix`` what to do), empty, not_batchrun (files batchrun did not write), not_a_directory, or
+    missing. Reads only: never writes, never follows a symbolic link inside the directory."""
+    problem = path_problem(output_dir)
     state = read_state(output_dir)
-    if not state.exists:
+    if problem:
+        kind = "not_a_directory"
+    elif not state.exists:
         kind = "missing"
     elif not state.owned:
-        foreign = any(not is_batchrun_file(f.name) for f in Path(output_dir).iterdir())
-        kind = "not_batchrun" if foreign else "empty"
+        kind = "not_batchrun" if state.foreign else "empty"
+    elif state.damaged:
+        kind = "damaged"
     else:
         kind = "complete" if state.complete else "incomplete"
     out: dict[str, Any] = {"output": str(output_dir), "state": kind, "rows_committed": state.rows,
                            "parts": len(state.parts)}
+    if problem:
+        out["problems"] = [problem]
+    if kind == "damaged":
+        out["problems"] = state.problems + [f"{name}: not written by batchrun" for name in state.foreign]
+        out["fix"] = ("remove the files batchrun did not write (it never deletes them), or choose another "
+                      "output.path" if state.foreign else "batchrun submit --fresh rebuilds it (its results are "
+                      "deleted and computed again)")
     if state.job:
         out["job"] = state.job.get("job")
         out["created_at"] = state.job.get("created_at")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,34 @@ from batchrun.errors import SpecError, UsageError
 
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _DEVICE = r"^(auto|cpu|cuda(:[0-9]+)?)$"
+
+# input.path URLs. file:// is a local path (DuckDB reads it locally), confined like one. Remote schemes are read
+# through DuckDB's httpfs (http, https, s3 and its aliases, gcs, r2, hf) or azure (az, azure, abfss) extension;
+# any other scheme is refused rather than handed to DuckDB (which could treat it as something local).
+REMOTE_SCHEMES = ("http", "https", "s3", "s3a", "s3n", "gs", "gcs", "r2", "hf", "az", "azure", "abfss")
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+# Sampling at a temperature below this divides fp32 logits into overflow (inf - inf = nan) for no gain: it is
+# greedy decoding in all but name. 0 means greedy.
+MIN_TEMPERATURE = 0.01
+
+# A job file is small: these bound what loading one may cost (an alias "bomb" expands exponentially).
+MAX_YAML_NODES = 100_000  # nodes after expanding aliases
+MAX_YAML_DEPTH = 100
+
+
+def url_scheme(path: str) -> str | None:
+    """The lower-cased scheme of a ``scheme://...`` path, or None for a plain path."""
+    m = _URL.match(path)
+    return m.group(1).lower() if m else None
+
+
+def file_url_path(url: str) -> str:
+    """The local path of a ``file://`` URL (``file:///p`` or ``file://localhost/p``)."""
+    rest = url[len("file://"):]
+    if rest.lower().startswith("localhost/"):
+        rest = rest[len("localhost"):]
+    return rest
 
 
 class _Strict(BaseModel):
@@ -57,6 +86,12 @@ class InputSpec(_Strict):
         for p in items:
             if not p.strip():
                 raise ValueError("a file path must not be empty")
+            scheme = url_scheme(p)
+            if scheme == "file" and not file_url_path(p).startswith("/"):
+                raise ValueError(f"a file:// URL must name a local absolute path, file:///path (got {_show(p)})")
+            if scheme and scheme != "file" and scheme not in REMOTE_SCHEMES:
+                raise ValueError(f"unsupported URL scheme {scheme!r} (got {_show(p)}); use a local path, file://, "
+                                 f"or one of {', '.join(REMOTE_SCHEMES)}")
         return v
 
     @property
@@ -88,8 +123,8 @@ class SamplingSpec(_Strict):
     """Decoding. temperature 0 is greedy. ``max_tokens`` is a number or the name of an integer column."""
 
     max_tokens: int | str = 256
-    temperature: float = Field(default=0.0, ge=0, le=2, strict=True)
-    top_p: float = Field(default=1.0, gt=0, le=1, strict=True)
+    temperature: float = Field(default=0.0, ge=0, le=2, strict=True, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0, le=1, strict=True, allow_inf_nan=False)
     top_k: int = Field(default=0, ge=0, strict=True)
     stop: list[str] = Field(default_factory=list, max_length=16)
     seed: int = Field(default=0, ge=0, lt=2**63, strict=True)
@@ -107,6 +142,13 @@ class SamplingSpec(_Strict):
         if isinstance(v, str) and re.match(_IDENT, v):
             return v
         raise ValueError(f"must be a positive integer or a column name (got {_show(v)})")
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if 0 < v < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or >= {MIN_TEMPERATURE} (got {v!r})")
+        return v
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -127,7 +169,8 @@ class OutputSpec(_Strict):
     path: str = Field(min_length=1)
     columns: list[str] | None = None  # input columns copied to the output; None copies all of them
     part_rows: int = Field(default=1000, ge=1, le=10_000_000, strict=True)
-    max_error_rate: float | None = Field(default=None, ge=0, le=1)  # above it the job fails (exit 1)
+    # above it the job fails (exit 1)
+    max_error_rate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
 
 
 class EngineSpec(_Strict):
@@ -139,7 +182,7 @@ class EngineSpec(_Strict):
     threads: int | None = Field(default=None, ge=1, le=1024, strict=True)
     step_tokens: int = Field(default=8192, ge=16, le=1_048_576, strict=True)  # prefill tokens per step
     block_size: int = Field(default=16, ge=1, le=1024, strict=True)  # KV cache block, tokens
-    kv_budget_tokens: int | None = Field(default=None, ge=1, strict=True)  # None: from the device's memory
+    kv_budget_tokens: int | None = Field(default=None, ge=1, le=1_000_000_000, strict=True)  # None: from memory
 
 
 class JobSpec(_Strict):
@@ -190,8 +233,20 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     return validate_dict(raw, source=str(path))
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """Safe YAML (no tags that build objects) that also refuses a key given twice in one mapping."""
+class _GuardedLoader(yaml.SafeLoader):
+    """Safe YAML (no tags that build objects) that refuses a document whose aliases would expand past
+    MAX_YAML_NODES nodes (a "billion laughs" bomb) or that refers to itself, before building any object."""
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return self.construct_document(node)
+
+
+class _UniqueKeyLoader(_GuardedLoader):
+    """The guarded safe loader that also refuses a key given twice in one mapping."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -206,6 +261,39 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Count the nodes the document has with every alias expanded (each shared node once, by memo: linear in
+    the document), and raise a YAML error past MAX_YAML_NODES or on an alias that contains itself."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
+            if sizes[key] > MAX_YAML_NODES:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the document expands to more than {MAX_YAML_NODES:,} values through its aliases "
+                    "(*name); a job spec needs far fewer", node.start_mark)
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise yaml.constructor.ConstructorError(None, None, "an alias refers to a value that contains it",
+                                                    node.start_mark)
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
+
+
 def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)
@@ -214,6 +302,8 @@ def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise SpecError(f"{source}: not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise SpecError(f"{source}: not valid YAML: nested too deeply") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -230,8 +320,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if any(not p for p in parts):
         raise UsageError(f"--set: malformed field path {key!r}")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+        parsed = yaml.load(value, Loader=_GuardedLoader) if value.strip() else ""
+    except (yaml.YAMLError, RecursionError):
         parsed = value
     node = raw
     for i, p in enumerate(parts[:-1]):
@@ -265,9 +355,54 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _show(v: Any) -> str:
-    s = repr(v) if isinstance(v, str) else json.dumps(v, default=str)
-    return s if len(s) <= 60 else s[:57] + "..."
+def _show(v: Any, limit: int = 60) -> str:
+    """A short rendering of a value for an error message (at most ``limit`` characters). It never expands
+    more of ``v`` than it prints: a value built from YAML aliases may be a small graph of exponential size."""
+    if isinstance(v, str):
+        s = repr(v[: limit + 1])
+    elif _small(v, limit):
+        s = json.dumps(v, default=str)
+    else:
+        s = ""
+        for piece in _json_pieces(v):
+            s += piece
+            if len(s) > limit:
+                break
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _small(v: Any, budget: int) -> bool:
+    """Whether ``v`` has at most ``budget`` values and characters in all (a bounded walk)."""
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        budget -= 1 + (len(x) if isinstance(x, str) else 0)
+        if budget < 0:
+            return False
+        if isinstance(x, dict):
+            stack += [*x.keys(), *x.values()][: budget + 1]
+        elif isinstance(x, (list, tuple)):
+            stack += list(x[: budget + 1])
+    return True
+
+
+def _json_pieces(v: Any) -> Iterator[str]:
+    """JSON text of ``v`` piece by piece, so a caller can stop early."""
+    if isinstance(v, dict):
+        yield "{"
+        for i, (k, x) in enumerate(v.items()):
+            yield (", " if i else "") + json.dumps(k if isinstance(k, str) else str(k)[:100]) + ": "
+            yield from _json_pieces(x)
+        yield "}"
+    elif isinstance(v, (list, tuple)):
+        yield "["
+        for i, x in enumerate(v):
+            if i:
+                yield ", "
+            yield from _json_pieces(x)
+        yield "]"
+    else:
+        yield json.dumps(v[:100] if isinstance(v, str) else v, default=lambda o: str(o)[:100])
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -291,6 +426,19 @@ _PATTERN_HINTS = {
     _IDENT: "must be an identifier (letters, digits, _; not starting with a digit)",
     _DEVICE: "must be auto, cpu, cuda or cuda:N",
 }
+
+
+_YAML11_FLOAT = re.compile(r"([-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))[eE]([-+]?)([0-9]+)")
+
+
+def _number_hint(kind: str, got: Any) -> str:
+    """YAML 1.1 (PyYAML) reads ``1e-3`` as text: a number needs a dot and a signed exponent (``1.0e-3``)."""
+    numeric = kind.split("_")[0] in ("int", "float")
+    m = _YAML11_FLOAT.fullmatch(got.strip()) if numeric and isinstance(got, str) else None
+    if not m:
+        return ""
+    mantissa = m.group(1) if "." in m.group(1) else m.group(1) + ".0"
+    return f": YAML reads it as text; write {mantissa}e{m.group(2) or '+'}{m.group(3)}"
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -328,6 +476,8 @@ def _describe(err: dict[str, Any]) -> str:
         "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list",
         "model_type": "a mapping", "dict_type": "a mapping", "model_attributes_type": "a mapping",
     }
+    if kind == "finite_number":
+        return f"{path}: must be a finite number (got {_show(got)})"
     if kind in types:
-        return f"{path}: must be {types[kind]} (got {_show(got)})"
+        return f"{path}: must be {types[kind]} (got {_show(got)}{_number_hint(kind, got)})"
     return f"{path}: {err['msg']} (got {_show(got)})"

@@ -228,7 +228,7 @@ def test_submit_into_foreign_directory_exits_78(tmp_path, reviews_parquet):
     assert r.exit_code == 78
     assert r.stderr == (f"error: output.path: {out} holds files batchrun did not write (notes.txt); "
                         "choose an empty or new directory\n")
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # (not even a lock file is created)
 
 
 def test_submit_while_output_locked_exits_75(tmp_path, reviews_parquet):

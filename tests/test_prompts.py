@@ -3,11 +3,16 @@ tokenizer (no model weights), and the template sandbox."""
 
 from __future__ import annotations
 
+import decimal
+import threading
+import time
+
 import pyarrow as pa
 import pytest
 
 from batchrun.errors import InputDataError, SpecError
-from batchrun.io.prompts import build_prompts, render
+from batchrun.io import prompts
+from batchrun.io.prompts import build_prompts, check_templates, referenced_columns, render
 from batchrun.spec import FewShot, PromptSpec
 
 
@@ -193,3 +198,209 @@ def test_unknown_globals_are_treated_as_missing_columns(name):
     with pytest.raises(InputDataError) as ei:
         rendered("{{ %s }}" % name, pa.table({"text": ["hi"]}))
     assert str(ei.value) == f"prompt.template: the input has no column '{name}' (columns: text)"
+
+
+# --------------------------------------------------------------------------------------------- limits
+
+LIMIT = "template error: TemplateLimitError: "
+TOO_BIG = "would be over 4,000,000 characters or items"
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("{{ 7 ** 300000000 }}", "7 ** 300000000 would be over 16,384 bits"),
+    ("{{ lipsum(n=10**7) }}", "lipsum() takes at most n=100 paragraphs of at most max=1000 words"),
+    ("{{ 'a' * 10**9 }}", f"repeating a str 1000000000 times {TOO_BIG}"),
+    ("{{ [1] * 10**9 }}", f"repeating a list 1000000000 times {TOO_BIG}"),
+    ("{{ 'a'|center(10**9) }}", f"center() {TOO_BIG}"),
+    ("{{ 'a'.ljust(10**9) }}", f"str.ljust(1000000000) {TOO_BIG}"),
+    ("{{ '%999999999d'|format(1) }}", "a format width or precision over 100,000"),
+    ("{{ '%*d' % (10**9, 1) }}",
+     "a width or precision taken from an argument ('*' or a nested {field}) is not allowed"),
+    ("{{ '{:>999999999}'.format(1) }}", "a format width or precision over 100,000"),
+    ("{{ ('ab' * 1000000)|replace('', 'xxxxxxxx') }}", f"replace() {TOO_BIG}"),
+    ("{{ (1).to_bytes(10**9, 'big') }}", f"int.to_bytes(1000000000) {TOO_BIG}"),
+    ("{{ range(10)|batch(10**9, 'x')|list }}", "linecount over 100,000"),
+    ("{% set x %}{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}{% endset %}{{ x|length }}",
+     f"the rendered (or joined) text {TOO_BIG}"),
+])
+def test_row_independent_limits_fail_validation(template, problem):
+    """A template that uses no column and goes past a limit would on every row: exit 78 at validate."""
+    start = time.monotonic()
+    with pytest.raises(SpecError) as ei:
+        check_templates(PromptSpec(template=template))
+    assert ei.value.exit_code == 78 and ei.value.message == "the prompt templates go past batchrun's limits"
+    assert ei.value.problems == [f"prompt.template: {problem} (whatever the row)"]
+    assert time.monotonic() - start < 2
+
+
+def test_limits_in_the_system_prompt_are_named():
+    with pytest.raises(SpecError) as ei:
+        check_templates(PromptSpec(template="{{ text }}", system="{{ 9 ** (9 ** 9) }}"))
+    assert ei.value.problems == ["prompt.system: 9 ** 387420489 would be over 16,384 bits (whatever the row)"]
+
+
+def test_a_limit_hit_the_same_way_on_the_first_rows_fails_the_job():
+    table = pa.table({"text": ["a", "b", "c", "d"]})
+    start = time.monotonic()
+    with pytest.raises(SpecError) as ei:
+        rendered("{{ text }}{{ 7 ** 300000000 }}", table)
+    assert str(ei.value) == ("prompt.template: the template goes past batchrun's limits the same way on each of "
+                             "the first 3 rows: 7 ** 300000000 would be over 16,384 bits")
+    with pytest.raises(SpecError) as ei:
+        rendered("{{ text }}", table, system="{{ text * 10**9 }}")
+    assert str(ei.value).startswith("prompt.system: the template goes past batchrun's limits the same way")
+    assert time.monotonic() - start < 2
+
+
+def test_row_dependent_limits_are_row_errors():
+    table = pa.table({"text": ["a", "b", "c", "d"], "n": [1, 10**9, 2, 10**8]})
+    users, _, errors = rendered("{{ text * n }}", table)
+    assert users == ["a", None, "cc", None]
+    assert errors == [None, f"{LIMIT}repeating a str 1000000000 times {TOO_BIG}", None,
+                      f"{LIMIT}repeating a str 100000000 times {TOO_BIG}"]
+
+
+def test_rendered_text_is_capped_per_row():
+    table = pa.table({"text": ["short", "x" * 4_000_001, "also short"]})
+    users, _, errors = rendered("{{ text }}", table)
+    assert users == ["short", None, "also short"]
+    assert errors[1] == f"{LIMIT}the rendered (or joined) text {TOO_BIG}"
+
+
+def test_time_limit_per_row_without_signals(monkeypatch):
+    """A row whose rendering runs past RENDER_SECONDS is a row error; checked at every loop item and call,
+    not by SIGALRM, so it also holds when rendering runs in a thread."""
+    monkeypatch.setattr(prompts, "RENDER_SECONDS", 0.3)
+    table = pa.table({"text": ["a", "b", "c"], "n": [2, 100000, 3]})
+    loops = "{% for i in range(n) %}{% for j in range(n) %}{% endfor %}{% endfor %}{{ text }}"
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(rendered(loops, table)))
+    start = time.monotonic()
+    worker.start()
+    worker.join(30)
+    assert time.monotonic() - start < 5
+    users, _, errors = result[0]
+    assert users == ["a", None, "c"]
+    assert errors == [None, f"{LIMIT}rendering took longer than 0.3 s", None]
+
+
+def test_time_limit_on_every_row_fails_the_job_after_three_rows(monkeypatch):
+    monkeypatch.setattr(prompts, "RENDER_SECONDS", 0.2)
+    table = pa.table({"text": [str(i) for i in range(1000)]})
+    start = time.monotonic()
+    with pytest.raises(SpecError) as ei:
+        rendered("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{ text }}", table)
+    assert str(ei.value) == ("prompt.template: the template goes past batchrun's limits the same way on each of "
+                             "the first 3 rows: rendering took longer than 0.2 s")
+    assert time.monotonic() - start < 3
+
+
+@pytest.mark.parametrize("template, problem", [
+    # a list nested in itself 60 times over: tiny in memory, 2**60 items when printed or compared
+    ("{% set ns = namespace(x=[text]) %}{% for i in range(60) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}"
+     "{{ ns.x == ns.x }}", f"a value {TOO_BIG}"),
+    ("{% set ns = namespace(s=text) %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     f"the rendered (or joined) text {TOO_BIG}"),
+    ("{% macro f(s, n) %}{% if n %}{{ f(s ~ s, n - 1) }}{% endif %}{% endmacro %}{{ f(text, 100) }}",
+     f"the rendered (or joined) text {TOO_BIG}"),
+    ("{{ (range(1000)|map('string')|map('center', 4000000))|list|length }}{{ text }}",
+     f"a sequence {TOO_BIG}"),
+    ("{{ ([text] * 100000)|join(text * 40) }}", f"the rendered (or joined) text {TOO_BIG}"),
+    ("{{ ','.join(range(100000)|map('string')|map('center', 100)) }}{{ text }}", f"a sequence {TOO_BIG}"),
+    ("{{ text|indent(10**9) }}", f"indent() {TOO_BIG}"),
+    ("{{ text.expandtabs(10**9) }}", f"str.expandtabs() {TOO_BIG}"),
+])
+def test_growth_by_repetition_is_bounded(template, problem):
+    table = pa.table({"text": ["a\tb", "c\td", "e\tf"]})
+    start = time.monotonic()
+    with pytest.raises(SpecError) as ei:
+        rendered(template, table)
+    assert str(ei.value).endswith(f"the first 3 rows: {problem}")
+    assert time.monotonic() - start < 10
+
+
+def test_ordinary_templates_are_unchanged_by_the_limits():
+    table = pa.table({"text": ["a b", "c"], "n": [2, 3]})
+    template = ("{% set xs = [text, text|upper] %}{{ xs|join('/') }} {{ '%05.1f'|format(n) }} {{ '{:>4}'.format(n) }} "
+                "{{ (text ~ '!') * n }} {{ 2 ** 10 }} {{ range(n)|list }} {{ {'k': n}.k }} {{ (1, 2) }} "
+                "{% for w in text.split() %}<{{ loop.index }}{{ w }}>{% endfor %}{{ text|center(7) }}|"
+                "{{ text|wordwrap(1) }}|{{ text|indent(2, true) }}")
+    users, _, errors = rendered(template, table)
+    assert errors == [None, None]
+    assert users[0] == ("a b/A B 002.0    2 a b!a b! 1024 [0, 1] 2 (1, 2) <1a><2b>  a b  |a\nb|  a b")
+    assert users[1] == "c/C 003.0    3 c!c!c! 1024 [0, 1, 2] 3 (1, 2) <1c>   c   |c|  c"
+
+
+# -------------------------------------------------------------------------------- columns and scoping
+
+SCOPED = [
+    "{% if flag %}{% set n = 'set' %}{% endif %}{{ n }}",  # set inside if, used after
+    "{% if flag %}{% set n = 'set' %}{{ n }}{% endif %}",  # set and used inside if
+    "{% set n = 'set' %}{% if flag %}{{ n }}{% endif %}",  # set before the if
+    "{% for i in [1] %}{% set n = 'set' %}{{ n }}{% endfor %}",
+    "{% for n in ['set'] %}{{ n }}{% endfor %}",
+    "{% with n = 'set' %}{{ n }}{% endwith %}",
+    "{% macro n() %}set{% endmacro %}{{ n() }}",
+    "{% macro m(n) %}{{ n }}{% endmacro %}{{ m('set') }}",
+    "{% set n %}set{% endset %}{{ n }}",
+    "{{ n }}{% set n = 'later' %}",  # read before it is set: the row's n, or undefined
+]
+
+
+@pytest.mark.parametrize("template", SCOPED)
+def test_names_the_template_assigns_are_not_input_columns(template):
+    """validate and submit agree: a name set, looped over, bound by with/macro is never a missing column."""
+    check_templates(PromptSpec(template=template))
+    assert "n" not in referenced_columns(PromptSpec(template=template))
+    table = pa.table({"flag": [True]})
+    users, _, errors = rendered(template + "{{ flag }}", table)
+    if template.startswith("{{ n }}"):
+        assert errors == ["template error: UndefinedError: 'n' is undefined"]
+    else:
+        assert errors == [None] and users[0].startswith("set")
+
+
+def test_an_assigned_name_still_reads_the_column_where_jinja_would():
+    table = pa.table({"flag": [True, False], "n": ["col1", "col2"]})
+    users, _, errors = rendered("{% if flag %}{% set n = 'set' %}{% endif %}{{ n }}", table)
+    assert (users, errors) == (["set", "col2"], [None, None])
+    users, _, errors = rendered("{% if flag %}{% set n = 'set' %}{% endif %}{{ n }}",
+                                pa.table({"flag": [True, False]}))
+    assert users == ["set", None] and errors[1] == "template error: UndefinedError: 'n' is undefined"
+
+
+# ------------------------------------------------------------------------------- awkward column types
+
+AWKWARD = pa.table({
+    "text": ["a", "b"],
+    "ts_ns": pa.array([1, 1_700_000_000_123_456_789], pa.timestamp("ns")),  # nanoseconds: no Python datetime
+    "far": pa.array([253_402_300_800_000, 0], pa.timestamp("ms")),  # year 10000: past datetime's range
+    "dec": pa.array([decimal.Decimal("1.50"), None], pa.decimal128(10, 2)),
+    "nested": pa.array([{"a": 1, "b": [1, 2]}, {"a": 2, "b": []}]),
+    "blob": pa.array([b"x" * 10, b"y"], pa.large_binary()),
+})
+
+
+@pytest.mark.parametrize("template", ["{{ text }}", "{{ row.text }}", "{{ row['text'] }}"])
+def test_columns_the_template_does_not_use_are_not_converted(template):
+    users, _, errors = rendered(template, AWKWARD)
+    assert (users, errors) == (["a", "b"], [None, None])
+
+
+def test_used_columns_that_cannot_convert_are_row_errors_naming_the_column():
+    users, _, errors = rendered("{{ text }} {{ ts_ns }}", AWKWARD)
+    assert users == [None, None]
+    assert all(e.startswith("column 'ts_ns' has a value the template cannot use: ValueError: Nanosecond")
+               for e in errors)
+    users, _, errors = rendered("{{ text }} {{ row.far.year }}", AWKWARD)
+    assert users == [None, "b 1970"]
+    assert errors[0] == "column 'far' has a value the template cannot use: OverflowError: date value out of range"
+    users, _, errors = rendered("{{ row }}", AWKWARD.select(["text", "far"]))  # row used whole: every column
+    assert users[1] == "{'text': 'b', 'far': datetime.datetime(1970, 1, 1, 0, 0)}" and errors[0].startswith(
+        "column 'far' has a value")
+
+
+def test_decimal_struct_and_binary_columns_render():
+    users, _, errors = rendered("{{ dec }} {{ nested.a }} {{ nested.b|length }} {{ blob|length }}",
+                                AWKWARD.slice(0, 1))
+    assert (users, errors) == (["1.50 1 2 10"], [None])

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchrun import api
-from batchrun.errors import RuntimeFailure, TemporaryFailure
+from batchrun.errors import RuntimeFailure, SpecError, TemporaryFailure
 from helpers import REPO, make_tiny_model, write_job
 
 JOB = """
@@ -49,8 +49,8 @@ def _rows(out: Path) -> list[tuple]:
     return duckdb.sql(f"SELECT id, output, output_tokens, finish_reason FROM '{out}/*.parquet' ORDER BY id").fetchall()
 
 
-def _submit(job: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+def _submit(job: Path, *args: str, **env_vars: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **env_vars}
     return subprocess.Popen([sys.executable, "-m", "batchrun", "--log-format", "json", "submit", str(job), *args],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -94,11 +94,12 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
 def test_sigterm_stops_gracefully_with_75_and_resumes(tmp_path, tiny_model_dir):
     job = _job(tmp_path, tiny_model_dir, 400, max_tokens=24, part_rows=1000)
     out = tmp_path / "out"
-    p = _submit(job, "--json")
+    p = _submit(job, "--json", BATCHRUN_PROGRESS_INTERVAL="0.2")
     t = time.monotonic()
-    while time.monotonic() - t < 60 and "engine: batchrun" not in (p.stderr.readline() or ""):
-        pass
-    time.sleep(1.5)  # some rows finish, most do not
+    while time.monotonic() - t < 120:  # until some rows are done (a progress line says so), however slow
+        line = p.stderr.readline()
+        if '"event": "progress"' in line and json.loads(line)["rows_done"] > 0:
+            break
     p.send_signal(signal.SIGTERM)
     t = time.monotonic()
     stdout, stderr = p.communicate(timeout=30)
@@ -143,7 +144,7 @@ def test_disk_full_leaves_no_committed_looking_file_and_resume_works(tmp_path, t
     def full_after_two(table, where, **kw):
         calls["n"] += 1
         if calls["n"] > 2:
-            Path(where).write_bytes(b"PAR1 half a file")  # the disk fills mid-write
+            where.write(b"PAR1 half a file")  # the disk fills mid-write (parts are written through a file)
             raise OSError(28, "No space left on device")
         return real(table, where, **kw)
 
@@ -214,9 +215,79 @@ def test_mixed_column_types_across_files_are_unified_or_named(tmp_path):
 def test_output_path_that_cannot_be_a_directory_is_a_clear_error(tmp_path, tiny_model_dir):
     (tmp_path / "afile").write_text("x")
     job = _job(tmp_path, tiny_model_dir, 3)
-    with pytest.raises(TemporaryFailure) as e:
+    with pytest.raises(SpecError) as e:  # permanent: never "retry later"
         api.submit(job, [f"output.path={tmp_path / 'afile' / 'sub'}"])
-    assert e.value.exit_code == 75 and e.value.message.startswith(f"output.path: cannot create or write {tmp_path}")
+    assert e.value.exit_code == 78 and e.value.message == (
+        f"output.path: {tmp_path / 'afile' / 'sub'} cannot be a directory: {tmp_path / 'afile'} is a file; "
+        "choose another output.path")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+DRIVER = """
+import pathlib, sys, time
+from batchrun.engine import loader
+marker, stage = pathlib.Path(sys.argv[1]), sys.argv[2]
+real = getattr(loader, stage)
+def slow(*args, **kwargs):
+    marker.write_text(stage)
+    time.sleep(120)
+    return real(*args, **kwargs)
+setattr(loader, stage, slow)
+from batchrun.cli import main
+sys.argv = ["batchrun", "--log-format", "json", "submit", *sys.argv[3:]]
+main()
+"""
+
+
+def _sigterm_during(tmp_path: Path, stage: str, job: Path) -> tuple[int, dict]:
+    """Run ``submit --json`` with ``loader.<stage>`` slowed down, send SIGTERM while it is in there; returns
+    the exit code and the JSON summary."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    marker = tmp_path / f"{stage}.started"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, str(driver), str(marker), stage, str(job), "--json"], cwd=REPO, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t = time.monotonic()
+    while not marker.exists():
+        assert p.poll() is None and time.monotonic() - t < 120, p.communicate()
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    t = time.monotonic()
+    stdout, stderr = p.communicate(timeout=60)
+    assert time.monotonic() - t < 10, "the graceful stop must be quick"
+    assert p.returncode == 75, stderr
+    return p.returncode, json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_sigterm_before_and_while_the_model_loads_stops_gracefully_with_75(tmp_path, tiny_model_dir):
+    job = _job(tmp_path, tiny_model_dir, 12, part_rows=4)
+    out = tmp_path / "out"
+    assert api.submit(job).rows_ok == 12
+    clean = _rows(out)
+    for name in ("_SUCCESS", "_manifest.json", "part-000002.parquet"):  # as a kill -9 after two parts leaves it
+        (out / name).unlink()
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    # While the tokenizer loads nothing has been written: the directory stays exactly as it was.
+    code, summary = _sigterm_during(tmp_path, "load_tokenizer", job)
+    assert summary["exit_code"] == 75 and summary["error"] == (
+        f"stopped by SIGTERM before any row was computed; {out} is as it was (rows committed earlier are kept); "
+        "rerun the same command")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == kept
+
+    # While the weights load: an incomplete manifest; the committed parts are kept as they were.
+    code, summary = _sigterm_during(tmp_path, "load", job)
+    assert summary["exit_code"] == 75 and summary["error"] == (
+        f"stopped by SIGTERM: 8 of 12 rows are saved in {out}; rerun the same command to finish the job")
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["complete"] is False and manifest["stopped_by"] == "SIGTERM"
+    assert manifest["rows"]["total"] == 8 and [p["name"] for p in manifest["parts"]] == [
+        "part-000000.parquet", "part-000001.parquet"]
+    assert {p.name: p.read_bytes() for p in out.glob("part-*")} == {k: v for k, v in kept.items() if k[:4] == "part"}
+    assert not (out / "_SUCCESS").exists() and api.status(out)["state"] == "incomplete"
+    result = api.submit(job)
+    assert (result.status, result.rows_skipped, result.rows_ok) == ("ok", 8, 4) and _rows(out) == clean
 
 
 def test_pickled_weights_are_refused(tmp_path, tokenizer_dir):

@@ -242,8 +242,11 @@ def test_sql_syntax_error_mentions_input_sql():
 @pytest.mark.parametrize("sql, fragment", [
     ("SELECT * FROM read_csv('/etc/passwd')", "Permission Error"),
     ("SELECT * FROM read_parquet('secret.parquet')", "Permission Error"),
-    ("COPY (SELECT * FROM input) TO 'leak.csv'", "Permission Error"),
-    ("SELECT * FROM input; SET enable_external_access = true", "lock"),
+    ("SELECT * FROM 'file:///etc/passwd'", "does not exist"),
+    ("SELECT * FROM read_text('file:///etc/hostname')", "Permission Error"),
+    ("COPY (SELECT * FROM input) TO 'leak.csv'", "must be one SELECT query; batchrun's SQL only reads (got COPY)"),
+    ("SELECT * FROM input; SET enable_external_access = true",
+     "must be one SELECT query; batchrun's SQL only reads (got 2 statements: SELECT, SET)"),
 ])
 def test_job_sql_cannot_reach_other_files(sql, fragment):
     parquet("r.parquet", t=["a"])
@@ -251,3 +254,123 @@ def test_job_sql_cannot_reach_other_files(sql, fragment):
     err = input_error(path="r.parquet", sql=sql)
     assert err.exit_code == 65 and err.message.startswith("input.sql: ") and fragment in str(err)
     assert not os.path.exists("leak.csv")
+
+
+# ------------------------------------------------------------------------------- URLs and confinement
+
+
+def test_file_urls_are_local_paths(tmp_path):
+    parquet("r.parquet", t=["a", "b"])
+    parquet("parts/p1.parquet", t=["c"])
+    for url in (f"file://{tmp_path}/r.parquet", f"file://localhost{tmp_path}/r.parquet",
+                f"FILE://{tmp_path}/r.parquet"):
+        src = read(path=url)
+        assert src.table.to_pylist() == [{"t": "a", "row_id": 0}, {"t": "b", "row_id": 1}]
+        assert [(f.path, f.size) for f in src.files] == [(f"{tmp_path}/r.parquet", os.path.getsize("r.parquet"))]
+    src = read(path=f"file://{tmp_path}/parts/*.parquet", sql="SELECT * FROM input")
+    assert src.table.to_pylist() == [{"t": "c", "row_id": 0}]
+    assert msg(path=f"file://{tmp_path}/nope.parquet") == f"input.path: file not found: '{tmp_path}/nope.parquet' " \
+                                                          f"(from {tmp_path})"
+
+
+@pytest.mark.parametrize("statement, kind", [
+    ("COPY (SELECT 'pwned') TO '{victim}' (HEADER false)", "COPY"),
+    ("COPY input TO '{victim}'", "COPY"),
+    ("EXPORT DATABASE '{tmp}/export'", "EXPORT"),
+    ("ATTACH '{tmp}/new.duckdb' AS other", "ATTACH"),
+    ("INSTALL httpfs", "LOAD"),
+    ("LOAD httpfs", "LOAD"),
+    ("SET enable_external_access = true", "SET"),
+    ("PRAGMA enable_profiling", "PRAGMA"),
+    ("CALL pragma_version()", "CALL"),
+    ("CREATE TABLE t AS SELECT 1", "CREATE"),
+    ("", "no statement"),
+])
+def test_file_url_input_does_not_switch_off_the_confinement(tmp_path, statement, kind):
+    """The tester's case: input.path=file://... used to skip the confinement, and a COPY in input.sql
+    overwrote a file. Every statement that is not a SELECT is refused, for every kind of input path."""
+    parquet("r.parquet", t=["a"])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    sql = statement.format(victim=victim, tmp=tmp_path) or "  ;  "
+    for path in (f"file://{tmp_path}/r.parquet", "r.parquet"):
+        err = input_error(path=path, sql=sql)
+        assert err.message == f"input.sql: must be one SELECT query; batchrun's SQL only reads (got {kind})"
+    assert victim.read_text() == "precious"
+    assert not os.path.exists(tmp_path / "export") and not os.path.exists(tmp_path / "new.duckdb")
+
+
+def test_file_url_input_sql_cannot_read_other_local_files(tmp_path):
+    parquet("r.parquet", t=["a"])
+    parquet("secret.parquet", t=["s"])
+    for sql in (f"SELECT * FROM read_parquet('file://{tmp_path}/secret.parquet')",
+                f"SELECT * FROM read_parquet('{tmp_path}/secret.parquet')"):
+        err = input_error(path=f"file://{tmp_path}/r.parquet", sql=sql)
+        assert err.message.startswith("input.sql: Permission Error")
+    assert read(path=f"file://{tmp_path}/r.parquet",
+                sql=f"SELECT * FROM read_parquet('file://{tmp_path}/r.parquet')").num_rows == 1
+
+
+def _confined(tmp_path, remote: list[str]):
+    """A connection confined as read_source confines it (without the SELECT-only check in front)."""
+    import duckdb
+
+    from batchrun.io import source
+
+    parquet("r.parquet", t=["a"])
+    os.mkdir("spill")
+    con = duckdb.connect(":memory:", config={"temp_directory": f"{tmp_path}/spill"})
+    con.execute(f"CREATE VIEW input AS SELECT * FROM read_parquet('{tmp_path}/r.parquet')")
+    source._confine(con, [f"{tmp_path}/r.parquet", *remote])
+    return con
+
+
+@pytest.mark.parametrize("statement", [
+    "COPY (SELECT 1) TO '{tmp}/leak.csv'", "SET enable_external_access = true", "SET lock_configuration = false",
+    "SET allowed_directories = ['/']", "ATTACH '{tmp}/x.duckdb'", "INSTALL httpfs", "LOAD httpfs",
+    "SELECT * FROM read_text('/etc/hostname')", "SELECT * FROM read_parquet('s3://other-bucket/x.parquet')",
+    "COPY (SELECT 1) TO 's3://other-bucket/x.csv'", "SELECT * FROM read_csv('https://example.org/x.csv')",
+    "COPY (SELECT 1) TO '{tmp}/spill/../leak.csv'",
+])
+def test_confined_connection_refuses_on_its_own(tmp_path, statement):
+    """Second line of defence: even a statement past the SELECT-only check could not write a file, reach
+    another file or URL, load an extension or unlock the configuration."""
+    import duckdb
+
+    con = _confined(tmp_path, ["s3://bucket/data/*.parquet", "https://example.com/x.parquet"])
+    assert con.execute("SELECT current_setting('temp_directory')").fetchone() == (f"{tmp_path}/spill",)
+    with pytest.raises(duckdb.Error):
+        con.execute(statement.format(tmp=tmp_path)).fetchall()
+    assert not os.path.exists(tmp_path / "leak.csv") and not os.path.exists(tmp_path / "x.duckdb")
+    assert con.execute("SELECT * FROM input").fetchall() == [("a",)]
+
+
+def test_remote_urls_are_allowed_exactly_or_by_their_glob_prefix(tmp_path):
+    con = _confined(tmp_path, ["s3://bucket/data/2026-*/part.parquet", "https://example.com/x.parquet"])
+    settings = dict(con.execute("SELECT name, value FROM duckdb_settings() WHERE name IN "
+                                "('allowed_paths', 'allowed_directories', 'enable_external_access', "
+                                "'lock_configuration', 'autoinstall_known_extensions')").fetchall())
+    assert settings == {"allowed_paths": f"['https://example.com/x.parquet', {tmp_path}/r.parquet]",
+                        "allowed_directories": f"[{tmp_path}/spill/, 's3://bucket/data/']",
+                        "enable_external_access": "false",
+                        "lock_configuration": "true", "autoinstall_known_extensions": "false"}
+
+
+def test_spill_directory_is_private_and_removed(tmp_path, monkeypatch):
+    """DuckDB keeps its temp_directory writable under the confinement: read_source gives it a private one."""
+    import tempfile
+
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: made.append(real(**kw)) or made[-1])
+    parquet("r.parquet", t=["a"])
+    assert read(path="r.parquet", sql="SELECT current_setting('temp_directory') AS d").table.to_pylist() == [
+        {"d": made[0], "row_id": 0}]
+    assert made[0] != os.path.join(str(tmp_path), ".tmp") and not os.path.exists(made[0])
+
+
+def test_remote_scheme_urls_are_passed_to_duckdb_lower_cased(tmp_path):
+    from batchrun.io.source import resolve_files
+
+    spec = InputSpec(path=["S3://bucket/a.parquet", "hf://datasets/x/*.parquet"])
+    assert resolve_files(spec) == ["s3://bucket/a.parquet", "hf://datasets/x/*.parquet"]

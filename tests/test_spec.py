@@ -107,6 +107,13 @@ def test_default_name_from_any_stem_is_valid(tmp_path, filename):
     ("engine", "device", "cuda:1", "device", "cuda:1"),
     ("engine", "device", "cuda", "device", "cuda"),
     ("prompt", "fewshot", [{"user": "a", "assistant": "b"}], "chat", None),  # fewshot with chat unset
+    ("sampling", "temperature", 0.01, "temperature", 0.01),
+    ("sampling", "temperature", 0, "temperature", 0.0),
+    ("engine", "kv_budget_tokens", 1_000_000_000, "kv_budget_tokens", 1_000_000_000),
+    ("input", "path", "file:///data/x.parquet", "path", "file:///data/x.parquet"),
+    ("input", "path", "file://localhost/data/x.parquet", "path", "file://localhost/data/x.parquet"),
+    ("input", "path", ["s3://b/x.parquet", "HTTPS://h/x.csv", "hf://datasets/a/b/*.parquet"], "paths",
+     ["s3://b/x.parquet", "HTTPS://h/x.csv", "hf://datasets/a/b/*.parquet"]),
 ])
 def test_accepted_values(section, field, value, attr, expected):
     spec = validate_dict(with_(section, **{field: value}))
@@ -160,6 +167,36 @@ ERRORS = [
      [f"sampling.tempreature: unknown field (allowed here: {ALLOWED['sampling']})"]),
     (with_("model", extra=1), [f"model.extra: unknown field (allowed here: {ALLOWED['model']})"]),
     (with_("engine", gpus=2), [f"engine.gpus: unknown field (allowed here: {ALLOWED['engine']})"]),
+    # ranges the engine can run (numerically safe temperatures, finite numbers, bounded budgets)
+    (with_("sampling", temperature=1e-45), ["sampling.temperature: must be 0 (greedy) or >= 0.01 (got 1e-45)"]),
+    (with_("sampling", temperature=0.009), ["sampling.temperature: must be 0 (greedy) or >= 0.01 (got 0.009)"]),
+    (with_("sampling", temperature=float("nan")), ["sampling.temperature: must be a finite number (got NaN)"]),
+    (with_("sampling", temperature="1e-45"),
+     ["sampling.temperature: must be a number (got '1e-45': YAML reads it as text; write 1.0e-45)"]),
+    (with_("sampling", top_p=float("inf")), ["sampling.top_p: must be a finite number (got Infinity)"]),
+    (with_("output", max_error_rate=float("nan")), ["output.max_error_rate: must be a finite number (got NaN)"]),
+    (with_("engine", kv_budget_tokens=10**12),
+     ["engine.kv_budget_tokens: must be <= 1000000000 (got 1000000000000)"]),
+    (with_("engine", kv_budget_tokens=1e12),
+     ["engine.kv_budget_tokens: must be an integer (got 1000000000000.0)"]),
+    (with_("engine", kv_budget_tokens="1e12"),
+     ["engine.kv_budget_tokens: must be an integer (got '1e12': YAML reads it as text; write 1.0e+12)"]),
+    (with_("engine", kv_budget_tokens=0), ["engine.kv_budget_tokens: must be >= 1 (got 0)"]),
+    (with_("sampling", top_k=-1), ["sampling.top_k: must be >= 0 (got -1)"]),
+    (with_("sampling", seed=2**63), ["sampling.seed: must be < 9223372036854775808 (got 9223372036854775808)"]),
+    (with_("engine", step_tokens=2**21), ["engine.step_tokens: must be <= 1048576 (got 2097152)"]),
+    (with_("engine", block_size=4096), ["engine.block_size: must be <= 1024 (got 4096)"]),
+    (with_("engine", batch_size=10**6), ["engine.batch_size: must be <= 4096 (got 1000000)"]),
+    (with_("output", part_rows=10**8), ["output.part_rows: must be <= 10000000 (got 100000000)"]),
+    # input.path URL schemes: file:// is local; remote ones only from the allow-list
+    (with_("input", path="ftp://host/x.parquet"),
+     ["input.path: unsupported URL scheme 'ftp' (got 'ftp://host/x.parquet'); use a local path, file://, or one "
+      "of http, https, s3, s3a, s3n, gs, gcs, r2, hf, az, azure, abfss"]),
+    (with_("input", path=["a.parquet", "memory://x.parquet"]),
+     ["input.path: unsupported URL scheme 'memory' (got 'memory://x.parquet'); use a local path, file://, or one "
+      "of http, https, s3, s3a, s3n, gs, gcs, r2, hf, az, azure, abfss"]),
+    (with_("input", path="file://otherhost/x.parquet"),
+     ["input.path: a file:// URL must name a local absolute path, file:///path (got 'file://otherhost/x.parquet')"]),
     (with_("prompt", fewshot=[{"user": "a", "assistant": "b", "x": 1}]),
      [f"prompt.fewshot[0].x: unknown field (allowed here: {ALLOWED['fewshot']})"]),
 ]
@@ -350,3 +387,68 @@ def test_duplicate_yaml_key_is_an_error(tmp_path):
 def test_booleans_are_not_numbers(section, field, shown, what):
     value = shown == "true"
     assert problems_of(with_(section, **{field: value})) == [f"{section}.{field}: must be {what} (got {shown})"]
+
+
+# ------------------------------------------------------------------------------------ hostile YAML
+
+def _bomb(levels: int = 9, width: int = 9) -> str:
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels + 1):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("use", ["name: *l9\n", "prompt: {template: *l9}\n", "x: *l9\n", ""])
+def test_alias_bomb_is_refused_quickly(tmp_path, use):
+    """A billion-laughs document (9**10 values once expanded) is refused while loading, before any object is
+    built and before any message prints a value, whatever field (or none) uses it."""
+    body = _bomb() + use + MINIMAL.replace("prompt:", "prompt_:" if "prompt" in use else "prompt:")
+    path = write_job(tmp_path, body.replace("prompt_:", "x_:"))
+    with pytest.raises(SpecError) as ei:
+        load_spec(path)
+    assert ei.value.exit_code == 78 and ei.value.problems == []
+    assert re.fullmatch(rf"{re.escape(str(path))}: not valid YAML at line \d+, column \d+: the document expands to "
+                        r"more than 100,000 values through its aliases \(\*name\); a job spec needs far fewer",
+                        ei.value.message)
+
+
+def test_small_aliases_still_work(tmp_path):
+    body = MINIMAL + "x-stop: &s [END, STOP]\nsampling: {stop: *s}\n"
+    with pytest.raises(SpecError) as ei:  # x-stop is an unknown field, but the alias itself is fine
+        load_spec(write_job(tmp_path, body))
+    assert ei.value.problems == [f"x-stop: unknown field (allowed here: {ALLOWED['']})"]
+    spec = load_spec(write_job(tmp_path, MINIMAL.replace("output: {path: out/reviews}", "output: {path: &o out-r}")
+                               + "name: *o\nsampling: {stop: &s [a, b]}\n"))
+    assert (spec.name, spec.output.path, spec.sampling.stop) == ("out-r", "out-r", ["a", "b"])
+
+
+def test_recursive_alias_and_deep_nesting_are_spec_errors(tmp_path):
+    with pytest.raises(SpecError) as ei:
+        load_spec(write_job(tmp_path, MINIMAL + "x: &a [1, *a]\n"))
+    assert ei.value.message.endswith("an alias refers to a value that contains it")
+    with pytest.raises(SpecError) as ei:
+        load_spec(write_job(tmp_path, MINIMAL + "x: " + "[" * 5000 + "]" * 5000 + "\n"))
+    assert ei.value.message == f"{tmp_path / 'job.yaml'}: not valid YAML: nested too deeply"
+
+
+def test_error_messages_never_expand_a_shared_value():
+    """A value built with aliases (a small graph) printed back in an error is cut at 60 characters without
+    walking the whole value (9**10 leaves here: json.dumps would never finish)."""
+    value: object = ["lol"] * 9
+    for _ in range(9):
+        value = [value] * 9
+    problems = problems_of({**base(), "name": value, "model": {"path": value}, "sampling": {"stop": value}})
+    assert problems[0] == 'name: must be a string (got [[[[[[[[[["lol", "lol", "lol", "lol", "lol", "lol", "lol"...)'
+    assert problems[1] == ('model.path: must be a string (got [[[[[[[[[["lol", "lol", "lol", "lol", "lol", '
+                           '"lol", "lol"...)')
+    assert len(problems) == 11 and all(len(p) < 140 for p in problems)
+
+
+def test_alias_bomb_in_set_is_not_expanded(tmp_path):
+    """--set reads its value as YAML through the same guarded loader: a bomb is refused as YAML, so the value
+    stays the plain text it was given."""
+    levels = ["&l0 [" + ", ".join(["lol"] * 9) + "]"]
+    levels += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    bomb = "[" + ", ".join(levels) + "]"
+    spec = load_spec(write_job(tmp_path, MINIMAL), [f"prompt.system={bomb}"])
+    assert spec.prompt.system == bomb

@@ -3,27 +3,35 @@
 Layout of ``output.path``::
 
     _batchrun_job.json   what job owns this directory (written first; used to resume or refuse)
-    part-000000.parquet  result rows, in completion order; each part is complete once it has its name
-    _manifest.json       counts, timings, versions (written last but one)
+    part-000000.parquet  result rows, in completion order; each part is complete once it has its name, and
+                         carries the job's results hash in its Parquet key-value metadata (key ``batchrun``)
+    _manifest.json       counts, timings, versions and the list of parts with their rows (written last but one)
     _SUCCESS             the job finished (written last)
     .lock                held (flock) while a job writes here
 
-Every file is written under a temporary name and renamed, so a crash never leaves a file that looks
-committed. Readers: ``duckdb "SELECT * FROM 'out/job/*.parquet'"`` or ``polars.read_parquet('out/job/')``.
+Every file is created new (``O_CREAT | O_EXCL | O_NOFOLLOW``, after unlinking a stale temporary name) under a
+temporary name ``.<name>.tmp`` and renamed, so a crash never leaves a file that looks committed, and a
+symbolic link planted in the directory is never followed (not even by ``--fresh``, which unlinks links
+themselves). The directory holds batchrun's files only: anything else, a part of another job, or a damaged
+file is found by ``read_state`` and refused before a job does any work. Readers:
+``duckdb "SELECT * FROM 'out/job/*.parquet'"`` or ``polars.read_parquet('out/job/')``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
 import platform
 import re
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,7 +43,8 @@ JOB_FILE = "_batchrun_job.json"
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 LOCK = ".lock"
-_PART = re.compile(r"^part-(\d{6})\.parquet$")
+_PART = re.compile(r"^part-(\d{6,})\.parquet$")
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 RESULT_FIELDS = [
     pa.field("output", pa.string()),
@@ -52,121 +61,409 @@ def output_schema(input_schema: pa.Schema, id_column: str, columns: list[str]) -
     return pa.schema([input_schema.field(id_column)] + [input_schema.field(c) for c in columns] + RESULT_FIELDS)
 
 
+# ---------------------------------------------------------------------------------------------- names
+
+
+def is_batchrun_file(name: str) -> bool:
+    """Names batchrun writes in an output directory (the only ones it ever deletes)."""
+    return _is_own(name) or name == LOCK or _is_temp(name)
+
+
+def _is_own(name: str) -> bool:
+    return name in (JOB_FILE, MANIFEST, SUCCESS) or bool(_PART.match(name))
+
+
+def _is_temp(name: str) -> bool:
+    """``.<name>.tmp``: a file batchrun was writing (a crash can leave one; it is deleted, never read)."""
+    return name.startswith(".") and name.endswith(".tmp") and _is_own(name[1:-4])
+
+
+def _listing(names: list[str], most: int = 5) -> str:
+    names = sorted(names)
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+# ---------------------------------------------------------------------------------------------- state
+
+
 @dataclass(frozen=True)
 class OutputState:
-    """What an output directory holds right now (read by ``status`` and before a job starts)."""
+    """What an output directory holds right now (read by ``status`` and before a job starts; reads only)."""
 
     path: str
     exists: bool
-    owned: bool  # it has a batchrun job file
-    complete: bool
-    job: dict[str, Any] | None
-    manifest: dict[str, Any] | None
-    parts: list[str] = field(default_factory=list)
-    rows: int = 0
+    owned: bool  # it has a batchrun job file (a regular file; its content may still be damaged)
+    complete: bool  # finished: _SUCCESS, a final manifest that lists exactly the parts, nothing damaged
+    job: dict[str, Any] | None  # the job file, if readable
+    manifest: dict[str, Any] | None  # the manifest, if readable
+    parts: list[str] = field(default_factory=list)  # part files (names), readable or not
+    rows: int = 0  # rows in the readable parts
+    is_dir: bool = True
+    part_info: dict[str, dict[str, int]] = field(default_factory=dict)  # readable parts: {"rows", "bytes"}
+    foreign: list[str] = field(default_factory=list)  # entries batchrun did not write: never deleted
+    problems: list[str] = field(default_factory=list)  # damage, one 'name: what is wrong' each
+
+    @property
+    def damaged(self) -> bool:
+        return self.owned and bool(self.problems or self.foreign)
+
+
+def path_problem(path: str | Path) -> str | None:
+    """Why ``path`` can never be an output directory (it, or a directory above it, is a file), or None."""
+    p = Path(path)
+    if os.path.lexists(p):
+        if os.path.isdir(p):
+            return None
+        what = "a broken symbolic link" if not os.path.exists(p) else "a file, not a directory"
+        return f"output.path: {p} is {what}; choose another output.path"
+    for parent in p.parents:
+        if os.path.lexists(parent):
+            if os.path.isdir(parent):
+                return None
+            return f"output.path: {p} cannot be a directory: {parent} is a file; choose another output.path"
+    return None
 
 
 def read_state(path: str | Path) -> OutputState:
+    """Read what ``path`` holds, never writing, never following a symbolic link inside it: ownership, the job
+    file and manifest, every part's rows and batchrun metadata, files batchrun did not write, and damage."""
     p = Path(path)
-    if not p.is_dir():
-        return OutputState(str(p), exists=p.exists(), owned=False, complete=False, job=None, manifest=None)
-    job = _read_json(p / JOB_FILE)
-    manifest = _read_json(p / MANIFEST)
-    parts = sorted(f.name for f in p.iterdir() if _PART.match(f.name))
-    rows = sum(pq.ParquetFile(p / f).metadata.num_rows for f in parts)
-    return OutputState(str(p), True, job is not None, (p / SUCCESS).is_file() and manifest is not None,
-                       job, manifest, parts, rows)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
+        if not stat.S_ISDIR(os.stat(p).st_mode):
+            return OutputState(str(p), True, False, False, None, None, is_dir=False)
+        names = sorted(os.listdir(p))
+    except (FileNotFoundError, NotADirectoryError):
+        return OutputState(str(p), False, False, False, None, None, is_dir=False)
+    except OSError as e:
+        raise SpecError(f"output.path: cannot read {p}: {e.strerror or e}; fix its permissions or choose "
+                        "another output.path") from None
+
+    own: list[str] = []  # regular files with batchrun's names
+    links: list[str] = []  # symbolic links with batchrun's names (the lock's included)
+    foreign: list[str] = []
+    for name in names:
+        try:
+            mode = os.lstat(p / name).st_mode
+        except FileNotFoundError:
+            continue
+        ours = _is_own(name) or name == LOCK
+        if stat.S_ISLNK(mode) and ours:
+            links.append(name)
+        elif _is_temp(name) and (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            continue  # a stale temporary file or link: unlinked before the next write, never read
+        elif not ours:
+            foreign.append(name)
+        elif not stat.S_ISREG(mode):
+            foreign.append(f"{name} (not a regular file)")
+        elif name != LOCK:
+            own.append(name)
+
+    if JOB_FILE not in own:  # not batchrun's: every entry but the lock and temporary names is foreign
+        foreign += [f"{n} (a symbolic link)" if n in links else n for n in own + links if n != LOCK]
+        problems = [f"{LOCK}: a symbolic link"] if LOCK in links else []
+        return OutputState(str(p), True, False, False, None, None, foreign=sorted(foreign), problems=problems)
+
+    problems = [f"{n}: a symbolic link (batchrun never follows links in its output directory)" for n in links]
+    job = _read_json(p / JOB_FILE, problems, required=("results_hash", "id_column"))
+    manifest = _read_json(p / MANIFEST, problems) if MANIFEST in own else None
+    expected = job["results_hash"] if job else None
+    parts = sorted(n for n in own if _PART.match(n))
+    info: dict[str, dict[str, int]] = {}
+    for name in parts:
+        try:
+            with _open_read(p / name) as f:
+                md = pq.ParquetFile(f).metadata
+                size = os.fstat(f.fileno()).st_size
+            raw = (md.metadata or {}).get(b"batchrun")
+        except (OSError, ValueError, pa.ArrowException) as e:
+            problems.append(f"{name}: damaged, not a readable Parquet file ({_short(e)})")
+            continue
+        if raw is None:
+            foreign.append(f"{name} (a Parquet file without batchrun's metadata)")
+            continue
+        try:
+            meta = json.loads(raw)
+            theirs = meta["results_hash"]
+        except (ValueError, TypeError, KeyError):
+            problems.append(f"{name}: damaged batchrun metadata")
+            continue
+        if expected is not None and theirs != expected:
+            problems.append(f"{name}: a part of another job (results hash {theirs}; this directory's job has "
+                            f"{expected})")
+            continue
+        info[name] = {"rows": md.num_rows, "bytes": size}
+
+    listed = _manifest_parts(manifest, problems)
+    if manifest is not None and expected is not None and manifest.get("results_hash") != expected:
+        problems.append(f"{MANIFEST}: of another job (results hash {manifest.get('results_hash')}; this "
+                        f"directory's job has {expected})")
+    if listed is not None:  # every part the manifest lists must be there, as it was
+        for name, want in listed.items():
+            if name not in parts:
+                problems.append(f"{name}: listed in {MANIFEST} but missing (its rows are lost)")
+            elif name in info and info[name] != want:
+                problems.append(f"{name}: {info[name]['rows']} rows, {info[name]['bytes']} bytes; {MANIFEST} "
+                                f"lists {want.get('rows')} rows, {want.get('bytes')} bytes")
+    has_success = SUCCESS in own or SUCCESS in links
+    if has_success:
+        if MANIFEST not in own and MANIFEST not in links:
+            problems.append(f"{SUCCESS} without {MANIFEST}")
+        elif manifest is not None:
+            if manifest.get("complete") is not True:
+                problems.append(f"{MANIFEST}: says the job is not complete, but {SUCCESS} exists")
+            if listed is not None:
+                problems += [f"{n}: not listed in {MANIFEST} of the finished job" for n in parts if n not in listed]
+            elif (manifest.get("rows") or {}).get("total") != sum(i["rows"] for i in info.values()):
+                problems.append(f"the parts hold {sum(i['rows'] for i in info.values())} rows; {MANIFEST} says "
+                                f"{(manifest.get('rows') or {}).get('total')}")
+    complete = has_success and manifest is not None and job is not None and not problems and not foreign
+    return OutputState(str(p), True, True, complete, job, manifest, parts, sum(i["rows"] for i in info.values()),
+                       part_info=info, foreign=sorted(foreign), problems=problems)
+
+
+def _read_json(path: Path, problems: list[str], required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    try:
+        with _open_read(path) as f:
+            obj = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError) as e:
-        raise TemporaryFailure(f"cannot read {path}: {e}") from None
+        problems.append(f"{path.name}: damaged, not readable JSON ({_short(e)})")
+        return None
+    if not isinstance(obj, dict) or any(not isinstance(obj.get(k), str) for k in required):
+        problems.append(f"{path.name}: damaged, not batchrun's record")
+        return None
+    return obj
+
+
+def _manifest_parts(manifest: dict[str, Any] | None, problems: list[str]) -> dict[str, dict] | None:
+    """The manifest's parts ({name: {"rows", "bytes"}}); None if it lists none (written before manifests
+    listed their parts: then only its row count is checked)."""
+    if manifest is None or "parts" not in manifest:
+        return None
+    try:
+        return {d["name"]: {"rows": d["rows"], "bytes": d["bytes"]} for d in manifest["parts"]}
+    except (TypeError, KeyError):
+        problems.append(f"{MANIFEST}: damaged list of parts")
+        return None
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def _open_read(path: Path) -> IO[bytes]:
+    """Open a file for reading, never through a symbolic link (ELOOP)."""
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+
+
+def _create(path: Path) -> IO[bytes]:
+    """A new file at ``path`` (a temporary name): a stale file or link there is unlinked first (a link is
+    removed, never followed), then the file is created exclusively, never through a link."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    return os.fdopen(fd, "wb")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable (best effort: some filesystems cannot sync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with _create(tmp) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # replaces a link at ``path`` itself, never its target
+        _fsync_dir(path.parent)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise TemporaryFailure(f"cannot write {path}: {e}; fix the cause (free space, permissions) and rerun") from None
 
 
+def _not_writable(path: Path, e: OSError) -> SpecError | TemporaryFailure:
+    if e.errno in _NOT_WRITABLE:
+        return SpecError(f"output.path: {path} is not writable ({e.strerror or e}); make it writable or choose "
+                         "another output.path")
+    return TemporaryFailure(f"output.path: cannot create or write {path}: {e.strerror or e}; fix the cause "
+                            "(free space) and rerun")
+
+
+# ---------------------------------------------------------------------------------------------- the sink
+
+
 class Sink:
-    """Owns one output directory for the length of a job: lock, parts, manifest, success marker."""
+    """Owns one output directory for the length of a job: lock, checks, parts, manifest, success marker.
+
+    The order of a job: ``open`` (lock; read and check the directory: refuses files batchrun did not write
+    and damage, writes nothing), ``check_job`` (this job's results or another's; the ids already committed),
+    then ``begin`` (the first write), ``add``/``flush``, and ``write_manifest`` or ``commit``."""
 
     def __init__(self, path: str | Path, part_rows: int):
         self.path = Path(path)
         self.schema: pa.Schema | None = None
         self.part_rows = part_rows
+        self.state: OutputState | None = None
+        self.exclusive = False  # False: a shared lock (a finished job is only read: works on a read-only disk)
         self._buffer: list[dict[str, Any]] = []
         self._next_part = 0
+        self._parts: dict[str, dict[str, int]] = {}  # committed parts: {"rows", "bytes"}
         self._lock_fd: int | None = None
         self.rows_written = 0
         self.last_flush = time.monotonic()
 
     # -- lifetime ------------------------------------------------------------------------------------
 
-    def lock(self) -> None:
-        """Take the directory's OS lock (released by the OS if this process dies); exit 75 if taken."""
+    def open(self, fresh: bool) -> OutputState:
+        """Lock the directory and read it. A directory that looks finished or damaged (and no ``fresh``) is
+        only read: shared lock, nothing created. Raises SpecError (78) for a path that cannot be a directory, files
+        batchrun did not write, links or damage (``fresh`` rebuilds damage); TemporaryFailure (75) if locked."""
+        problem = path_problem(self.path)
+        if problem:
+            raise SpecError(problem)
+        damaged = False
+        if os.path.isdir(self.path):  # someone else's files: refused before even a lock file is created
+            self.state = read_state(self.path)
+            self._check_foreign()
+            damaged = self.state.damaged
+        # Only read (shared lock, nothing created) what looks finished or damaged, unless rebuilding it.
+        self._lock(exclusive=fresh or not (damaged or os.path.lexists(self.path / SUCCESS)), fresh=fresh)
+        self.state = read_state(self.path)
+        self._check_foreign()
+        if self.state.problems and self.state.owned and not fresh:
+            raise self._damaged(self.state.problems)
+        return self.state
+
+    def _lock(self, exclusive: bool, fresh: bool) -> None:
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY)
+        if exclusive:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise _not_writable(self.path, e) from None
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path / LOCK, flags, 0o666)
         except OSError as e:
-            raise TemporaryFailure(f"output.path: cannot create or write {self.path}: {e.strerror or e}") from None
+            if e.errno != errno.ELOOP and not os.path.islink(self.path / LOCK):
+                if not exclusive:
+                    return  # a finished directory without a lock file we can open is read unlocked
+                if e.errno == errno.EISDIR:
+                    raise SpecError(f"output.path: {self.path / LOCK} is not a regular file; remove it") from None
+                raise _not_writable(self.path, e) from None
+            st = read_state(self.path)
+            if not (fresh and exclusive and st.owned and not st.foreign):
+                raise SpecError(f"output.path: {self.path / LOCK} is a symbolic link; batchrun never follows links "
+                                "in its output directory: remove it" + (
+                                    ", or rerun with --fresh to rebuild the directory" if st.owned else "")) from None
+            os.unlink(self.path / LOCK)  # the link itself
+            return self._lock(exclusive, fresh)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             raise TemporaryFailure(f"output {self.path} is locked by another batchrun process; "
                                    "retry when it has finished") from None
         self._lock_fd = fd
+        self.exclusive = exclusive
 
     def close(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def prepare(self, job: dict[str, Any], fresh: bool) -> tuple[OutputState, set[Any]]:
-        """Check the directory against ``job``; returns its state and the ids already committed.
-
-        A directory of another job (or of files batchrun did not write) is refused unless ``fresh``.
-        """
-        state = read_state(self.path)
-        foreign = [f for f in os.listdir(self.path) if not is_batchrun_file(f)]
-        if foreign and not state.owned:
+    def _check_foreign(self) -> None:
+        st = self.state
+        if st.foreign and not st.owned:
             raise SpecError(f"output.path: {self.path} holds files batchrun did not write "
-                            f"({', '.join(sorted(foreign)[:3])}); choose an empty or new directory")
+                            f"({_listing(st.foreign)}); choose an empty or new directory")
+        if st.foreign:
+            raise SpecError(f"output.path: {self.path} holds files batchrun did not write ({_listing(st.foreign)}); "
+                            "batchrun never deletes them, not even with --fresh: remove them, or choose another "
+                            "output.path")
+
+    def check_job(self, job: dict[str, Any], fresh: bool) -> set[Any]:
+        """Check the directory against ``job`` (after ``open``); returns the ids already committed. A directory
+        of another job is refused unless ``fresh``; a finished one (``state.complete``) returns no ids."""
+        st = self.state
         if fresh:
-            self._clear()
-            state = read_state(self.path)
-        elif state.owned and state.job.get("results_hash") != job["results_hash"]:
+            return set()
+        if st.owned and st.job["results_hash"] != job["results_hash"]:
             raise SpecError(f"output.path: {self.path} holds results of a different job (the model, input, "
                             "prompt or sampling changed); rerun with --fresh to rebuild it, or choose another "
                             "output.path")
+        if st.complete:
+            return set()
+        if not self.exclusive:  # it looked finished when we locked it; it changed since
+            raise TemporaryFailure(f"output {self.path} changed while batchrun read it (another batchrun process?); "
+                                   "rerun the same command")
         done: set[Any] = set()
+        rows = 0
         id_col = job["id_column"]
-        for name in state.parts:
-            done.update(pq.read_table(self.path / name, columns=[id_col]).column(id_col).to_pylist())
-        self._next_part = max((int(_PART.match(p).group(1)) + 1 for p in state.parts), default=0)
-        if not state.owned or fresh:
-            write_atomic(self.path / JOB_FILE, dumps(job))
-        if not state.complete:
-            (self.path / SUCCESS).unlink(missing_ok=True)
-        return state, done
+        for name in st.parts:
+            try:
+                with _open_read(self.path / name) as f:
+                    ids = pq.read_table(f, columns=[id_col]).column(id_col).to_pylist()
+            except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+                raise self._damaged([f"{name}: cannot read its id column {id_col!r} ({_short(e)})"]) from None
+            rows += len(ids)
+            done.update(ids)
+        if rows != len(done):
+            raise self._damaged([f"the parts hold {rows - len(done)} duplicate id(s)"])
+        self._parts = dict(st.part_info)
+        self._next_part = max((int(_PART.match(p).group(1)) + 1 for p in st.parts), default=0)
+        return done
+
+    def _damaged(self, problems: list[str]) -> SpecError:
+        return SpecError(f"output.path: {self.path} is damaged; --fresh rebuilds it (its results are deleted and "
+                         "computed again), or choose another output.path", problems)
+
+    def begin(self, job: dict[str, Any], fresh: bool) -> None:
+        """The job's first write (after every check): delete stale temporary files, with ``fresh`` batchrun's
+        files (links unlinked, never followed), write the job file (new or rebuilt directory) and remove a
+        success marker that no longer holds."""
+        if not self.exclusive:
+            raise TemporaryFailure(f"output {self.path} is not locked for writing; rerun the same command")
+        try:
+            for name in os.listdir(self.path):
+                if _is_temp(name):
+                    os.unlink(self.path / name)
+            if fresh:
+                self._clear()
+            if fresh or not self.state.owned:
+                write_atomic(self.path / JOB_FILE, dumps(job))
+            elif os.path.lexists(self.path / SUCCESS):
+                os.unlink(self.path / SUCCESS)
+        except OSError as e:
+            raise _not_writable(self.path, e) from None
 
     def _clear(self) -> None:
-        for f in os.listdir(self.path):
-            if is_batchrun_file(f) and f != LOCK:
-                os.unlink(self.path / f)
+        """Delete batchrun's files but the job file (replaced next) and the lock: the success marker first, so
+        a crash half-way leaves an unfinished directory of the old job, never one that looks finished."""
+        names = os.listdir(self.path)
+        for group in ([SUCCESS], [MANIFEST], sorted(n for n in names if _PART.match(n))):
+            for name in group:
+                if os.path.lexists(self.path / name):
+                    os.unlink(self.path / name)  # a link is removed itself, never its target
+        _fsync_dir(self.path)
+        self._parts = {}
+        self._next_part = 0
 
     # -- rows ----------------------------------------------------------------------------------------
 
@@ -194,21 +491,31 @@ class Sink:
         target = self.path / f"part-{self._next_part:06d}.parquet"
         tmp = target.with_name(f".{target.name}.tmp")
         try:
-            pq.write_table(table, tmp, compression="zstd")
-            with open(tmp, "rb") as f:
+            with _create(tmp) as f:
+                pq.write_table(table, f, compression="zstd")
+                f.flush()
                 os.fsync(f.fileno())
+                size = os.fstat(f.fileno()).st_size
             os.replace(tmp, target)
+            _fsync_dir(self.path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise TemporaryFailure(f"cannot write results to {self.path}: {e}; the rows written before are kept: "
                                    "fix the cause (free space, permissions) and rerun to resume") from None
+        self._parts[target.name] = {"rows": table.num_rows, "bytes": size}
         self._next_part += 1
+
+    def parts(self) -> list[dict[str, Any]]:
+        """The committed parts (earlier runs' and this run's), as the manifest lists them."""
+        return [{"name": n, **self._parts[n]} for n in sorted(self._parts)]
 
     def totals(self) -> dict[str, int]:
         """Counts over every committed part (this run's and earlier runs')."""
         out = {"rows": 0, "error": 0, "prompt_tokens": 0, "output_tokens": 0}
-        for name in sorted(f.name for f in self.path.iterdir() if _PART.match(f.name)):
-            t = pq.read_table(self.path / name, columns=["finish_reason", "prompt_tokens", "output_tokens"])
+        for name in sorted(self._parts):
+            with _open_read(self.path / name) as f:
+                t = pq.read_table(f, columns=["finish_reason", "prompt_tokens", "output_tokens"])
             out["rows"] += t.num_rows
             out["error"] += sum(1 for r in t.column("finish_reason").to_pylist() if r == "error")
             out["prompt_tokens"] += sum(v or 0 for v in t.column("prompt_tokens").to_pylist())
@@ -217,24 +524,24 @@ class Sink:
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """Write the manifest of a job that did not finish (``complete`` false): no success marker."""
-        write_atomic(self.path / MANIFEST, dumps(manifest))
+        write_atomic(self.path / MANIFEST, dumps({**manifest, "parts": self.parts()}))
 
     def commit(self, manifest: dict[str, Any]) -> None:
-        """Flush what is left, then write the manifest and the success marker, in that order. A job with no
-        rows at all still gets one (empty) part, so readers find the schema."""
+        """Flush what is left, then write the manifest (with the list of parts) and the success marker, in that
+        order. A job with no rows at all still gets one (empty) part, so readers find the schema."""
         self.flush()
-        if not any(_PART.match(f.name) for f in self.path.iterdir()):
+        if not self._parts:
             self._write_part(self.schema.empty_table())
-        write_atomic(self.path / MANIFEST, dumps(manifest))
+        write_atomic(self.path / MANIFEST, dumps({**manifest, "parts": self.parts()}))
         write_atomic(self.path / SUCCESS, b"")
 
 
 def build_manifest(job: dict[str, Any], totals: dict[str, int], *, this_run: int, from_earlier_runs: int,
                    model: dict[str, Any], engine: str, source: Any, timings: dict[str, float],
                    kv: dict[str, int | None], complete: bool = True, **extra: Any) -> dict[str, Any]:
-    """The ``_manifest.json`` document. ``job``: the job file's record (``_batchrun_job.json``); ``totals``:
-    ``Sink.totals()``; ``source``: the ``batchrun.io.source.Source`` read; ``extra``: more top-level keys
-    (``stopped_by``)."""
+    """The ``_manifest.json`` document (the sink adds ``parts`` when it writes it: each part's name, rows and
+    bytes). ``job``: the job file's record (``_batchrun_job.json``); ``totals``: ``Sink.totals()``; ``source``:
+    the ``batchrun.io.source.Source`` read; ``extra``: more top-level keys (``stopped_by``)."""
     return {
         "job": job["job"],
         "complete": complete,
@@ -270,12 +577,6 @@ def versions() -> dict[str, str]:
 
 def utc_now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def is_batchrun_file(name: str) -> bool:
-    """Files batchrun writes in an output directory (the only ones it ever deletes)."""
-    return bool(_PART.match(name)) or name in (JOB_FILE, MANIFEST, SUCCESS, LOCK) or (
-        name.startswith(".") and name.endswith(".tmp"))
 
 
 def dumps(obj: Any) -> bytes:

@@ -4,8 +4,10 @@ Files (one, a glob, or a list; Parquet, CSV, JSON/JSONL) become a view named ``i
 may query it. The result must carry a unique, non-null id column, or batchrun adds ``row_id``: the 0-based
 position of the row in the source (files in the order given, a glob's matches sorted by path, rows in file
 order; with SQL, the query's order, so give it an ORDER BY or an id).
-The job's SQL runs in a confined DuckDB: it can read the input files and nothing else (no other files, no
-COPY/ATTACH, no extensions; the configuration is locked). Remote URLs in input.path are left unconfined.
+The job's SQL must be one SELECT query, and it runs in a confined DuckDB: it can read the input files (local
+paths and file:// URLs, or remote URLs of the schemes in ``spec.REMOTE_SCHEMES``, each confined to the files
+named, or for a glob to its directory prefix) and nothing else: no other file, no COPY/ATTACH/INSTALL/LOAD/SET/
+PRAGMA, no extension installs, and the configuration is locked so none of this can be turned off.
 This module owns its DuckDB connection and knows nothing of models.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 
 import duckdb
@@ -20,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrun.errors import InputDataError, SpecError
-from batchrun.spec import InputSpec
+from batchrun.spec import InputSpec, file_url_path, url_scheme
 
 GENERATED_ID = "row_id"
 
@@ -62,8 +66,11 @@ def resolve_files(spec: InputSpec) -> list[str]:
     Returns the paths in the order given, without duplicates."""
     out: list[str] = []
     for entry in spec.paths:
-        if "://" in entry:  # a URL: DuckDB resolves it (if its extension is available)
-            out.append(entry)
+        scheme = url_scheme(entry)
+        if scheme == "file":  # DuckDB reads file:// locally: it is a local path, confined like one
+            entry = file_url_path(entry)
+        elif scheme:  # a remote URL (spec.py allows only REMOTE_SCHEMES): DuckDB resolves it through an extension
+            out.append(scheme + entry[len(scheme):])
             continue
         if any(c in entry for c in "*?[") and not os.path.isfile(entry):
             matches = sorted(p for p in glob.glob(entry, recursive=True) if os.path.isfile(p))
@@ -100,17 +107,21 @@ def detect_format(files: list[str], declared: str) -> str:
 def read_source(spec: InputSpec) -> Source:
     files = resolve_files(spec)
     fmt = detect_format(files, spec.format)
-    local = [f if "://" in f else os.path.abspath(f) for f in files]
-    literal = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in local) + "]"
-    con = duckdb.connect(":memory:")
+    located = [f if url_scheme(f) else os.path.abspath(f) for f in files]
+    # DuckDB keeps its spill directory writable under the confinement: make it a private, empty one.
+    spill = tempfile.mkdtemp(prefix="batchrun-duckdb-")
+    con = duckdb.connect(":memory:", config={"temp_directory": spill})
     try:
         try:
-            if not any("://" in f for f in local):
-                _confine(con, local)
-            con.execute(f'CREATE VIEW "{spec.table}" AS SELECT * FROM ' + _READERS[fmt].format(files=literal))
-            con.execute("SET lock_configuration = true")
+            # Binding the view reads the files' schema (and loads the extension a remote scheme needs, while
+            # that is still allowed); only our own literal file list is read before the confinement.
+            reader = _READERS[fmt].format(files=_sql_list(located))
+            con.execute(f'CREATE VIEW "{spec.table}" AS SELECT * FROM {reader}')
+            _confine(con, located)
         except duckdb.Error as e:
             raise InputDataError(f"input.path: cannot read {fmt} input: {_first_line(e)}") from None
+        if spec.sql:
+            check_sql(con, spec.sql)
         query = spec.sql if spec.sql else f'SELECT * FROM "{spec.table}"'
         try:
             table = con.sql(query).to_arrow_table()
@@ -119,6 +130,7 @@ def read_source(spec: InputSpec) -> Source:
             raise InputDataError(f"{field_name}: {_first_line(e)}", _rest_lines(e)) from None
     finally:
         con.close()
+        shutil.rmtree(spill, ignore_errors=True)
     table = table.combine_chunks() if table.num_columns else table
     stats = [file_stat(f) for f in files]
     if spec.id is None:
@@ -133,10 +145,46 @@ def read_source(spec: InputSpec) -> Source:
 
 
 def _confine(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:
-    """The job's SQL may read the input files and nothing else: no other file, no COPY/EXPORT/ATTACH, no
-    extension installs, and (once the configuration is locked) no way to turn this off."""
-    con.execute("SET allowed_paths = " + "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]")
+    """The job's SQL may read the input files and nothing else: no other file or URL, no COPY/EXPORT/ATTACH,
+    no extension installs or loads, and (once the configuration is locked) no way to turn this off.
+
+    ``files`` are absolute local paths (globs already expanded) and remote URLs; a remote glob allows its
+    directory prefix (the part before the first wildcard, up to its last '/')."""
+    paths = [f for f in files if not (url_scheme(f) and any(c in f for c in "*?["))]
+    prefixes = sorted({_glob_prefix(f) for f in files if f not in paths})
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET allow_community_extensions = false")
+    con.execute("SET allowed_paths = " + _sql_list(paths))
+    if prefixes:
+        con.execute("SET allowed_directories = " + _sql_list(prefixes))
     con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def _glob_prefix(url: str) -> str:
+    head = url[: min(url.index(c) for c in "*?[" if c in url)]
+    return head[: head.rindex("/") + 1]
+
+
+def _sql_list(items: list[str]) -> str:
+    return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in items) + "]"
+
+
+def check_sql(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """``input.sql`` must be exactly one SELECT query (FROM-first, WITH, VALUES, DESCRIBE, SUMMARIZE are
+    SELECTs too): batchrun's SQL only reads. This holds even where DuckDB's file confinement would allow a
+    statement (a COPY into a remote prefix the input was read from, say). Raises InputDataError (exit 65)."""
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as e:
+        raise InputDataError(f"input.sql: {_first_line(e)}", _rest_lines(e)) from None
+    kinds = [st.type.name for st in statements]
+    if kinds == ["SELECT"]:
+        return
+    got = ("no statement" if not kinds else kinds[0] if len(kinds) == 1 else
+           f"{len(kinds)} statements: {', '.join(kinds[:5])}{', ...' if len(kinds) > 5 else ''}")
+    raise InputDataError(f"input.sql: must be one SELECT query; batchrun's SQL only reads (got {got})")
 
 
 def require_columns(table: pa.Table, columns: list[str], field_name: str) -> None:

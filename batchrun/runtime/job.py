@@ -4,7 +4,8 @@
 every row (engine results and row errors) to the sink; ``finalize`` writes the manifest and the success
 marker, or an incomplete manifest (stopped, too many errors). Rows already committed in the output directory
 (same job fingerprint) are skipped, so re-running never duplicates rows; a finished job is not run again
-unless ``fresh``.
+unless ``fresh`` (and is only read: it needs no write access). Every check comes before the first write and
+before the weights load, and the weights load only when some row still needs the model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from batchrun.io.source import file_stat, resolve_files
 from batchrun.runtime.assemble import RowResult
 from batchrun.runtime.prepare import PreparedJob, prepare
 from batchrun.runtime.progress import Progress
-from batchrun.runtime.stop import StopFlag, handle_signals
+from batchrun.runtime.stop import StopFlag, StopRequested, handle_signals
 from batchrun.spec import JobSpec
 
 log = logging.getLogger("batchrun")
@@ -67,11 +68,13 @@ class Execution:
 
 
 def fingerprint(spec: JobSpec, files: list[str]) -> str:
-    """What decides the result rows: the spec's model/input/prompt/sampling, the input files' stats and the
-    model's files (a local model directory or GGUF file: names, sizes, modification times)."""
+    """What decides the result rows and the parts' schema: the spec's model/input/prompt/sampling, the output
+    columns and the result columns, the input files' stats and the model's files (a local model directory or
+    GGUF file: names, sizes, modification times)."""
     stats = [asdict(file_stat(f)) for f in files]
-    blob = json.dumps({"spec": spec.results_hash(), "files": stats, "model": _model_stats(spec.model.path)},
-                      sort_keys=True)
+    output = {"columns": spec.output.columns, "results": [f"{f.name}:{f.type}" for f in sinks.RESULT_FIELDS]}
+    blob = json.dumps({"spec": spec.results_hash(), "output": output, "files": stats,
+                       "model": _model_stats(spec.model.path)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -84,51 +87,102 @@ def _model_stats(path: str) -> list:
 
 
 def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = None) -> JobResult:
+    """Run one job. Every check that can fail (the output directory, the input, the prompts, the KV budget)
+    runs before anything is written and before the weights load; the weights load only if a row needs them.
+    A signal (SIGTERM, Ctrl-C) at any time is a graceful stop (exit 75, committed rows kept)."""
     t_start = time.monotonic()
     check_templates(spec.prompt)
     sink = sinks.Sink(spec.output.path, spec.output.part_rows)
-    sink.lock()
+    stop = StopFlag()
     try:
-        files = resolve_files(spec.input)
-        job_info = {"job": spec.name, "results_hash": fingerprint(spec, files), "spec_hash": spec.spec_hash(),
-                    "id_column": spec.input.id or "row_id", "created_at": sinks.utc_now(), "spec": spec.to_dict()}
-        state, done = sink.prepare(job_info, fresh)
-        if state.complete and not fresh:
-            log.info("%s is already complete (%d rows); rerun with --fresh to rebuild it", sink.path, state.rows)
-            return JobResult("already_complete", spec.name, str(sink.path), rows_total=state.rows,
-                             rows_skipped=state.rows)
-
-        from batchrun.engine import loader  # torch is imported from here on
-
-        t = time.monotonic()
-        resolved = loader.resolve(spec.model)
-        tokenizer = loader.load_tokenizer(spec.model, resolved)
-        facts = loader.model_facts(spec.model, spec.engine, resolved)
-        load_s = time.monotonic() - t
-        prepared = prepare(spec, tokenizer, facts.max_context, done)
-        t = time.monotonic()
-        loaded = loader.load(spec.model, spec.engine, tokenizer)
-        timings = {**prepared.timings, "load_s": load_s + time.monotonic() - t}
-        log.info("loaded %s on %s (%s)", spec.model.path, loaded.device, loaded.dtype)
-
-        source = prepared.source
-        sink.set_schema(sinks.output_schema(source.table.schema, source.id_column, prepared.columns),
-                        {"job": spec.name, "spec_hash": spec.spec_hash(), "results_hash": job_info["results_hash"],
-                         "model": spec.model.path, "batchrun_version": __version__})
-        run = execute(spec, prepared, loaded, sink, progress or Progress(), already_done=len(done))
-        timings["generate_s"] = run.generate_s
-        timings["total_s"] = time.monotonic() - t_start
-        return finalize(spec, job_info, prepared, loaded, sink, run, len(done), timings)
+        with handle_signals(stop):
+            return _run(spec, fresh, progress or Progress(), sink, stop, t_start)
     finally:
         sink.close()
 
 
-def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink, progress: Progress,
-            already_done: int = 0) -> Execution:
-    """Emit the row errors, then run the engine over the requests, streaming each finished row to ``sink``.
+def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop: StopFlag,
+         t_start: float) -> JobResult:
+    # 1. Checks and preparation. Nothing is written yet: a signal stops at once, leaving the directory as it was.
+    try:
+        with stop.at_once():
+            state = sink.open(fresh)  # lock; files batchrun did not write, links, damage: 78
+            files = resolve_files(spec.input)
+            job_info = {"job": spec.name, "results_hash": fingerprint(spec, files), "spec_hash": spec.spec_hash(),
+                        "id_column": spec.input.id or "row_id", "created_at": sinks.utc_now(),
+                        "spec": spec.to_dict()}
+            done = sink.check_job(job_info, fresh)  # another job's results: 78
+            if state.complete and not fresh:
+                log.info("%s is already complete (%d rows); rerun with --fresh to rebuild it", sink.path, state.rows)
+                return JobResult("already_complete", spec.name, str(sink.path), rows_total=state.rows,
+                                 rows_skipped=state.rows)
 
-    A signal (SIGTERM, Ctrl-C) stops it after the current step (``stopped_by`` says which); a crash keeps
-    every finished row (flushed) and propagates."""
+            from batchrun.engine import loader  # torch is imported from here on
+
+            t = time.monotonic()
+            resolved = loader.resolve(spec.model)
+            tokenizer = loader.load_tokenizer(spec.model, resolved)
+            facts = loader.model_facts(spec.model, spec.engine, resolved,
+                                       count_weights=bool(spec.engine.kv_budget_tokens))
+            load_s = time.monotonic() - t
+            prepared = prepare(spec, tokenizer, facts.max_context, done)
+            if prepared.requests and spec.engine.backend == "batchrun" and spec.engine.kv_budget_tokens:
+                from batchrun.engine.factory import kv_budget
+
+                kv_budget(spec.engine, facts, prepared.requests)  # a budget the device cannot hold: 78 now
+    except StopRequested:
+        raise TemporaryFailure(f"stopped by {stop.signal} before any row was computed; {sink.path} is as it was "
+                               "(rows committed earlier are kept); rerun the same command") from None
+
+    source = prepared.source
+    sink.set_schema(sinks.output_schema(source.table.schema, source.id_column, prepared.columns),
+                    {"job": spec.name, "spec_hash": spec.spec_hash(), "results_hash": job_info["results_hash"],
+                     "model": spec.model.path, "batchrun_version": __version__})
+    # 2. The first write (a signal only sets the flag from here on), then the weights, if any row needs them:
+    # a job whose rows are all committed (a crash after the last part) is finalized without loading them.
+    sink.begin(job_info, fresh)
+    timings = {**prepared.timings, "load_s": load_s}
+    loaded = None
+    if prepared.requests and not stop.requested:
+        t = time.monotonic()
+        try:
+            with stop.at_once():
+                loaded = loader.load(spec.model, spec.engine, tokenizer)
+        except StopRequested:
+            pass  # stopped while loading: an incomplete manifest, exit 75
+        timings["load_s"] += time.monotonic() - t
+        if loaded is not None:
+            log.info("loaded %s on %s (%s)", spec.model.path, loaded.device, loaded.dtype)
+    model = _model_record(spec, resolved, loaded, state, job_info["results_hash"])
+    run = Execution(stopped_by=stop.signal) if stop.requested else execute(
+        spec, prepared, loaded, sink, progress, already_done=len(done), stop=stop)
+    timings["generate_s"] = run.generate_s
+    timings["total_s"] = time.monotonic() - t_start
+    return finalize(spec, job_info, prepared, model, sink, run, len(done), timings)
+
+
+def _model_record(spec: JobSpec, resolved: str, loaded: Any, state: sinks.OutputState,
+                  results_hash: str) -> dict[str, Any]:
+    """The manifest's ``model``: what was loaded; without weights loaded (no row needed them), the device and
+    dtype an earlier run of this job recorded, else null."""
+    if loaded is not None:
+        return {"path": spec.model.path, "resolved": loaded.resolved, "device": loaded.device, "dtype": loaded.dtype}
+    earlier = state.manifest if state.manifest and state.manifest.get("results_hash") == results_hash else {}
+    m = earlier.get("model") if isinstance(earlier.get("model"), dict) else {}
+    return {"path": spec.model.path, "resolved": resolved, "device": m.get("device"), "dtype": m.get("dtype")}
+
+
+def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink, progress: Progress,
+            already_done: int = 0, stop: StopFlag | None = None) -> Execution:
+    """Emit the row errors, then run the engine over the requests (``loaded``: None when there are none),
+    streaming each finished row to ``sink``.
+
+    A signal (SIGTERM, Ctrl-C) stops it after the current step (``stopped_by`` says which; ``stop``: the flag
+    of handlers already installed, else it installs its own); a crash keeps every finished row (flushed) and
+    propagates."""
+    if stop is None:
+        with handle_signals(StopFlag()) as flag:
+            return execute(spec, prepared, loaded, sink, progress, already_done, flag)
     from batchrun.engine.factory import kv_usage, make_engine
 
     source, ids, assembler = prepared.source, prepared.ids, prepared.assembler
@@ -149,18 +203,16 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
     for row, message in prepared.errors:
         emit(assembler.failed(row, message))
 
-    engine = make_engine(spec, loaded, prepared.requests)
+    engine = make_engine(spec, loaded, prepared.requests) if prepared.requests else None
     progress.start(source.num_rows, already_done=already_done + len(prepared.errors))
     t = time.monotonic()
-    stop = StopFlag()
     try:
-        with handle_signals(stop):
-            for batch in engine.run(prepared.requests, prepared.plan):
-                for c in batch:
-                    emit(assembler.add(c))
-                progress.advance(len(batch), sum(len(c.token_ids) for c in batch))
-                if stop.requested:
-                    break
+        for batch in engine.run(prepared.requests, prepared.plan) if engine is not None else ():
+            for c in batch:
+                emit(assembler.add(c))
+            progress.advance(len(batch), sum(len(c.token_ids) for c in batch))
+            if stop.requested:
+                break
     except BaseException:
         # Keep every finished row: a crash or Ctrl-C then costs only the rows in flight.
         try:
@@ -172,16 +224,15 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
         progress.finish()  # also on a crash or Ctrl-C: leave the terminal clean
     run.generate_s = time.monotonic() - t
     run.stopped_by = stop.signal
-    run.kv_budget_tokens, run.kv_peak_tokens = kv_usage(engine)
-    if run.kv_budget_tokens is not None and not prepared.requests:
-        run.kv_peak_tokens = 0  # nothing ran, nothing held
+    if engine is not None:
+        run.kv_budget_tokens, run.kv_peak_tokens = kv_usage(engine)
     return run
 
 
-def finalize(spec: JobSpec, job_info: dict[str, Any], prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
-             run: Execution, rows_skipped: int, timings: dict[str, float]) -> JobResult:
-    """Write the manifest: with the success marker when the job is whole, else marked incomplete (stopped:
-    exit 75, resumable; too many row errors: exit 1)."""
+def finalize(spec: JobSpec, job_info: dict[str, Any], prepared: PreparedJob, model: dict[str, Any],
+             sink: sinks.Sink, run: Execution, rows_skipped: int, timings: dict[str, float]) -> JobResult:
+    """Write the manifest (``model``: its model record): with the success marker when the job is whole, else
+    marked incomplete (stopped: exit 75, resumable; too many row errors: exit 1)."""
     status = "interrupted" if run.stopped_by else "ok"
     result = JobResult(status, spec.name, str(sink.path), rows_total=prepared.num_rows, rows_ok=run.rows_ok,
                        rows_error=run.rows_error, rows_skipped=rows_skipped, prompt_tokens=run.prompt_tokens,
@@ -193,8 +244,7 @@ def finalize(spec: JobSpec, job_info: dict[str, Any], prepared: PreparedJob, loa
     def manifest(**extra: Any) -> dict[str, Any]:
         return sinks.build_manifest(
             job_info, totals, this_run=run.rows_ok + run.rows_error, from_earlier_runs=rows_skipped,
-            model={"path": spec.model.path, "resolved": loaded.resolved, "device": loaded.device,
-                   "dtype": loaded.dtype},
+            model=model,
             engine=spec.engine.backend, source=prepared.source, timings=result.timings,
             kv={"budget_tokens": run.kv_budget_tokens, "peak_tokens": run.kv_peak_tokens}, **extra)
 

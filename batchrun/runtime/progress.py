@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -108,4 +109,6 @@ def default_progress(log_format: str = "text", quiet: bool = False) -> Progress:
         return Progress()
     if log_format == "text" and sys.stderr.isatty():
         return RichProgress()
-    return LogProgress(json_lines=log_format == "json")
+    # BATCHRUN_PROGRESS_INTERVAL: seconds between progress log lines (default 10).
+    interval = float(os.environ.get("BATCHRUN_PROGRESS_INTERVAL") or 10.0)
+    return LogProgress(interval=interval, json_lines=log_format == "json")

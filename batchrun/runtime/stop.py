@@ -1,8 +1,11 @@
 """Graceful stop: SIGTERM (Airflow's on_kill, a cron timeout) or Ctrl-C asks the job to stop.
 
-The first signal sets a flag; the job stops admitting work after the current engine step (or reference
-batch), writes every finished row, marks the manifest incomplete and exits 75 — rerunning resumes. A second
-signal stops at once (KeyboardInterrupt); committed rows are still kept.
+The handlers are installed when a job starts (before the model loads). While nothing is running that could
+save rows (checks, reading, tokenizing, loading the weights) the flag is ``immediate`` and the first signal
+stops the job at once (``StopRequested``); while rows are generated it only sets the flag, and the job stops
+admitting work after the current engine step (or reference batch). Either way the job writes every finished
+row, marks the manifest incomplete and exits 75 — rerunning resumes. A second signal stops at once
+(KeyboardInterrupt); committed rows are still kept.
 """
 
 from __future__ import annotations
@@ -10,18 +13,45 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 log = logging.getLogger("batchrun")
 
 
+class StopRequested(KeyboardInterrupt):
+    """The first signal, raised where the job can stop at once (``StopFlag.at_once``)."""
+
+
 class StopFlag:
     def __init__(self) -> None:
         self.signal: str | None = None
+        self.immediate = False  # a signal raises StopRequested at once (set by ``at_once``)
 
     @property
     def requested(self) -> bool:
         return self.signal is not None
+
+    @contextmanager
+    def at_once(self) -> Iterator[None]:
+        """Within: a signal (or one that came before) raises ``StopRequested`` at once."""
+        old, self.immediate = self.immediate, True
+        try:
+            if self.requested:
+                raise StopRequested(self.signal)
+            yield
+        finally:
+            self.immediate = old
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Within: a signal only sets the flag (files being written are never cut half-way)."""
+        old, self.immediate = self.immediate, False
+        try:
+            yield
+        finally:
+            self.immediate = old
 
 
 class handle_signals:
@@ -36,6 +66,9 @@ class handle_signals:
         if self.flag.requested:
             raise KeyboardInterrupt(f"second {name}")
         self.flag.signal = name
+        if self.flag.immediate:
+            log.warning("%s received: stopping now, saving what is finished, then exiting (75)", name)
+            raise StopRequested(name)
         log.warning("%s received: finishing the current step, saving finished rows, then exiting (75); "
                     "send it again to stop at once", name)
 

@@ -18,6 +18,35 @@ import triton.language as tl
 
 
 @triton.jit
+def _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale, stride_kt, stride_kh,
+              D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
+    """One tile of ``BLOCK_N`` keys from ``n0``, gathered through the block table; online softmax update."""
+    d = tl.arange(0, D)
+    kidx = n0 + tl.arange(0, BLOCK_N)
+    k_ok = kidx < kend
+    block = tl.load(TABLE + table0 + kidx // PAGE, mask=k_ok, other=0)
+    slot = block.to(tl.int64) * PAGE + kidx % PAGE
+    k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=k_ok[:, None], other=0.0)
+    v = tl.load(V + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=k_ok[:, None], other=0.0)
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+    else:
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+    visible = k_ok[None, :] & (kidx[None, :] <= last[:, None])
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def paged_attention_kernel(
     Q, K, V, OUT, LSE,  # Q [T, H, D] (any strides); K, V [slots, KVH, D]; OUT [P, H, D] fp32; LSE [P, H] fp32
     ROWS,  # int32 [P]: the query token (row of Q) of each part row
@@ -28,6 +57,7 @@ def paged_attention_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lp,
     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products (the oracle tests), not TF32
+    INTERPRET: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -56,31 +86,16 @@ def paged_attention_kernel(
     m_i = tl.full([BLOCK_M * G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M * G], tl.float32)
     acc = tl.zeros([BLOCK_M * G, D], tl.float32)
-    n0 = 0
-    while n0 < kend:  # (a while loop: Triton's interpreter, used by the CPU tests, needs it for a loaded bound)
-        kidx = n0 + tl.arange(0, BLOCK_N)
-        k_ok = kidx < kend
-        block = tl.load(TABLE + table0 + kidx // PAGE, mask=k_ok, other=0)
-        slot = block.to(tl.int64) * PAGE + kidx % PAGE
-        k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(V + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=k_ok[:, None], other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        visible = k_ok[None, :] & (kidx[None, :] <= last[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
-        n0 += BLOCK_N
+    if INTERPRET:  # Triton's interpreter (the CPU tests) needs a while loop for a bound loaded from memory
+        n0 = 0
+        while n0 < kend:
+            m_i, l_i, acc = _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale,
+                                      stride_kt, stride_kh, D, BLOCK_N, PAGE, IEEE)
+            n0 += BLOCK_N
+    else:
+        for n0 in tl.range(0, kend, BLOCK_N):
+            m_i, l_i, acc = _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale,
+                                      stride_kt, stride_kh, D, BLOCK_N, PAGE, IEEE)
     out = acc / l_i[:, None]
     tl.store(OUT + part[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out, mask=row_ok[:, None])
     tl.store(LSE + part * stride_lp + head, m_i + tl.log(l_i), mask=row_ok)
