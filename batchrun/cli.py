@@ -250,6 +250,10 @@ def status(output_dir: str, as_json: bool) -> None:
     for key in ("job", "created_at", "finished_at", "rows", "tokens", "timings", "model"):
         if key in st:
             click.echo(f"  {key}: {st[key]}")
+    for problem in st.get("problems") or []:
+        click.echo(f"  problem: {problem}")
+    if st.get("fix"):
+        click.echo(f"  fix: {st['fix']}")
     if as_json:
         _emit_json({"status": "ok", "exit_code": 0, **st})
 

@@ -97,8 +97,8 @@ def test_crash_then_rerun_keeps_committed_rows_and_duplicates_none(tmp_path, tin
     real_run = engine_cls.run
     first: list = []
 
-    def crash_after_first_batch(self, requests, plan=None):
-        it = real_run(self, requests, plan)
+    def crash_after_first_batch(self, requests, plan=None, interrupt=None):
+        it = real_run(self, requests, plan, interrupt)
         first.extend(next(it))
         yield first
         raise RuntimeError("simulated crash")

@@ -241,6 +241,21 @@ def test_a_part_of_another_job_is_refused_and_fresh_rebuilds(made, tmp_path):
     assert code == 0 and not (out / "part-000005.parquet").exists() and rows(out) == made["rows"]
 
 
+def test_status_text_names_the_damage_and_the_fix(made, tmp_path):
+    from click.testing import CliRunner
+
+    from batchrun.cli import cli
+
+    out = copy(made, tmp_path)
+    (out / "_manifest.json").write_text("{ not json")
+    r = CliRunner().invoke(cli, ["status", str(out)])
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"{out}: damaged")
+    assert any(line.startswith("  problem: _manifest.json") for line in lines), r.stdout
+    assert any(line.startswith("  fix: ") and "--fresh" in line for line in lines), r.stdout
+
+
 @pytest.mark.parametrize("change", ["extra part", "missing part", "other rows"])
 def test_a_finished_directory_must_hold_exactly_the_parts_of_its_manifest(made, tmp_path, change):
     out = copy(made, tmp_path)

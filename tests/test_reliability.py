@@ -290,6 +290,48 @@ def test_sigterm_before_and_while_the_model_loads_stops_gracefully_with_75(tmp_p
     assert (result.status, result.rows_skipped, result.rows_ok) == ("ok", 8, 4) and _rows(out) == clean
 
 
+LAYER_DRIVER = """
+import sys, time
+from batchrun.engine import runner
+real = runner.Runner._between_layers
+log = sys.argv[1]
+def slow(self, index, module, args):
+    with open(log, "a") as f:  # one line per decoder layer started
+        f.write(f"{index}\\n")
+    time.sleep(0.3)
+    return real(self, index, module, args)
+runner.Runner._between_layers = slow
+from batchrun.cli import main
+sys.argv = ["batchrun", "--log-format", "json", "submit", *sys.argv[2:]]
+main()
+"""
+
+
+def test_sigterm_inside_a_long_step_stops_at_the_next_layer(tmp_path, tiny_model_dir):
+    """A step can take minutes on a CPU (a long prefill): a stop request is seen between decoder layers, so
+    at most the layer already running finishes; rows done before are kept and the job resumes."""
+    job = _job(tmp_path, tiny_model_dir, 6, max_tokens=3, part_rows=1)
+    driver, layers = tmp_path / "layers.py", tmp_path / "layers.log"
+    driver.write_text(LAYER_DRIVER)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, str(driver), str(layers), str(job), "--json", "--set",
+                          "engine.step_tokens=16"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    t = time.monotonic()
+    while not layers.exists() or len(layers.read_text().splitlines()) < 9:  # a few steps (2 layers each) in
+        assert p.poll() is None and time.monotonic() - t < 120, p.communicate()
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    seen = len(layers.read_text().splitlines())
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 75, stderr
+    assert len(layers.read_text().splitlines()) <= seen + 1  # no layer started after the one in flight
+    assert "stopped in the middle of a step" in stderr
+    assert json.loads(stdout.strip().splitlines()[-1])["exit_code"] == 75
+    result = api.submit(job)
+    assert result.status == "ok" and result.rows_ok + result.rows_skipped == 6
+
+
 def test_pickled_weights_are_refused(tmp_path, tokenizer_dir):
     import torch
     from transformers import AutoModelForCausalLM

@@ -322,7 +322,8 @@ class Sink:
         self.part_rows = part_rows
         self.state: OutputState | None = None
         self.exclusive = False  # False: a shared lock (a finished job is only read: works on a read-only disk)
-        self._buffer: list[dict[str, Any]] = []
+        self._buffer: list[tuple[int, dict[str, Any]]] = []  # (input row, result values)
+        self._input: pa.Table | None = None  # the id and passthrough columns, never converted to Python
         self._next_part = 0
         self._parts: dict[str, dict[str, int]] = {}  # committed parts: {"rows", "bytes"}
         self._lock_fd: int | None = None
@@ -467,23 +468,33 @@ class Sink:
 
     # -- rows ----------------------------------------------------------------------------------------
 
-    def set_schema(self, schema: pa.Schema, metadata: dict[str, Any]) -> None:
-        """The parts' schema; ``metadata`` goes into each part's Parquet key-value metadata (``batchrun``)."""
+    def set_schema(self, schema: pa.Schema, metadata: dict[str, Any], input_columns: pa.Table) -> None:
+        """The parts' schema: ``input_columns``' columns (the id and the passthrough columns, copied as Arrow
+        data, whatever their type) then the result columns; ``metadata`` goes into each part's Parquet
+        key-value metadata (``batchrun``)."""
         self.schema = schema.with_metadata({b"batchrun": json.dumps(metadata, sort_keys=True).encode()})
+        self._input = input_columns
 
-    def add(self, row: dict[str, Any], flush_after_s: float = 30.0) -> None:
-        """Buffer one finished row; write a part when ``part_rows`` are buffered or every ``flush_after_s``."""
-        self._buffer.append(row)
+    def add(self, row: int, values: dict[str, Any], flush_after_s: float = 30.0) -> None:
+        """Buffer one finished output row: input row ``row``'s columns and the result ``values``; write a part
+        when ``part_rows`` are buffered or every ``flush_after_s``."""
+        self._buffer.append((row, values))
         if len(self._buffer) >= self.part_rows or time.monotonic() - self.last_flush >= flush_after_s:
             self.flush()
 
     def flush(self) -> None:
         while self._buffer:
             rows = self._buffer[: self.part_rows]
-            self._write_part(pa.Table.from_pylist(rows, schema=self.schema))
+            self._write_part(self._table(rows))
             self._buffer = self._buffer[self.part_rows :]
             self.rows_written += len(rows)
         self.last_flush = time.monotonic()
+
+    def _table(self, rows: list[tuple[int, dict[str, Any]]]) -> pa.Table:
+        taken = self._input.take(pa.array([r for r, _ in rows], type=pa.int64()))
+        n = taken.num_columns
+        results = pa.Table.from_pylist([v for _, v in rows], schema=pa.schema(list(self.schema)[n:]))
+        return pa.Table.from_arrays(taken.columns + results.columns, schema=self.schema)
 
     def _write_part(self, table: pa.Table) -> None:
         """Write one part under a temporary name, then rename it: a part exists only once it is complete.

@@ -137,7 +137,8 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
     source = prepared.source
     sink.set_schema(sinks.output_schema(source.table.schema, source.id_column, prepared.columns),
                     {"job": spec.name, "spec_hash": spec.spec_hash(), "results_hash": job_info["results_hash"],
-                     "model": spec.model.path, "batchrun_version": __version__})
+                     "model": spec.model.path, "batchrun_version": __version__},
+                    source.table.select([source.id_column, *prepared.columns]))
     # 2. The first write (a signal only sets the flag from here on), then the weights, if any row needs them:
     # a job whose rows are all committed (a crash after the last part) is finalized without loading them.
     sink.begin(job_info, fresh)
@@ -185,8 +186,7 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
             return execute(spec, prepared, loaded, sink, progress, already_done, flag)
     from batchrun.engine.factory import kv_usage, make_engine
 
-    source, ids, assembler = prepared.source, prepared.ids, prepared.assembler
-    columns = source.table.select(prepared.columns).to_pylist() if prepared.columns else [{} for _ in ids]
+    source, assembler = prepared.source, prepared.assembler
     run = Execution()
 
     def emit(results: list[RowResult]) -> None:
@@ -198,7 +198,7 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
                 run.rows_ok += 1
             run.prompt_tokens += v["prompt_tokens"] or 0
             run.output_tokens += v["output_tokens"]
-            sink.add({source.id_column: ids[r.row], **columns[r.row], **v})
+            sink.add(r.row, v)  # (the input's columns stay Arrow data: no type is converted)
 
     for row, message in prepared.errors:
         emit(assembler.failed(row, message))
@@ -207,7 +207,8 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
     progress.start(source.num_rows, already_done=already_done + len(prepared.errors))
     t = time.monotonic()
     try:
-        for batch in engine.run(prepared.requests, prepared.plan) if engine is not None else ():
+        runs = engine.run(prepared.requests, prepared.plan, interrupt=lambda: stop.requested) if engine else ()
+        for batch in runs:
             for c in batch:
                 emit(assembler.add(c))
             progress.advance(len(batch), sum(len(c.token_ids) for c in batch))
