@@ -6,6 +6,7 @@ prefill chunk, groups end at different times, and one run is forced to preempt.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -221,6 +222,24 @@ def test_interrupt_ends_the_run_promptly_and_keeps_finished_rows_exact(tiny, bac
         assert c.token_ids == oracle[c.key].token_ids, f"row {c.key}"
     again = _run(engine, reqs[:2], _plan(reqs[:2]) if plan else None)  # the engine is usable again
     assert [again[k].token_ids for k in (0, 1)] == [oracle[0].token_ids, oracle[1].token_ids]
+
+
+def test_a_long_step_logs_its_progress_layer_by_layer(tiny, monkeypatch, caplog):
+    from batchrun.engine import runner
+
+    monkeypatch.setattr(runner, "LONG_STEP_LOG_S", 0.0)  # every step counts as long
+    reqs = _requests(tiny.tokenizer)[:2]
+    log = logging.getLogger("batchrun")
+    log.addHandler(caplog.handler)  # (the CLI tests may have turned propagation to the root logger off)
+    try:
+        with caplog.at_level("INFO", logger="batchrun"):
+            _run(BatchEngine(tiny, SamplingParams(), 100_000, 4, 64), reqs, _plan(reqs))
+    finally:
+        log.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("a long step:")]
+    layers = tiny.model.config.num_hidden_layers
+    assert lines and all(f" of {layers} after " in line for line in lines)
+    assert any(f"layer {layers} of {layers}" in line for line in lines)
 
 
 @pytest.mark.slow
