@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from batchrun.io.outdir import path_problem, read_state
 from batchrun.io.prompts import check_templates
-from batchrun.io.sink import path_problem, read_state
 from batchrun.runtime.job import JobResult, run_job
 from batchrun.runtime.progress import Progress
 from batchrun.spec import JobSpec, load_spec

@@ -1,8 +1,9 @@
 """The job spec: what a ``jobs/x.yaml`` file may say, validated into typed, immutable objects.
 
 pydantic is used here, at the YAML boundary, and nowhere else. Every problem in a spec is reported at once
-as ``field.path: what is wrong (got X)``; unknown keys are errors. This module knows nothing about how a
-job runs.
+as ``field.path: what is wrong (got X)``; unknown keys are errors. Reading the YAML itself (safely, with
+``--set`` overrides) is ``batchrun.spec_yaml``'s; ``load_spec`` joins the two. This module knows nothing about
+how a job runs.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from batchrun.errors import SpecError, UsageError
+from batchrun.spec_yaml import apply_override, parse_yaml, show
 
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _DEVICE = r"^(auto|cpu|cuda(:[0-9]+)?)$"
@@ -31,10 +31,6 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # Sampling at a temperature below this divides fp32 logits into overflow (inf - inf = nan) for no gain: it is
 # greedy decoding in all but name. 0 means greedy.
 MIN_TEMPERATURE = 0.01
-
-# A job file is small: these bound what loading one may cost (an alias "bomb" expands exponentially).
-MAX_YAML_NODES = 100_000  # nodes after expanding aliases
-MAX_YAML_DEPTH = 100
 
 
 def url_scheme(path: str) -> str | None:
@@ -80,7 +76,7 @@ class InputSpec(_Strict):
     def _paths_not_empty(cls, v: Any) -> str | list[str]:
         items = [v] if isinstance(v, str) else v
         if not isinstance(items, list) or not all(isinstance(p, str) for p in items):
-            raise ValueError(f"must be a file path, a glob, or a list of them (got {_show(v)})")
+            raise ValueError(f"must be a file path, a glob, or a list of them (got {show(v)})")
         if not items:
             raise ValueError("must name at least one file")
         for p in items:
@@ -88,9 +84,9 @@ class InputSpec(_Strict):
                 raise ValueError("a file path must not be empty")
             scheme = url_scheme(p)
             if scheme == "file" and not file_url_path(p).startswith("/"):
-                raise ValueError(f"a file:// URL must name a local absolute path, file:///path (got {_show(p)})")
+                raise ValueError(f"a file:// URL must name a local absolute path, file:///path (got {show(p)})")
             if scheme and scheme != "file" and scheme not in REMOTE_SCHEMES:
-                raise ValueError(f"unsupported URL scheme {scheme!r} (got {_show(p)}); use a local path, file://, "
+                raise ValueError(f"unsupported URL scheme {scheme!r} (got {show(p)}); use a local path, file://, "
                                  f"or one of {', '.join(REMOTE_SCHEMES)}")
         return v
 
@@ -134,14 +130,14 @@ class SamplingSpec(_Strict):
     @classmethod
     def _max_tokens(cls, v: Any) -> int | str:
         if isinstance(v, bool):
-            raise ValueError(f"must be a positive integer or a column name (got {_show(v)})")
+            raise ValueError(f"must be a positive integer or a column name (got {show(v)})")
         if isinstance(v, int):
             if not 1 <= v <= 1_000_000:
                 raise ValueError(f"must be between 1 and 1000000 (got {v})")
             return v
         if isinstance(v, str) and re.match(_IDENT, v):
             return v
-        raise ValueError(f"must be a positive integer or a column name (got {_show(v)})")
+        raise ValueError(f"must be a positive integer or a column name (got {show(v)})")
 
     @field_validator("temperature")
     @classmethod
@@ -233,107 +229,6 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     return validate_dict(raw, source=str(path))
 
 
-class _GuardedLoader(yaml.SafeLoader):
-    """Safe YAML (no tags that build objects) that refuses a document whose aliases would expand past
-    MAX_YAML_NODES nodes (a "billion laughs" bomb) or that refers to itself, before building any object."""
-
-    def get_single_data(self) -> Any:
-        node = self.get_single_node()
-        if node is None:
-            return None
-        _check_expansion(node)
-        return self.construct_document(node)
-
-
-class _UniqueKeyLoader(_GuardedLoader):
-    """The guarded safe loader that also refuses a key given twice in one mapping."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, (str, int, float, bool)):
-                continue
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        return [n for pair in node.value for n in pair]
-    return list(node.value) if isinstance(node, yaml.SequenceNode) else []
-
-
-def _check_expansion(root: yaml.Node) -> None:
-    """Count the nodes the document has with every alias expanded (each shared node once, by memo: linear in
-    the document), and raise a YAML error past MAX_YAML_NODES or on an alias that contains itself."""
-    sizes: dict[int, int] = {}
-    open_nodes: set[int] = set()
-    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    while stack:
-        node, done = stack.pop()
-        key = id(node)
-        if done:
-            open_nodes.discard(key)
-            sizes[key] = 1 + sum(sizes[id(c)] for c in _children(node))
-            if sizes[key] > MAX_YAML_NODES:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"the document expands to more than {MAX_YAML_NODES:,} values through its aliases "
-                    "(*name); a job spec needs far fewer", node.start_mark)
-            continue
-        if key in sizes:
-            continue
-        if key in open_nodes:
-            raise yaml.constructor.ConstructorError(None, None, "an alias refers to a value that contains it",
-                                                    node.start_mark)
-        open_nodes.add(key)
-        stack.append((node, True))
-        stack.extend((c, False) for c in _children(node) if id(c) not in sizes)
-
-
-def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
-    try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise SpecError(f"{source}: not valid YAML{where}: {problem}") from None
-    except RecursionError:
-        raise SpecError(f"{source}: not valid YAML: nested too deeply") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SpecError(f"{source}: a job spec must be a YAML mapping (got {type(raw).__name__})")
-    return raw
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=value`` to the raw mapping; the value is read as YAML (``8``, ``true``, ``[a, b]``)."""
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-        raise UsageError(f"--set expects FIELD=VALUE, e.g. sampling.max_tokens=16 (got {item!r})")
-    parts = key.strip().split(".")
-    if any(not p for p in parts):
-        raise UsageError(f"--set: malformed field path {key!r}")
-    try:
-        parsed = yaml.load(value, Loader=_GuardedLoader) if value.strip() else ""
-    except (yaml.YAMLError, RecursionError):
-        parsed = value
-    node = raw
-    for i, p in enumerate(parts[:-1]):
-        child = node.get(p)
-        if child is None:
-            child = node[p] = {}
-        if not isinstance(child, dict):
-            raise UsageError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a mapping")
-        node = child
-    node[parts[-1]] = parsed
-
-
 def validate_dict(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
     try:
         return JobSpec.model_validate(raw)
@@ -353,56 +248,6 @@ def _loc(loc: tuple[Any, ...]) -> str:
         else:
             out += ("." if out else "") + str(part)
     return out or "(top level)"
-
-
-def _show(v: Any, limit: int = 60) -> str:
-    """A short rendering of a value for an error message (at most ``limit`` characters). It never expands
-    more of ``v`` than it prints: a value built from YAML aliases may be a small graph of exponential size."""
-    if isinstance(v, str):
-        s = repr(v[: limit + 1])
-    elif _small(v, limit):
-        s = json.dumps(v, default=str)
-    else:
-        s = ""
-        for piece in _json_pieces(v):
-            s += piece
-            if len(s) > limit:
-                break
-    return s if len(s) <= limit else s[: limit - 3] + "..."
-
-
-def _small(v: Any, budget: int) -> bool:
-    """Whether ``v`` has at most ``budget`` values and characters in all (a bounded walk)."""
-    stack = [v]
-    while stack:
-        x = stack.pop()
-        budget -= 1 + (len(x) if isinstance(x, str) else 0)
-        if budget < 0:
-            return False
-        if isinstance(x, dict):
-            stack += [*x.keys(), *x.values()][: budget + 1]
-        elif isinstance(x, (list, tuple)):
-            stack += list(x[: budget + 1])
-    return True
-
-
-def _json_pieces(v: Any) -> Iterator[str]:
-    """JSON text of ``v`` piece by piece, so a caller can stop early."""
-    if isinstance(v, dict):
-        yield "{"
-        for i, (k, x) in enumerate(v.items()):
-            yield (", " if i else "") + json.dumps(k if isinstance(k, str) else str(k)[:100]) + ": "
-            yield from _json_pieces(x)
-        yield "}"
-    elif isinstance(v, (list, tuple)):
-        yield "["
-        for i, x in enumerate(v):
-            if i:
-                yield ", "
-            yield from _json_pieces(x)
-        yield "]"
-    else:
-        yield json.dumps(v[:100] if isinstance(v, str) else v, default=lambda o: str(o)[:100])
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -454,14 +299,14 @@ def _describe(err: dict[str, Any]) -> str:
     if kind in bounds:
         limit = next(iter(ctx.values()))
         limit = int(limit) if isinstance(limit, float) and limit.is_integer() else limit
-        return f"{path}: must be {bounds[kind]} {limit} (got {_show(got)})"
+        return f"{path}: must be {bounds[kind]} {limit} (got {show(got)})"
     if kind == "literal_error":
-        return f"{path}: must be one of {ctx.get('expected')} (got {_show(got)})"
+        return f"{path}: must be one of {ctx.get('expected')} (got {show(got)})"
     if kind == "string_pattern_mismatch":
         hint = _PATTERN_HINTS.get(ctx.get("pattern"), f"must match {ctx.get('pattern')}")
-        return f"{path}: {hint} (got {_show(got)})"
+        return f"{path}: {hint} (got {show(got)})"
     if kind == "invalid_key":
-        return f"{_loc(loc[:-1])}: field names must be strings (got {_show(loc[-1])})"
+        return f"{_loc(loc[:-1])}: field names must be strings (got {show(loc[-1])})"
     if kind == "string_too_long":
         return f"{path}: at most {ctx.get('max_length')} characters"
     if kind == "string_too_short":
@@ -477,7 +322,7 @@ def _describe(err: dict[str, Any]) -> str:
         "model_type": "a mapping", "dict_type": "a mapping", "model_attributes_type": "a mapping",
     }
     if kind == "finite_number":
-        return f"{path}: must be a finite number (got {_show(got)})"
+        return f"{path}: must be a finite number (got {show(got)})"
     if kind in types:
-        return f"{path}: must be {types[kind]} (got {_show(got)}{_number_hint(kind, got)})"
-    return f"{path}: {err['msg']} (got {_show(got)})"
+        return f"{path}: must be {types[kind]} (got {show(got)}{_number_hint(kind, got)})"
+    return f"{path}: {err['msg']} (got {show(got)})"

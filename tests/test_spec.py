@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun.errors import SpecError, UsageError
-from batchrun.spec import JobSpec, apply_override, load_spec, validate_dict
+from batchrun.spec import JobSpec, load_spec, validate_dict
+from batchrun.spec_yaml import apply_override
 from helpers import write_job
 
 MINIMAL = """\

@@ -21,6 +21,7 @@ from typing import Any
 from batchrun import __version__
 from batchrun.errors import RuntimeFailure, TemporaryFailure
 from batchrun.io import sink as sinks
+from batchrun.io.outdir import OutputState
 from batchrun.io.prompts import check_templates
 from batchrun.io.source import file_stat, resolve_files
 from batchrun.runtime.assemble import RowResult
@@ -162,7 +163,7 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
     return finalize(spec, job_info, prepared, model, sink, run, len(done), timings)
 
 
-def _model_record(spec: JobSpec, resolved: str, loaded: Any, state: sinks.OutputState,
+def _model_record(spec: JobSpec, resolved: str, loaded: Any, state: OutputState,
                   results_hash: str) -> dict[str, Any]:
     """The manifest's ``model``: what was loaded; without weights loaded (no row needed them), the device and
     dtype an earlier run of this job recorded, else null."""
