@@ -1,0 +1,92 @@
+"""GPU: where a batchrun run spends its time — GPU-busy fraction and kernel launches per engine step — from a
+torch-profiler trace of the whole run (one workload, batchrun's engine, warmed up first).
+
+    python benchmarks/profile_steps.py --workload rag --scale 0.25 --out benchmarks/results/profile-h200.jsonl
+
+GPU busy = the union of all kernel intervals over the run's wall time; launches per step = CUDA kernel
+launches / engine steps; the top kernels by GPU time are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import workloads
+from gpu_bench import MODELS, _Ids, random_model
+from results_io import git_commit, record
+
+from batchrun.engine import attention
+from batchrun.engine.batch import BatchEngine
+from batchrun.engine.factory import kv_budget
+from batchrun.engine.loader import LoadedModel, loaded_facts
+from batchrun.engine.requests import Request, SamplingParams
+from batchrun.plan.plan import PlanConfig, build_plan
+from batchrun.spec import EngineSpec
+
+
+def busy_fraction(intervals: list[tuple[float, float]], wall: float) -> float:
+    if not intervals:
+        return 0.0
+    intervals.sort()
+    total, (start, end) = 0.0, intervals[0]
+    for a, b in intervals[1:]:
+        if a > end:
+            total += end - start
+            start, end = a, b
+        else:
+            end = max(end, b)
+    return (total + end - start) / wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="1b", choices=sorted(MODELS))
+    ap.add_argument("--workload", default="rag", choices=workloads.NAMES)
+    ap.add_argument("--scale", type=float, default=0.25)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    model = random_model(args.model)
+    loaded = LoadedModel(model, _Ids(), "cuda", "bfloat16", "random", "random", [], 8192)
+    w = workloads.make(args.workload, scale=args.scale)
+    reqs = [Request(key=i, prompt_ids=w.tokens.row(i).tolist(), max_tokens=int(w.max_tokens[i]))
+            for i in range(len(w.tokens))]
+    plan = build_plan(w.tokens, w.max_tokens, PlanConfig())
+    cfg = EngineSpec()
+    engine = BatchEngine(loaded, SamplingParams(ignore_eos=True), kv_budget(cfg, loaded_facts(loaded), reqs),
+                         cfg.block_size, cfg.step_tokens)
+    few = reqs[:16]
+    sum(len(b) for b in engine.run(few, build_plan(w.tokens.take(np.arange(16)), w.max_tokens[:16], PlanConfig())))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        sum(len(b) for b in engine.run(reqs, plan))
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    intervals = [(e.time_range.start / 1e6, e.time_range.end / 1e6) for e in kernels]
+    steps = engine.stats["steps"]
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e6
+    gpu_s = sum(by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    record({"bench": "profile", "model": args.model, "workload": args.workload, "scale": args.scale,
+            "attention": attention.choose_backend("cuda", torch.bfloat16).name, "wall_s": round(wall, 3),
+            "steps": steps, "kernels": len(kernels), "launches_per_step": round(len(kernels) / steps, 1),
+            "gpu_busy_fraction": round(busy_fraction(intervals, wall), 3), "gpu_kernel_s": round(gpu_s, 3),
+            "top_kernels": [{"name": n[:80], "s": round(s, 3), "share": round(s / gpu_s, 3)} for n, s in top],
+            "note": "wall time is under the profiler (slower than an unprofiled run)",
+            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d")}, args.out)
+
+
+if __name__ == "__main__":
+    main()
