@@ -285,7 +285,7 @@ class Scheduler:
                 self.kv.fail(p)
                 self._computing.pop(key, None)
                 return n
-            levels = [self._level(q) for q in chain[:-1]] + [KVLevel(key, tuple(seg.blocks), seg.length)]
+            levels = [self._level(q) for q in chain[:-1]] + [KVLevel(key, seg.blocks, seg.length)]
             self._works.append(SeqWork(key, tokens, pos, levels, slots, False))
         else:
             r = self.rows[key.row]
@@ -298,11 +298,11 @@ class Scheduler:
 
     def _level(self, p: int) -> KVLevel:
         seg = self.kv.segment(p)
-        return KVLevel(PrefixKey(p), tuple(seg.blocks), seg.length)
+        return KVLevel(PrefixKey(p), seg.blocks, seg.length)
 
     def _levels(self, key: RowKey, r: RowState) -> list[KVLevel]:
-        # A snapshot: a later chunk of the same row may grow its segment within this step.
-        return [self._level(p) for p in r.chain] + [KVLevel(key, tuple(r.own.blocks), r.own.length)]
+        # A snapshot by length: a later chunk of the same row may grow its segment within this step.
+        return [self._level(p) for p in r.chain] + [KVLevel(key, r.own.blocks, r.own.length)]
 
     def _decode(self, i: int, r: RowState) -> None:
         slots = self._reserve(r.own, 1, protect=i, keep=set(r.chain))

@@ -11,6 +11,7 @@ is drawn from its last position.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -36,7 +37,9 @@ class KVLevel:
     """One segment of a sequence's context: whose it is, its blocks, how many of its tokens are seen."""
 
     owner: WorkKey  # the shared prefix (PrefixKey), or the sequence itself
-    blocks: tuple[int, ...]  # pool block ids, covering ``length`` tokens
+    # Pool block ids covering ``length`` tokens: the segment's own list, not a copy (a segment only ever
+    # appends blocks, and a freed one gets a new list), so ``length`` alone makes the snapshot.
+    blocks: Sequence[int]
     length: int
 
 

@@ -175,16 +175,13 @@ def _model_record(spec: JobSpec, resolved: str, loaded: Any, state: OutputState,
 
 
 def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink, progress: Progress,
-            already_done: int = 0, stop: StopFlag | None = None) -> Execution:
+            already_done: int, stop: StopFlag) -> Execution:
     """Emit the row errors, then run the engine over the requests (``loaded``: None when there are none),
     streaming each finished row to ``sink``.
 
-    A signal (SIGTERM, Ctrl-C) stops it after the current step (``stopped_by`` says which; ``stop``: the flag
-    of handlers already installed, else it installs its own); a crash keeps every finished row (flushed) and
+    A signal (SIGTERM, Ctrl-C; ``stop``: the flag of the handlers ``run_job`` installed) ends the engine's
+    run at its next poll (``stopped_by`` says which); a crash keeps every finished row (flushed) and
     propagates."""
-    if stop is None:
-        with handle_signals(StopFlag()) as flag:
-            return execute(spec, prepared, loaded, sink, progress, already_done, flag)
     from batchrun.engine.factory import kv_usage, make_engine
 
     source, assembler = prepared.source, prepared.assembler

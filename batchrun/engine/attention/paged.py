@@ -92,6 +92,7 @@ class PagedBackend(AttentionBackend):
         (self.rows, self.item_row0, self.item_nrows, self.item_table0, self.item_klen, self.item_causal,
          self.table, slots) = parts
         self.slots = slots.long()
+        self.rows_long = self.rows.long() if self.merge else None  # (for the merge, once per step)
         self.block_size = bs
         self._tiles: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
 
@@ -135,7 +136,7 @@ class PagedBackend(AttentionBackend):
                 num_warps=4 if block_m * group <= 64 else 8)
         t = q.shape[0]
         # (Own items come first, one part row per token in token order: alone, they are the output.)
-        out = merge_parts(out, lse, self.rows.long(), t) if self.merge else out[:t]
+        out = merge_parts(out, lse, self.rows_long, t) if self.merge else out[:t]
         return out.to(query.dtype).unsqueeze(0)
 
 
