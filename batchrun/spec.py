@@ -53,13 +53,48 @@ class _Strict(BaseModel):
 
 class ModelSpec(_Strict):
     """Which model to run. ``path`` is a built-in name (``smollm2-135m-instruct``), a local Hugging Face
-    model directory, a ``.gguf`` file, or a hub id (needs network or a warm hub cache)."""
+    model directory, a ``.gguf`` file, or a hub id (needs network or a warm hub cache).
 
-    path: str = Field(min_length=1)
+    ``load: random`` (benchmarks, smoke tests) reads no weights: the model is built from a config with random
+    weights drawn with ``seed``. The config is a built-in ``size`` (then ``tokenizer`` is required and ``path``
+    is not allowed) or ``path``'s (whose tokenizer is used unless ``tokenizer`` is given)."""
+
+    path: str | None = Field(default=None, min_length=1)
+    load: Literal["weights", "random"] = "weights"
+    size: Literal["tiny", "1b", "8b"] | None = None
+    seed: int = Field(default=0, ge=0, lt=2**63, strict=True)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     revision: str | None = None
     tokenizer: str | None = None
     trust_remote_code: bool = Field(default=False, strict=True)
+
+    @model_validator(mode="after")
+    def _load(self) -> ModelSpec:
+        if self.load == "weights":
+            if self.size is not None:
+                raise ValueError(f"size is only for load: random (got size: {self.size}); set load: random, or "
+                                 "remove size")
+            if self.seed != 0:
+                raise ValueError(f"seed is only for load: random (got seed: {self.seed}); set load: random, or "
+                                 "remove seed")
+            if self.path is None:
+                raise ValueError("path is required (or load: random with a size)")
+        elif self.size is None and self.path is None:
+            raise ValueError("load: random needs a size (tiny, 1b or 8b) or a path to take the config from")
+        elif self.size is not None and self.path is not None:
+            raise ValueError(f"load: random takes the config from size or from path, not both (got size: "
+                             f"{self.size}, path: {show(self.path)}); give the tokenizer as tokenizer")
+        elif self.size is not None and self.tokenizer is None:
+            raise ValueError(f"load: random with size: {self.size} needs a tokenizer (a tokenizer or model "
+                             "directory, a built-in model name, a .gguf file or a hub id)")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The model in logs and metadata: ``path``, or ``random:<size or path>`` for random weights."""
+        if self.load == "random":
+            return f"random:{self.size or self.path}"
+        return str(self.path)
 
 
 class InputSpec(_Strict):
@@ -202,6 +237,8 @@ class JobSpec(_Strict):
     def results_hash(self) -> str:
         """A hash of what decides the result rows (not where they go, nor how fast they are made)."""
         d = self.to_dict()
+        if d["model"]["load"] == "weights":  # (as before random weights existed: old outputs still resume)
+            d["model"] = {k: v for k, v in d["model"].items() if k not in ("load", "size", "seed")}
         return _hash({k: d[k] for k in ("model", "input", "prompt", "sampling")})
 
 

@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--workload", default="rag", choices=workloads.NAMES)
     ap.add_argument("--scale", type=float, default=0.25)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--python", type=int, default=0, metavar="N",
+                    help="instead: profile the host side with cProfile and print its top N functions")
     args = ap.parse_args()
     model = random_model(args.model)
     loaded = LoadedModel(model, _Ids(), "cuda", "bfloat16", "random", "random", [], 8192)
@@ -65,6 +67,18 @@ def main() -> None:
     few = reqs[:16]
     sum(len(b) for b in engine.run(few, build_plan(w.tokens.take(np.arange(16)), w.max_tokens[:16], PlanConfig())))
     torch.cuda.synchronize()
+    if args.python:
+        import cProfile
+        import pstats
+
+        t = time.perf_counter()
+        with cProfile.Profile() as cprof:
+            sum(len(b) for b in engine.run(reqs, plan))
+            torch.cuda.synchronize()
+        print(f"{args.workload}: {time.perf_counter() - t:.2f} s under cProfile, {engine.stats}")
+        pstats.Stats(cprof).sort_stats("tottime").print_stats(args.python)
+        pstats.Stats(cprof).sort_stats("cumulative").print_stats(args.python)
+        return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t = time.perf_counter()
         sum(len(b) for b in engine.run(reqs, plan))

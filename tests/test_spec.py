@@ -24,7 +24,7 @@ output: {path: out/reviews}
 
 ALLOWED = {
     "": "name, model, input, prompt, sampling, output, engine",
-    "model": "path, dtype, revision, tokenizer, trust_remote_code",
+    "model": "path, load, size, seed, dtype, revision, tokenizer, trust_remote_code",
     "input": "path, format, table, sql, id",
     "prompt": "template, system, chat, fewshot",
     "fewshot": "user, assistant",
@@ -58,8 +58,8 @@ def test_minimal_spec_fills_defaults_and_names_job_after_file(tmp_path):
     assert isinstance(spec, JobSpec)
     assert spec.to_dict() == {
         "name": "reviews-v2",
-        "model": {"path": "some/model", "dtype": "auto", "revision": None, "tokenizer": None,
-                  "trust_remote_code": False},
+        "model": {"path": "some/model", "load": "weights", "size": None, "seed": 0, "dtype": "auto",
+                  "revision": None, "tokenizer": None, "trust_remote_code": False},
         "input": {"path": "data.parquet", "format": "auto", "table": "input", "sql": None, "id": None},
         "prompt": {"template": "Review: {{ text }}", "system": None, "chat": None, "fewshot": []},
         "sampling": {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": [], "seed": 0,
@@ -74,8 +74,8 @@ def test_minimal_spec_fills_defaults_and_names_job_after_file(tmp_path):
 def test_full_spec_keeps_every_value(tmp_path):
     full = {
         "name": "nightly.reviews_1",
-        "model": {"path": "/m", "dtype": "bfloat16", "revision": "r", "tokenizer": "/t",
-                  "trust_remote_code": True},
+        "model": {"path": "/m", "load": "random", "size": None, "seed": 3, "dtype": "bfloat16", "revision": "r",
+                  "tokenizer": "/t", "trust_remote_code": True},
         "input": {"path": ["a.parquet", "b/*.parquet"], "format": "parquet", "table": "docs",
                   "sql": "SELECT * FROM docs", "id": "doc_id"},
         "prompt": {"template": "{{ text }}", "system": "Be brief.", "chat": True,
@@ -453,3 +453,14 @@ def test_alias_bomb_in_set_is_not_expanded(tmp_path):
     bomb = "[" + ", ".join(levels) + "]"
     spec = load_spec(write_job(tmp_path, MINIMAL), [f"prompt.system={bomb}"])
     assert spec.prompt.system == bomb
+
+
+def test_results_hash_of_a_weights_job_is_what_it_was_before_random_weights():
+    """Output directories written before ``model.load`` existed must still resume: the hash of a job with
+    real weights leaves the random-weights fields out (golden value computed at commit c6ec5fb)."""
+    spec = JobSpec.model_validate({"name": "j", "model": {"path": "smollm2-135m-instruct"},
+                                   "input": {"path": "in.parquet"}, "prompt": {"template": "{{ text }}"},
+                                   "output": {"path": "out"}})
+    assert spec.results_hash() == "c3f528fcb90c5fcf"
+    random = spec.model_copy(update={"model": spec.model.model_copy(update={"load": "random"})})
+    assert random.results_hash() != spec.results_hash()

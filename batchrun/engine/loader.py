@@ -1,4 +1,6 @@
 """Load a model and its tokenizer: a built-in name, a local HF directory, a ``.gguf`` file, or a hub id.
+With ``model.load: random`` no weights are read: the model is built from a config (a built-in size, or the
+model's) with random weights (``batchrun.engine.random_weights``).
 
 GGUF files are de-quantized once by transformers and cached as a safetensors directory under
 ``$BATCHRUN_CACHE`` (default ``~/.cache/batchrun``), so later runs load in well under a second.
@@ -34,8 +36,8 @@ class LoadedModel:
     tokenizer: Any
     device: str
     dtype: str
-    source: str  # what the spec named
-    resolved: str  # the directory or hub id actually loaded
+    source: str  # what the spec named (``ModelSpec.label``)
+    resolved: str  # the directory or hub id actually loaded (``weights_id``: random:... for random weights)
     eos_ids: list[int]
     max_context: int | None
 
@@ -45,8 +47,11 @@ def cache_dir() -> Path:
 
 
 def resolve(spec: ModelSpec) -> str:
-    """The directory (or hub id) to load: converts a GGUF file (or the built-in model) on first use."""
-    path = spec.path
+    """The directory (or hub id) to load: converts a GGUF file (or the built-in model) on first use. For
+    random weights of a built-in size, ``random:<size>``: there is nothing to read."""
+    if spec.load == "random" and spec.size:
+        return f"random:{spec.size}"
+    path = str(spec.path)
     if path in BUILTIN:
         package, filename, dist = BUILTIN[path]
         found = importlib.util.find_spec(package)  # locates the package without importing it
@@ -160,10 +165,23 @@ def _fix_special_tokens(tok: Any, model: Any) -> None:
     tok.clean_up_tokenization_spaces = False
 
 
+def weights_id(spec: ModelSpec, resolved: str) -> str:
+    """What the manifest records as loaded: ``resolved`` (from ``resolve``), or ``random:<size or resolved>``."""
+    if spec.load == "random":
+        return f"random:{spec.size or resolved}"
+    return resolved
+
+
 def load_tokenizer(spec: ModelSpec, resolved: str | None = None) -> Any:
+    """``model.tokenizer`` (a built-in name or .gguf file: from its converted directory), else the model's."""
     from transformers import AutoTokenizer
 
-    source = spec.tokenizer or resolved or resolve(spec)
+    if spec.tokenizer:
+        source = spec.tokenizer
+        if source in BUILTIN or source.endswith(".gguf"):
+            source = resolve(ModelSpec(path=source))
+    else:
+        source = resolved or resolve(spec)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=spec.revision,
                                             trust_remote_code=spec.trust_remote_code)
@@ -214,20 +232,61 @@ def load(spec: ModelSpec, engine: EngineSpec, tokenizer: Any = None) -> LoadedMo
     dtype = pick_dtype(spec.dtype, device)
     resolved = resolve(spec)
     tokenizer = tokenizer or load_tokenizer(spec, resolved)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            resolved, revision=spec.revision, dtype=getattr(torch, dtype), use_safetensors=True,
-            trust_remote_code=spec.trust_remote_code,
-        )
-    except Exception as e:
-        raise RuntimeFailure(f"model: cannot load {spec.path!r} ({resolved}): {e}") from None
+    if spec.load == "random":
+        model = _random_model(spec, resolved, tokenizer, device, dtype)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                resolved, revision=spec.revision, dtype=getattr(torch, dtype), use_safetensors=True,
+                trust_remote_code=spec.trust_remote_code,
+            )
+        except Exception as e:
+            raise RuntimeFailure(f"model: cannot load {spec.path!r} ({resolved}): {e}") from None
     model.to(device).eval()
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     max_context = _max_context(model.config)
-    return LoadedModel(model, tokenizer, device, dtype, spec.path, resolved, eos_ids, max_context)
+    return LoadedModel(model, tokenizer, device, dtype, spec.label, weights_id(spec, resolved), eos_ids,
+                       max_context)
+
+
+def _random_model(spec: ModelSpec, resolved: str, tokenizer: Any, device: str, dtype: str) -> Any:
+    """``load: random``: the model of the config built straight on the device, random weights, none read."""
+    import torch
+    from transformers import GenerationConfig
+
+    from batchrun.engine import random_weights
+
+    config = model_config(spec, resolved, tokenizer)
+    log.warning("model %s: RANDOM weights (seed %d), no weights file is read: the outputs are meaningless "
+                "(for benchmarks and smoke tests)", spec.label, spec.seed)
+    try:
+        model = random_weights.build(config, device, getattr(torch, dtype), spec.seed, spec.trust_remote_code)
+    except Exception as e:
+        raise RuntimeFailure(f"model: cannot build {spec.label} with random weights: {e}") from None
+    if spec.path:  # the model's generation config (its eos ids), as loading its weights would read it
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(resolved, revision=spec.revision)
+        except (OSError, ValueError):
+            pass
+    return model
+
+
+def model_config(spec: ModelSpec, resolved: str, tokenizer: Any = None) -> Any:
+    """The model's config: a built-in size's (``load: random``; its vocabulary is the tokenizer's), or the one
+    ``resolved`` holds."""
+    from transformers import AutoConfig
+
+    if spec.load == "random" and spec.size:
+        from batchrun.engine import random_weights
+
+        return random_weights.size_config(spec.size, tokenizer or load_tokenizer(spec, resolved))
+    try:
+        return AutoConfig.from_pretrained(resolved, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except Exception as e:
+        raise RuntimeFailure(f"model: cannot read the config of {resolved!r}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -242,18 +301,13 @@ class ModelFacts:
 
 
 def model_facts(spec: ModelSpec, engine: EngineSpec, resolved: str | None = None, *,
-                count_weights: bool = False) -> ModelFacts:
+                count_weights: bool = False, tokenizer: Any = None) -> ModelFacts:
     """Facts from the model's config alone, at the device and dtype the job really runs in.
 
     ``count_weights``: the weights will not be loaded first (``batchrun plan``); on CUDA their size is then
-    estimated, since the KV budget must leave them room. (On CPU the budget does not depend on them.)"""
-    from transformers import AutoConfig
-
-    source = resolved or resolve(spec)
-    try:
-        config = AutoConfig.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
-    except Exception as e:
-        raise RuntimeFailure(f"model: cannot read the config of {source!r}: {e}") from None
+    estimated, since the KV budget must leave them room. (On CPU the budget does not depend on them.)
+    ``tokenizer``: one already loaded (a built-in size's config takes its vocabulary from it)."""
+    config = model_config(spec, resolved or resolve(spec), tokenizer)
     device = pick_device(engine.device)
     dtype = pick_dtype(spec.dtype, device)
     pending = 0

@@ -4,14 +4,22 @@ sample from. Computes, never decides (the scheduler decides).
 All sequences of a step go in one row: token ids concatenated, position ids restarting per sequence, no
 padding. The model's attention layers run the chosen attention backend (``engine.attention``) over the
 paged KV pool.
+
+Decode steps (one new token per sequence) are replayed from CUDA graphs where the backend supports it: the
+step is padded to the next of a few bucket sizes, and a shape (bucket, shared levels) is captured once it
+has come up ``CAPTURE_AFTER`` times (capturing costs a few eager steps, so shapes seen once or twice — the
+end of a run — stay eager). A replay is one launch instead of the hundreds of the model's Python code.
+``BATCHRUN_CUDA_GRAPHS=0`` turns them off.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,6 +50,15 @@ def check_supported(model) -> None:
 
 
 LONG_STEP_LOG_S = 10.0  # a step running longer than this logs its progress, layer by layer, this often
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # decode batch sizes
+CAPTURE_AFTER = 2  # a decode shape is captured on its next use after this many
+
+
+@dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph
+    ints: torch.Tensor  # [2, tokens] int64: input ids, positions (the static input)
+    logits: torch.Tensor  # [tokens, vocab] fp32 (the static output)
 
 
 class Runner:
@@ -59,10 +76,16 @@ class Runner:
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         dtype = next(model.parameters()).dtype
-        shape = (cfg.num_hidden_layers, num_slots, kv_heads, head_dim)
+        shape = (cfg.num_hidden_layers, num_slots + 1, kv_heads, head_dim)  # + a spare slot (padding writes)
         k_pool = torch.empty(shape, dtype=dtype, device=loaded.device)  # only written slots are read
         v_pool = torch.empty(shape, dtype=dtype, device=loaded.device)
-        self.backend = attention.choose_backend(loaded.device, dtype)(k_pool, v_pool)
+        self.backend = attention.choose_backend(loaded.device, dtype)(k_pool, v_pool, heads)
+        self.use_graphs = (loaded.device.startswith("cuda") and self.backend.graphs
+                           and os.environ.get("BATCHRUN_CUDA_GRAPHS", "1") != "0")
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._seen: dict[tuple[int, int], int] = {}
+        self._graph_pool = None
+        self.graph_steps = 0
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
         self.device = loaded.device
@@ -88,6 +111,11 @@ class Runner:
         t = step.num_tokens
         self._step_started = self._last_log = time.monotonic()
         self._step_tokens = t
+        if self.use_graphs and len(step.seqs) <= GRAPH_BUCKETS[-1] and all(s.decode for s in step.seqs):
+            key = (next(b for b in GRAPH_BUCKETS if b >= t), max(len(s.levels) for s in step.seqs) - 1)
+            self._seen[key] = seen = self._seen.get(key, 0) + 1
+            if (key in self._graphs or seen > CAPTURE_AFTER) and self.backend.prepare_graph(step, *key):
+                return self._replay(step, key)
         # One host-to-device copy for the packed row's ids and positions and the sampled positions.
         ints = torch.tensor(step.token_ids + step.positions + step.sample_index, dtype=torch.long)
         ints = ints.to(self.device, non_blocking=True)
@@ -98,3 +126,41 @@ class Runner:
         if not step.sample_index:
             return hidden.new_empty(0, self.head.weight.shape[0])
         return self.head(hidden[0, last]).float()
+
+    def _replay(self, step: Step, key: tuple[int, int]) -> torch.Tensor:
+        tokens, t = key[0], step.num_tokens
+        ints = torch.tensor([step.token_ids + [0] * (tokens - t), step.positions + [0] * (tokens - t)])
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = self._capture(ints.to(self.device))
+        else:
+            g.ints.copy_(ints, non_blocking=True)
+        g.graph.replay()
+        self.graph_steps += 1
+        return g.logits[:t]
+
+    def _capture(self, ints: torch.Tensor) -> _Graph:
+        """Capture the decode forward pass over the static ``ints`` (the backend's static metadata is laid
+        out already). The first capture is preceded by an eager run on a side stream (lazy initialisation)."""
+        ids, pos = ints[0], ints[1]
+
+        def run() -> torch.Tensor:
+            with attention.use_backend(self.backend):
+                hidden = self.decoder(input_ids=ids[None], position_ids=pos[None], use_cache=False).last_hidden_state
+            return self.head(hidden[0]).float()
+
+        interrupt, self.interrupt = self.interrupt, None  # (nothing may stop a capture half-way)
+        try:
+            if self._graph_pool is None:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    run()
+                torch.cuda.current_stream().wait_stream(side)
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                logits = run()
+        finally:
+            self.interrupt = interrupt
+        return _Graph(graph, ints, logits)

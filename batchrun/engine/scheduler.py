@@ -66,6 +66,10 @@ class Scheduler:
         self._running: dict[int, None] = {}  # rows holding KV, in admission order
         self._admitted = 0
         self._works: list[SeqWork] = []
+        # Per step: the running rows' KV projection (kept up to date as rows start) and the KV level of each
+        # shared prefix (kept until the prefix grows): both are read for every admission and every row.
+        self._proj: tuple[list[int], list[int]] | None = None
+        self._prefix_levels: dict[int, KVLevel] = {}
         self._failed: list[tuple[int, str]] = []
         self.preemptions = 0
         self.steps = 0
@@ -109,6 +113,8 @@ class Scheduler:
         """The next step (empty when nothing can run: the job is finished, or only errors were left)."""
         self.steps += 1
         self._works = []
+        self._proj = None
+        self._prefix_levels = {}
         for i in list(self._running):
             r = self.rows[i]
             if r.running and r.generated and RowKey(i) not in self._computing:
@@ -218,7 +224,7 @@ class Scheduler:
         """The outermost shared prefix of ``chain`` whose KV is not held (evicted), if any."""
         return next((p for p in chain if not self.kv.holds(p)), None)
 
-    def _evict_idle(self, keep: set[int]) -> bool:
+    def _evict_idle(self, keep: Iterable[int]) -> bool:
         """Evict shared prefixes that no running row, no prefix being computed, no work of this step and
         nothing in ``keep`` uses; True if any was freed."""
         in_use = set(keep)
@@ -230,11 +236,14 @@ class Scheduler:
         return self.kv.evict(in_use)
 
     def _projection(self) -> tuple[list[int], list[int]]:
-        """Each running row's KV now (whole blocks) and its estimated growth."""
-        bs, est = self.kv.block_size, self.estimator
-        rows = [self.rows[i] for i in self._running]
-        return ([round_up(r.own_tokens, bs) for r in rows],
-                [est.remaining(r.req.max_tokens, len(r.generated)) for r in rows])
+        """Each running row's KV now (whole blocks) and its estimated growth (computed once per step, then
+        kept up to date as rows start; a dropped row resets it)."""
+        if self._proj is None:
+            bs, est = self.kv.block_size, self.estimator
+            rows = [self.rows[i] for i in self._running]
+            self._proj = ([round_up(r.own_tokens, bs) for r in rows],
+                          [est.remaining(r.req.max_tokens, len(r.generated)) for r in rows])
+        return self._proj
 
     def _fits_row(self, r: RowState) -> bool:
         cur, rem = self._projection()
@@ -247,6 +256,9 @@ class Scheduler:
 
     def _start_row(self, i: int, tokens: list[int]) -> RowKey:
         r = self.rows[i]
+        if self._proj is not None:
+            self._proj[0].append(round_up(r.own_tokens, self.kv.block_size))
+            self._proj[1].append(self.estimator.remaining(r.req.max_tokens, len(r.generated)))
         r.started = r.running = True
         r.order = self._admitted
         self._admitted += 1
@@ -259,6 +271,7 @@ class Scheduler:
         start, end = self._start[p], self._end[p]
         rep = self.rows[self.plan.trie.rep_row(int(self.plan.prefixes.node[p]))]
         self._started_prefixes.add(p)
+        self._prefix_levels.pop(p, None)
         self.kv.share(p)
         key = PrefixKey(p)
         self._computing[key] = Pending(list(rep.req.prompt_ids[start:end]), start)
@@ -280,7 +293,8 @@ class Scheduler:
             if seg is None:  # every member failed or finished meanwhile: nothing needs it any more
                 return 0
             chain = self._ancestry(p)
-            slots = self._reserve(seg, n, protect=None, keep=set(chain))
+            slots = self._reserve(seg, n, protect=None, keep=chain)
+            self._prefix_levels.pop(p, None)
             if slots is None:  # the prefix cannot fit even alone: its members fail as they come
                 self.kv.fail(p)
                 self._computing.pop(key, None)
@@ -289,7 +303,7 @@ class Scheduler:
             self._works.append(SeqWork(key, tokens, pos, levels, slots, False))
         else:
             r = self.rows[key.row]
-            slots = self._reserve(r.own, n, protect=key.row, keep=set(r.chain))
+            slots = self._reserve(r.own, n, protect=key.row, keep=r.chain)
             if slots is None:
                 self._outgrown(key.row)
                 return n
@@ -297,15 +311,18 @@ class Scheduler:
         return n
 
     def _level(self, p: int) -> KVLevel:
-        seg = self.kv.segment(p)
-        return KVLevel(PrefixKey(p), seg.blocks, seg.length)
+        level = self._prefix_levels.get(p)
+        if level is None:
+            seg = self.kv.segment(p)
+            level = self._prefix_levels[p] = KVLevel(PrefixKey(p), seg.blocks, seg.length)
+        return level
 
     def _levels(self, key: RowKey, r: RowState) -> list[KVLevel]:
         # A snapshot by length: a later chunk of the same row may grow its segment within this step.
         return [self._level(p) for p in r.chain] + [KVLevel(key, r.own.blocks, r.own.length)]
 
     def _decode(self, i: int, r: RowState) -> None:
-        slots = self._reserve(r.own, 1, protect=i, keep=set(r.chain))
+        slots = self._reserve(r.own, 1, protect=i, keep=r.chain)
         if slots is None:
             self._outgrown(i)
             return
@@ -313,7 +330,7 @@ class Scheduler:
         key = RowKey(i)
         self._works.append(SeqWork(key, [r.generated[-1]], pos, self._levels(key, r), slots, True, decode=True))
 
-    def _reserve(self, seg: Segment, n: int, protect: int | None, keep: set[int]) -> list[int] | None:
+    def _reserve(self, seg: Segment, n: int, protect: int | None, keep: Iterable[int]) -> list[int] | None:
         """Slots for ``n`` more tokens of ``seg``. If the pool is dry: preempt another row, else evict shared
         prefixes nobody running needs (not ``keep``). None if even that cannot make room."""
         while True:
@@ -329,6 +346,7 @@ class Scheduler:
         key = RowKey(i)
         self._works[:] = [w for w in self._works if w.key != key]
         self._computing.pop(key, None)
+        self._proj = None
         self.kv.release_row(r.own)
         r.own, r.running = Segment(), False
         self._running.pop(i, None)

@@ -12,6 +12,8 @@ Estimates: a row's output length is unknown until it finishes. ``OutputEstimator
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from batchrun.plan.trie import Trie
@@ -88,7 +90,7 @@ class OutputEstimator:
 
     def remaining(self, max_tokens: int, generated: int) -> int:
         """Estimated output tokens a row with ``max_tokens`` still produces after ``generated``."""
-        return max(min(int(np.ceil(max_tokens * self._fraction)), max_tokens) - generated, 0)
+        return max(min(math.ceil(max_tokens * self._fraction), max_tokens) - generated, 0)
 
     def estimate(self, rows: np.ndarray | None = None) -> np.ndarray:
         mt = self.max_tokens if rows is None else self.max_tokens[rows]

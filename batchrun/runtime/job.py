@@ -75,7 +75,7 @@ def fingerprint(spec: JobSpec, files: list[str]) -> str:
     stats = [asdict(file_stat(f)) for f in files]
     output = {"columns": spec.output.columns, "results": [f"{f.name}:{f.type}" for f in sinks.RESULT_FIELDS]}
     blob = json.dumps({"spec": spec.results_hash(), "output": output, "files": stats,
-                       "model": _model_stats(spec.model.path)}, sort_keys=True)
+                       "model": _model_stats(spec.model.path or "")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -123,7 +123,7 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
             t = time.monotonic()
             resolved = loader.resolve(spec.model)
             tokenizer = loader.load_tokenizer(spec.model, resolved)
-            facts = loader.model_facts(spec.model, spec.engine, resolved,
+            facts = loader.model_facts(spec.model, spec.engine, resolved, tokenizer=tokenizer,
                                        count_weights=bool(spec.engine.kv_budget_tokens))
             load_s = time.monotonic() - t
             prepared = prepare(spec, tokenizer, facts.max_context, done)
@@ -138,7 +138,7 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
     source = prepared.source
     sink.set_schema(sinks.output_schema(source.table.schema, source.id_column, prepared.columns),
                     {"job": spec.name, "spec_hash": spec.spec_hash(), "results_hash": job_info["results_hash"],
-                     "model": spec.model.path, "batchrun_version": __version__},
+                     "model": spec.model.label, "batchrun_version": __version__},
                     source.table.select([source.id_column, *prepared.columns]))
     # 2. The first write (a signal only sets the flag from here on), then the weights, if any row needs them:
     # a job whose rows are all committed (a crash after the last part) is finalized without loading them.
@@ -154,7 +154,7 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
             pass  # stopped while loading: an incomplete manifest, exit 75
         timings["load_s"] += time.monotonic() - t
         if loaded is not None:
-            log.info("loaded %s on %s (%s)", spec.model.path, loaded.device, loaded.dtype)
+            log.info("loaded %s on %s (%s)", spec.model.label, loaded.device, loaded.dtype)
     model = _model_record(spec, resolved, loaded, state, job_info["results_hash"])
     run = Execution(stopped_by=stop.signal) if stop.requested else execute(
         spec, prepared, loaded, sink, progress, already_done=len(done), stop=stop)
@@ -167,11 +167,14 @@ def _model_record(spec: JobSpec, resolved: str, loaded: Any, state: OutputState,
                   results_hash: str) -> dict[str, Any]:
     """The manifest's ``model``: what was loaded; without weights loaded (no row needed them), the device and
     dtype an earlier run of this job recorded, else null."""
+    from batchrun.engine.loader import weights_id
+
     if loaded is not None:
         return {"path": spec.model.path, "resolved": loaded.resolved, "device": loaded.device, "dtype": loaded.dtype}
     earlier = state.manifest if state.manifest and state.manifest.get("results_hash") == results_hash else {}
     m = earlier.get("model") if isinstance(earlier.get("model"), dict) else {}
-    return {"path": spec.model.path, "resolved": resolved, "device": m.get("device"), "dtype": m.get("dtype")}
+    return {"path": spec.model.path, "resolved": weights_id(spec.model, resolved), "device": m.get("device"),
+            "dtype": m.get("dtype")}
 
 
 def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink, progress: Progress,

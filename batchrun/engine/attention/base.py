@@ -3,8 +3,8 @@
 A backend owns how a step's queries read the paged KV pool. ``prepare`` turns the step's plain description
 (``engine.step.Step``) into the device tensors it needs; ``forward`` writes the layer's new K/V into the
 pool at the step's slots and returns the attention output. Backends never decide what runs: the scheduler
-does. Graph capture and replay (CUDA graphs for decode steps) will be an optional part of this contract,
-added with the first backend that needs it.
+does. Optionally (``graphs = True``) a backend lays decode steps out in static buffers of fixed shapes
+(``prepare_graph``), so that the runner can capture the forward pass in a CUDA graph and replay it.
 """
 
 from __future__ import annotations
@@ -19,16 +19,23 @@ from batchrun.engine.step import Step
 
 class AttentionBackend(ABC):
     name: str = ""
+    graphs: bool = False  # can lay decode steps out for CUDA graphs (``prepare_graph``)
 
-    def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor):
-        self.k_pool = k_pool  # [layers, slots, kv_heads, head_dim]
+    def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int | None = None):
+        self.k_pool = k_pool  # [layers, slots, kv_heads, head_dim]; the last slot is spare (never handed out)
         self.v_pool = v_pool
+        self.heads = heads or k_pool.shape[2]  # query heads
         self.device = k_pool.device
         self.slots: torch.Tensor | None = None  # int64 [T]: where each new token's K/V go
 
     @abstractmethod
     def prepare(self, step: Step) -> None:
         """Build this step's device tensors (called once per step, before the forward pass)."""
+
+    def prepare_graph(self, step: Step, tokens: int, depth: int) -> bool:
+        """Lay a decode step out in the static buffers of the CUDA graph for ``tokens`` tokens (padded) under at
+        most ``depth`` shared levels; False if the backend cannot (the step then runs eagerly)."""
+        return False
 
     @abstractmethod
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,

@@ -1,17 +1,23 @@
 """The paged (cascade) backend: the KV pool is read in place, and each shared prefix once per step for all the
 sequences of the step under it (Hydragen / BatchLLM's horizontal fusion), at every level of the trie.
 
-``prepare`` turns the step into the items of ``paged_kernel``: one item per distinct shared-prefix level in the
-step (the queries of every sequence under it stacked, non-causal) and one per sequence for its own level
-(causal). One kernel launch per layer computes every item; a query that has several items (its prefixes,
-then its own tokens) gets its parts merged exactly by log-sum-exp. Needs Triton (the GPU machine has it);
-runs on the CPU only through Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
+``prepare`` turns the step into the items of ``paged_kernel``: one item per sequence for its own level
+(causal) and one per distinct shared-prefix level in the step (the queries of every sequence under it
+stacked, non-causal). Per layer, three launches: the new K/V into the pool, one attention launch for every
+item, and the merge — a query with several items (its prefixes, then its own tokens) gets its parts combined
+exactly by log-sum-exp. Needs Triton (the GPU machine has it); runs on the CPU only through Triton's
+interpreter (``TRITON_INTERPRET=1``), which the tests use.
+
+Decode steps can be captured in CUDA graphs (``prepare_graph``): the step's metadata then goes to static
+buffers of fixed shapes (padded: spare tiles name an empty item, spare tokens write their K/V to the pool's
+spare slot and are never read).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,124 +35,177 @@ def available() -> bool:
     return True
 
 
+@dataclass
+class _Layout:
+    """A step's kernel metadata as host arrays (int32), built once per step."""
+
+    tokens: int
+    depth: int  # most shared levels of any token
+    rows: np.ndarray  # [P] the token of each part row (own items first: part row t is token t)
+    items: np.ndarray  # [5, I] row0, nrows, table0, klen, causal
+    table: np.ndarray  # block ids of every item, concatenated
+    tiles: np.ndarray  # [2, tiles] item of each program, its first row in the item
+    parts: np.ndarray  # [tokens, depth] each token's shared-level part rows (-1: none)
+    slots: np.ndarray  # [tokens] pool slot of each new token's K/V
+
+
+class _Meta:
+    """Device views of one step's metadata (fresh per eager step, static per captured graph)."""
+
+    def __init__(self, flat: torch.Tensor, sizes: list[int], tokens: int, depth: int, tiles: int):
+        (self.rows, items, self.table, tile, self.parts, self.slots) = torch.split(flat, sizes)
+        self.item_row0, self.item_nrows, self.item_table0, self.item_klen, self.item_causal = items.view(5, -1)
+        self.tile_item, self.tile_row = tile.view(2, -1)
+        self.tokens, self.depth, self.num_tiles, self.num_parts = tokens, depth, tiles, sizes[0]
+
+
 class PagedBackend(AttentionBackend):
     name = "paged"
+    graphs = True
     BLOCK_N = 64  # keys per inner tile
-    # A tile's query rows (tokens x the heads of one KV head), for items of few rows (decode) and for items of
-    # many (prefill, a shared prefix under many sequences). Measured on the H200 (1b, fewshot / rag at 0.25):
-    # 16 and 16 gave 4.6 s / 8.2 s, 16 and 128 gave 12.7 s / 13.2 s. BATCHRUN_PAGED_WIDE_ROWS is for tuning.
-    NARROW_ROWS = 16
-    WIDE_ROWS = int(os.environ.get("BATCHRUN_PAGED_WIDE_ROWS", 16))
+    # A tile's query rows: tokens x the query heads of one KV head (16 rows of a matrix product). Measured on
+    # the H200 (1b, fewshot / rag at 0.25): 16-row tiles gave 4.6 s / 8.2 s, 128-row tiles 12.7 s / 13.2 s.
+    TILE_ROWS = 16
 
-    def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor):
-        super().__init__(k_pool, v_pool)
+    def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int | None = None):
+        super().__init__(k_pool, v_pool, heads)
         if k_pool.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeFailure("BATCHRUN_ATTENTION=paged needs a CUDA device (or TRITON_INTERPRET=1 to run "
                                  "its Triton kernel in the interpreter, for tests)")
+        self.group = self.heads // k_pool.shape[2]
+        self.block_m = max(self.TILE_ROWS // self.group, 1)  # tokens per tile
+        self.pad_slot = k_pool.shape[1] - 1  # the pool's spare slot (the allocator never hands it out)
+        self.block_size = 16  # (the step's: set by prepare)
+        self._static: dict[tuple[int, int], tuple[list[int], torch.Tensor, torch.Tensor, _Meta]] = {}
+        self.meta: _Meta | None = None
+
+    # -- describing a step ---------------------------------------------------------------------------------
+
+    def _layout(self, step: Step) -> _Layout:
+        bs, qs = step.block_size, step.query_start
+        self.block_size = bs
+        tokens = qs[-1]
+        n = len(step.seqs)
+        row0, nrows = qs[:-1], [qs[i + 1] - qs[i] for i in range(n)]
+        table0, klen, table = [], [], []
+        shared: dict[tuple, list] = {}  # (owner, length) -> [level, its depth, sequences under it...]
+        depth = 0
+        for i, seq in enumerate(step.seqs):
+            own = seq.levels[-1]
+            table0.append(len(table))
+            table.extend(own.blocks[: -(-own.length // bs)])
+            klen.append(own.length)
+            if len(seq.levels) > 1:
+                depth = max(depth, len(seq.levels) - 1)
+                for j, level in enumerate(seq.levels[:-1]):
+                    group = shared.get((level.owner, level.length))
+                    if group is None:
+                        shared[(level.owner, level.length)] = [level, j, i]
+                    else:
+                        group.append(i)
+        causal = [1] * n
+        rows = list(range(tokens))  # own items first: one part row per token, in token order
+        parts = np.full((tokens, depth), -1, dtype=np.int32)
+        for level, j, *seq_ids in shared.values():
+            first = len(rows)
+            for i in seq_ids:
+                rows.extend(range(qs[i], qs[i + 1]))
+            row0.append(first)
+            nrows.append(len(rows) - first)
+            table0.append(len(table))
+            table.extend(level.blocks[: -(-level.length // bs)])
+            klen.append(level.length)
+            causal.append(0)
+            parts[rows[first:], j] = np.arange(first, len(rows), dtype=np.int32)
+        counts = -(-np.asarray(nrows, dtype=np.int64) // self.block_m)
+        tile_item = np.repeat(np.arange(len(nrows), dtype=np.int64), counts)
+        tile_row = (np.arange(len(tile_item)) - np.repeat(np.cumsum(counts) - counts, counts)) * self.block_m
+        return _Layout(tokens, depth, np.asarray(rows, dtype=np.int32),
+                       np.asarray([row0, nrows, table0, klen, causal], dtype=np.int32),
+                       np.asarray(table, dtype=np.int32), np.stack([tile_item, tile_row]).astype(np.int32),
+                       parts, np.asarray(step.slot_mapping, dtype=np.int32))
 
     def prepare(self, step: Step) -> None:
-        bs = step.block_size
-        qs = step.query_start
-        shared: dict[tuple, list[int]] = {}  # (level owner, length) -> sequences under it
-        shared_level = {}
-        own = []
-        for i, seq in enumerate(step.seqs):
-            for level in seq.levels[:-1]:
-                key = (level.owner, level.length)
-                shared.setdefault(key, []).append(i)
-                shared_level[key] = level
-            own.append(seq.levels[-1])
-        rows, item_row0, item_nrows, item_table0, item_klen, item_causal, table = [], [], [], [], [], [], []
-        n_rows = n_table = 0
+        lay = self._layout(step)
+        arrays = [lay.rows, lay.items.reshape(-1), lay.table, lay.tiles.reshape(-1), lay.parts.reshape(-1),
+                  lay.slots]
+        flat = torch.from_numpy(np.concatenate(arrays)).to(self.device, non_blocking=True)
+        self.meta = _Meta(flat, [len(a) for a in arrays], lay.tokens, lay.depth, lay.tiles.shape[1])
 
-        def add(seq_ids: list[int], level, causal: int) -> None:
-            nonlocal n_rows, n_table
-            item_rows = [np.arange(qs[i], qs[i + 1], dtype=np.int32) for i in seq_ids]
-            count = sum(len(r) for r in item_rows)
-            blocks = level.blocks[: -(-level.length // bs)]
-            rows.extend(item_rows)
-            item_row0.append(n_rows)
-            item_nrows.append(count)
-            item_table0.append(n_table)
-            item_klen.append(level.length)
-            item_causal.append(causal)
-            table.append(np.asarray(blocks, dtype=np.int32))
-            n_rows += count
-            n_table += len(blocks)
+    # -- CUDA graphs (decode steps) ------------------------------------------------------------------------
 
-        for i, level in enumerate(own):  # first: then part row = token for the own items
-            add([i], level, 1)
-        for key, seq_ids in shared.items():
-            add(seq_ids, shared_level[key], 0)
-        self.merge = bool(shared)
-        self.num_parts = n_rows
-        nrows = np.asarray(item_nrows, dtype=np.int64)
-        self._item_nrows = nrows
-        ints = [np.concatenate(rows), np.asarray(item_row0, np.int32), nrows.astype(np.int32),
-                np.asarray(item_table0, np.int32), np.asarray(item_klen, np.int32), np.asarray(item_causal, np.int32),
-                np.concatenate(table) if table else np.zeros(0, np.int32),
-                np.asarray(step.slot_mapping, dtype=np.int32)]
-        sizes = [len(a) for a in ints]
-        flat = torch.from_numpy(np.concatenate(ints).astype(np.int32)).to(self.device, non_blocking=True)
-        parts = torch.split(flat, sizes)
-        (self.rows, self.item_row0, self.item_nrows, self.item_table0, self.item_klen, self.item_causal,
-         self.table, slots) = parts
-        self.slots = slots.long()
-        self.rows_long = self.rows.long() if self.merge else None  # (for the merge, once per step)
-        self.block_size = bs
-        self._tiles: dict[int, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    def graph_capacity(self, tokens: int, depth: int) -> tuple[int, int, int, int]:
+        """Fixed shapes of a graph for ``tokens`` decode tokens under at most ``depth`` shared levels: part
+        rows, items (the last one empty, for spare tiles), table entries (every pool block at most once),
+        tiles."""
+        parts = tokens * (1 + depth)
+        tiles = tokens + depth * (tokens // self.block_m + 64)
+        return parts, parts + 1, self.k_pool.shape[1] // self.block_size + 1, tiles
 
-    def _tiles_for(self, group: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Per launch: (tokens per tile, item of each program, its first row in the item). Items of few rows
-        get narrow tiles, the others wide ones (cached per step: every layer has the same heads)."""
-        if group not in self._tiles:
-            narrow, wide = max(self.NARROW_ROWS // group, 1), max(self.WIDE_ROWS // group, 1)
-            is_wide = self._item_nrows > (narrow if wide > narrow else np.iinfo(np.int64).max)
-            launches = []
-            for block_m, chosen in ((narrow, ~is_wide), (wide, is_wide)):
-                items = np.nonzero(chosen)[0].astype(np.int32)
-                if not len(items):
-                    continue
-                counts = -(-self._item_nrows[items] // block_m)
-                item = np.repeat(items, counts)
-                first = (np.arange(len(item)) - np.repeat(np.cumsum(counts) - counts, counts)) * block_m
-                t = torch.from_numpy(np.stack([item, first.astype(np.int32)])).to(self.device, non_blocking=True)
-                launches.append((block_m, t[0], t[1]))
-            self._tiles[group] = launches
-        return self._tiles[group]
+    def prepare_graph(self, step: Step, tokens: int, depth: int) -> bool:
+        """Lay a decode step out in the static buffers of the graph for (``tokens``, ``depth``); False if it
+        does not fit them (then it runs eagerly)."""
+        lay = self._layout(step)
+        cap_parts, cap_items, cap_table, cap_tiles = self.graph_capacity(tokens, depth)
+        if (lay.tokens > tokens or lay.depth > depth or len(lay.rows) > cap_parts
+                or lay.items.shape[1] > cap_items - 1 or len(lay.table) > cap_table
+                or lay.tiles.shape[1] > cap_tiles):
+            return False
+        key = (tokens, depth)
+        if key not in self._static:
+            sizes = [cap_parts, 5 * cap_items, cap_table, 2 * cap_tiles, tokens * depth, tokens]
+            host = torch.zeros(sum(sizes), dtype=torch.int32, pin_memory=self.device.type == "cuda")
+            flat = torch.zeros(sum(sizes), dtype=torch.int32, device=self.device)
+            self._static[key] = (sizes, host, flat, _Meta(flat, sizes, tokens, depth, cap_tiles))
+        sizes, host, flat, meta = self._static[key]
+        h = _Meta(host, sizes, tokens, depth, cap_tiles)
+        p, i, t = len(lay.rows), lay.items.shape[1], lay.tiles.shape[1]
+        empty = len(h.item_row0) - 1
+        h.rows[:p] = torch.from_numpy(lay.rows)
+        for dst, src in zip((h.item_row0, h.item_nrows, h.item_table0, h.item_klen, h.item_causal), lay.items):
+            dst[:i] = torch.from_numpy(src)
+            dst[i:] = 0  # spare items (the last one is where spare tiles point): no rows, no keys
+        h.table[: len(lay.table)] = torch.from_numpy(lay.table)
+        h.tile_item[:t], h.tile_row[:t] = torch.from_numpy(lay.tiles[0]), torch.from_numpy(lay.tiles[1])
+        h.tile_item[t:], h.tile_row[t:] = empty, 0
+        parts = h.parts.view(tokens, depth) if depth else None
+        if parts is not None:
+            parts.fill_(-1)
+            parts[: lay.tokens, : lay.depth] = torch.from_numpy(lay.parts)
+        h.slots[: lay.tokens] = torch.from_numpy(lay.slots)
+        h.slots[lay.tokens :] = self.pad_slot
+        flat.copy_(host, non_blocking=True)
+        self.meta = meta
+        return True
+
+    # -- the forward pass ----------------------------------------------------------------------------------
 
     def forward(self, query, key, value, layer, scaling):
-        from batchrun.engine.attention.paged_kernel import paged_attention_kernel
+        from batchrun.engine.attention.paged_kernel import merge_kernel, paged_attention_kernel, store_kv_kernel
 
-        k_pool, v_pool = self.write_kv(key, value, layer)
+        m = self.meta
         heads, kv_heads, dim = query.shape[1], key.shape[1], query.shape[3]
-        group = heads // kv_heads
+        k_pool, v_pool = self.k_pool[layer], self.v_pool[layer]
+        interpret = os.environ.get("TRITON_INTERPRET") == "1"
+        k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, KVH, D], views
+        store_kv_kernel[(m.tokens,)](k, v, k_pool, v_pool, m.slots, k.stride(0), k.stride(1), v.stride(0),
+                                     v.stride(1), k_pool.stride(0), k_pool.stride(1), KVH=kv_heads,
+                                     BLOCK_H=triton_pow2(kv_heads), D=dim)
         q = query[0].transpose(0, 1)  # [T, H, D], a view
-        out = torch.empty(self.num_parts, heads, dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(self.num_parts, heads, dtype=torch.float32, device=q.device)
-        for block_m, tile_item, tile_row in self._tiles_for(group):
-            paged_attention_kernel[(len(tile_item), kv_heads)](
-                q, k_pool, v_pool, out, lse, self.rows, self.item_row0, self.item_nrows, self.item_table0,
-                self.item_klen, self.item_causal, self.table, tile_item, tile_row,
-                scaling if scaling is not None else 1.0 / math.sqrt(dim),
-                q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
-                lse.stride(0),
-                G=group, D=dim, BLOCK_M=block_m, BLOCK_N=self.BLOCK_N, PAGE=self.block_size,
-                IEEE=k_pool.dtype == torch.float32, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
-                num_warps=4 if block_m * group <= 64 else 8)
-        t = q.shape[0]
-        # (Own items come first, one part row per token in token order: alone, they are the output.)
-        out = merge_parts(out, lse, self.rows_long, t) if self.merge else out[:t]
-        return out.to(query.dtype).unsqueeze(0)
+        out = torch.empty(m.num_parts, heads, dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(m.num_parts, heads, dtype=torch.float32, device=q.device)
+        paged_attention_kernel[(m.num_tiles, kv_heads)](
+            q, k_pool, v_pool, out, lse, m.rows, m.item_row0, m.item_nrows, m.item_table0, m.item_klen,
+            m.item_causal, m.table, m.tile_item, m.tile_row, scaling if scaling is not None else 1.0 / math.sqrt(dim),
+            q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
+            lse.stride(0), G=self.group, D=dim, BLOCK_M=self.block_m, BLOCK_N=self.BLOCK_N, PAGE=self.block_size,
+            IEEE=k_pool.dtype == torch.float32, INTERPRET=interpret, num_warps=4)
+        final = torch.empty(m.tokens, heads, dim, dtype=query.dtype, device=q.device)
+        merge_kernel[(m.tokens,)](out, lse, m.parts, final, out.stride(0), out.stride(1), lse.stride(0),
+                                  final.stride(0), final.stride(1), H=heads, BLOCK_H=triton_pow2(heads), D=dim,
+                                  L=m.depth)
+        return final.unsqueeze(0)
 
 
-def merge_parts(out: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Combine partial attention outputs of the same query token exactly: softmax over all parts' keys is the
-    parts' outputs weighted by exp(lse - max lse). out [P, H, D], lse [P, H], rows [P] -> [tokens, H, D]."""
-    heads = lse.shape[1]
-    top = torch.full((tokens, heads), float("-inf"), device=lse.device).scatter_reduce(
-        0, rows[:, None].expand(-1, heads), lse, "amax")
-    w = torch.exp(lse - top[rows])
-    num = torch.zeros(tokens, heads, out.shape[2], device=out.device).index_add_(0, rows, out * w[..., None])
-    den = torch.zeros(tokens, heads, device=out.device).index_add_(0, rows, w)
-    return num / den[..., None]
+def triton_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()

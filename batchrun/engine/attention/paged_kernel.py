@@ -99,3 +99,53 @@ def paged_attention_kernel(
     out = acc / l_i[:, None]
     tl.store(OUT + part[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out, mask=row_ok[:, None])
     tl.store(LSE + part * stride_lp + head, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def store_kv_kernel(KEY, VALUE, K, V, SLOTS, stride_kt, stride_kh, stride_vt, stride_vh, stride_pt, stride_ph,
+                    KVH: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr):
+    """Write one new token's K and V (every KV head) to its pool slot: KEY, VALUE [T, KVH, D] (any strides)."""
+    t = tl.program_id(0)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, D)
+    ok = (h < KVH)[:, None]
+    slot = tl.load(SLOTS + t).to(tl.int64)
+    k = tl.load(KEY + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=ok)
+    v = tl.load(VALUE + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=ok)
+    dst = slot * stride_pt + h[:, None] * stride_ph + d[None, :]
+    tl.store(K + dst, k.to(K.dtype.element_ty), mask=ok)
+    tl.store(V + dst, v.to(V.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def merge_kernel(OUT, LSE, PARTS, FINAL, stride_ot, stride_oh, stride_lp, stride_ft, stride_fh,
+                 H: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, L: tl.constexpr):
+    """One token's attention output from its parts, exactly: its own part (part row = the token) and up to
+    ``L`` shared-prefix parts (PARTS [T, L], -1 where none), weighted by exp(lse - max lse); cast to FINAL's
+    dtype. With ``L == 0`` it only casts."""
+    t = tl.program_id(0)
+    h = tl.arange(0, BLOCK_H)
+    d = tl.arange(0, D)
+    hm = h < H
+    own = tl.load(LSE + t * stride_lp + h, mask=hm, other=0.0)
+    top = own
+    for j in tl.static_range(L):
+        p = tl.load(PARTS + t * L + j)
+        lse = tl.load(LSE + tl.maximum(p, 0) * stride_lp + h, mask=hm & (p >= 0), other=float("-inf"))
+        top = tl.maximum(top, lse)
+    w = tl.exp(own - top)
+    den = w
+    acc = tl.load(OUT + t * stride_ot + h[:, None] * stride_oh + d[None, :], mask=hm[:, None], other=0.0)
+    acc = acc * w[:, None]
+    for j in tl.static_range(L):
+        p = tl.load(PARTS + t * L + j)
+        ok = hm & (p >= 0)
+        q = tl.maximum(p, 0)
+        lse = tl.load(LSE + q * stride_lp + h, mask=ok, other=float("-inf"))
+        wj = tl.where(ok, tl.exp(lse - top), 0.0)
+        den += wj
+        part = tl.load(OUT + q * stride_ot + h[:, None] * stride_oh + d[None, :], mask=ok[:, None], other=0.0)
+        acc += part * wj[:, None]
+    out = acc / den[:, None]
+    tl.store(FINAL + t * stride_ft + h[:, None] * stride_fh + d[None, :], out.to(FINAL.dtype.element_ty),
+             mask=hm[:, None])
