@@ -89,7 +89,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan) -> float:
+def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan) -> tuple[float, dict]:
     params = SamplingParams(ignore_eos=True)
     if system == "hf_padded":
         engine = ReferenceEngine(loaded, params, batch_size=64)
@@ -109,7 +109,10 @@ def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan) 
     n = sum(len(batch) for batch in it)
     _sync()
     assert n == len(requests)
-    return time.perf_counter() - t
+    wall = time.perf_counter() - t
+    if system == "hf_padded":
+        return wall, {}
+    return wall, {"steps": engine.stats["steps"], "graph_steps": engine.runner.graph_steps}
 
 
 def main() -> None:
@@ -148,7 +151,7 @@ def main() -> None:
     for system in args.systems.split(","):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        wall = run_system(system, loaded, requests, plan)
+        wall, extra = run_system(system, loaded, requests, plan)
         row = {"bench": "gpu", "model": args.model, "workload": args.workload, "scale": args.scale, "system": system,
                "rows": len(requests), "prompt_tokens": w.tokens.num_tokens, "unique_tokens": unique,
                "output_tokens": output, "wall_s": round(wall, 3),
@@ -161,7 +164,7 @@ def main() -> None:
                "attention": attention.choose_backend(device, torch.bfloat16).name if system == "batchrun" else None,
                "torch": torch.__version__, "transformers": __import__("transformers").__version__,
                "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "commit": commit,
-               "date": time.strftime("%Y-%m-%d")}
+               "date": time.strftime("%Y-%m-%d"), **extra}
         record(row, args.out)
 
 

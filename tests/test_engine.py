@@ -281,7 +281,7 @@ def _top2_margin(loaded, prompt: list[int], generated: list[int]) -> tuple[float
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("backend", ["varlen", "paged"])
+@pytest.mark.parametrize("backend", ["varlen", "paged", "paged+graphs"])
 def test_gpu_backends_match_the_torch_path(tmp_path, tokenizer_dir, monkeypatch, dtype, backend):
     """On the GPU in half precision the engine uses a fast backend (flash varlen, or the paged Triton kernel);
     it must pick the same tokens as the plain-torch path, tie-aware (../shared/DESIGN.md): rows may part only
@@ -289,10 +289,16 @@ def test_gpu_backends_match_the_torch_path(tmp_path, tokenizer_dir, monkeypatch,
     path = make_tiny_model(tmp_path / "llama", "llama", tokenizer_dir, seed=3)
     loaded = load(ModelSpec(path=path, dtype=dtype), EngineSpec(device="cuda"))
     reqs = _requests(loaded.tokenizer)
+    backend, graphs = backend.removesuffix("+graphs"), backend.endswith("+graphs")
     monkeypatch.setenv("BATCHRUN_ATTENTION", backend)
+    monkeypatch.setenv("BATCHRUN_CUDA_GRAPHS", "1" if graphs else "0")
+    from batchrun.engine import runner
+
+    monkeypatch.setattr(runner, "CAPTURE_AFTER", 0)  # decode steps replay from graphs from their first use
     fast = BatchEngine(loaded, SamplingParams(), 100_000, 16, 64)
     assert fast.runner.backend.name == backend
     got = _run(fast, reqs, _plan(reqs, 64, 16))
+    assert (fast.runner.graph_steps > 0) == graphs
     monkeypatch.setenv("BATCHRUN_ATTENTION", "torch")
     plain = BatchEngine(loaded, SamplingParams(), 100_000, 16, 64)
     assert plain.runner.backend.name == "torch"

@@ -150,17 +150,25 @@ class Runner:
             return self.head(hidden[0]).float()
 
         interrupt, self.interrupt = self.interrupt, None  # (nothing may stop a capture half-way)
+        main = torch.cuda.current_stream()
         try:
             if self._graph_pool is None:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
+                self._capture_stream = torch.cuda.Stream()
+                self._capture_stream.wait_stream(main)
+                with torch.cuda.stream(self._capture_stream):
                     run()
-                torch.cuda.current_stream().wait_stream(side)
                 self._graph_pool = torch.cuda.graph_pool_handle()
+            # (Not ``torch.cuda.graph``: it empties the allocator's cache at every capture, and the next
+            # prefill step would then wait on fresh device allocations.)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                logits = run()
+            self._capture_stream.wait_stream(main)
+            with torch.cuda.stream(self._capture_stream):
+                graph.capture_begin(pool=self._graph_pool)
+                try:
+                    logits = run()
+                finally:
+                    graph.capture_end()
+            main.wait_stream(self._capture_stream)
         finally:
             self.interrupt = interrupt
         return _Graph(graph, ints, logits)

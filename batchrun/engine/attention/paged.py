@@ -44,7 +44,8 @@ class _Layout:
     rows: np.ndarray  # [P] the token of each part row (own items first: part row t is token t)
     items: np.ndarray  # [5, I] row0, nrows, table0, klen, causal
     table: np.ndarray  # block ids of every item, concatenated
-    tiles: np.ndarray  # [2, tiles] item of each program, its first row in the item
+    tiles: np.ndarray  # [2, tiles] item of each program, its first row in the item (narrow tiles)
+    wide: np.ndarray  # [2, tiles] the same for wide tiles (shared levels under many rows)
     parts: np.ndarray  # [tokens, depth] each token's shared-level part rows (-1: none)
     slots: np.ndarray  # [tokens] pool slot of each new token's K/V
 
@@ -52,11 +53,12 @@ class _Layout:
 class _Meta:
     """Device views of one step's metadata (fresh per eager step, static per captured graph)."""
 
-    def __init__(self, flat: torch.Tensor, sizes: list[int], tokens: int, depth: int, tiles: int):
-        (self.rows, items, self.table, tile, self.parts, self.slots) = torch.split(flat, sizes)
+    def __init__(self, flat: torch.Tensor, sizes: list[int], tokens: int, depth: int):
+        (self.rows, items, self.table, tile, wide, self.parts, self.slots) = torch.split(flat, sizes)
         self.item_row0, self.item_nrows, self.item_table0, self.item_klen, self.item_causal = items.view(5, -1)
         self.tile_item, self.tile_row = tile.view(2, -1)
-        self.tokens, self.depth, self.num_tiles, self.num_parts = tokens, depth, tiles, sizes[0]
+        self.wide_item, self.wide_row = wide.view(2, -1)
+        self.tokens, self.depth, self.num_parts = tokens, depth, sizes[0]
 
 
 class PagedBackend(AttentionBackend):
@@ -65,7 +67,9 @@ class PagedBackend(AttentionBackend):
     BLOCK_N = 64  # keys per inner tile
     # A tile's query rows: tokens x the query heads of one KV head (16 rows of a matrix product). Measured on
     # the H200 (1b, fewshot / rag at 0.25): 16-row tiles gave 4.6 s / 8.2 s, 128-row tiles 12.7 s / 13.2 s.
+    # Shared levels under many rows take wide tiles (their keys are read once per this many rows).
     TILE_ROWS = 16
+    WIDE_ROWS = int(os.environ.get("BATCHRUN_PAGED_WIDE_ROWS", 16))
 
     def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int | None = None):
         super().__init__(k_pool, v_pool, heads)
@@ -74,6 +78,7 @@ class PagedBackend(AttentionBackend):
                                  "its Triton kernel in the interpreter, for tests)")
         self.group = self.heads // k_pool.shape[2]
         self.block_m = max(self.TILE_ROWS // self.group, 1)  # tokens per tile
+        self.wide_m = max(self.WIDE_ROWS // self.group, self.block_m)
         self.pad_slot = k_pool.shape[1] - 1  # the pool's spare slot (the allocator never hands it out)
         self.block_size = 16  # (the step's: set by prepare)
         self._static: dict[tuple[int, int], tuple[list[int], torch.Tensor, torch.Tensor, _Meta]] = {}
@@ -117,49 +122,49 @@ class PagedBackend(AttentionBackend):
             klen.append(level.length)
             causal.append(0)
             parts[rows[first:], j] = np.arange(first, len(rows), dtype=np.int32)
-        counts = -(-np.asarray(nrows, dtype=np.int64) // self.block_m)
-        tile_item = np.repeat(np.arange(len(nrows), dtype=np.int64), counts)
-        tile_row = (np.arange(len(tile_item)) - np.repeat(np.cumsum(counts) - counts, counts)) * self.block_m
-        return _Layout(tokens, depth, np.asarray(rows, dtype=np.int32),
-                       np.asarray([row0, nrows, table0, klen, causal], dtype=np.int32),
-                       np.asarray(table, dtype=np.int32), np.stack([tile_item, tile_row]).astype(np.int32),
-                       parts, np.asarray(step.slot_mapping, dtype=np.int32))
+        items = np.asarray([row0, nrows, table0, klen, causal], dtype=np.int32)
+        wide = (items[4] == 0) & (items[1] >= self.wide_m) if self.wide_m > self.block_m else np.zeros(0, bool)
+        return _Layout(tokens, depth, np.asarray(rows, dtype=np.int32), items, np.asarray(table, dtype=np.int32),
+                       _tiles(items[1], np.nonzero(~wide)[0] if len(wide) else None, self.block_m),
+                       _tiles(items[1], np.nonzero(wide)[0], self.wide_m), parts,
+                       np.asarray(step.slot_mapping, dtype=np.int32))
 
     def prepare(self, step: Step) -> None:
         lay = self._layout(step)
-        arrays = [lay.rows, lay.items.reshape(-1), lay.table, lay.tiles.reshape(-1), lay.parts.reshape(-1),
-                  lay.slots]
+        arrays = [lay.rows, lay.items.reshape(-1), lay.table, lay.tiles.reshape(-1), lay.wide.reshape(-1),
+                  lay.parts.reshape(-1), lay.slots]
         flat = torch.from_numpy(np.concatenate(arrays)).to(self.device, non_blocking=True)
-        self.meta = _Meta(flat, [len(a) for a in arrays], lay.tokens, lay.depth, lay.tiles.shape[1])
+        self.meta = _Meta(flat, [len(a) for a in arrays], lay.tokens, lay.depth)
 
     # -- CUDA graphs (decode steps) ------------------------------------------------------------------------
 
-    def graph_capacity(self, tokens: int, depth: int) -> tuple[int, int, int, int]:
+    def graph_capacity(self, tokens: int, depth: int) -> tuple[int, int, int, int, int]:
         """Fixed shapes of a graph for ``tokens`` decode tokens under at most ``depth`` shared levels: part
         rows, items (the last one empty, for spare tiles), table entries (every pool block at most once),
-        tiles."""
+        narrow tiles, wide tiles."""
         parts = tokens * (1 + depth)
         tiles = tokens + depth * (tokens // self.block_m + 64)
-        return parts, parts + 1, self.k_pool.shape[1] // self.block_size + 1, tiles
+        wide = depth * (tokens // self.wide_m + 16) if self.wide_m > self.block_m else 0
+        return parts, parts + 1, self.k_pool.shape[1] // self.block_size + 1, tiles, wide
 
     def prepare_graph(self, step: Step, tokens: int, depth: int) -> bool:
         """Lay a decode step out in the static buffers of the graph for (``tokens``, ``depth``); False if it
         does not fit them (then it runs eagerly)."""
         lay = self._layout(step)
-        cap_parts, cap_items, cap_table, cap_tiles = self.graph_capacity(tokens, depth)
+        cap_parts, cap_items, cap_table, cap_tiles, cap_wide = self.graph_capacity(tokens, depth)
         if (lay.tokens > tokens or lay.depth > depth or len(lay.rows) > cap_parts
                 or lay.items.shape[1] > cap_items - 1 or len(lay.table) > cap_table
-                or lay.tiles.shape[1] > cap_tiles):
+                or lay.tiles.shape[1] > cap_tiles or lay.wide.shape[1] > cap_wide):
             return False
         key = (tokens, depth)
         if key not in self._static:
-            sizes = [cap_parts, 5 * cap_items, cap_table, 2 * cap_tiles, tokens * depth, tokens]
+            sizes = [cap_parts, 5 * cap_items, cap_table, 2 * cap_tiles, 2 * cap_wide, tokens * depth, tokens]
             host = torch.zeros(sum(sizes), dtype=torch.int32, pin_memory=self.device.type == "cuda")
             flat = torch.zeros(sum(sizes), dtype=torch.int32, device=self.device)
-            self._static[key] = (sizes, host, flat, _Meta(flat, sizes, tokens, depth, cap_tiles))
+            self._static[key] = (sizes, host, flat, _Meta(flat, sizes, tokens, depth))
         sizes, host, flat, meta = self._static[key]
-        h = _Meta(host, sizes, tokens, depth, cap_tiles)
-        p, i, t = len(lay.rows), lay.items.shape[1], lay.tiles.shape[1]
+        h = _Meta(host, sizes, tokens, depth)
+        p, i, t, w = len(lay.rows), lay.items.shape[1], lay.tiles.shape[1], lay.wide.shape[1]
         empty = len(h.item_row0) - 1
         h.rows[:p] = torch.from_numpy(lay.rows)
         for dst, src in zip((h.item_row0, h.item_nrows, h.item_table0, h.item_klen, h.item_causal), lay.items):
@@ -168,6 +173,8 @@ class PagedBackend(AttentionBackend):
         h.table[: len(lay.table)] = torch.from_numpy(lay.table)
         h.tile_item[:t], h.tile_row[:t] = torch.from_numpy(lay.tiles[0]), torch.from_numpy(lay.tiles[1])
         h.tile_item[t:], h.tile_row[t:] = empty, 0
+        h.wide_item[:w], h.wide_row[:w] = torch.from_numpy(lay.wide[0]), torch.from_numpy(lay.wide[1])
+        h.wide_item[w:], h.wide_row[w:] = empty, 0
         parts = h.parts.view(tokens, depth) if depth else None
         if parts is not None:
             parts.fill_(-1)
@@ -194,12 +201,18 @@ class PagedBackend(AttentionBackend):
         q = query[0].transpose(0, 1)  # [T, H, D], a view
         out = torch.empty(m.num_parts, heads, dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(m.num_parts, heads, dtype=torch.float32, device=q.device)
-        paged_attention_kernel[(m.num_tiles, kv_heads)](
-            q, k_pool, v_pool, out, lse, m.rows, m.item_row0, m.item_nrows, m.item_table0, m.item_klen,
-            m.item_causal, m.table, m.tile_item, m.tile_row, scaling if scaling is not None else 1.0 / math.sqrt(dim),
-            q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1),
-            lse.stride(0), G=self.group, D=dim, BLOCK_M=self.block_m, BLOCK_N=self.BLOCK_N, PAGE=self.block_size,
-            IEEE=k_pool.dtype == torch.float32, INTERPRET=interpret, num_warps=4)
+        for tile_item, tile_row, block_m in ((m.tile_item, m.tile_row, self.block_m),
+                                             (m.wide_item, m.wide_row, self.wide_m)):
+            if not len(tile_item):
+                continue
+            paged_attention_kernel[(len(tile_item), kv_heads)](
+                q, k_pool, v_pool, out, lse, m.rows, m.item_row0, m.item_nrows, m.item_table0, m.item_klen,
+                m.item_causal, m.table, tile_item, tile_row,
+                scaling if scaling is not None else 1.0 / math.sqrt(dim), q.stride(0), q.stride(1),
+                k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1), lse.stride(0), G=self.group,
+                D=dim, BLOCK_M=block_m, BLOCK_N=self.BLOCK_N, PAGE=self.block_size,
+                IEEE=k_pool.dtype == torch.float32, INTERPRET=interpret,
+                num_warps=4 if block_m * self.group <= 64 else 8)
         final = torch.empty(m.tokens, heads, dim, dtype=query.dtype, device=q.device)
         merge_kernel[(m.tokens,)](out, lse, m.parts, final, out.stride(0), out.stride(1), lse.stride(0),
                                   final.stride(0), final.stride(1), H=heads, BLOCK_H=triton_pow2(heads), D=dim,
@@ -209,3 +222,14 @@ class PagedBackend(AttentionBackend):
 
 def triton_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _tiles(nrows: np.ndarray, items: np.ndarray | None, block_m: int) -> np.ndarray:
+    """[2, tiles]: for each program, its item and its first row in the item (``items``: which ones; None:
+    all), ``block_m`` rows a tile."""
+    if items is None:
+        items = np.arange(len(nrows))
+    counts = -(-nrows[items].astype(np.int64) // block_m)
+    item = np.repeat(items, counts)
+    first = (np.arange(len(item)) - np.repeat(np.cumsum(counts) - counts, counts)) * block_m
+    return np.stack([item, first]).astype(np.int32)
