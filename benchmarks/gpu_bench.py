@@ -1,12 +1,18 @@
-"""GPU benchmark: batchrun's engine vs hf_padded on ../shared/BENCHMARKS.md workloads, random-weight Llama models.
+"""GPU benchmark suite: batchrun vs hf_padded on ../shared/BENCHMARKS.md workloads, random-weight Llama models.
 
-    python benchmarks/gpu_bench.py --model 1b --workload fewshot --scale 0.25 --out results.jsonl
+    python benchmarks/gpu_bench.py --models 1b,8b --workloads all --seed 1 --profile \
+        --out benchmarks/results/suite-h200.jsonl
 
-Systems, same model and rows, in one process: ``hf_padded`` (transformers generate, batches of 64 in input
-order, left padding, greedy, each row stopped at its own max_tokens: the reference engine without a plan)
-and ``batchrun`` (the plan + batchrun's engine). EOS is ignored: every row generates exactly max_tokens.
-Roofline time = max(2 N (unique prompt + output tokens) / peak FLOP/s, longest max_tokens * weight bytes /
-HBM bandwidth), both peaks measured in the same run.
+One command, one process: for each model and workload (at ``--scale``, or by default the scales of the
+engine issue's table: fewshot and rag 0.25, templates 0.0625, noshare 0.125), each system runs the same rows:
+``hf_padded`` (transformers generate, batches of 64 in input order, left padding, greedy, each row stopped at
+its own max_tokens: the reference engine without a plan), ``batchrun`` (the plan + batchrun's engine), and
+``submit`` (``batchrun submit`` end to end — reading Parquet, tokenizing, planning, loading the model from a
+directory of safetensors (``--submit-model dir``) or building it from the spec (``random``), writing results
+— on the workload's text; its row carries load and total times). EOS is ignored: every row generates exactly
+max_tokens. Roofline time = max(2 N (unique prompt + output tokens) / peak FLOP/s, longest max_tokens *
+weight bytes / HBM bandwidth), both peaks measured in the same run. ``--profile`` adds a profiled batchrun
+run: the fraction of time the GPU was busy and the host launches per engine step.
 """
 
 from __future__ import annotations
@@ -21,21 +27,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads
+from gpu_trace import summarize
 from results_io import git_commit, record
 
 from batchrun.engine import attention
 from batchrun.engine.batch import BatchEngine
 from batchrun.engine.factory import kv_budget
 from batchrun.engine.loader import LoadedModel, loaded_facts
+from batchrun.engine.random_weights import SIZES, build
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.engine.requests import Request, SamplingParams
 from batchrun.plan.plan import PlanConfig, build_plan
 from batchrun.spec import EngineSpec
 
-MODELS = {"1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=8192),
-          "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                     intermediate_size=14336)}
+MODELS = SIZES  # (batchrun.engine.random_weights: 1b, 8b, tiny)
+SCALES = {"fewshot": 0.25, "rag": 0.25, "templates": 0.0625, "noshare": 0.125}  # the engine issue's table
 
 
 class _Ids:
@@ -49,16 +55,12 @@ class _Ids:
 
 
 def random_model(name: str, device: str = "cuda"):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The benchmark model ``name``: BENCHMARKS.md's architecture, vocabulary 49152, weights N(0, 0.02) in bf16
+    (the same builder as ``model.load: random``, seed 0)."""
+    from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=False, **MODELS[name])
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02)
-    return model.eval()
+    cfg = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=False, **SIZES[name])
+    return build(cfg, device, torch.bfloat16, seed=0)
 
 
 def peaks() -> tuple[float, float]:
@@ -89,38 +91,89 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan) -> tuple[float, dict]:
+def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan, profile: bool) -> tuple[float, dict]:
     params = SamplingParams(ignore_eos=True)
     if system == "hf_padded":
         engine = ReferenceEngine(loaded, params, batch_size=64)
-        it = engine.run(requests)
+        run = lambda: engine.run(requests)
     else:
         cfg = EngineSpec(block_size=plan.config.block_size, step_tokens=plan.config.step_tokens)
         budget = kv_budget(cfg, loaded_facts(loaded), requests)  # the job's rule: weights loaded, 90% of free
         engine = BatchEngine(loaded, params, kv_budget_tokens=budget, block_size=cfg.block_size,
                              step_tokens=cfg.step_tokens)
-        # Warm-up outside the timer: Triton compiles the attention kernel once per process (a few seconds).
+        # Warm-up outside the timer: Triton compiles the attention kernels once per process (a few seconds).
         few = requests[:16]
         sum(len(b) for b in engine.run(few, build_plan(plan.tokens.take(np.arange(len(few))),
                                                        plan.max_tokens[: len(few)], plan.config)))
-        it = engine.run(requests, plan)
+        run = lambda: engine.run(requests, plan)
     _sync()
+    graphs0 = getattr(getattr(engine, "runner", None), "graph_steps", 0)
     t = time.perf_counter()
-    n = sum(len(batch) for batch in it)
+    n = sum(len(batch) for batch in run())
     _sync()
-    assert n == len(requests)
     wall = time.perf_counter() - t
+    assert n == len(requests)
     if system == "hf_padded":
         return wall, {}
-    return wall, {"steps": engine.stats["steps"], "graph_steps": engine.runner.graph_steps}
+    extra = {"steps": engine.stats["steps"], "graph_steps": engine.runner.graph_steps - graphs0}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t = time.perf_counter()
+            sum(len(batch) for batch in run())
+            _sync()
+            profiled = time.perf_counter() - t
+        trace = summarize(prof, profiled)
+        extra |= {"gpu_busy": round(trace["busy"], 3), "profiled_wall_s": round(profiled, 3),
+                  "launches_per_step": round(trace["launches"] / extra["steps"], 1)}
+    return wall, extra
+
+
+def run_submit(name: str, w, scale: float, seed: int, mode: str, tokenizer: str, workdir: Path) -> tuple[float, dict]:
+    """``batchrun submit`` end to end on the workload's text (a fresh output directory each time)."""
+    import polars as pl
+
+    from batchrun.runtime.job import run_job
+    from batchrun.spec import JobSpec
+
+    data = workdir / f"{w.name}-{scale}-{seed}.parquet"
+    if not data.exists():
+        pl.DataFrame({"text": w.texts(), "max_tokens": w.max_tokens.astype(np.int64)}).write_parquet(data)
+    if mode == "dir":
+        model_dir = workdir / f"model-{name}"
+        if not (model_dir / "config.json").exists():
+            from transformers import AutoTokenizer
+
+            random_model(name, "cuda").save_pretrained(model_dir)
+            AutoTokenizer.from_pretrained(tokenizer).save_pretrained(model_dir)
+            torch.cuda.empty_cache()
+        model = {"path": str(model_dir), "dtype": "bfloat16"}
+    else:
+        model = {"load": "random", "size": name, "tokenizer": tokenizer, "dtype": "bfloat16"}
+    spec = JobSpec.model_validate({
+        "name": f"bench-{w.name}", "model": model, "input": {"path": str(data)},
+        "prompt": {"template": "{{ text }}", "chat": False},
+        "sampling": {"max_tokens": "max_tokens", "ignore_eos": True},
+        "output": {"path": str(workdir / f"out-{w.name}")}, "engine": {"device": "cuda"}})
+    torch.cuda.synchronize()
+    result = run_job(spec, fresh=True)
+    return result.timings["total_s"], {"submit_model": mode, "rows_ok": result.rows_ok,
+                                       "submit_prompt_tokens": result.prompt_tokens, **result.timings}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="1b", choices=sorted(MODELS))
-    ap.add_argument("--workload", default="fewshot", choices=workloads.NAMES)
-    ap.add_argument("--scale", type=float, default=0.25)
-    ap.add_argument("--systems", default="hf_padded,batchrun")
+    ap.add_argument("--models", default="1b", help="comma-separated: " + ", ".join(SIZES))
+    ap.add_argument("--workloads", default="all", help="comma-separated, or all: " + ", ".join(workloads.NAMES))
+    ap.add_argument("--scale", type=float, default=None, help="every workload at this scale (default: SCALES)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--systems", default="hf_padded,batchrun", help="comma-separated: hf_padded, batchrun, submit")
+    ap.add_argument("--profile", action="store_true", help="also a profiled batchrun run: GPU busy, launches")
+    ap.add_argument("--submit-model", default="dir", choices=["dir", "random"])
+    ap.add_argument("--tokenizer", default=".tok", help="tokenizer directory for submit (SmolLM2's)")
+    ap.add_argument("--workdir", default="/tmp/batchrun-bench")
     ap.add_argument("--step-tokens", type=int, default=8192)
     ap.add_argument("--out", default=None)
     ap.add_argument("--rows", type=int, default=None, help="override the row count (a smoke test)")
@@ -128,44 +181,55 @@ def main() -> None:
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     device = "cpu" if args.tiny else "cuda"
-    if args.tiny:
-        MODELS["tiny"] = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                              intermediate_size=128)
-        args.model, flops, hbm = "tiny", 1e11, 1e10
-    else:
-        flops, hbm = peaks()
-    model = random_model(args.model, device)
-    loaded = LoadedModel(model, _Ids(), device, "bfloat16", f"random:{args.model}", f"random:{args.model}", [], 8192)
-    w = workloads.make(args.workload, scale=args.scale, rows=args.rows)
-    requests = [Request(key=i, prompt_ids=w.tokens.row(i).tolist(), max_tokens=int(w.max_tokens[i]))
-                for i in range(len(w.tokens))]
-    t = time.perf_counter()
-    plan = build_plan(w.tokens, w.max_tokens, PlanConfig(step_tokens=args.step_tokens))
-    plan_s = time.perf_counter() - t
-    n_params = sum(p.numel() for name, p in model.named_parameters()
-                   if "embed_tokens" not in name and "lm_head" not in name)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    unique, output = plan.trie.unique_tokens, int(w.max_tokens.sum())
-    roofline = max(2 * n_params * (unique + output) / flops, int(w.max_tokens.max()) * weight_bytes / hbm)
+    models = ["tiny"] if args.tiny else args.models.split(",")
+    names = workloads.NAMES if args.workloads == "all" else args.workloads.split(",")
+    flops, hbm = (1e11, 1e10) if args.tiny else peaks()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     commit = git_commit()
-    for system in args.systems.split(","):
+    for name in models:
+        model = random_model(name, device)
+        loaded = LoadedModel(model, _Ids(), device, "bfloat16", f"random:{name}", f"random:{name}", [], 8192)
+        n_params = sum(p.numel() for pname, p in model.named_parameters()
+                       if "embed_tokens" not in pname and "lm_head" not in pname)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        for wname in names:
+            scale = args.scale or SCALES[wname]
+            w = workloads.make(wname, scale=scale, rows=args.rows, seed=args.seed)
+            requests = [Request(key=i, prompt_ids=w.tokens.row(i).tolist(), max_tokens=int(w.max_tokens[i]))
+                        for i in range(len(w.tokens))]
+            t = time.perf_counter()
+            plan = build_plan(w.tokens, w.max_tokens, PlanConfig(step_tokens=args.step_tokens))
+            plan_s = time.perf_counter() - t
+            unique, output = plan.trie.unique_tokens, int(w.max_tokens.sum())
+            roofline = max(2 * n_params * (unique + output) / flops, int(w.max_tokens.max()) * weight_bytes / hbm)
+            for system in args.systems.split(","):
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                if system == "submit":
+                    wall, extra = run_submit(name, w, scale, args.seed, args.submit_model, args.tokenizer, workdir)
+                else:
+                    wall, extra = run_system(system, loaded, requests, plan, args.profile and system == "batchrun")
+                row = {"bench": "gpu", "model": name, "workload": wname, "scale": scale, "seed": args.seed,
+                       "system": system, "gpus": 1 if device == "cuda" else 0, "rows": len(requests),
+                       "prompt_tokens": w.tokens.num_tokens, "unique_tokens": unique, "output_tokens": output,
+                       "wall_s": round(wall, 3), "tokens_per_s": round((w.tokens.num_tokens + output) / wall),
+                       "output_tokens_per_s": round(output / wall),
+                       "peak_gpu_mem_gb": (round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda"
+                                           else None),
+                       "roofline_s": round(roofline, 4), "roofline_fraction": round(roofline / wall, 4),
+                       "peak_tflops": round(flops / 1e12, 1), "hbm_tb_s": round(hbm / 1e12, 2),
+                       "plan_s": round(plan_s, 3),
+                       "attention": (attention.choose_backend(device, torch.bfloat16).name
+                                     if system != "hf_padded" else None),
+                       "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                       "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "commit": commit,
+                       "date": time.strftime("%Y-%m-%d"), **extra}
+                record(row, args.out)
+        del model, loaded
         if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        wall, extra = run_system(system, loaded, requests, plan)
-        row = {"bench": "gpu", "model": args.model, "workload": args.workload, "scale": args.scale, "system": system,
-               "rows": len(requests), "prompt_tokens": w.tokens.num_tokens, "unique_tokens": unique,
-               "output_tokens": output, "wall_s": round(wall, 3),
-               "tokens_per_s": round((w.tokens.num_tokens + output) / wall),
-               "output_tokens_per_s": round(output / wall),
-               "peak_gpu_mem_gb": (round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda"
-                                   else None),
-               "roofline_s": round(roofline, 4), "roofline_fraction": round(roofline / wall, 4),
-               "peak_tflops": round(flops / 1e12, 1), "hbm_tb_s": round(hbm / 1e12, 2), "plan_s": round(plan_s, 3),
-               "attention": attention.choose_backend(device, torch.bfloat16).name if system == "batchrun" else None,
-               "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-               "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "commit": commit,
-               "date": time.strftime("%Y-%m-%d"), **extra}
-        record(row, args.out)
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads
 from gpu_bench import MODELS, _Ids, random_model
+from gpu_trace import summarize
 from results_io import git_commit, record
 
 from batchrun.engine import attention
@@ -30,20 +31,6 @@ from batchrun.engine.loader import LoadedModel, loaded_facts
 from batchrun.engine.requests import Request, SamplingParams
 from batchrun.plan.plan import PlanConfig, build_plan
 from batchrun.spec import EngineSpec
-
-
-def busy_fraction(intervals: list[tuple[float, float]], wall: float) -> float:
-    if not intervals:
-        return 0.0
-    intervals.sort()
-    total, (start, end) = 0.0, intervals[0]
-    for a, b in intervals[1:]:
-        if a > end:
-            total += end - start
-            start, end = a, b
-        else:
-            end = max(end, b)
-    return (total + end - start) / wall
 
 
 def main() -> None:
@@ -84,18 +71,15 @@ def main() -> None:
         sum(len(b) for b in engine.run(reqs, plan))
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    intervals = [(e.time_range.start / 1e6, e.time_range.end / 1e6) for e in kernels]
+    trace = summarize(prof, wall)
     steps = engine.stats["steps"]
-    by_name: dict[str, float] = {}
-    for e in kernels:
-        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e6
+    by_name = trace["by_name"]
     gpu_s = sum(by_name.values())
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
     record({"bench": "profile", "model": args.model, "workload": args.workload, "scale": args.scale,
             "attention": attention.choose_backend("cuda", torch.bfloat16).name, "wall_s": round(wall, 3),
-            "steps": steps, "kernels": len(kernels), "launches_per_step": round(len(kernels) / steps, 1),
-            "gpu_busy_fraction": round(busy_fraction(intervals, wall), 3), "gpu_kernel_s": round(gpu_s, 3),
+            "steps": steps, "kernels": trace["kernels"], "launches_per_step": round(trace["launches"] / steps, 1),
+            "gpu_busy_fraction": round(trace["busy"], 3), "gpu_kernel_s": round(gpu_s, 3),
             "top_kernels": [{"name": n[:80], "s": round(s, 3), "share": round(s / gpu_s, 3)} for n, s in top],
             "note": "wall time is under the profiler (slower than an unprofiled run)",
             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": git_commit(),

@@ -293,14 +293,14 @@ def test_sigterm_before_and_while_the_model_loads_stops_gracefully_with_75(tmp_p
 LAYER_DRIVER = """
 import sys, time
 from batchrun.engine import runner
-real = runner.Runner._between_layers
+real = runner.Runner.between_layers
 log = sys.argv[1]
-def slow(self, index, module, args):
+def slow(self, index):
     with open(log, "a") as f:  # one line per decoder layer started
         f.write(f"{index}\\n")
     time.sleep(0.3)
-    return real(self, index, module, args)
-runner.Runner._between_layers = slow
+    return real(self, index)
+runner.Runner.between_layers = slow
 from batchrun.cli import main
 sys.argv = ["batchrun", "--log-format", "json", "submit", *sys.argv[2:]]
 main()

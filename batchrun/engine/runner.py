@@ -18,6 +18,7 @@ import functools
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,12 +92,16 @@ class Runner:
         self.device = loaded.device
         self.interrupt: Callable[[], bool] | None = None
         self._layers = list(getattr(self.decoder, "layers", []))
-        for i, layer in enumerate(self._layers):
-            layer.register_forward_pre_hook(functools.partial(self._between_layers, i))
+        # The hooks hold the runner weakly and go when it goes: a model outlives its engines, and an engine's
+        # KV pool must not (a second engine on the same model needs that memory).
+        me = weakref.ref(self)
+        hooks = [layer.register_forward_pre_hook(functools.partial(_between_layers, me, i))
+                 for i, layer in enumerate(self._layers)]
+        weakref.finalize(self, _remove, hooks)
         self._step_started = self._last_log = 0.0
         self._step_tokens = 0
 
-    def _between_layers(self, index: int, module: Any, args: Any) -> None:
+    def between_layers(self, index: int) -> None:
         if self.interrupt is not None and self.interrupt():
             raise Interrupted
         now = time.monotonic()
@@ -172,3 +177,14 @@ class Runner:
         finally:
             self.interrupt = interrupt
         return _Graph(graph, ints, logits)
+
+
+def _between_layers(runner: weakref.ref, index: int, module: Any, args: Any) -> None:
+    me = runner()
+    if me is not None:
+        me.between_layers(index)
+
+
+def _remove(hooks: list) -> None:
+    for h in hooks:
+        h.remove()
