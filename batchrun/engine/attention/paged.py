@@ -50,15 +50,55 @@ class _Layout:
     slots: np.ndarray  # [tokens] pool slot of each new token's K/V
 
 
-class _Meta:
-    """Device views of one step's metadata (fresh per eager step, static per captured graph)."""
+ALIGN = 4  # int32 elements (16 bytes): Triton specializes a kernel on its pointers' alignment, so every
+# metadata array starts aligned (else steps would compile new variants of the kernels, at random)
 
-    def __init__(self, flat: torch.Tensor, sizes: list[int], tokens: int, depth: int):
-        (self.rows, items, self.table, tile, wide, self.parts, self.slots) = torch.split(flat, sizes)
-        self.item_row0, self.item_nrows, self.item_table0, self.item_klen, self.item_causal = items.view(5, -1)
-        self.tile_item, self.tile_row = tile.view(2, -1)
-        self.wide_item, self.wide_row = wide.view(2, -1)
-        self.tokens, self.depth, self.num_parts = tokens, depth, sizes[0]
+
+def _padded(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+class _Meta:
+    """Views of one flat int32 buffer (host or device) holding a step's metadata: rows [P], items [5, I],
+    table, narrow and wide tiles [2, n], parts [tokens * depth], slots [tokens]; ``shapes`` gives each
+    one's (rows, columns), every row starting 16-byte aligned."""
+
+    def __init__(self, flat: torch.Tensor, shapes: list[tuple[int, int]], tokens: int, depth: int):
+        views, off = [], 0
+        for r, c in shapes:
+            views.append(flat[off : off + r * _padded(c)].view(r, _padded(c))[:, :c])
+            off += r * _padded(c)
+        rows, items, table, tiles, wide, parts, slots = views
+        self.rows, self.table, self.parts, self.slots = rows[0], table[0], parts[0], slots[0]
+        self.item_row0, self.item_nrows, self.item_table0, self.item_klen, self.item_causal = items
+        self.tile_item, self.tile_row = tiles
+        self.wide_item, self.wide_row = wide
+        self.tokens, self.depth, self.num_parts = tokens, depth, shapes[0][1]
+
+    @staticmethod
+    def size(shapes: list[tuple[int, int]]) -> int:
+        return sum(r * _padded(c) for r, c in shapes)
+
+    def fill(self, lay: _Layout, pad_slot: int) -> None:
+        """Write ``lay`` into these (host) views; spare capacity gets empty items, tiles that name the last
+        (empty) item, no shared parts, and the spare slot."""
+        p, i = len(lay.rows), lay.items.shape[1]
+        self.rows[:p] = torch.from_numpy(lay.rows)
+        for dst, src in zip((self.item_row0, self.item_nrows, self.item_table0, self.item_klen, self.item_causal),
+                            lay.items):
+            dst[:i] = torch.from_numpy(src)
+            dst[i:] = 0
+        self.table[: len(lay.table)] = torch.from_numpy(lay.table)
+        empty = len(self.item_row0) - 1
+        for item, row, tiles in ((self.tile_item, self.tile_row, lay.tiles), (self.wide_item, self.wide_row, lay.wide)):
+            n = tiles.shape[1]
+            item[:n], row[:n] = torch.from_numpy(tiles[0]), torch.from_numpy(tiles[1])
+            item[n:], row[n:] = empty, 0
+        if self.depth:
+            self.parts.fill_(-1)
+            self.parts.view(self.tokens, self.depth)[: lay.tokens, : lay.depth] = torch.from_numpy(lay.parts)
+        self.slots[: lay.tokens] = torch.from_numpy(lay.slots)
+        self.slots[lay.tokens :] = pad_slot
 
 
 class PagedBackend(AttentionBackend):
@@ -81,7 +121,7 @@ class PagedBackend(AttentionBackend):
         self.wide_m = max(self.WIDE_ROWS // self.group, self.block_m)
         self.pad_slot = k_pool.shape[1] - 1  # the pool's spare slot (the allocator never hands it out)
         self.block_size = 16  # (the step's: set by prepare)
-        self._static: dict[tuple[int, int], tuple[list[int], torch.Tensor, torch.Tensor, _Meta]] = {}
+        self._static: dict[tuple[int, int], tuple[_Meta, torch.Tensor, torch.Tensor, _Meta]] = {}
         self.meta: _Meta | None = None
 
     # -- describing a step ---------------------------------------------------------------------------------
@@ -131,10 +171,11 @@ class PagedBackend(AttentionBackend):
 
     def prepare(self, step: Step) -> None:
         lay = self._layout(step)
-        arrays = [lay.rows, lay.items.reshape(-1), lay.table, lay.tiles.reshape(-1), lay.wide.reshape(-1),
-                  lay.parts.reshape(-1), lay.slots]
-        flat = torch.from_numpy(np.concatenate(arrays)).to(self.device, non_blocking=True)
-        self.meta = _Meta(flat, [len(a) for a in arrays], lay.tokens, lay.depth)
+        shapes = [(1, len(lay.rows)), lay.items.shape, (1, len(lay.table)), lay.tiles.shape, lay.wide.shape,
+                  (1, lay.parts.size), (1, lay.tokens)]
+        host = torch.empty(_Meta.size(shapes), dtype=torch.int32)
+        _Meta(host, shapes, lay.tokens, lay.depth).fill(lay, self.pad_slot)
+        self.meta = _Meta(host.to(self.device, non_blocking=True), shapes, lay.tokens, lay.depth)
 
     # -- CUDA graphs (decode steps) ------------------------------------------------------------------------
 
@@ -158,29 +199,13 @@ class PagedBackend(AttentionBackend):
             return False
         key = (tokens, depth)
         if key not in self._static:
-            sizes = [cap_parts, 5 * cap_items, cap_table, 2 * cap_tiles, 2 * cap_wide, tokens * depth, tokens]
-            host = torch.zeros(sum(sizes), dtype=torch.int32, pin_memory=self.device.type == "cuda")
-            flat = torch.zeros(sum(sizes), dtype=torch.int32, device=self.device)
-            self._static[key] = (sizes, host, flat, _Meta(flat, sizes, tokens, depth))
-        sizes, host, flat, meta = self._static[key]
-        h = _Meta(host, sizes, tokens, depth)
-        p, i, t, w = len(lay.rows), lay.items.shape[1], lay.tiles.shape[1], lay.wide.shape[1]
-        empty = len(h.item_row0) - 1
-        h.rows[:p] = torch.from_numpy(lay.rows)
-        for dst, src in zip((h.item_row0, h.item_nrows, h.item_table0, h.item_klen, h.item_causal), lay.items):
-            dst[:i] = torch.from_numpy(src)
-            dst[i:] = 0  # spare items (the last one is where spare tiles point): no rows, no keys
-        h.table[: len(lay.table)] = torch.from_numpy(lay.table)
-        h.tile_item[:t], h.tile_row[:t] = torch.from_numpy(lay.tiles[0]), torch.from_numpy(lay.tiles[1])
-        h.tile_item[t:], h.tile_row[t:] = empty, 0
-        h.wide_item[:w], h.wide_row[:w] = torch.from_numpy(lay.wide[0]), torch.from_numpy(lay.wide[1])
-        h.wide_item[w:], h.wide_row[w:] = empty, 0
-        parts = h.parts.view(tokens, depth) if depth else None
-        if parts is not None:
-            parts.fill_(-1)
-            parts[: lay.tokens, : lay.depth] = torch.from_numpy(lay.parts)
-        h.slots[: lay.tokens] = torch.from_numpy(lay.slots)
-        h.slots[lay.tokens :] = self.pad_slot
+            shapes = [(1, cap_parts), (5, cap_items), (1, cap_table), (2, cap_tiles), (2, cap_wide),
+                      (1, tokens * depth), (1, tokens)]
+            host = torch.zeros(_Meta.size(shapes), dtype=torch.int32, pin_memory=self.device.type == "cuda")
+            flat = torch.zeros(_Meta.size(shapes), dtype=torch.int32, device=self.device)
+            self._static[key] = (_Meta(host, shapes, tokens, depth), host, flat, _Meta(flat, shapes, tokens, depth))
+        h, host, flat, meta = self._static[key]
+        h.fill(lay, self.pad_slot)
         flat.copy_(host, non_blocking=True)
         self.meta = meta
         return True
