@@ -105,11 +105,11 @@ class PagedBackend(AttentionBackend):
     name = "paged"
     graphs = True
     BLOCK_N = 64  # keys per inner tile
-    # A tile's query rows: tokens x the query heads of one KV head (16 rows of a matrix product). Measured on
-    # the H200 (1b, fewshot / rag at 0.25): 16-row tiles gave 4.6 s / 8.2 s, 128-row tiles 12.7 s / 13.2 s.
-    # Shared levels under many rows take wide tiles (their keys are read once per this many rows).
+    # A tile's query rows: tokens x the query heads of one KV head (16 rows of a matrix product). Shared levels
+    # under many rows take wide tiles: their keys are read once per WIDE_ROWS rows. Measured on the H200 (1b,
+    # benchmarks/results/suite-h200.jsonl): 128 gave fewshot 2.30 s against 2.76 s with 16 (no wide tiles).
     TILE_ROWS = 16
-    WIDE_ROWS = int(os.environ.get("BATCHRUN_PAGED_WIDE_ROWS", 16))
+    WIDE_ROWS = int(os.environ.get("BATCHRUN_PAGED_WIDE_ROWS", 128))
 
     def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int | None = None):
         super().__init__(k_pool, v_pool, heads)
