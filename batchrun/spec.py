@@ -150,6 +150,43 @@ class PromptSpec(_Strict):
         return self
 
 
+CONSTRAINT_KINDS = ("json_schema", "regex", "choices", "grammar")
+
+
+class ConstraintSpec(_Strict):
+    """Constrained decoding: every output matches exactly one of ``json_schema`` (a mapping, JSON text, or the
+    path of a .json file), ``regex``, ``choices`` (a list of strings) or ``grammar`` (Lark, llguidance's
+    dialect); or ``column`` names a column whose value, per row, is a JSON object with one of those keys."""
+
+    json_schema: dict[str, Any] | bool | str | None = None
+    regex: str | None = Field(default=None, min_length=1)
+    choices: list[str] | None = Field(default=None, min_length=1, max_length=10_000)
+    grammar: str | None = Field(default=None, min_length=1)
+    column: str | None = Field(default=None, pattern=_IDENT)
+
+    @field_validator("choices")
+    @classmethod
+    def _choices(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if any(c == "" for c in v):
+                raise ValueError("choices must not be empty strings")
+            if len(set(v)) != len(v):
+                raise ValueError(f"choices must be distinct (got {show(v)})")
+        return v
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ConstraintSpec:
+        given = [k for k in (*CONSTRAINT_KINDS, "column") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of json_schema, regex, choices, grammar or column "
+                             f"(got {', '.join(given) or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in (*CONSTRAINT_KINDS, "column") if getattr(self, k) is not None)
+
+
 class SamplingSpec(_Strict):
     """Decoding. temperature 0 is greedy. ``max_tokens`` is a number or the name of an integer column."""
 
@@ -160,6 +197,7 @@ class SamplingSpec(_Strict):
     stop: list[str] = Field(default_factory=list, max_length=16)
     seed: int = Field(default=0, ge=0, lt=2**63, strict=True)
     ignore_eos: bool = Field(default=False, strict=True)
+    constraint: ConstraintSpec | None = None
 
     @field_validator("max_tokens", mode="before")
     @classmethod
@@ -239,6 +277,8 @@ class JobSpec(_Strict):
         d = self.to_dict()
         if d["model"]["load"] == "weights":  # (as before random weights existed: old outputs still resume)
             d["model"] = {k: v for k, v in d["model"].items() if k not in ("load", "size", "seed")}
+        if d["sampling"]["constraint"] is None:  # (likewise for jobs without a constraint)
+            d["sampling"] = {k: v for k, v in d["sampling"].items() if k != "constraint"}
         return _hash({k: d[k] for k in ("model", "input", "prompt", "sampling")})
 
 

@@ -33,11 +33,11 @@ class LogitsConstraint(Protocol):
     """A per-request restriction of the next token (a grammar, a choice list, a BatchPrompt label slot).
 
     Both engines call it before every token of the request is chosen, with the tokens generated so far, and
-    only the tokens it returns can be chosen (greedy or sampled). ``None`` means no restriction at this
-    position. The returned collection must not be empty.
+    only the tokens it returns can be chosen (greedy or sampled): token ids, or a boolean mask over the
+    vocabulary (a numpy array). ``None`` means no restriction at this position. It must allow some token.
     """
 
-    def allowed_tokens(self, generated: Sequence[int]) -> Sequence[int] | None: ...
+    def allowed_tokens(self, generated: Sequence[int]) -> Sequence[int] | Any | None: ...
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from batchrun.engine.requests import SamplingParams
@@ -29,15 +30,22 @@ def sampling_probs(logits: torch.Tensor, s: SamplingParams) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def constrain(logits: torch.Tensor, allowed: list[Sequence[int] | None]) -> torch.Tensor:
+def constrain(logits: torch.Tensor, allowed: list[Sequence[int] | np.ndarray | None]) -> torch.Tensor:
     """Logits [n, vocab] with every token outside row i's ``allowed[i]`` set to -inf (None: no restriction).
-    The masks are built on the CPU and applied on the device in one step."""
+    ``allowed[i]`` is a collection of token ids, or a boolean mask over the vocabulary (a grammar's; tokens
+    past its end are not allowed). The masks are built on the CPU and applied on the device in one step."""
     rows = [i for i, a in enumerate(allowed) if a is not None]
     if not rows:
         return logits
-    keep = torch.zeros(len(rows), logits.shape[-1], dtype=torch.bool)
+    vocab = logits.shape[-1]
+    keep = torch.zeros(len(rows), vocab, dtype=torch.bool)
     for j, i in enumerate(rows):
-        keep[j, torch.as_tensor(list(allowed[i]), dtype=torch.long)] = True
+        a = allowed[i]
+        if isinstance(a, np.ndarray) and a.dtype == np.bool_:
+            n = min(len(a), vocab)
+            keep[j, :n] = torch.from_numpy(a[:n])
+        else:
+            keep[j, torch.as_tensor(list(a), dtype=torch.long)] = True
     index = torch.tensor(rows, device=logits.device)
     logits = logits.clone()
     logits[index] = logits[index].masked_fill(~keep.to(logits.device), float("-inf"))

@@ -53,12 +53,15 @@ RESULT_FIELDS = [
     pa.field("finish_reason", pa.string()),
     pa.field("error", pa.string()),
 ]
+OUTPUT_JSON = pa.field("output_json", pa.string())  # with a json_schema constraint: the parsed output, as JSON
 RESULT_COLUMNS = [f.name for f in RESULT_FIELDS]
+RESERVED_COLUMNS = [*RESULT_COLUMNS, OUTPUT_JSON.name]  # no input column may take these names
 
 
-def output_schema(input_schema: pa.Schema, id_column: str, columns: list[str]) -> pa.Schema:
+def output_schema(input_schema: pa.Schema, id_column: str, columns: list[str],
+                  results: list[pa.Field] = RESULT_FIELDS) -> pa.Schema:
     """The parts' columns: the id, the passthrough ``columns`` (types as in the input), then the results."""
-    return pa.schema([input_schema.field(id_column)] + [input_schema.field(c) for c in columns] + RESULT_FIELDS)
+    return pa.schema([input_schema.field(id_column)] + [input_schema.field(c) for c in columns] + results)
 
 
 def _listing(names: list[str], most: int = 5) -> str:

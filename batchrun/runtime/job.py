@@ -136,7 +136,8 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
                                "(rows committed earlier are kept); rerun the same command") from None
 
     source = prepared.source
-    sink.set_schema(sinks.output_schema(source.table.schema, source.id_column, prepared.columns),
+    sink.set_schema(sinks.output_schema(source.table.schema, source.id_column, prepared.columns,
+                                        prepared.assembler.fields),
                     {"job": spec.name, "spec_hash": spec.spec_hash(), "results_hash": job_info["results_hash"],
                      "model": spec.model.label, "batchrun_version": __version__},
                     source.table.select([source.id_column, *prepared.columns]))

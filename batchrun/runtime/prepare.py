@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from batchrun.engine.constraints import CompiledConstraint
 from batchrun.engine.requests import Request, row_seed
 from batchrun.errors import InputDataError, SpecError
 from batchrun.io.prompts import Prompts, build_prompts
-from batchrun.io.sink import RESULT_COLUMNS
+from batchrun.io.sink import RESERVED_COLUMNS
 from batchrun.io.source import Source, read_source, require_columns
 from batchrun.plan.plan import Plan, PlanConfig, build_plan
 from batchrun.runtime.assemble import Assembler, OneToOne
+from batchrun.runtime.row_constraints import row_constraints
 from batchrun.spec import JobSpec
 
 log = logging.getLogger("batchrun")
@@ -63,9 +65,12 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     prompts = build_prompts(spec.prompt, source.table, tokenizer)
     timings["tokenize_s"] = time.monotonic() - t
 
+    constraints, c_errors = row_constraints(spec, source, tokenizer)
     ids = source.table.column(source.id_column).to_pylist()
-    assembler = OneToOne(prompts.tokens.lengths)
-    requests, rows, errors = build_requests(spec, ids, prompts, max_tokens, mt_errors, max_context, done, assembler)
+    c = spec.sampling.constraint
+    assembler = OneToOne(prompts.tokens.lengths, json_output=c is not None and c.kind in ("json_schema", "column"))
+    requests, rows, errors = build_requests(spec, ids, prompts, max_tokens, {**c_errors, **mt_errors}, max_context,
+                                            done, assembler, constraints)
     t = time.monotonic()
     plan = plan_requests(spec, prompts, requests, rows)
     timings["plan_s"] = time.monotonic() - t
@@ -77,15 +82,15 @@ def output_columns(spec: JobSpec, source: Source) -> list[str]:
     names = source.table.column_names
     if spec.output.columns is None:
         cols = [c for c in names if c != source.id_column]
-        clash = [c for c in cols if c in RESULT_COLUMNS]
+        clash = [c for c in cols if c in RESERVED_COLUMNS]
         if clash:
             raise SpecError(f"output.columns: input column(s) {clash} would clash with result columns "
-                            f"{RESULT_COLUMNS}; list the columns to keep in output.columns")
+                            f"{RESERVED_COLUMNS}; list the columns to keep in output.columns")
         return cols
     require_columns(source.table, list(spec.output.columns), "output.columns")
-    clash = [c for c in spec.output.columns if c in RESULT_COLUMNS]
+    clash = [c for c in spec.output.columns if c in RESERVED_COLUMNS]
     if clash:
-        raise SpecError(f"output.columns: {clash} clash with result columns {RESULT_COLUMNS}")
+        raise SpecError(f"output.columns: {clash} clash with result columns {RESERVED_COLUMNS}")
     return list(dict.fromkeys(c for c in spec.output.columns if c != source.id_column))
 
 
@@ -110,6 +115,7 @@ def row_max_tokens(spec: JobSpec, source: Source) -> tuple[list[int], dict[int, 
 def build_requests(spec: JobSpec, ids: list[Any], prompts: Prompts, max_tokens: list[int],
                    mt_errors: dict[int, str], max_context: int | None,
                    done: Collection[Any], assembler: Assembler,
+                   constraints: Sequence[CompiledConstraint | None] | None = None,
                    ) -> tuple[list[Request], np.ndarray, list[tuple[int, str]]]:
     """Requests for the rows still to run (as ``assembler`` makes them), the input row of each, and (row,
     message) for rows that fail before the engine: a prompt that failed to render, a bad max_tokens value, a
@@ -130,7 +136,9 @@ def build_requests(spec: JobSpec, ids: list[Any], prompts: Prompts, max_tokens: 
             continue
         if max_context:
             limit = min(limit, max_context - n)
-        made = assembler.requests(i, prompts.tokens.row(i).tolist(), limit, row_seed(spec.sampling.seed, row_id))
+        compiled = constraints[i] if constraints else None
+        made = assembler.requests(i, prompts.tokens.row(i).tolist(), limit, row_seed(spec.sampling.seed, row_id),
+                                  None if compiled is None else compiled.new())
         requests += made
         rows += [i] * len(made)
     return requests, np.array(rows, dtype=np.int64), errors

@@ -1,0 +1,119 @@
+"""Constrained decoding (``sampling.constraint``): per-request token masks from a grammar, by llguidance.
+
+A constraint (a JSON schema, a regex, a list of choices or a Lark grammar) compiles once per job into an
+llguidance grammar checked against the tokenizer (``compile_constraint``: a bad regex is an error before any
+row runs). Each request gets its own matcher (``Grammar``, a ``LogitsConstraint``): before each token it
+catches up with the tokens generated so far and returns the tokens allowed next as a boolean mask over the
+vocabulary; once the grammar is complete only EOS is allowed. An output that ended (``max_tokens``) before
+the grammar was complete is reported by ``incomplete``. No torch here: the engines apply the masks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+KINDS = ("json_schema", "regex", "choices", "grammar")
+_TOKENIZERS: dict[int, tuple[Any, Any]] = {}  # id(hf tokenizer) -> (it, its llguidance tokenizer)
+_LOCK = threading.Lock()
+
+
+class ConstraintError(ValueError):
+    """A constraint that does not compile (the message says why)."""
+
+
+def ll_tokenizer(tokenizer: Any) -> Any:
+    """llguidance's view of a Hugging Face fast tokenizer (built once per tokenizer: about a second)."""
+    with _LOCK:
+        hit = _TOKENIZERS.get(id(tokenizer))
+        if hit is None or hit[0] is not tokenizer:
+            import llguidance.hf
+
+            hit = _TOKENIZERS[id(tokenizer)] = (tokenizer, llguidance.hf.from_tokenizer(tokenizer))
+        return hit[1]
+
+
+def grammar_text(kind: str, value: Any) -> str:
+    """The llguidance grammar of one constraint (``kind`` in KINDS; a json_schema is a parsed value)."""
+    from llguidance import LLMatcher
+
+    if kind == "json_schema":
+        return LLMatcher.grammar_from_json_schema(json.dumps(value))
+    if kind == "regex":
+        return LLMatcher.grammar_from_regex(value)
+    if kind == "choices":
+        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+    if kind == "grammar":
+        return LLMatcher.grammar_from_lark(value)
+    raise ValueError(f"unknown constraint kind {kind!r}")
+
+
+@dataclass(frozen=True)
+class CompiledConstraint:
+    """A checked grammar; ``new()`` makes the matcher of one request."""
+
+    kind: str
+    grammar: str
+    tokenizer: Any  # llguidance's
+    eos_ids: tuple[int, ...]
+
+    def new(self) -> Grammar:
+        return Grammar(self)
+
+
+def compile_constraint(kind: str, value: Any, tokenizer: Any) -> CompiledConstraint:
+    """Compile and check a constraint against ``tokenizer`` (a Hugging Face fast tokenizer); raises
+    ConstraintError with llguidance's message if the grammar is invalid."""
+    from llguidance import LLMatcher
+
+    tok = ll_tokenizer(tokenizer)
+    try:
+        grammar = grammar_text(kind, value)
+    except (ValueError, TypeError) as e:
+        raise ConstraintError(str(e)) from None
+    failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, tok)
+    if failed:
+        raise ConstraintError(messages[0].strip() if messages else "invalid grammar")
+    eos = tokenizer.eos_token_id
+    return CompiledConstraint(kind, grammar, tok, (eos,) if eos is not None else ())
+
+
+class Grammar:
+    """One request's matcher (``engine.requests.LogitsConstraint``)."""
+
+    def __init__(self, compiled: CompiledConstraint):
+        from llguidance import LLMatcher
+
+        self.compiled = compiled
+        self._matcher = LLMatcher(compiled.tokenizer, compiled.grammar, log_level=0)
+        self._consumed = 0
+
+    def allowed_tokens(self, generated: Sequence[int]) -> np.ndarray:
+        """A boolean mask over the vocabulary: the tokens allowed after ``generated``."""
+        m = self._matcher
+        n = len(generated)
+        if n < self._consumed:  # (never in practice: a row's generated tokens only grow)
+            m.rollback(self._consumed - n)
+            self._consumed = n
+        if n > self._consumed:
+            if not m.is_stopped() and not m.is_error():
+                m.consume_tokens([int(t) for t in generated[self._consumed :]])
+            self._consumed = n
+        if m.is_stopped() or m.is_error():  # complete (or broken): nothing but EOS
+            mask = np.zeros(self.compiled.tokenizer.vocab_size, dtype=bool)
+            mask[list(self.compiled.eos_ids)] = True
+            return mask
+        bits = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
+        return np.unpackbits(bits, bitorder="little").view(bool)
+
+    def incomplete(self, token_ids: Sequence[int]) -> bool:
+        """Does the final output ``token_ids`` (EOS excluded) leave the grammar unfinished?"""
+        from llguidance import LLMatcher
+
+        check = LLMatcher(self.compiled.tokenizer, self.compiled.grammar, log_level=0)
+        return not check.consume_tokens([int(t) for t in token_ids]) or not check.is_accepting()

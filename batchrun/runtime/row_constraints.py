@@ -1,0 +1,101 @@
+"""Which constraint each row decodes under (``sampling.constraint``), compiled before any row runs.
+
+A job-wide constraint that does not compile is a spec error (exit 78); with ``constraint.column`` each row's
+value (JSON text: an object with one of json_schema, regex, choices, grammar; null: no constraint) is compiled
+once per distinct value, and a bad value is that row's error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from batchrun.engine.constraints import KINDS, CompiledConstraint, ConstraintError, compile_constraint
+from batchrun.errors import InputDataError, SpecError
+from batchrun.io.source import Source, require_columns
+from batchrun.spec import ConstraintSpec, JobSpec
+
+FIELD = "sampling.constraint"
+
+
+def row_constraints(spec: JobSpec, source: Source, tokenizer: Any
+                    ) -> tuple[list[CompiledConstraint | None], dict[int, str]]:
+    """Each row's compiled constraint (None: unconstrained) and (row -> message) for rows whose own
+    constraint is bad."""
+    c = spec.sampling.constraint
+    n = source.num_rows
+    if c is None:
+        return [None] * n, {}
+    if c.column is None:
+        value = json_schema_value(c) if c.kind == "json_schema" else getattr(c, c.kind)
+        try:
+            compiled = compile_constraint(c.kind, value, tokenizer)
+        except ConstraintError as e:
+            raise SpecError(f"{FIELD}.{c.kind}: {e}") from None
+        return [compiled] * n, {}
+    require_columns(source.table, [c.column], f"{FIELD}.column")
+    col = source.table.column(c.column)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
+        raise InputDataError(f"{FIELD}.column: column {c.column!r} has type {col.type}; it must hold JSON "
+                             "text, e.g. {\"regex\": \"[0-9]+\"}")
+    out: list[CompiledConstraint | None] = []
+    errors: dict[int, str] = {}
+    cache: dict[str, CompiledConstraint | str] = {}
+    for i, text in enumerate(col.to_pylist()):
+        if text is None:
+            out.append(None)
+            continue
+        if text not in cache:
+            cache[text] = _compile_row(text, tokenizer)
+        got = cache[text]
+        if isinstance(got, str):
+            errors[i] = f"constraint column {c.column!r}: {got}"
+            out.append(None)
+        else:
+            out.append(got)
+    return out, errors
+
+
+def _compile_row(text: str, tokenizer: Any) -> CompiledConstraint | str:
+    """A row's constraint, or the message saying why it is bad."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        return f"not JSON ({e})"
+    if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in KINDS:
+        return f"must be a JSON object with one key, one of {', '.join(KINDS)} (got {text[:80]!r})"
+    kind, arg = next(iter(value.items()))
+    if kind in ("regex", "grammar") and not (isinstance(arg, str) and arg):
+        return f"{kind} must be a non-empty string"
+    if kind == "choices" and not (isinstance(arg, list) and arg and all(isinstance(x, str) and x for x in arg)):
+        return "choices must be a non-empty list of non-empty strings"
+    try:
+        return compile_constraint(kind, arg, tokenizer)
+    except ConstraintError as e:
+        return f"{kind}: {e}"
+
+
+def json_schema_value(c: ConstraintSpec) -> Any:
+    """The schema itself: a mapping (or true/false) as given, JSON text, or read from a .json file."""
+    v = c.json_schema
+    if not isinstance(v, str):
+        return v
+    where = f"{FIELD}.json_schema"
+    if v.lstrip().startswith("{"):
+        try:
+            return json.loads(v)
+        except ValueError as e:
+            raise SpecError(f"{where}: not valid JSON ({e})") from None
+    path = Path(v).expanduser()
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"{where}: no such file {v!r} (give the schema inline, as JSON text, or a .json file)"
+                        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{where}: cannot read {v!r}: {e}") from None
+    except ValueError as e:
+        raise SpecError(f"{where}: {v!r} is not valid JSON ({e})") from None
