@@ -10,6 +10,7 @@ the grammar was complete is reported by ``incomplete``. No torch here: the engin
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections.abc import Sequence
@@ -19,6 +20,9 @@ from typing import Any
 import numpy as np
 
 KINDS = ("json_schema", "regex", "choices", "grammar")
+# JSON as models usually write it, on one line: a small model let free between tokens can pad an object with
+# whitespace until max_tokens.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _TOKENIZERS: dict[int, tuple[Any, Any]] = {}  # id(hf tokenizer) -> (it, its llguidance tokenizer)
 _LOCK = threading.Lock()
 
@@ -32,18 +36,36 @@ def ll_tokenizer(tokenizer: Any) -> Any:
     with _LOCK:
         hit = _TOKENIZERS.get(id(tokenizer))
         if hit is None or hit[0] is not tokenizer:
-            import llguidance.hf
+            from llguidance import LLTokenizer
 
-            hit = _TOKENIZERS[id(tokenizer)] = (tokenizer, llguidance.hf.from_tokenizer(tokenizer))
+            backend = copy.copy(tokenizer.backend_tokenizer)
+            backend.no_padding()
+            backend.no_truncation()
+            hit = _TOKENIZERS[id(tokenizer)] = (tokenizer, LLTokenizer(_plain_byte_level(backend.to_str()),
+                                                                       eos_token=tokenizer.eos_token_id))
         return hit[1]
+
+
+def _plain_byte_level(tokenizer_json: str) -> str:
+    """A byte-level BPE tokenizer whose decoder is a sequence ending in ByteLevel (transformers' conversion of
+    GGUF files writes ByteFallback, Fuse, Replace, ByteLevel) gets the plain ByteLevel decoder: llguidance
+    reads the token bytes from the decoder's kind, and took such tokens' text ("Ġy") as their bytes."""
+    spec = json.loads(tokenizer_json)
+    pre, dec = spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
+    if pre.get("type") == "ByteLevel" and dec.get("type") == "Sequence":
+        levels = [d for d in dec.get("decoders", []) if d.get("type") == "ByteLevel"]
+        if levels:
+            spec["decoder"] = levels[-1]
+            return json.dumps(spec)
+    return tokenizer_json
 
 
 def grammar_text(kind: str, value: Any) -> str:
     """The llguidance grammar of one constraint (``kind`` in KINDS; a json_schema is a parsed value)."""
     from llguidance import LLMatcher
 
-    if kind == "json_schema":
-        return LLMatcher.grammar_from_json_schema(json.dumps(value))
+    if kind == "json_schema":  # one line, ", " and ": " (the schema's "x-guidance" options may say otherwise)
+        return LLMatcher.grammar_from_json_schema(json.dumps(value), defaults=JSON_STYLE)
     if kind == "regex":
         return LLMatcher.grammar_from_regex(value)
     if kind == "choices":

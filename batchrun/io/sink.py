@@ -298,9 +298,9 @@ class Sink:
         out = {"rows": 0, "error": 0, "prompt_tokens": 0, "output_tokens": 0}
         for name in sorted(self._parts):
             with open_read(self.path / name) as f:
-                t = pq.read_table(f, columns=["finish_reason", "prompt_tokens", "output_tokens"])
+                t = pq.read_table(f, columns=["error", "prompt_tokens", "output_tokens"])
             out["rows"] += t.num_rows
-            out["error"] += sum(1 for r in t.column("finish_reason").to_pylist() if r == "error")
+            out["error"] += t.num_rows - t.column("error").null_count  # (an error, also beside an output)
             out["prompt_tokens"] += sum(v or 0 for v in t.column("prompt_tokens").to_pylist())
             out["output_tokens"] += sum(v or 0 for v in t.column("output_tokens").to_pylist())
         return out

@@ -1,0 +1,254 @@
+"""Constrained decoding (``sampling.constraint``, llguidance): batchrun's engine equals the reference engine
+token for token under every kind of constraint (fp32, a tiny random model with SmolLM2's tokenizer), every
+output is valid, sampled runs repeat per row seed; through ``submit``: ``output_json``, the error of an output
+cut before its grammar was complete, per-row constraints from a column, and the spec's exact errors."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from batchrun import api
+from batchrun.engine.batch import BatchEngine
+from batchrun.engine.constraints import ConstraintError, compile_constraint
+from batchrun.engine.loader import load
+from batchrun.engine.reference import ReferenceEngine
+from batchrun.engine.requests import Request, SamplingParams, row_seed
+from batchrun.errors import SpecError
+from batchrun.plan.plan import PlanConfig, build_plan
+from batchrun.spec import EngineSpec, ModelSpec, load_spec, validate_dict
+from batchrun.tokens import TokenTable
+from helpers import make_tiny_model, write_job
+
+SENTIMENT = {"type": "object", "additionalProperties": False, "required": ["label", "score"],
+             "properties": {"label": {"enum": ["positive", "negative"]},
+                            "score": {"type": "integer", "minimum": 0, "maximum": 9}}}
+CASES = {
+    "regex": ("[0-9]{3}-[a-z]{2,4}", lambda s: re.fullmatch("[0-9]{3}-[a-z]{2,4}", s)),
+    "choices": (["yes", "no", "maybe not"], lambda s: s in ("yes", "no", "maybe not")),
+    "json_schema": (SENTIMENT, lambda s: _valid(json.loads(s), SENTIMENT)),
+    "grammar": ('start: "a" b+ "z"\nb: "x" | "y"', lambda s: re.fullmatch("a[xy]+z", s)),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tokenizer_dir):
+    path = make_tiny_model(tmp_path_factory.mktemp("llama"), "llama", tokenizer_dir, seed=3)
+    return load(ModelSpec(path=path, dtype="float32"), EngineSpec(device="cpu"))
+
+
+def _valid(value, schema) -> bool:
+    """Is ``value`` valid against ``schema`` (only the schema features the generated schemas below use)?"""
+    if "enum" in schema:
+        return value in schema["enum"]
+    t = schema["type"]
+    if t == "boolean":
+        return isinstance(value, bool)
+    if t == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)
+                and schema.get("minimum", value) <= value <= schema.get("maximum", value))
+    if t == "array":
+        return (isinstance(value, list) and len(value) <= schema.get("maxItems", len(value))
+                and all(_valid(v, schema["items"]) for v in value))
+    if t == "object":
+        props = schema["properties"]
+        return (isinstance(value, dict) and set(schema["required"]) <= set(value) <= set(props)
+                and all(_valid(v, props[k]) for k, v in value.items()))
+    raise AssertionError(f"unexpected schema {schema}")
+
+
+def _requests(tok, compiled, n: int = 6, max_tokens: int = 40, seed: int = 0) -> list[Request]:
+    prompts = [f"Question {i}: what do you think of item {i * 7}?" for i in range(n)]
+    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    return [Request(key=i, prompt_ids=p, max_tokens=max_tokens, seed=row_seed(seed, i), constraint=compiled.new())
+            for i, p in enumerate(ids)]
+
+
+def _batchrun(loaded, reqs, params=None) -> dict:
+    plan = build_plan(TokenTable.from_lists(r.prompt_ids for r in reqs), np.array([r.max_tokens for r in reqs]),
+                      PlanConfig(step_tokens=64, block_size=4))
+    engine = BatchEngine(loaded, params or SamplingParams(), 100_000, 4, 64)
+    return {c.key: c for batch in engine.run(reqs, plan) for c in batch}
+
+
+def _reference(loaded, reqs, params=None) -> dict:
+    engine = ReferenceEngine(loaded, params or SamplingParams(), batch_size=4)
+    return {c.key: c for batch in engine.run(reqs) for c in batch}
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_constrained_greedy_equals_the_reference_engine_and_every_output_is_valid(tiny, kind):
+    value, valid = CASES[kind]
+    compiled = compile_constraint(kind, value, tiny.tokenizer)
+    got = _batchrun(tiny, _requests(tiny.tokenizer, compiled))
+    want = _reference(tiny, _requests(tiny.tokenizer, compiled))
+    assert sorted(got) == sorted(want) == list(range(6))
+    for k in got:
+        assert got[k].token_ids == want[k].token_ids, f"row {k}"
+        assert got[k].finish_reason == "stop" and valid(got[k].text), f"row {k}: {got[k].text!r}"
+
+
+def test_sampled_constrained_rows_repeat_per_row_seed_and_stay_valid(tiny):
+    value, valid = CASES["json_schema"]
+    compiled = compile_constraint("json_schema", value, tiny.tokenizer)
+    params = SamplingParams(temperature=1.0)
+    first = _batchrun(tiny, _requests(tiny.tokenizer, compiled, seed=5), params)
+    again = _batchrun(tiny, _requests(tiny.tokenizer, compiled, seed=5), params)
+    assert {k: c.token_ids for k, c in first.items()} == {k: c.token_ids for k, c in again.items()}
+    assert all(valid(c.text) for c in first.values())
+    assert len({c.text for c in first.values()}) > 1  # sampled: not every row the same
+
+
+def test_a_grammar_that_cannot_finish_in_max_tokens_is_cut_at_the_limit(tiny):
+    compiled = compile_constraint("regex", "[a-z]{50}", tiny.tokenizer)
+    reqs = _requests(tiny.tokenizer, compiled, n=2, max_tokens=3)
+    got = _batchrun(tiny, reqs)
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 3 for c in got.values())
+    assert all(r.constraint.incomplete(got[r.key].token_ids) for r in reqs)
+    assert not compiled.new().incomplete(tiny.tokenizer("a" * 50, add_special_tokens=False)["input_ids"])
+
+
+# Generated schemas: objects of 1-3 properties, each an enum, a boolean, a bounded integer or a short array.
+_leaf = st.one_of(
+    st.lists(st.sampled_from(["red", "green", "blue", "n/a", "x y"]), min_size=1, max_size=3, unique=True)
+    .map(lambda e: {"enum": e}),
+    st.just({"type": "boolean"}),
+    st.integers(0, 50).map(lambda lo: {"type": "integer", "minimum": lo, "maximum": lo + 20}),
+)
+_prop = st.one_of(_leaf, _leaf.map(lambda s: {"type": "array", "items": s, "maxItems": 3}))
+_schemas = st.dictionaries(st.sampled_from(["a", "b", "name", "tags"]), _prop, min_size=1, max_size=3).flatmap(
+    lambda props: st.lists(st.sampled_from(sorted(props)), unique=True).map(
+        lambda req: {"type": "object", "properties": props, "required": req, "additionalProperties": False}))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(schema=_schemas)
+def test_every_output_under_a_generated_schema_is_valid(tiny, schema):
+    compiled = compile_constraint("json_schema", schema, tiny.tokenizer)
+    reqs = _requests(tiny.tokenizer, compiled, n=3, max_tokens=60)
+    for c in _batchrun(tiny, reqs).values():
+        if c.finish_reason == "stop":
+            assert _valid(json.loads(c.text), schema), c.text
+        else:  # cut at max_tokens: must be reported as incomplete
+            assert reqs[c.key].constraint.incomplete(c.token_ids)
+
+
+@pytest.mark.parametrize("text", ["hello world", " two  spaces", "café au lait", "tab\there"])
+def test_the_tokenizers_own_tokens_of_a_valid_output_satisfy_the_grammar(tiny, text):
+    """llguidance must read tokens as their bytes (a GGUF-converted byte-level tokenizer once made it read
+    "Ġy" as the characters, so a space in an output broke the grammar)."""
+    tok = tiny.tokenizer
+    compiled = compile_constraint("choices", [text, "other"], tok)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    grammar = compiled.new()
+    for j in range(len(ids)):
+        assert grammar.allowed_tokens(ids[:j])[ids[j]], f"token {j} of {text!r}"
+    assert not grammar.incomplete(ids)
+
+
+def test_a_bad_constraint_names_what_is_wrong(tiny):
+    with pytest.raises(ConstraintError, match="unclosed character class"):
+        compile_constraint("regex", "[a-z", tiny.tokenizer)
+    with pytest.raises(ConstraintError, match="Invalid type: nonsense"):
+        compile_constraint("json_schema", {"type": "nonsense"}, tiny.tokenizer)
+
+
+# ---------------------------------------------------------------------------------------- through submit
+
+JOB = """
+model: {{path: {model}, dtype: float32}}
+input: {{path: {data}}}
+prompt: {{template: "Review: {{{{ text }}}}", chat: false}}
+sampling:
+  max_tokens: {max_tokens}
+  constraint: {constraint}
+output: {{path: {out}}}
+engine: {{device: cpu}}
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer_dir):
+    return make_tiny_model(tmp_path_factory.mktemp("llama-dir"), "llama", tokenizer_dir, seed=3)
+
+
+def _data(tmp_path, **columns):
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": list(range(len(columns["text"]))), **columns}), path)
+    return path
+
+
+def _submit(tmp_path, tiny_dir, constraint, max_tokens=40, **columns):
+    columns.setdefault("text", ["good", "bad", "fine", "awful"])
+    out = tmp_path / "out"
+    job = write_job(tmp_path, JOB.format(model=tiny_dir, data=_data(tmp_path, **columns), out=out,
+                                         max_tokens=max_tokens, constraint=json.dumps(constraint)))
+    result = api.submit(load_spec(job))
+    rel = duckdb.sql(f"SELECT * FROM '{out}/*.parquet' ORDER BY id")
+    return result, [dict(zip(rel.columns, row)) for row in rel.fetchall()], out
+
+
+def test_submit_with_a_json_schema_writes_output_json(tmp_path, tiny_dir):
+    result, rows, out = _submit(tmp_path, tiny_dir, {"json_schema": SENTIMENT})
+    assert (result.rows_ok, result.rows_error) == (4, 0)
+    cols = duckdb.sql(f"SELECT * FROM '{out}/*.parquet'").columns
+    assert cols[-2:] == ["error", "output_json"]
+    for row in rows:
+        assert (row["finish_reason"], row["error"]) == ("stop", None)
+        parsed = json.loads(row["output_json"])
+        assert parsed == json.loads(row["output"]) and _valid(parsed, SENTIMENT)
+
+
+def test_an_output_cut_before_its_grammar_is_complete_is_a_row_error(tmp_path, tiny_dir):
+    result, rows, _ = _submit(tmp_path, tiny_dir, {"json_schema": SENTIMENT}, max_tokens=2)
+    assert (result.rows_ok, result.rows_error) == (0, 4)  # (errors, though their finish_reason is "length")
+    for row in rows:
+        assert (row["finish_reason"], row["output_json"], row["output_tokens"]) == ("length", None, 2)
+        assert row["error"] == "the output reached max_tokens before its json_schema constraint was complete"
+
+
+def test_per_row_constraints_come_from_a_column(tmp_path, tiny_dir):
+    rules = [json.dumps({"regex": "[0-9]{4}"}), None, json.dumps({"choices": ["up", "down"]}),
+             json.dumps({"regex": "[0-9"})]
+    result, rows, _ = _submit(tmp_path, tiny_dir, {"column": "rule"}, max_tokens=12, rule=rules)
+    assert (result.rows_ok, result.rows_error) == (3, 1)
+    assert re.fullmatch("[0-9]{4}", rows[0]["output"]) and rows[0]["error"] is None
+    assert rows[1]["error"] is None and rows[1]["output_tokens"] == 12  # null: unconstrained
+    assert rows[2]["output"] in ("up", "down")
+    assert rows[3]["finish_reason"] == "error" and rows[3]["error"].startswith("constraint column 'rule': regex: ")
+    assert "unclosed character class" in rows[3]["error"]
+
+
+@pytest.mark.parametrize("constraint, problem", [
+    ({"regex": "x", "choices": ["a"]},
+     "sampling.constraint: give exactly one of json_schema, regex, choices, grammar or column (got regex, choices)"),
+    ({}, "sampling.constraint: give exactly one of json_schema, regex, choices, grammar or column (got none)"),
+    ({"choices": ["a", "a"]}, "sampling.constraint.choices: choices must be distinct (got [\"a\", \"a\"])"),
+    ({"choices": ["a", ""]}, "sampling.constraint.choices: choices must not be empty strings"),
+])
+def test_constraint_spec_errors(constraint, problem):
+    raw = {"name": "j", "model": {"path": "m"}, "input": {"path": "a.parquet"}, "prompt": {"template": "x"},
+           "sampling": {"constraint": constraint}, "output": {"path": "out"}}
+    with pytest.raises(SpecError) as ei:
+        validate_dict(raw)
+    assert ei.value.problems == [problem]
+
+
+@pytest.mark.parametrize("constraint, message", [
+    ({"regex": "[a-z"}, "sampling.constraint.regex: at 1(8): invalid regex"),
+    ({"json_schema": "missing.json"}, "sampling.constraint.json_schema: no such file 'missing.json'"),
+    ({"json_schema": "{not json"}, "sampling.constraint.json_schema: not valid JSON"),
+])
+def test_a_constraint_that_does_not_compile_stops_the_job_before_any_row(tmp_path, tiny_dir, constraint, message):
+    with pytest.raises(SpecError) as ei:
+        _submit(tmp_path, tiny_dir, constraint)
+    assert ei.value.message.startswith(message)
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
