@@ -63,6 +63,9 @@ class PlanReport:
     estimated_steps: int
     rows_too_big: int  # rows that cannot fit the KV budget even alone
     plan_s: float
+    # sampling.constraint: kind, constrained rows, grammars compiled and the time that took; each generated
+    # token of a constrained row also costs one token mask on the CPU (the manifest reports their time)
+    constraint: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,7 +94,9 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
                                                "pack_capacity", "packing_efficiency", "max_output_tokens")},
                       kv_budget_tokens=budget, projected_kv_peak=sim.peak_kv_tokens,
                       estimated_steps=sim.steps, rows_too_big=len(sim.rows_too_big),
-                      plan_s=round(prepared.timings["plan_s"], 3))
+                      plan_s=round(prepared.timings["plan_s"], 3),
+                      constraint=({k: v for k, v in prepared.constraint.report().items()
+                                   if k in ("kind", "rows", "grammars", "compile_s")} if prepared.constraint else None))
 
 
 def status(output_dir: str | Path) -> dict[str, Any]:

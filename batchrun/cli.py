@@ -225,6 +225,10 @@ def plan(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
         ("estimated steps", f"{d['estimated_steps']:,}"),
         ("planning time", f"{d['plan_s']:.3f}s"),
     ]
+    if d["constraint"]:
+        c = d["constraint"]
+        lines.append(("constraint", f"{c['kind']} on {c['rows']:,} rows ({c['grammars']} grammar(s) compiled in "
+                                    f"{c['compile_s']:.3f}s; a token mask on the CPU per generated token)"))
     click.echo(f"{d['job']}: plan")
     for k, v in lines:
         click.echo(f"  {k:<16} {v}")

@@ -252,3 +252,23 @@ def test_a_constraint_that_does_not_compile_stops_the_job_before_any_row(tmp_pat
         _submit(tmp_path, tiny_dir, constraint)
     assert ei.value.message.startswith(message)
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
+
+
+def test_plan_and_the_manifest_report_the_constraint(tmp_path, tiny_dir):
+    from click.testing import CliRunner
+
+    from batchrun.cli import cli
+
+    result, rows, out = _submit(tmp_path, tiny_dir, {"regex": "[0-9]{4}"}, max_tokens=8)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    c = manifest["constraint"]
+    generated = sum(r["output_tokens"] for r in rows)  # a mask per token chosen (EOS included)
+    assert (c["kind"], c["rows"], c["grammars"]) == ("regex", 4, 1) and c["masks"] == generated + len(rows)
+    assert c["mask_s"] >= 0 and result.constraint == c
+    job = tmp_path / "job.yaml"
+    r = CliRunner().invoke(cli, ["plan", str(job), "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert {k: report["constraint"][k] for k in ("kind", "rows", "grammars")} == {"kind": "regex", "rows": 4,
+                                                                                   "grammars": 1}
+    assert "constraint       regex on 4 rows (1 grammar(s) compiled in" in r.stdout

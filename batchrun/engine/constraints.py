@@ -13,8 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -83,6 +84,7 @@ class CompiledConstraint:
     grammar: str
     tokenizer: Any  # llguidance's
     eos_ids: tuple[int, ...]
+    stats: dict[str, float] = field(default_factory=lambda: {"masks": 0, "mask_s": 0.0}, compare=False)
 
     def new(self) -> Grammar:
         return Grammar(self)
@@ -117,6 +119,14 @@ class Grammar:
 
     def allowed_tokens(self, generated: Sequence[int]) -> np.ndarray:
         """A boolean mask over the vocabulary: the tokens allowed after ``generated``."""
+        t = time.perf_counter()
+        mask = self._mask(generated)
+        stats = self.compiled.stats
+        stats["masks"] += 1
+        stats["mask_s"] += time.perf_counter() - t
+        return mask
+
+    def _mask(self, generated: Sequence[int]) -> np.ndarray:
         m = self._matcher
         n = len(generated)
         if n < self._consumed:  # (never in practice: a row's generated tokens only grow)

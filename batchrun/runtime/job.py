@@ -49,6 +49,7 @@ class JobResult:
     kv_budget_tokens: int | None = None  # batchrun's engine: its KV pool (None: the reference engine)
     kv_peak_tokens: int | None = None  # the most KV held at once in this run (whole blocks)
     timings: dict[str, float] = field(default_factory=dict)
+    constraint: dict[str, Any] | None = None  # sampling.constraint: kind, rows, grammars, compile and mask time
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -240,11 +241,14 @@ def finalize(spec: JobSpec, job_info: dict[str, Any], prepared: PreparedJob, mod
     result = JobResult(status, spec.name, str(sink.path), rows_total=prepared.num_rows, rows_ok=run.rows_ok,
                        rows_error=run.rows_error, rows_skipped=rows_skipped, prompt_tokens=run.prompt_tokens,
                        output_tokens=run.output_tokens, kv_budget_tokens=run.kv_budget_tokens,
-                       kv_peak_tokens=run.kv_peak_tokens, timings={k: round(v, 3) for k, v in timings.items()})
+                       kv_peak_tokens=run.kv_peak_tokens, timings={k: round(v, 3) for k, v in timings.items()},
+                       constraint=prepared.constraint.report() if prepared.constraint else None)
     sink.flush()  # totals() reads the parts
     totals = sink.totals()
 
     def manifest(**extra: Any) -> dict[str, Any]:
+        if result.constraint is not None:
+            extra["constraint"] = result.constraint
         return sinks.build_manifest(
             job_info, totals, this_run=run.rows_ok + run.rows_error, from_earlier_runs=rows_skipped,
             model=model,

@@ -24,7 +24,7 @@ from batchrun.io.sink import RESERVED_COLUMNS
 from batchrun.io.source import Source, read_source, require_columns
 from batchrun.plan.plan import Plan, PlanConfig, build_plan
 from batchrun.runtime.assemble import Assembler, OneToOne
-from batchrun.runtime.row_constraints import row_constraints
+from batchrun.runtime.row_constraints import ConstraintUse, row_constraints
 from batchrun.spec import JobSpec
 
 log = logging.getLogger("batchrun")
@@ -44,6 +44,7 @@ class PreparedJob:
     plan: Plan  # over ``requests``: plan row k is ``requests[k]``
     assembler: Assembler  # input rows -> requests; completions -> output rows
     timings: dict[str, float] = field(default_factory=dict)  # read_s, tokenize_s, plan_s
+    constraint: ConstraintUse | None = None  # sampling.constraint: what was compiled, what it costs
 
     @property
     def num_rows(self) -> int:
@@ -65,7 +66,7 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     prompts = build_prompts(spec.prompt, source.table, tokenizer)
     timings["tokenize_s"] = time.monotonic() - t
 
-    constraints, c_errors = row_constraints(spec, source, tokenizer)
+    constraints, c_errors, use = row_constraints(spec, source, tokenizer)
     ids = source.table.column(source.id_column).to_pylist()
     c = spec.sampling.constraint
     assembler = OneToOne(prompts.tokens.lengths, json_output=c is not None and c.kind in ("json_schema", "column"))
@@ -74,7 +75,7 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     t = time.monotonic()
     plan = plan_requests(spec, prompts, requests, rows)
     timings["plan_s"] = time.monotonic() - t
-    return PreparedJob(source, columns, ids, prompts, requests, rows, errors, plan, assembler, timings)
+    return PreparedJob(source, columns, ids, prompts, requests, rows, errors, plan, assembler, timings, use)
 
 
 def output_columns(spec: JobSpec, source: Source) -> list[str]:

@@ -8,6 +8,8 @@ once per distinct value, and a bad value is that row's error.
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +23,40 @@ from batchrun.spec import ConstraintSpec, JobSpec
 FIELD = "sampling.constraint"
 
 
+@dataclass
+class ConstraintUse:
+    """A job's constraint, for ``batchrun plan`` and the manifest: its kind, how many rows use it, the
+    grammars compiled and the time that took, and (after the run) the CPU time spent computing token masks."""
+
+    kind: str
+    rows: int
+    compiled: list[CompiledConstraint]
+    compile_s: float
+
+    def report(self) -> dict[str, Any]:
+        masks = sum(c.stats["masks"] for c in self.compiled)
+        mask_s = sum(c.stats["mask_s"] for c in self.compiled)
+        return {"kind": self.kind, "rows": self.rows, "grammars": len(self.compiled),
+                "compile_s": round(self.compile_s, 3), "masks": masks, "mask_s": round(mask_s, 3),
+                "mask_ms_each": round(1000 * mask_s / masks, 3) if masks else None}
+
+
 def row_constraints(spec: JobSpec, source: Source, tokenizer: Any
-                    ) -> tuple[list[CompiledConstraint | None], dict[int, str]]:
-    """Each row's compiled constraint (None: unconstrained) and (row -> message) for rows whose own
-    constraint is bad."""
+                    ) -> tuple[list[CompiledConstraint | None], dict[int, str], ConstraintUse | None]:
+    """Each row's compiled constraint (None: unconstrained), (row -> message) for rows whose own constraint
+    is bad, and what the job's constraint is (None without one)."""
     c = spec.sampling.constraint
     n = source.num_rows
     if c is None:
-        return [None] * n, {}
+        return [None] * n, {}, None
+    t = time.monotonic()
     if c.column is None:
         value = json_schema_value(c) if c.kind == "json_schema" else getattr(c, c.kind)
         try:
             compiled = compile_constraint(c.kind, value, tokenizer)
         except ConstraintError as e:
             raise SpecError(f"{FIELD}.{c.kind}: {e}") from None
-        return [compiled] * n, {}
+        return [compiled] * n, {}, ConstraintUse(c.kind, n, [compiled], time.monotonic() - t)
     require_columns(source.table, [c.column], f"{FIELD}.column")
     col = source.table.column(c.column)
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
@@ -56,7 +77,9 @@ def row_constraints(spec: JobSpec, source: Source, tokenizer: Any
             out.append(None)
         else:
             out.append(got)
-    return out, errors
+    distinct = [v for v in cache.values() if not isinstance(v, str)]
+    used = sum(1 for v in out if v is not None)
+    return out, errors, ConstraintUse(f"column {c.column}", used, distinct, time.monotonic() - t)
 
 
 def _compile_row(text: str, tokenizer: Any) -> CompiledConstraint | str:
