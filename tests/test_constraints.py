@@ -96,6 +96,21 @@ def test_constrained_greedy_equals_the_reference_engine_and_every_output_is_vali
         assert got[k].finish_reason == "stop" and valid(got[k].text), f"row {k}: {got[k].text!r}"
 
 
+def test_forced_tokens_are_appended_without_a_sampling_step_each(tiny):
+    """Where the schema forces text (keys, quotes, separators), batchrun's engine appends the forced tokens
+    after the drawn one and computes them together: fewer steps than tokens, the same tokens."""
+    compiled = compile_constraint("json_schema", SENTIMENT, tiny.tokenizer)
+    reqs = _requests(tiny.tokenizer, compiled, n=1)
+    plan = build_plan(TokenTable.from_lists(r.prompt_ids for r in reqs), np.array([r.max_tokens for r in reqs]),
+                      PlanConfig(step_tokens=64, block_size=4))
+    engine = BatchEngine(tiny, SamplingParams(), 100_000, 4, 64)
+    got = next(c for batch in engine.run(reqs, plan) for c in batch)
+    want = _reference(tiny, _requests(tiny.tokenizer, compiled, n=1))[0]
+    assert got.token_ids == want.token_ids
+    # One step of prefill, then one per drawn token (EOS included): far fewer than one per token.
+    assert engine.stats["steps"] <= len(got.token_ids) // 2, (engine.stats, len(got.token_ids))
+
+
 def test_sampled_constrained_rows_repeat_per_row_seed_and_stay_valid(tiny):
     value, valid = CASES["json_schema"]
     compiled = compile_constraint("json_schema", value, tiny.tokenizer)

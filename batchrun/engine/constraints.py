@@ -108,7 +108,11 @@ def compile_constraint(kind: str, value: Any, tokenizer: Any) -> CompiledConstra
 
 
 class Grammar:
-    """One request's matcher (``engine.requests.LogitsConstraint``)."""
+    """One request's matcher (``engine.requests.LogitsConstraint``).
+
+    Where the grammar forces what comes next (the rest of a JSON key, say), llguidance reports the forced
+    tokens: the mask then allows only the first of them (so every engine emits the same, canonical tokens),
+    and ``forced_tokens`` lets batchrun's engine append them all at once, without a sampling step each."""
 
     def __init__(self, compiled: CompiledConstraint):
         from llguidance import LLMatcher
@@ -126,7 +130,17 @@ class Grammar:
         stats["mask_s"] += time.perf_counter() - t
         return mask
 
-    def _mask(self, generated: Sequence[int]) -> np.ndarray:
+    def forced_tokens(self, generated: Sequence[int]) -> list[int]:
+        """The tokens the grammar forces right after ``generated`` (often none)."""
+        t = time.perf_counter()
+        self._sync(generated)
+        m = self._matcher
+        forced = [] if m.is_stopped() or m.is_error() else list(m.compute_ff_tokens())
+        self.compiled.stats["mask_s"] += time.perf_counter() - t
+        return forced
+
+    def _sync(self, generated: Sequence[int]) -> None:
+        """Bring the matcher up to ``generated``."""
         m = self._matcher
         n = len(generated)
         if n < self._consumed:  # (never in practice: a row's generated tokens only grow)
@@ -136,12 +150,22 @@ class Grammar:
             if not m.is_stopped() and not m.is_error():
                 m.consume_tokens([int(t) for t in generated[self._consumed :]])
             self._consumed = n
+
+    def _mask(self, generated: Sequence[int]) -> np.ndarray:
+        self._sync(generated)
+        m = self._matcher
         if m.is_stopped() or m.is_error():  # complete (or broken): nothing but EOS
-            mask = np.zeros(self.compiled.tokenizer.vocab_size, dtype=bool)
-            mask[list(self.compiled.eos_ids)] = True
-            return mask
+            return self._only(self.compiled.eos_ids)
+        forced = m.compute_ff_tokens()
+        if forced:
+            return self._only(forced[:1])
         bits = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
         return np.unpackbits(bits, bitorder="little").view(bool)
+
+    def _only(self, tokens: Sequence[int]) -> np.ndarray:
+        mask = np.zeros(self.compiled.tokenizer.vocab_size, dtype=bool)
+        mask[list(tokens)] = True
+        return mask
 
     def incomplete(self, token_ids: Sequence[int]) -> bool:
         """Does the final output ``token_ids`` (EOS excluded) leave the grammar unfinished?"""

@@ -386,10 +386,28 @@ class Scheduler:
             events.append(TokenEvent(key, t, ended))
         return events
 
+    def force(self, key: RowKey, tokens: Sequence[int]) -> str | None:
+        """Append tokens a row's constraint forces after the token it just drew: the next step computes that
+        token and these together, as a chunk, and draws from its end. Returns why the row ends, if it does
+        ("eos", "length"), as ``commit`` would have."""
+        r = self.rows[key.row]
+        tokens = list(tokens[: r.req.max_tokens - len(r.generated)])
+        eos = next((j for j, t in enumerate(tokens) if t in self.eos_ids), None)
+        if eos is not None:
+            r.generated.extend(tokens[: eos + 1])
+            return "eos"
+        r.generated.extend(tokens)
+        if len(r.generated) >= r.req.max_tokens:
+            return "length"
+        chunk = r.generated[-len(tokens) - 1 :]
+        self._computing[key] = Pending(chunk, len(r.req.prompt_ids) + len(r.generated) - len(chunk))
+        return None
+
     def finish(self, key: RowKey) -> RowState:
         """End a running row (its EOS, its limit, or a stop string the engine found): free its KV."""
         r = self.rows[key.row]
         r.running = False
+        self._computing.pop(key, None)  # (forced tokens not computed yet)
         self._running.pop(key.row, None)
         self.kv.release_row(r.own)
         self._let_go_of_prefixes(r)
