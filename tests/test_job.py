@@ -155,6 +155,28 @@ def test_example_job_end_to_end(tmp_path, monkeypatch):
     assert hits >= 60, f"only {hits} summaries mention their product"
 
 
+@pytest.mark.slow
+def test_extraction_example_gives_json_valid_against_its_schema(tmp_path, monkeypatch):
+    """examples/extract.yaml on the real SmolLM2 (24 of its rows): every output is one JSON object with the
+    schema's keys, a sentiment from its enum, and ``output_json`` holds it parsed."""
+    import json
+
+    import polars as pl
+
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "extract"
+    result = api.submit(REPO / "examples/extract.yaml",
+                        [f"output.path={out}", "input.sql=SELECT * FROM input WHERE lang = 'en' LIMIT 24"])
+    assert (result.status, result.rows_ok, result.rows_error) == ("ok", 24, 0)
+    assert result.constraint["kind"] == "json_schema" and result.constraint["masks"] > 0
+    df = pl.read_parquet(str(out / "*.parquet"))
+    for output, parsed in zip(df["output"], df["output_json"]):
+        value = json.loads(parsed)
+        assert value == json.loads(output)
+        assert set(value) == {"product", "sentiment", "complaints"} and value["sentiment"] in (
+            "positive", "negative", "mixed") and isinstance(value["complaints"], list)
+
+
 def test_changed_input_or_model_files_are_refused_unless_fresh(tmp_path, tiny_model_dir, reviews_parquet):
     import os
     import shutil
