@@ -12,9 +12,18 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from batchrun.errors import SpecError, UsageError
 from batchrun.spec_yaml import apply_override, parse_yaml, show
@@ -187,15 +196,30 @@ class ConstraintSpec(_Strict):
         return next(k for k in (*CONSTRAINT_KINDS, "column") if getattr(self, k) is not None)
 
 
+# The numeric sampling fields, each a number or the name of a column (per-row values, checked per row by
+# runtime/row_sampling.py against the same ranges).
+_NUMBERS = {
+    "temperature": TypeAdapter(Annotated[float, Field(ge=0, le=2, strict=True, allow_inf_nan=False)]),
+    "top_p": TypeAdapter(Annotated[float, Field(gt=0, le=1, strict=True, allow_inf_nan=False)]),
+    "top_k": TypeAdapter(Annotated[int, Field(ge=0, strict=True)]),
+    "seed": TypeAdapter(Annotated[int, Field(ge=0, lt=2**63, strict=True)]),
+}
+MAX_STOP = 16
+_STOP_LIST = TypeAdapter(Annotated[list[str], Field(max_length=MAX_STOP)])
+
+
 class SamplingSpec(_Strict):
-    """Decoding. temperature 0 is greedy. ``max_tokens`` is a number or the name of an integer column."""
+    """Decoding. temperature 0 is greedy. ``max_tokens``, ``temperature``, ``top_p``, ``top_k`` and ``seed`` are
+    each a number or the name of a column (per-row values); ``stop`` is stop strings or ``{column: NAME}``.
+    ``n`` samples per input row."""
 
     max_tokens: int | str = 256
-    temperature: float = Field(default=0.0, ge=0, le=2, strict=True, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, gt=0, le=1, strict=True, allow_inf_nan=False)
-    top_k: int = Field(default=0, ge=0, strict=True)
-    stop: list[str] = Field(default_factory=list, max_length=16)
-    seed: int = Field(default=0, ge=0, lt=2**63, strict=True)
+    temperature: float | str = 0.0
+    top_p: float | str = 1.0
+    top_k: int | str = 0
+    stop: list[str] | dict[str, str] = Field(default_factory=list)
+    seed: int | str = 0
+    n: int = Field(default=1, ge=1, le=1000, strict=True)
     ignore_eos: bool = Field(default=False, strict=True)
     constraint: ConstraintSpec | None = None
 
@@ -212,24 +236,36 @@ class SamplingSpec(_Strict):
             return v
         raise ValueError(f"must be a positive integer or a column name (got {show(v)})")
 
-    @field_validator("temperature")
+    @field_validator("temperature", "top_p", "top_k", "seed", mode="wrap")
     @classmethod
-    def _temperature(cls, v: float) -> float:
-        if 0 < v < MIN_TEMPERATURE:
+    def _number_or_column(cls, v: Any, handler: Any, info: ValidationInfo) -> float | int | str:
+        if isinstance(v, str) and re.match(_IDENT, v):
+            return v
+        adapter = _NUMBERS[info.field_name]
+        if isinstance(v, str) and not _number_hint("float_type", v):  # (text that YAML misread gets its hint)
+            number = "an integer" if adapter.core_schema["type"] == "int" else "a number"
+            raise ValueError(f"must be {number} or a column name (got {show(v)})")
+        v = adapter.validate_python(v)  # (its errors keep their kind: reported like any field's)
+        if info.field_name == "temperature" and 0 < v < MIN_TEMPERATURE:
             raise ValueError(f"must be 0 (greedy) or >= {MIN_TEMPERATURE} (got {v!r})")
         return v
 
-    @field_validator("stop", mode="before")
+    @field_validator("stop", mode="wrap")
     @classmethod
-    def _one_stop(cls, v: Any) -> Any:
-        return [v] if isinstance(v, str) else v
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, v: list[str]) -> list[str]:
-        if any(s == "" for s in v):
+    def _stop(cls, v: Any, handler: Any) -> list[str] | dict[str, str]:
+        if isinstance(v, dict):
+            if list(v) != ["column"] or not (isinstance(v["column"], str) and re.match(_IDENT, v["column"])):
+                raise ValueError(f"must be stop strings, or {{column: NAME}} for per-row stop strings (got {show(v)})")
+            return dict(v)
+        stop = _STOP_LIST.validate_python([v] if isinstance(v, str) else v)
+        if any(s == "" for s in stop):
             raise ValueError("stop strings must not be empty")
-        return v
+        return stop
+
+    def column(self, name: str) -> str | None:
+        """The column ``name`` (temperature, top_p, top_k, seed, stop, max_tokens) is read from, if any."""
+        v = getattr(self, name)
+        return v["column"] if isinstance(v, dict) else v if isinstance(v, str) else None
 
 
 class OutputSpec(_Strict):
@@ -279,6 +315,8 @@ class JobSpec(_Strict):
             d["model"] = {k: v for k, v in d["model"].items() if k not in ("load", "size", "seed")}
         if d["sampling"]["constraint"] is None:  # (likewise for jobs without a constraint)
             d["sampling"] = {k: v for k, v in d["sampling"].items() if k != "constraint"}
+        if d["sampling"]["n"] == 1:  # (and for one sample per row)
+            d["sampling"] = {k: v for k, v in d["sampling"].items() if k != "n"}
         return _hash({k: d[k] for k in ("model", "input", "prompt", "sampling")})
 
 

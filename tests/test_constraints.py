@@ -104,7 +104,7 @@ def test_forced_tokens_are_appended_without_a_sampling_step_each(tiny):
     plan = build_plan(TokenTable.from_lists(r.prompt_ids for r in reqs), np.array([r.max_tokens for r in reqs]),
                       PlanConfig(step_tokens=64, block_size=4))
     engine = BatchEngine(tiny, SamplingParams(), 100_000, 4, 64)
-    got = next(c for batch in engine.run(reqs, plan) for c in batch)
+    (got,) = [c for batch in engine.run(reqs, plan) for c in batch]
     want = _reference(tiny, _requests(tiny.tokenizer, compiled, n=1))[0]
     assert got.token_ids == want.token_ids
     # One step of prefill, then one per drawn token (EOS included): far fewer than one per token.

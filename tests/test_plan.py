@@ -28,7 +28,9 @@ def check_groups(rows: Rows, plan) -> None:
         members = [r for r in range(n) if p in chains[r]]
         assert g.members[p] == len(members) >= 2
         assert len({tuple(rows[r][:end]) for r in members}) == 1 and all(lengths[members] > end)
-        assert q < p and start == (g.end[q] if q >= 0 else 0) and start < end == plan.trie.depth[g.node[p]]
+        assert q < p and start == (g.end[q] if q >= 0 else 0) and start < end
+        depth = int(plan.trie.depth[g.node[p]])  # the node's depth, or one less where identical prompts end
+        assert end == depth or (end == depth - 1 and sum(lengths[members] == depth) >= 2)
         assert (len(members) - 1) * (end - start) > plan.config.overhead_tokens  # the gain rule
         tokens = rows[members[0]][:end]
         for r in range(n):  # a row uses every shared prefix it extends (row_prefix is the innermost)
@@ -153,14 +155,20 @@ def test_no_sharing_orders_by_ratio():
     assert plan.prefill_tokens() == 24 and plan.prefix_first.tolist() == []
 
 
-def test_identical_prompts_current_behaviour():
-    """Known limitation: identical prompts are not shared yet. They end at one trie node, which no row runs past
-    (a row keeps at least one token of its own), so groups.choose_prefixes shares nothing at all; sharing all
-    but their last token would prefill 49 + 4 * 1 tokens here instead of 200."""
+def test_identical_prompts_share_all_but_their_last_token():
+    """Identical prompts (n samples of a row) end at one trie node, which no row runs past; they share all of it
+    but the last token, which each keeps as its own: 49 + 4 * 1 prefill tokens instead of 200. A longer prompt
+    through the same node shares the same prefix; a lone prompt ending there keeps the node's full depth."""
     rows = [seq(100, 50)] * 4
     plan = build(rows, [2] * 4, PlanConfig(overhead_tokens=0))
-    assert len(plan.prefixes) == 0 and plan.prefixes.row_start.tolist() == [0] * 4
-    assert plan.order.tolist() == [0, 1, 2, 3] and plan.prefill_tokens() == 200 and plan.trie.unique_tokens == 50
+    assert (plan.prefixes.start.tolist(), plan.prefixes.end.tolist()) == ([0], [49])
+    assert plan.prefixes.row_start.tolist() == [49] * 4 and plan.prefixes.members.tolist() == [4]
+    assert plan.order.tolist() == [0, 1, 2, 3] and plan.prefill_tokens() == 49 + 4 and plan.trie.unique_tokens == 50
+    longer = build(rows + [seq(100, 60)], [2] * 5, PlanConfig(overhead_tokens=0))
+    assert longer.prefixes.end.tolist() == [49] and longer.prefixes.row_start.tolist() == [49] * 5
+    assert longer.prefill_tokens() == 49 + 4 + 11
+    one = build([seq(100, 50), seq(100, 60), seq(100, 70)], [2] * 3, PlanConfig(overhead_tokens=0))
+    assert one.prefixes.end.tolist() == [50] and one.prefill_tokens() == 50 + 50 + 10 + 20
 
 
 def test_prompt_prefix_of_another():

@@ -28,7 +28,7 @@ ALLOWED = {
     "input": "path, format, table, sql, id",
     "prompt": "template, system, chat, fewshot",
     "fewshot": "user, assistant",
-    "sampling": "max_tokens, temperature, top_p, top_k, stop, seed, ignore_eos, constraint",
+    "sampling": "max_tokens, temperature, top_p, top_k, stop, seed, n, ignore_eos, constraint",
     "output": "path, columns, part_rows, max_error_rate",
     "engine": "backend, device, batch_size, threads, step_tokens, block_size, kv_budget_tokens",
 }
@@ -63,7 +63,7 @@ def test_minimal_spec_fills_defaults_and_names_job_after_file(tmp_path):
         "input": {"path": "data.parquet", "format": "auto", "table": "input", "sql": None, "id": None},
         "prompt": {"template": "Review: {{ text }}", "system": None, "chat": None, "fewshot": []},
         "sampling": {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "stop": [], "seed": 0,
-                     "ignore_eos": False, "constraint": None},
+                     "n": 1, "ignore_eos": False, "constraint": None},
         "output": {"path": "out/reviews", "columns": None, "part_rows": 1000, "max_error_rate": None},
         "engine": {"backend": "batchrun", "device": "auto", "batch_size": 16, "threads": None,
                    "step_tokens": 8192, "block_size": 16, "kv_budget_tokens": None},
@@ -81,7 +81,7 @@ def test_full_spec_keeps_every_value(tmp_path):
         "prompt": {"template": "{{ text }}", "system": "Be brief.", "chat": True,
                    "fewshot": [{"user": "u1", "assistant": "a1"}]},
         "sampling": {"max_tokens": "budget", "temperature": 0.7, "top_p": 0.9, "top_k": 40, "stop": "END",
-                     "seed": 7, "ignore_eos": True,
+                     "seed": 7, "n": 3, "ignore_eos": True,
                      "constraint": {"json_schema": None, "regex": "[a-z]+", "choices": None, "grammar": None,
                                     "column": None}},
         "output": {"path": "out/x", "columns": ["lang"], "part_rows": 5, "max_error_rate": None},
@@ -112,6 +112,10 @@ def test_default_name_from_any_stem_is_valid(tmp_path, filename):
     ("prompt", "fewshot", [{"user": "a", "assistant": "b"}], "chat", None),  # fewshot with chat unset
     ("sampling", "temperature", 0.01, "temperature", 0.01),
     ("sampling", "temperature", 0, "temperature", 0.0),
+    ("sampling", "temperature", "temp", "temperature", "temp"),  # a column (likewise top_p, top_k, seed)
+    ("sampling", "seed", "row_seed", "seed", "row_seed"),
+    ("sampling", "stop", {"column": "stops"}, "stop", {"column": "stops"}),
+    ("sampling", "n", 1000, "n", 1000),
     ("engine", "kv_budget_tokens", 1_000_000_000, "kv_budget_tokens", 1_000_000_000),
     ("input", "path", "file:///data/x.parquet", "path", "file:///data/x.parquet"),
     ("input", "path", "file://localhost/data/x.parquet", "path", "file://localhost/data/x.parquet"),
@@ -126,7 +130,13 @@ def test_accepted_values(section, field, value, attr, expected):
 MT = "sampling.max_tokens: must be a positive integer or a column name"
 ERRORS = [
     (with_("sampling", temperature=5), ["sampling.temperature: must be <= 2 (got 5)"]),
-    (with_("sampling", temperature="hot"), ["sampling.temperature: must be a number (got 'hot')"]),
+    (with_("sampling", temperature="very hot"),
+     ["sampling.temperature: must be a number or a column name (got 'very hot')"]),
+    (with_("sampling", top_k="2x"), ["sampling.top_k: must be an integer or a column name (got '2x')"]),
+    (with_("sampling", stop={"col": "x"}),
+     ['sampling.stop: must be stop strings, or {column: NAME} for per-row stop strings (got {"col": "x"})']),
+    (with_("sampling", n=0), ["sampling.n: must be >= 1 (got 0)"]),
+    (with_("sampling", n=1001), ["sampling.n: must be <= 1000 (got 1001)"]),
     (with_("sampling", top_p=0), ["sampling.top_p: must be > 0 (got 0)"]),
     (with_("sampling", seed=-1), ["sampling.seed: must be >= 0 (got -1)"]),
     (with_("sampling", max_tokens=0), ["sampling.max_tokens: must be between 1 and 1000000 (got 0)"]),

@@ -2,8 +2,9 @@
 
 Each step: the scheduler describes the work (decodes, then prefill packs in plan order, within the KV
 budget), the runner computes it in one packed forward pass, per-request logits constraints are applied,
-the sampler draws each row's next token, the scheduler records it (ending rows at EOS or their limit), and
-the engine ends rows whose text reached a stop string. Completions stream out as rows finish.
+the sampler draws each row's next token (under the request's own sampling settings, or the engine's), the
+scheduler records it (ending rows at EOS or their limit), and the engine ends rows whose text reached one of
+their stop strings. Completions stream out as rows finish.
 """
 
 from __future__ import annotations
@@ -78,20 +79,25 @@ class BatchEngine:
                     logits = constrain(logits, [None if r.constraint is None else
                                                 r.constraint.allowed_tokens(sched.generated(k))
                                                 for r, k in zip(reqs, keys)])
-                gens = None
-                if not self.sampling.greedy:
-                    for k in keys:
-                        if k not in generators:
-                            generators[k] = row_generator(requests[k.row].seed, self.loaded.device)
-                    gens = [generators[k] for k in keys]
-                tokens = sample(logits, self.sampling, gens)
+                params = [r.sampling or self.sampling for r in reqs]
+                for k, r, p in zip(keys, reqs, params):
+                    if not p.greedy and k not in generators:
+                        generators[k] = row_generator(r.seed, self.loaded.device)
+                tokens = sample(logits, params, [generators.get(k) for k in keys])
             events = sched.commit(step, tokens)
             done = self._errors(sched)
             for e in events:
-                if e.ended or self.stopper.hit(sched.generated(e.key)):
+                ended = e.ended
+                c = requests[e.key.row].constraint
+                if not ended and c is not None and hasattr(c, "forced_tokens"):
+                    forced = c.forced_tokens(sched.generated(e.key))
+                    if forced:  # appended now, computed in the next step with the token just drawn
+                        ended = sched.force(e.key, forced)
+                stop = (requests[e.key.row].sampling or self.sampling).stop
+                if ended or self.stopper.hit(sched.generated(e.key), stop):
                     generators.pop(e.key, None)
                     r = sched.finish(e.key)
-                    done.append(self.stopper.finish(r.req.key, r.generated, r.req.max_tokens))
+                    done.append(self.stopper.finish(r.req.key, r.generated, r.req.max_tokens, stop))
             yield done
         self.stats = {"steps": sched.steps, "preemptions": sched.preemptions, "prefix_evictions": kv.evictions,
                       "kv_peak_tokens": peak, "kv_budget_tokens": kv.budget}

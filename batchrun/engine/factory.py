@@ -64,9 +64,14 @@ def auto_kv_budget(facts: ModelFacts) -> int:
 
 
 def sampling_params(sampling: SamplingSpec) -> SamplingParams:
+    """The engine's sampling settings. A field read from a column (per row) keeps its default here: every
+    request then carries its own settings (``Request.sampling``)."""
     s = sampling
-    return SamplingParams(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, stop=tuple(s.stop),
-                          ignore_eos=s.ignore_eos)
+    d = SamplingParams()
+    return SamplingParams(temperature=d.temperature if s.column("temperature") else s.temperature,
+                          top_p=d.top_p if s.column("top_p") else s.top_p,
+                          top_k=d.top_k if s.column("top_k") else s.top_k,
+                          stop=d.stop if s.column("stop") else tuple(s.stop), ignore_eos=s.ignore_eos)
 
 
 def make_engine(spec: JobSpec, loaded: LoadedModel, requests: Sequence[Request]) -> Engine:

@@ -2,8 +2,9 @@
 
 It stays for good as the correctness oracle and the benchmark baseline, so it is deliberately simple.
 Per-row limits (max_tokens, stop strings) are stopping criteria and per-request logits constraints a logits
-processor; sampling at temperature > 0 draws each row's token from that row's own generator (seeded from the
-job seed and the row id), so a row's output does not depend on which rows share its batch.
+processor; each row samples under its own settings (the request's, or the engine's), and a row at temperature
+> 0 draws its token from its own generator (seeded from the job seed and the row id), so a row's output does
+not depend on which rows share its batch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from transformers import (
 
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
-from batchrun.engine.sampling import constrain, row_generator, sampling_probs
+from batchrun.engine.sampling import constrain, row_generator, sample
 from batchrun.engine.stopping import Stopper
 from batchrun.plan.plan import Plan
 
@@ -65,28 +66,30 @@ class ReferenceEngine:
             max_new_tokens=max_new, do_sample=False, pad_token_id=self.pad_id,
             eos_token_id=None if self.sampling.ignore_eos else self.loaded.eos_ids,
         )
+        params = [r.sampling or self.sampling for r in batch]
         processors = LogitsProcessorList()
         if any(r.constraint is not None for r in batch):
             processors.append(_RowConstraints(batch, width))
-        if not self.sampling.greedy:
-            processors.append(_RowSampler(self.sampling, [r.seed for r in batch], device))
-        stops = StoppingCriteriaList([_RowStops(batch, width, self.stopper, interrupt)])
+        if not all(p.greedy for p in params):
+            processors.append(_RowSampler(params, [r.seed for r in batch], device))
+        stops = StoppingCriteriaList([_RowStops(batch, width, self.stopper, [p.stop for p in params], interrupt)])
         out = self.loaded.model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
             logits_processor=processors, stopping_criteria=stops,
         )
         generated = out[:, width:].tolist()
-        return [self.stopper.finish(r.key, g, r.max_tokens) for r, g in zip(batch, generated)]
+        return [self.stopper.finish(r.key, g, r.max_tokens, p.stop) for r, g, p in zip(batch, generated, params)]
 
 
 class _RowStops(StoppingCriteria):
-    """A row is done at its own max_tokens or once it produced a stop string."""
+    """A row is done at its own max_tokens or once it produced one of its stop strings."""
 
-    def __init__(self, batch: list[Request], prompt_width: int, stopper: Stopper,
+    def __init__(self, batch: list[Request], prompt_width: int, stopper: Stopper, stops: list[tuple[str, ...]],
                  interrupt: Callable[[], bool] | None = None):
         self.limits = [r.max_tokens for r in batch]
         self.width = prompt_width
         self.stopper = stopper
+        self.stops = stops
         self.interrupt = interrupt
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
@@ -94,9 +97,9 @@ class _RowStops(StoppingCriteria):
             raise Interrupted
         n = input_ids.shape[1] - self.width
         done = [n >= limit for limit in self.limits]
-        if self.stopper.stop:
+        if any(self.stops):
             rows = input_ids[:, self.width :].tolist()
-            done = [d or self.stopper.hit(row) for d, row in zip(done, rows)]
+            done = [d or self.stopper.hit(row, stop) for d, row, stop in zip(done, rows, self.stops)]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -113,19 +116,18 @@ class _RowConstraints(LogitsProcessor):
 
 
 class _RowSampler(LogitsProcessor):
-    """Temperature / top-k / top-p sampling with one torch.Generator per row.
+    """Each row's token under its own settings: greedy, or temperature / top-k / top-p with one
+    torch.Generator per sampled row.
 
-    It returns -inf everywhere but the drawn token, so generate's greedy step picks exactly that token.
+    It returns -inf everywhere but the chosen token, so generate's greedy step picks exactly that token.
     """
 
-    def __init__(self, sampling: SamplingParams, seeds: list[int], device: str):
-        self.s = sampling
-        self.generators = [row_generator(seed, device) for seed in seeds]
+    def __init__(self, params: list[SamplingParams], seeds: list[int], device: str):
+        self.params = params
+        self.generators = [None if p.greedy else row_generator(seed, device) for p, seed in zip(params, seeds)]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = sampling_probs(scores.float(), self.s)
-        chosen = torch.stack([torch.multinomial(probs[i], 1, generator=g)[0]
-                              for i, g in enumerate(self.generators)])
+        chosen = torch.tensor(sample(scores, self.params, self.generators), device=scores.device)
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(scores.shape[0], device=scores.device), chosen] = 0.0
         return out

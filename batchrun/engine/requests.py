@@ -1,8 +1,9 @@
 """The contract between batchrun and an engine: the plain objects it takes and gives back (no torch here).
 
-An engine gets ``Request``s (token ids and per-request limits) and yields ``Completion``s as requests
-finish. A request's ``key`` is opaque to the engine: whoever builds the requests (the result assembler)
-decides what it means — an input row today; a (row, sample) pair or a BatchPrompt round later.
+An engine gets ``Request``s (token ids, per-request limits, seed, and optionally its own sampling settings)
+and yields ``Completion``s as requests finish. A request's ``key`` is opaque to the engine: whoever builds the
+requests (the result assembler) decides what it means — an input row, a (row, sample) pair, or later a
+BatchPrompt round.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Job-wide decoding settings (per-request limits live on the Request)."""
+    """Decoding settings: an engine's defaults, or one request's (``Request.sampling``). Per-request limits
+    (max_tokens, seed) live on the Request."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -47,6 +49,9 @@ class Request:
     max_tokens: int
     seed: int = 0  # per-request seed, e.g. row_seed(job seed, row id)
     constraint: LogitsConstraint | None = field(default=None, compare=False)
+    # This request's temperature, top_p, top_k and stop strings (None: the engine's). ignore_eos stays the
+    # engine's: it is job-wide.
+    sampling: SamplingParams | None = None
 
 
 @dataclass(frozen=True)
@@ -80,4 +85,13 @@ class Engine(Protocol):
 def row_seed(job_seed: int, row_id: object) -> int:
     """A 63-bit seed that depends only on the job's seed and the row's id, never on batch position."""
     digest = hashlib.sha256(f"{job_seed}\x00{type(row_id).__name__}\x00{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of sample ``sample`` (0, 1, ...) of a row whose seed is ``seed`` (its ``row_seed``): sample 0
+    keeps the row's seed, so the first of n samples is the row's output with n = 1."""
+    if sample == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}\x00sample\x00{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1

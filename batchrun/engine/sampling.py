@@ -1,7 +1,8 @@
 """Choosing the next token on the device: greedy, or temperature / top-k / top-p with one generator per row.
 
-A row's generator is seeded from (job seed, row id) and advanced once per token it draws, so what a row
-samples never depends on which rows share its batch.
+Each row of a batch has its own settings (a request's own, or the engine's). A row's generator is seeded from
+(job seed, row id) and advanced once per token it draws, so what a row samples never depends on which rows
+share its batch.
 """
 
 from __future__ import annotations
@@ -52,12 +53,21 @@ def constrain(logits: torch.Tensor, allowed: list[Sequence[int] | np.ndarray | N
     return logits
 
 
-def sample(logits: torch.Tensor, s: SamplingParams, generators: list[torch.Generator] | None) -> list[int]:
-    """One token per row of ``logits`` [n, vocab]."""
-    if s.greedy:
-        return logits.argmax(-1).tolist()
-    probs = sampling_probs(logits.float(), s)
-    return [int(torch.multinomial(probs[i], 1, generator=g)[0]) for i, g in enumerate(generators)]
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token per row of ``logits`` [n, vocab]: row i's argmax if ``params[i]`` is greedy, else drawn with
+    ``generators[i]`` after ``params[i]``'s temperature, top-k and top-p. Rows with equal settings are filtered
+    together; each row's draw depends only on its own logits, settings and generator."""
+    tokens = logits.argmax(-1).tolist()
+    groups: dict[tuple[float, int, float], list[int]] = {}
+    for i, s in enumerate(params):
+        if not s.greedy:
+            groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
+    for rows in groups.values():
+        probs = sampling_probs(logits[rows].float(), params[rows[0]])
+        for j, i in enumerate(rows):
+            tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i])[0])
+    return tokens
 
 
 def row_generator(seed: int, device: str) -> torch.Generator:

@@ -2,7 +2,8 @@
 
 The only place that detokenizes while generating. Engines call ``hit`` while decoding (a cheap check on the
 tail of a row) and ``finish`` once per row to cut the tokens and the text exactly: the text ends before the
-first stop string, and the tokens end with the token that completed it.
+first stop string, and the tokens end with the token that completed it. Stop strings are per request: each
+call takes the request's own (``stop``), or the engine's defaults given here.
 """
 
 from __future__ import annotations
@@ -16,23 +17,25 @@ from batchrun.engine.requests import Completion
 class Stopper:
     def __init__(self, tokenizer: Any, stop: Iterable[str], eos_ids: Iterable[int]):
         self.tokenizer = tokenizer
-        self.stop = tuple(stop)
+        self.stop = tuple(stop)  # the default stop strings, for requests without their own
         self.eos_ids = frozenset(eos_ids)
-        # A stop string of n characters spans at most about 4n byte-level tokens; check that many.
-        self._tail = 4 * max((len(s) for s in self.stop), default=0) + 2
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def hit(self, generated: Sequence[int]) -> bool:
+    def hit(self, generated: Sequence[int], stop: Sequence[str] | None = None) -> bool:
         """True if ``generated`` (no EOS) already contains a stop string near its end."""
-        if not self.stop or not generated:
+        stop = self.stop if stop is None else stop
+        if not stop or not generated:
             return False
-        tail = self.decode(generated[-self._tail :])
-        return any(s in tail for s in self.stop)
+        # A stop string of n characters spans at most about 4n byte-level tokens; check that many.
+        tail = self.decode(generated[-(4 * max(len(s) for s in stop) + 2) :])
+        return any(s in tail for s in stop)
 
-    def finish(self, key: Hashable, generated: Sequence[int], max_tokens: int) -> Completion:
+    def finish(self, key: Hashable, generated: Sequence[int], max_tokens: int,
+               stop: Sequence[str] | None = None) -> Completion:
         """Cut a row's raw generated ids (possibly with EOS and padding after it) into its Completion."""
+        stop = self.stop if stop is None else stop
         ids: list[int] = []
         reason = "length"
         for t in generated[:max_tokens]:
@@ -41,13 +44,14 @@ class Stopper:
                 break
             ids.append(int(t))
         text = self.decode(ids)
-        cut = self._first_stop(text)
+        cut = _first_stop(text, stop)
         if cut is not None:
             # The fewest tokens whose text already holds the stop string.
-            k = next(k for k in range(1, len(ids) + 1) if self._first_stop(self.decode(ids[:k])) is not None)
+            k = next(k for k in range(1, len(ids) + 1) if _first_stop(self.decode(ids[:k]), stop) is not None)
             ids, text, reason = ids[:k], text[:cut], "stop"
         return Completion(key=key, token_ids=ids, text=text, finish_reason=reason)
 
-    def _first_stop(self, text: str) -> int | None:
-        found = [p for p in (text.find(s) for s in self.stop) if p >= 0]
-        return min(found) if found else None
+
+def _first_stop(text: str, stop: Sequence[str]) -> int | None:
+    found = [p for p in (text.find(s) for s in stop) if p >= 0]
+    return min(found) if found else None

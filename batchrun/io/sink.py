@@ -10,6 +10,7 @@ manifest, not how damage is detected. Readers:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import errno
@@ -54,6 +55,7 @@ RESULT_FIELDS = [
     pa.field("error", pa.string()),
 ]
 OUTPUT_JSON = pa.field("output_json", pa.string())  # with a json_schema constraint: the parsed output, as JSON
+SAMPLE = pa.field("sample", pa.int32())  # with sampling.n > 1 (first of the results): which sample, 0 .. n-1
 RESULT_COLUMNS = [f.name for f in RESULT_FIELDS]
 RESERVED_COLUMNS = [*RESULT_COLUMNS, OUTPUT_JSON.name]  # no input column may take these names
 
@@ -186,19 +188,31 @@ class Sink:
         if not self.exclusive:  # it looked finished when we locked it; it changed since
             raise TemporaryFailure(f"output {self.path} changed while batchrun read it (another batchrun process?); "
                                    "rerun the same command")
-        done: set[Any] = set()
+        done: set[Any] = set()  # ids, or with n samples per input row (id, sample) pairs
         rows = 0
         id_col = job["id_column"]
+        n = ((job.get("spec") or {}).get("sampling") or {}).get("n", 1)
+        columns = [id_col, SAMPLE.name] if n > 1 else [id_col]
         for name in st.parts:
             try:
                 with open_read(self.path / name) as f:
-                    ids = pq.read_table(f, columns=[id_col]).column(id_col).to_pylist()
+                    t = pq.read_table(f, columns=columns)
             except (OSError, ValueError, KeyError, pa.ArrowException) as e:
-                raise self._damaged([f"{name}: cannot read its id column {id_col!r} ({short_error(e)})"]) from None
-            rows += len(ids)
-            done.update(ids)
+                raise self._damaged([f"{name}: cannot read its {' and '.join(columns)} column(s) "
+                                     f"({short_error(e)})"]) from None
+            ids = t.column(id_col).to_pylist()
+            keys = list(zip(ids, t.column(SAMPLE.name).to_pylist())) if n > 1 else ids
+            rows += len(keys)
+            done.update(keys)
         if rows != len(done):
-            raise self._damaged([f"the parts hold {rows - len(done)} duplicate id(s)"])
+            raise self._damaged([f"the parts hold {rows - len(done)} duplicate id(s)" if n == 1 else
+                                 f"the parts hold {rows - len(done)} duplicate (id, sample) pair(s)"])
+        if n > 1:  # an input row is committed with all its samples (a part never splits them)
+            samples = collections.Counter(i for i, _ in done)
+            partial = sum(1 for c in samples.values() if c != n)
+            if partial:
+                raise self._damaged([f"the parts hold some but not all {n} samples of {partial} id(s)"])
+            done = set(samples)
         self._parts = dict(st.part_info)
         self._next_part = max((int(PART.match(p).group(1)) + 1 for p in st.parts), default=0)
         return done
@@ -249,16 +263,31 @@ class Sink:
 
     def add(self, row: int, values: dict[str, Any], flush_after_s: float = 30.0) -> None:
         """Buffer one finished output row: input row ``row``'s columns and the result ``values``; write a part
-        when ``part_rows`` are buffered or every ``flush_after_s``."""
+        when ``part_rows`` are buffered or every ``flush_after_s``.
+
+        The output rows of one input row (its samples: ``values`` has a ``sample``) are added one after
+        another, and a part never splits them: they are written once the next input row's first one comes
+        (or at ``flush``), so resume, which works on input rows, finds each input row whole or absent."""
+        samples = SAMPLE.name in values
+        if samples and self._buffer and row != self._buffer[-1][0] and self._due(flush_after_s):
+            self.flush()
         self._buffer.append((row, values))
-        if len(self._buffer) >= self.part_rows or time.monotonic() - self.last_flush >= flush_after_s:
+        if not samples and self._due(flush_after_s):
             self.flush()
 
+    def _due(self, flush_after_s: float) -> bool:
+        return len(self._buffer) >= self.part_rows or time.monotonic() - self.last_flush >= flush_after_s
+
     def flush(self) -> None:
+        """Write every buffered row, in parts of ``part_rows`` rows, or more where an input row's output rows
+        (its samples) would otherwise be split."""
         while self._buffer:
-            rows = self._buffer[: self.part_rows]
+            end = min(self.part_rows, len(self._buffer))
+            while end < len(self._buffer) and self._buffer[end][0] == self._buffer[end - 1][0]:
+                end += 1
+            rows = self._buffer[:end]
             self._write_part(self._table(rows))
-            self._buffer = self._buffer[self.part_rows :]
+            self._buffer = self._buffer[end:]
             self.rows_written += len(rows)
         self.last_flush = time.monotonic()
 

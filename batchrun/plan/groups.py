@@ -5,7 +5,8 @@ A trie node with k rows under it, whose tokens since the nearest shared ancestor
 and a partly filled KV block per level, counted as ``overhead_tokens``. The node is shared when the saving
 exceeds the cost — BatchLLM's gain rule, applied top-down so that a small node's tokens fold into its
 children instead of forming a level of its own; unlike BatchLLM's one-level collapse, levels nest
-(system prompt → document → question).
+(system prompt → document → question). Identical prompts (``n`` samples of a row) end at the same node:
+they share all of it but its last token, which each row keeps as its own.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class PrefixGroups:
     r uses (-1: none); a row always keeps at least one token of its own, so ``end < length`` for it.
     """
 
-    node: np.ndarray  # int64 [P]: trie node of each prefix
+    node: np.ndarray  # int64 [P]: trie node of each prefix (end is its depth, or one less: identical prompts)
     parent: np.ndarray  # int64 [P]
     start: np.ndarray  # int64 [P]
     end: np.ndarray  # int64 [P]
@@ -70,16 +71,20 @@ def choose_prefixes(trie: Trie, overhead_tokens: int = DEFAULT_OVERHEAD_TOKENS) 
     for node in candidates.tolist():
         anc = int(shared_of[parent[node]])  # every ancestor but the root is a candidate, decided already
         start = ends[anc] if anc >= 0 else 0
-        users = int(under[node] - ends_here[node])
-        gain = (users - 1) * (int(depth[node]) - start)
-        if users >= 2 and gain > overhead_tokens:
+        d, here = int(depth[node]), int(ends_here[node])
+        users = int(under[node]) - here
+        end, gain = d, (users - 1) * (d - start) if users >= 2 else 0
+        if here >= 2 and (int(under[node]) - 1) * (d - 1 - start) > gain:
+            # Identical prompts end here: every row under the node can share all of it but the last token.
+            end, gain = d - 1, (int(under[node]) - 1) * (d - 1 - start)
+        if gain > overhead_tokens:
             shared_of[node] = len(nodes)
-            nodes.append(node), parents.append(anc), starts.append(start), ends.append(int(depth[node]))
+            nodes.append(node), parents.append(anc), starts.append(start), ends.append(end)
         else:
             shared_of[node] = anc
     node_arr = np.asarray(nodes, dtype=np.int64)
     groups_parent = np.asarray(parents, dtype=np.int64)
-    row_prefix = _row_prefixes(trie, node_arr, groups_parent)
+    row_prefix = _row_prefixes(trie, node_arr, groups_parent, np.asarray(ends, dtype=np.int64))
     members = np.bincount(row_prefix[row_prefix >= 0], minlength=len(nodes)).astype(np.int64)
     for p in range(len(nodes) - 1, -1, -1):  # children come after parents: add nested members upwards
         if groups_parent[p] >= 0:
@@ -88,7 +93,7 @@ def choose_prefixes(trie: Trie, overhead_tokens: int = DEFAULT_OVERHEAD_TOKENS) 
                         members, row_prefix)
 
 
-def _row_prefixes(trie: Trie, nodes: np.ndarray, groups_parent: np.ndarray) -> np.ndarray:
+def _row_prefixes(trie: Trie, nodes: np.ndarray, groups_parent: np.ndarray, ends: np.ndarray) -> np.ndarray:
     """Innermost shared prefix of each row: the deepest prefix node on its path, shorter than the row."""
     row_prefix = np.full(trie.num_rows, -1, dtype=np.int64)
     if not len(nodes):
@@ -102,10 +107,10 @@ def _row_prefixes(trie: Trie, nodes: np.ndarray, groups_parent: np.ndarray) -> n
     row_prefix[rows] = painted
     # A row ending exactly at its prefix's end uses the enclosing prefix instead.
     lengths = trie.lengths
-    bad = np.nonzero((row_prefix >= 0) & (trie.depth[nodes[np.maximum(row_prefix, 0)]] >= lengths))[0]
+    bad = np.nonzero((row_prefix >= 0) & (ends[np.maximum(row_prefix, 0)] >= lengths))[0]
     for r in bad.tolist():
         p = row_prefix[r]
-        while p >= 0 and trie.depth[nodes[p]] >= lengths[r]:
+        while p >= 0 and ends[p] >= lengths[r]:
             p = groups_parent[p]
         row_prefix[r] = p
     return row_prefix

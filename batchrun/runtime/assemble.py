@@ -1,25 +1,25 @@
 """Result assembly: which engine requests an input row becomes, and which output rows the completions make.
 
-The engine only sees requests with opaque keys; an assembler decides what a key means. Today every input
-row is one request and one output row (``OneToOne``). The same seam takes the next modes: ``n`` samples
-(one row -> N requests -> N output rows, a ``sample`` column) and BatchPrompt (K rows -> one prompt per
-round -> K output rows after the vote). Resume works on input rows: an input row whose output rows are
-all committed is never asked for again, so an assembler hands back all of a row's output rows at once.
-No torch here.
+The engine only sees requests with opaque keys; an assembler decides what a key means. ``OneToOne``: every
+input row is one request and one output row. ``Samples``: ``n`` samples per input row (one row -> n requests
+keyed (row, sample) -> n output rows with a ``sample`` column). BatchPrompt (K rows -> one prompt per round
+-> K output rows after the vote) plugs in here too. Resume works on input rows: an input row whose output
+rows are all committed is never asked for again, so an assembler hands back all of a row's output rows at
+once. No torch here.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyarrow as pa
 
 from batchrun.engine.constraints import Grammar
-from batchrun.engine.requests import Completion, LogitsConstraint, Request
-from batchrun.io.sink import OUTPUT_JSON, RESULT_FIELDS
+from batchrun.engine.requests import Completion, LogitsConstraint, Request, SamplingParams, sample_seed
+from batchrun.io.sink import OUTPUT_JSON, RESULT_FIELDS, SAMPLE
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,10 @@ class Assembler(Protocol):
     fields: list[pa.Field]  # the result columns of its output rows
 
     def requests(self, row: int, prompt_ids: list[int], max_tokens: int, seed: int,
-                 constraint: LogitsConstraint | None = None) -> list[Request]:
-        """The engine requests for input row ``row``."""
+                 constraint: Callable[[], LogitsConstraint] | None = None,
+                 sampling: SamplingParams | None = None) -> list[Request]:
+        """The engine requests for input row ``row`` (``seed``: the row's; ``constraint`` makes one request's
+        constraint; ``sampling``: the row's own settings, None for the engine's)."""
         ...
 
     def add(self, completion: Completion) -> list[RowResult]:
@@ -45,6 +47,11 @@ class Assembler(Protocol):
     def failed(self, row: int, message: str) -> list[RowResult]:
         """Output rows for an input row that fails before the engine (template error, too long, ...)."""
         ...
+
+
+def make_assembler(n: int, prompt_lengths: Sequence[int], json_output: bool = False) -> Assembler:
+    """The assembler of a job with ``n`` samples per input row (``sampling.n``)."""
+    return Samples(n, prompt_lengths, json_output) if n > 1 else OneToOne(prompt_lengths, json_output)
 
 
 class OneToOne:
@@ -58,16 +65,29 @@ class OneToOne:
         self.prompt_lengths = prompt_lengths
         self.json_output = json_output
         self.fields = [*RESULT_FIELDS, OUTPUT_JSON] if json_output else list(RESULT_FIELDS)
-        self._grammars: dict[int, Grammar] = {}
+        self._grammars: dict[Hashable, Grammar] = {}  # request key -> its grammar
 
     def requests(self, row: int, prompt_ids: list[int], max_tokens: int, seed: int,
-                 constraint: LogitsConstraint | None = None) -> list[Request]:
-        if isinstance(constraint, Grammar):
-            self._grammars[row] = constraint
-        return [Request(key=row, prompt_ids=prompt_ids, max_tokens=max_tokens, seed=seed, constraint=constraint)]
+                 constraint: Callable[[], LogitsConstraint] | None = None,
+                 sampling: SamplingParams | None = None) -> list[Request]:
+        return [self._request(row, prompt_ids, max_tokens, seed, constraint, sampling)]
 
     def add(self, completion: Completion) -> list[RowResult]:
-        c = completion
+        return [RowResult(completion.key, self._values(completion, completion.key))]
+
+    def failed(self, row: int, message: str) -> list[RowResult]:
+        return [RowResult(row, self._failed(row, message))]
+
+    def _request(self, key: Hashable, prompt_ids: list[int], max_tokens: int, seed: int,
+                 constraint: Callable[[], LogitsConstraint] | None, sampling: SamplingParams | None) -> Request:
+        made = None if constraint is None else constraint()
+        if isinstance(made, Grammar):
+            self._grammars[key] = made
+        return Request(key=key, prompt_ids=prompt_ids, max_tokens=max_tokens, seed=seed, constraint=made,
+                       sampling=sampling)
+
+    def _values(self, c: Completion, row: int) -> dict[str, Any]:
+        """The result columns of completion ``c`` of input row ``row``."""
         error, parsed = c.error, None
         grammar = self._grammars.pop(c.key, None)
         if grammar is not None and not error:
@@ -76,19 +96,50 @@ class OneToOne:
                 error = f"the output {cause} before its {grammar.compiled.kind} constraint was complete"
             elif grammar.compiled.kind == "json_schema":
                 parsed = _json_text(c.text)
-        values = {"output": None if c.error else c.text, "prompt_tokens": int(self.prompt_lengths[c.key]),
+        values = {"output": None if c.error else c.text, "prompt_tokens": int(self.prompt_lengths[row]),
                   "output_tokens": len(c.token_ids), "finish_reason": c.finish_reason, "error": error}
         if self.json_output:
             values["output_json"] = parsed
-        return [RowResult(c.key, values)]
+        return values
 
-    def failed(self, row: int, message: str) -> list[RowResult]:
-        self._grammars.pop(row, None)
+    def _failed(self, row: int, message: str) -> dict[str, Any]:
         values = {"output": None, "prompt_tokens": int(self.prompt_lengths[row]) or None, "output_tokens": 0,
                   "finish_reason": "error", "error": message}
         if self.json_output:
             values["output_json"] = None
-        return [RowResult(row, values)]
+        return values
+
+
+class Samples(OneToOne):
+    """``n`` samples per input row: n requests keyed (row, sample), with the same prompt (the planner's prefix
+    trie computes it once) and seeds ``sample_seed(row seed, sample)`` — sample 0 keeps the row's seed, so it
+    is the row's output with n = 1 (greedy decoding makes every sample the same). The n output rows carry a
+    ``sample`` column (0 .. n-1) and are handed back together, in sample order, when the last one completes.
+    A row that fails before the engine gives n error rows."""
+
+    def __init__(self, n: int, prompt_lengths: Sequence[int], json_output: bool = False):
+        super().__init__(prompt_lengths, json_output)
+        self.n = n
+        self.fields = [SAMPLE, *self.fields]
+        self._done: dict[int, dict[int, dict[str, Any]]] = {}  # row -> sample -> values, until all n are in
+
+    def requests(self, row: int, prompt_ids: list[int], max_tokens: int, seed: int,
+                 constraint: Callable[[], LogitsConstraint] | None = None,
+                 sampling: SamplingParams | None = None) -> list[Request]:
+        return [self._request((row, k), prompt_ids, max_tokens, sample_seed(seed, k), constraint, sampling)
+                for k in range(self.n)]
+
+    def add(self, completion: Completion) -> list[RowResult]:
+        row, k = completion.key
+        done = self._done.setdefault(row, {})
+        done[k] = {"sample": k, **self._values(completion, row)}
+        if len(done) < self.n:
+            return []
+        del self._done[row]
+        return [RowResult(row, done[k]) for k in range(self.n)]
+
+    def failed(self, row: int, message: str) -> list[RowResult]:
+        return [RowResult(row, {"sample": k, **self._failed(row, message)}) for k in range(self.n)]
 
 
 def _json_text(text: str) -> str | None:

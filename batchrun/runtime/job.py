@@ -40,10 +40,10 @@ class JobResult:
     status: str  # "ok" (ran), "already_complete" (nothing to do)
     job: str
     output: str
-    rows_total: int = 0
+    rows_total: int = 0  # output rows (input rows x sampling.n)
     rows_ok: int = 0
     rows_error: int = 0
-    rows_skipped: int = 0  # already committed by an earlier run
+    rows_skipped: int = 0  # output rows already committed by an earlier run
     prompt_tokens: int = 0
     output_tokens: int = 0
     kv_budget_tokens: int | None = None  # batchrun's engine: its KV pool (None: the reference engine)
@@ -159,10 +159,10 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
             log.info("loaded %s on %s (%s)", spec.model.label, loaded.device, loaded.dtype)
     model = _model_record(spec, resolved, loaded, state, job_info["results_hash"])
     run = Execution(stopped_by=stop.signal) if stop.requested else execute(
-        spec, prepared, loaded, sink, progress, already_done=len(done), stop=stop)
+        spec, prepared, loaded, sink, progress, already_done=len(done) * spec.sampling.n, stop=stop)
     timings["generate_s"] = run.generate_s
     timings["total_s"] = time.monotonic() - t_start
-    return finalize(spec, job_info, prepared, model, sink, run, len(done), timings)
+    return finalize(spec, job_info, prepared, model, sink, run, len(done) * spec.sampling.n, timings)
 
 
 def _model_record(spec: JobSpec, resolved: str, loaded: Any, state: OutputState,
@@ -207,7 +207,8 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
         emit(assembler.failed(row, message))
 
     engine = make_engine(spec, loaded, prepared.requests) if prepared.requests else None
-    progress.start(source.num_rows, already_done=already_done + len(prepared.errors))
+    n = spec.sampling.n  # output rows per input row (counts here are output rows)
+    progress.start(source.num_rows * n, already_done=already_done + len(prepared.errors) * n)
     t = time.monotonic()
     try:
         runs = engine.run(prepared.requests, prepared.plan, interrupt=lambda: stop.requested) if engine else ()
@@ -238,7 +239,8 @@ def finalize(spec: JobSpec, job_info: dict[str, Any], prepared: PreparedJob, mod
     """Write the manifest (``model``: its model record): with the success marker when the job is whole, else
     marked incomplete (stopped: exit 75, resumable; too many row errors: exit 1)."""
     status = "interrupted" if run.stopped_by else "ok"
-    result = JobResult(status, spec.name, str(sink.path), rows_total=prepared.num_rows, rows_ok=run.rows_ok,
+    total = prepared.num_rows * spec.sampling.n  # output rows
+    result = JobResult(status, spec.name, str(sink.path), rows_total=total, rows_ok=run.rows_ok,
                        rows_error=run.rows_error, rows_skipped=rows_skipped, prompt_tokens=run.prompt_tokens,
                        output_tokens=run.output_tokens, kv_budget_tokens=run.kv_budget_tokens,
                        kv_peak_tokens=run.kv_peak_tokens, timings={k: round(v, 3) for k, v in timings.items()},
@@ -258,7 +260,7 @@ def finalize(spec: JobSpec, job_info: dict[str, Any], prepared: PreparedJob, mod
     if run.stopped_by:
         sink.write_manifest(manifest(complete=False, stopped_by=run.stopped_by))
         raise TemporaryFailure(f"stopped by {run.stopped_by}: {sink.rows_written + rows_skipped} of "
-                               f"{prepared.num_rows} rows are saved in {sink.path}; rerun the same command to "
+                               f"{total} rows are saved in {sink.path}; rerun the same command to "
                                "finish the job")
     limit = spec.output.max_error_rate
     if limit is not None and totals["rows"] and totals["error"] / totals["rows"] > limit:

@@ -20,11 +20,12 @@ from batchrun.engine.constraints import CompiledConstraint
 from batchrun.engine.requests import Request, row_seed
 from batchrun.errors import InputDataError, SpecError
 from batchrun.io.prompts import Prompts, build_prompts
-from batchrun.io.sink import RESERVED_COLUMNS
+from batchrun.io.sink import RESERVED_COLUMNS, SAMPLE
 from batchrun.io.source import Source, read_source, require_columns
 from batchrun.plan.plan import Plan, PlanConfig, build_plan
-from batchrun.runtime.assemble import Assembler, OneToOne
+from batchrun.runtime.assemble import Assembler, make_assembler
 from batchrun.runtime.row_constraints import ConstraintUse, row_constraints
+from batchrun.runtime.row_sampling import RowSampling, row_sampling
 from batchrun.spec import JobSpec
 
 log = logging.getLogger("batchrun")
@@ -59,6 +60,7 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     source = read_source(spec.input)
     columns = output_columns(spec, source)
     max_tokens, mt_errors = row_max_tokens(spec, source)
+    sampling = row_sampling(spec, source)
     timings["read_s"] = time.monotonic() - t
     log.info("read %d rows from %d file(s)", source.num_rows, len(source.files))
 
@@ -69,9 +71,11 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     constraints, c_errors, use = row_constraints(spec, source, tokenizer)
     ids = source.table.column(source.id_column).to_pylist()
     c = spec.sampling.constraint
-    assembler = OneToOne(prompts.tokens.lengths, json_output=c is not None and c.kind in ("json_schema", "column"))
-    requests, rows, errors = build_requests(spec, ids, prompts, max_tokens, {**c_errors, **mt_errors}, max_context,
-                                            done, assembler, constraints)
+    assembler = make_assembler(spec.sampling.n, prompts.tokens.lengths,
+                               json_output=c is not None and c.kind in ("json_schema", "column"))
+    requests, rows, errors = build_requests(spec, ids, prompts, max_tokens,
+                                            {**sampling.errors, **c_errors, **mt_errors}, max_context,
+                                            done, assembler, constraints, sampling)
     t = time.monotonic()
     plan = plan_requests(spec, prompts, requests, rows)
     timings["plan_s"] = time.monotonic() - t
@@ -79,19 +83,21 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
 
 
 def output_columns(spec: JobSpec, source: Source) -> list[str]:
-    """The input columns the output keeps: ``output.columns``, or every column; never a result column."""
+    """The input columns the output keeps: ``output.columns``, or every column; never a result column (nor,
+    with ``sampling.n`` > 1, ``sample``)."""
     names = source.table.column_names
+    reserved = RESERVED_COLUMNS + ([SAMPLE.name] if spec.sampling.n > 1 else [])
     if spec.output.columns is None:
         cols = [c for c in names if c != source.id_column]
-        clash = [c for c in cols if c in RESERVED_COLUMNS]
+        clash = [c for c in cols if c in reserved]
         if clash:
             raise SpecError(f"output.columns: input column(s) {clash} would clash with result columns "
-                            f"{RESERVED_COLUMNS}; list the columns to keep in output.columns")
+                            f"{reserved}; list the columns to keep in output.columns")
         return cols
     require_columns(source.table, list(spec.output.columns), "output.columns")
-    clash = [c for c in spec.output.columns if c in RESERVED_COLUMNS]
+    clash = [c for c in spec.output.columns if c in reserved]
     if clash:
-        raise SpecError(f"output.columns: {clash} clash with result columns {RESERVED_COLUMNS}")
+        raise SpecError(f"output.columns: {clash} clash with result columns {reserved}")
     return list(dict.fromkeys(c for c in spec.output.columns if c != source.id_column))
 
 
@@ -117,11 +123,13 @@ def build_requests(spec: JobSpec, ids: list[Any], prompts: Prompts, max_tokens: 
                    mt_errors: dict[int, str], max_context: int | None,
                    done: Collection[Any], assembler: Assembler,
                    constraints: Sequence[CompiledConstraint | None] | None = None,
+                   sampling: RowSampling | None = None,
                    ) -> tuple[list[Request], np.ndarray, list[tuple[int, str]]]:
-    """Requests for the rows still to run (as ``assembler`` makes them), the input row of each, and (row,
-    message) for rows that fail before the engine: a prompt that failed to render, a bad max_tokens value, a
-    prompt that does not fit the model's context. A prompt that fits but leaves less room than max_tokens is
-    generated up to the context length."""
+    """Requests for the rows still to run (as ``assembler`` makes them, with each row's seed and, if it has its
+    own, sampling settings: ``sampling``; None: the job's), the input row of each, and (row, message) for rows
+    that fail before the engine: a prompt that failed to render, a bad per-row value (max_tokens, sampling,
+    constraint), a prompt that does not fit the model's context. A prompt that fits but leaves less room than
+    max_tokens is generated up to the context length."""
     requests, rows, errors = [], [], []
     lengths = prompts.tokens.lengths
     for i, row_id in enumerate(ids):
@@ -138,8 +146,10 @@ def build_requests(spec: JobSpec, ids: list[Any], prompts: Prompts, max_tokens: 
         if max_context:
             limit = min(limit, max_context - n)
         compiled = constraints[i] if constraints else None
-        made = assembler.requests(i, prompts.tokens.row(i).tolist(), limit, row_seed(spec.sampling.seed, row_id),
-                                  None if compiled is None else compiled.new())
+        seed = spec.sampling.seed if sampling is None else sampling.seeds[i]
+        made = assembler.requests(i, prompts.tokens.row(i).tolist(), limit, row_seed(seed, row_id),
+                                  None if compiled is None else compiled.new,
+                                  None if sampling is None or sampling.params is None else sampling.params[i])
         requests += made
         rows += [i] * len(made)
     return requests, np.array(rows, dtype=np.int64), errors
