@@ -218,8 +218,21 @@ def test_submit_with_a_json_schema_writes_output_json(tmp_path, tiny_dir):
     assert cols[-2:] == ["error", "output_json"]
     for row in rows:
         assert (row["finish_reason"], row["error"]) == ("stop", None)
-        parsed = json.loads(row["output_json"])
+        parsed = row["output_json"]  # a struct: the schema fixes the types
         assert parsed == json.loads(row["output"]) and _valid(parsed, SENTIMENT)
+    schema = pq.read_schema(next(out.glob("part-*.parquet")))
+    assert schema.field("output_json").type == pa.struct([("label", pa.string()), ("score", pa.int64())])
+    label = duckdb.sql(f"SELECT output_json.label FROM '{out}/*.parquet' ORDER BY id").fetchall()
+    assert [v for (v,) in label] == [json.loads(r["output"])["label"] for r in rows]
+
+
+def test_a_schema_without_fixed_types_gives_output_json_as_text(tmp_path, tiny_dir):
+    schema = {"type": "object", "properties": {"label": {"enum": ["a", "b"]}}, "required": ["label"]}
+    result, rows, out = _submit(tmp_path, tiny_dir, {"json_schema": schema}, max_tokens=40)
+    assert pq.read_schema(next(out.glob("part-*.parquet"))).field("output_json").type == pa.string()
+    for row in rows:
+        if row["error"] is None:
+            assert json.loads(row["output_json"]) == json.loads(row["output"])
 
 
 def test_an_output_cut_before_its_grammar_is_complete_is_a_row_error(tmp_path, tiny_dir):

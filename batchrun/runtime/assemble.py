@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from batchrun.engine.constraints import Grammar
 from batchrun.engine.requests import Completion, LogitsConstraint, Request, SamplingParams, sample_seed
+from batchrun.io.json_arrow import conforms
 from batchrun.io.sink import OUTPUT_JSON, RESULT_FIELDS, SAMPLE
 
 
@@ -49,7 +50,7 @@ class Assembler(Protocol):
         ...
 
 
-def make_assembler(n: int, prompt_lengths: Sequence[int], json_output: bool = False) -> Assembler:
+def make_assembler(n: int, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None) -> Assembler:
     """The assembler of a job with ``n`` samples per input row (``sampling.n``)."""
     return Samples(n, prompt_lengths, json_output) if n > 1 else OneToOne(prompt_lengths, json_output)
 
@@ -58,13 +59,16 @@ class OneToOne:
     """Each input row is one request (its key is the row's index) and one output row.
 
     Under a grammar constraint, an output that ended before the grammar was complete (``max_tokens``, or a
-    stop string) keeps its finish reason and text and gets an error saying so; with ``json_output`` (a
-    json_schema constraint) the ``output_json`` column holds the parsed output (as JSON text)."""
+    stop string) keeps its finish reason and text and gets an error saying so. With ``json_output`` (a
+    json_schema constraint) the ``output_json`` column holds the parsed output: a struct when the schema fixes
+    one (``io.json_arrow``), else JSON text (``pa.string()``)."""
 
-    def __init__(self, prompt_lengths: Sequence[int], json_output: bool = False):
+    def __init__(self, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None):
         self.prompt_lengths = prompt_lengths
         self.json_output = json_output
-        self.fields = [*RESULT_FIELDS, OUTPUT_JSON] if json_output else list(RESULT_FIELDS)
+        self.fields = list(RESULT_FIELDS)
+        if json_output is not None:
+            self.fields.append(pa.field(OUTPUT_JSON.name, json_output))
         self._grammars: dict[Hashable, Grammar] = {}  # request key -> its grammar
 
     def requests(self, row: int, prompt_ids: list[int], max_tokens: int, seed: int,
@@ -95,17 +99,17 @@ class OneToOne:
                 cause = "reached max_tokens" if c.finish_reason == "length" else "was cut by a stop string"
                 error = f"the output {cause} before its {grammar.compiled.kind} constraint was complete"
             elif grammar.compiled.kind == "json_schema":
-                parsed = _json_text(c.text)
+                parsed = _parsed(c.text, self.json_output)
         values = {"output": None if c.error else c.text, "prompt_tokens": int(self.prompt_lengths[row]),
                   "output_tokens": len(c.token_ids), "finish_reason": c.finish_reason, "error": error}
-        if self.json_output:
+        if self.json_output is not None:
             values["output_json"] = parsed
         return values
 
     def _failed(self, row: int, message: str) -> dict[str, Any]:
         values = {"output": None, "prompt_tokens": int(self.prompt_lengths[row]) or None, "output_tokens": 0,
                   "finish_reason": "error", "error": message}
-        if self.json_output:
+        if self.json_output is not None:
             values["output_json"] = None
         return values
 
@@ -117,7 +121,7 @@ class Samples(OneToOne):
     ``sample`` column (0 .. n-1) and are handed back together, in sample order, when the last one completes.
     A row that fails before the engine gives n error rows."""
 
-    def __init__(self, n: int, prompt_lengths: Sequence[int], json_output: bool = False):
+    def __init__(self, n: int, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None):
         super().__init__(prompt_lengths, json_output)
         self.n = n
         self.fields = [SAMPLE, *self.fields]
@@ -142,9 +146,13 @@ class Samples(OneToOne):
         return [RowResult(row, {"sample": k, **self._failed(row, message)}) for k in range(self.n)]
 
 
-def _json_text(text: str) -> str | None:
-    """The output parsed and written back as compact JSON (None if it does not parse)."""
+def _parsed(text: str, kind: pa.DataType | None) -> Any:
+    """The output parsed: a value of the struct type ``kind``, or compact JSON text (None if it does not parse,
+    or does not fit the struct)."""
     try:
-        return json.dumps(json.loads(text), ensure_ascii=False, separators=(",", ":"))
+        value = json.loads(text)
     except ValueError:
         return None
+    if kind is not None and pa.types.is_struct(kind):
+        return value if conforms(value, kind) else None
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

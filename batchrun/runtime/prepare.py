@@ -19,14 +19,15 @@ import pyarrow as pa
 from batchrun.engine.constraints import CompiledConstraint
 from batchrun.engine.requests import Request, row_seed
 from batchrun.errors import InputDataError, SpecError
+from batchrun.io.json_arrow import arrow_type
 from batchrun.io.prompts import Prompts, build_prompts
 from batchrun.io.sink import RESERVED_COLUMNS, SAMPLE
 from batchrun.io.source import Source, read_source, require_columns
 from batchrun.plan.plan import Plan, PlanConfig, build_plan
 from batchrun.runtime.assemble import Assembler, make_assembler
-from batchrun.runtime.row_constraints import ConstraintUse, row_constraints
+from batchrun.runtime.row_constraints import ConstraintUse, json_schema_value, row_constraints
 from batchrun.runtime.row_sampling import RowSampling, row_sampling
-from batchrun.spec import JobSpec
+from batchrun.spec import ConstraintSpec, JobSpec
 
 log = logging.getLogger("batchrun")
 
@@ -71,8 +72,7 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     constraints, c_errors, use = row_constraints(spec, source, tokenizer)
     ids = source.table.column(source.id_column).to_pylist()
     c = spec.sampling.constraint
-    assembler = make_assembler(spec.sampling.n, prompts.tokens.lengths,
-                               json_output=c is not None and c.kind in ("json_schema", "column"))
+    assembler = make_assembler(spec.sampling.n, prompts.tokens.lengths, json_output=output_json_type(c))
     requests, rows, errors = build_requests(spec, ids, prompts, max_tokens,
                                             {**sampling.errors, **c_errors, **mt_errors}, max_context,
                                             done, assembler, constraints, sampling)
@@ -80,6 +80,14 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     plan = plan_requests(spec, prompts, requests, rows)
     timings["plan_s"] = time.monotonic() - t
     return PreparedJob(source, columns, ids, prompts, requests, rows, errors, plan, assembler, timings, use)
+
+
+def output_json_type(c: ConstraintSpec | None) -> pa.DataType | None:
+    """The ``output_json`` column's type: a struct when a job-wide JSON schema fixes one, JSON text for other
+    schemas and per-row constraints, none without a JSON schema."""
+    if c is None or c.kind not in ("json_schema", "column"):
+        return None
+    return (arrow_type(json_schema_value(c)) if c.kind == "json_schema" else None) or pa.string()
 
 
 def output_columns(spec: JobSpec, source: Source) -> list[str]:
