@@ -170,8 +170,9 @@ def test_extraction_example_gives_json_valid_against_its_schema(tmp_path, monkey
     assert (result.status, result.rows_ok, result.rows_error) == ("ok", 24, 0)
     assert result.constraint["kind"] == "json_schema" and result.constraint["masks"] > 0
     df = pl.read_parquet(str(out / "*.parquet"))
-    for output, parsed in zip(df["output"], df["output_json"]):
-        value = json.loads(parsed)
+    assert df.schema["output_json"] == pl.Struct({"product": pl.String, "sentiment": pl.String,
+                                                  "complaints": pl.List(pl.String)})
+    for output, value in zip(df["output"], df["output_json"]):
         assert value == json.loads(output)
         assert set(value) == {"product", "sentiment", "complaints"} and value["sentiment"] in (
             "positive", "negative", "mixed") and isinstance(value["complaints"], list)
