@@ -220,6 +220,7 @@ class SamplingSpec(_Strict):
     stop: list[str] | dict[str, str] = Field(default_factory=list)
     seed: int | str = 0
     n: int = Field(default=1, ge=1, le=1000, strict=True)
+    logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)  # chosen tokens' + this many alternatives
     ignore_eos: bool = Field(default=False, strict=True)
     constraint: ConstraintSpec | None = None
 
@@ -317,6 +318,8 @@ class JobSpec(_Strict):
             d["sampling"] = {k: v for k, v in d["sampling"].items() if k != "constraint"}
         if d["sampling"]["n"] == 1:  # (and for one sample per row)
             d["sampling"] = {k: v for k, v in d["sampling"].items() if k != "n"}
+        if d["sampling"]["logprobs"] is None:  # (and without log-probabilities)
+            d["sampling"] = {k: v for k, v in d["sampling"].items() if k != "logprobs"}
         return _hash({k: d[k] for k in ("model", "input", "prompt", "sampling")})
 
 

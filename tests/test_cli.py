@@ -123,7 +123,7 @@ def test_set_malformed_is_usage_error_and_unknown_field_is_spec_error(tmp_path, 
     r = run("validate", job, "--set", "sampling.bogus=1", "--json")
     assert r.exit_code == 78
     assert last_json(r)["problems"] == ["sampling.bogus: unknown field (allowed here: max_tokens, "
-                                        "temperature, top_p, top_k, stop, seed, n, ignore_eos, constraint)"]
+                                        "temperature, top_p, top_k, stop, seed, n, logprobs, ignore_eos, constraint)"]
     r = run("validate", job, "--set", "sampling.max_tokens=9", "--json")
     assert r.exit_code == 0 and last_json(r)["spec"]["sampling"]["max_tokens"] == 9
 

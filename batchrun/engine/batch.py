@@ -16,7 +16,7 @@ from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
 from batchrun.engine.runner import Runner
-from batchrun.engine.sampling import constrain, row_generator, sample
+from batchrun.engine.sampling import LogprobLog, constrain, logprobs_of, row_generator, sample
 from batchrun.engine.scheduler import Scheduler
 from batchrun.engine.stopping import Stopper
 from batchrun.errors import RuntimeFailure
@@ -61,6 +61,8 @@ class BatchEngine:
         sched = Scheduler(plan, requests, kv, self.step_tokens, self.stopper.eos_ids, self.initial_estimate)
         generators = {}
         peak = 0
+        k_top = self.sampling.logprobs
+        lps = LogprobLog(self.loaded.tokenizer) if k_top is not None else None
         while not sched.finished():
             step = sched.next_step()
             peak = max(peak, kv.used_tokens)
@@ -74,6 +76,7 @@ class BatchEngine:
             keys = step.sample_keys
             tokens: list[int] = []
             if keys:
+                raw = logits
                 reqs = [requests[k.row] for k in keys]
                 if any(r.constraint is not None for r in reqs):
                     logits = constrain(logits, [None if r.constraint is None else
@@ -84,12 +87,17 @@ class BatchEngine:
                     if not p.greedy and k not in generators:
                         generators[k] = row_generator(r.seed, self.loaded.device)
                 tokens = sample(logits, params, [generators.get(k) for k in keys])
+                if lps is not None:
+                    drawn = dict(zip(keys, zip(*logprobs_of(raw, tokens, k_top))))
             events = sched.commit(step, tokens)
             done = self._errors(sched)
             for e in events:
                 ended = e.ended
+                if lps is not None:
+                    lps.add(e.key, *drawn[e.key])
                 c = requests[e.key.row].constraint
-                if not ended and c is not None and hasattr(c, "forced_tokens"):
+                # (Forced tokens are not drawn: with logprobs asked for, each is drawn, to have its logprob.)
+                if not ended and c is not None and hasattr(c, "forced_tokens") and lps is None:
                     forced = c.forced_tokens(sched.generated(e.key))
                     if forced:  # appended now, computed in the next step with the token just drawn
                         ended = sched.force(e.key, forced)
@@ -97,7 +105,8 @@ class BatchEngine:
                 if ended or self.stopper.hit(sched.generated(e.key), stop):
                     generators.pop(e.key, None)
                     r = sched.finish(e.key)
-                    done.append(self.stopper.finish(r.req.key, r.generated, r.req.max_tokens, stop))
+                    out = self.stopper.finish(r.req.key, r.generated, r.req.max_tokens, stop)
+                    done.append(out if lps is None else lps.attach(out, e.key))
             yield done
         self.stats = {"steps": sched.steps, "preemptions": sched.preemptions, "prefix_evictions": kv.evictions,
                       "kv_peak_tokens": peak, "kv_budget_tokens": kv.budget}

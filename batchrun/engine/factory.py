@@ -71,7 +71,8 @@ def sampling_params(sampling: SamplingSpec) -> SamplingParams:
     return SamplingParams(temperature=d.temperature if s.column("temperature") else s.temperature,
                           top_p=d.top_p if s.column("top_p") else s.top_p,
                           top_k=d.top_k if s.column("top_k") else s.top_k,
-                          stop=d.stop if s.column("stop") else tuple(s.stop), ignore_eos=s.ignore_eos)
+                          stop=d.stop if s.column("stop") else tuple(s.stop), ignore_eos=s.ignore_eos,
+                          logprobs=s.logprobs)
 
 
 def make_engine(spec: JobSpec, loaded: LoadedModel, requests: Sequence[Request]) -> Engine:

@@ -22,7 +22,7 @@ from transformers import (
 
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
-from batchrun.engine.sampling import constrain, row_generator, sample
+from batchrun.engine.sampling import LogprobLog, constrain, logprobs_of, row_generator, sample
 from batchrun.engine.stopping import Stopper
 from batchrun.plan.plan import Plan
 
@@ -73,12 +73,22 @@ class ReferenceEngine:
         if not all(p.greedy for p in params):
             processors.append(_RowSampler(params, [r.seed for r in batch], device))
         stops = StoppingCriteriaList([_RowStops(batch, width, self.stopper, [p.stop for p in params], interrupt)])
+        k_top = self.sampling.logprobs
         out = self.loaded.model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
             logits_processor=processors, stopping_criteria=stops,
+            output_logits=k_top is not None, return_dict_in_generate=k_top is not None,
         )
-        generated = out[:, width:].tolist()
-        return [self.stopper.finish(r.key, g, r.max_tokens, p.stop) for r, g, p in zip(batch, generated, params)]
+        sequences = out if k_top is None else out.sequences
+        generated = sequences[:, width:].tolist()
+        done = [self.stopper.finish(r.key, g, r.max_tokens, p.stop) for r, g, p in zip(batch, generated, params)]
+        if k_top is None:
+            return done
+        lps = LogprobLog(self.loaded.tokenizer)
+        for j, logits in enumerate(out.logits):  # (the model's raw logits of each step)
+            for row, (chosen, top) in enumerate(zip(*logprobs_of(logits, sequences[:, width + j].tolist(), k_top))):
+                lps.add(row, chosen, top)
+        return [lps.attach(c, row) for row, c in enumerate(done)]
 
 
 class _RowStops(StoppingCriteria):

@@ -24,6 +24,7 @@ class SamplingParams:
     top_k: int = 0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # (job-wide) report each chosen token's log-probability and this many alternatives
 
     @property
     def greedy(self) -> bool:
@@ -61,6 +62,10 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string), "length" (max_tokens reached), "error"
     error: str | None = None  # why the request failed (it could not fit the KV budget, say)
+    # With SamplingParams.logprobs: per token of token_ids, its log-probability under the model (raw logits:
+    # before temperature, top-k/p or a constraint), and the most likely tokens there as (id, text, logprob).
+    logprobs: list[float] | None = field(default=None, repr=False)
+    top_logprobs: list[list[tuple[int, str, float]]] | None = field(default=None, repr=False)
 
 
 class Interrupted(Exception):

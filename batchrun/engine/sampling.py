@@ -7,12 +7,14 @@ share its batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
 
-from batchrun.engine.requests import SamplingParams
+from batchrun.engine.requests import Completion, SamplingParams
 
 
 def sampling_probs(logits: torch.Tensor, s: SamplingParams) -> torch.Tensor:
@@ -68,6 +70,39 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         for j, i in enumerate(rows):
             tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i])[0])
     return tokens
+
+
+def logprobs_of(logits: torch.Tensor, tokens: Sequence[int], k: int) -> tuple[list[float], list[list]]:
+    """Each row's log-probability of its chosen token under ``logits`` [n, vocab] (the model's, before any
+    temperature or constraint), and its ``k`` most likely tokens as (id, logprob), best first."""
+    lp = torch.log_softmax(logits.float(), -1)
+    chosen = lp.gather(1, torch.tensor(list(tokens), device=lp.device)[:, None])[:, 0].tolist()
+    if not k:
+        return chosen, [[] for _ in chosen]
+    top = lp.topk(min(k, lp.shape[-1]), -1)
+    return chosen, [list(zip(i, v)) for i, v in zip(top.indices.tolist(), top.values.tolist())]
+
+
+class LogprobLog:
+    """The log-probabilities of each request's tokens as they are chosen; ``attach`` puts them on its
+    Completion (cut to its tokens: EOS and what follows a stop string are dropped)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._rows: dict[Hashable, tuple[list[float], list[list]]] = {}
+
+    def add(self, key: Hashable, chosen: float, top: list) -> None:
+        row = self._rows.setdefault(key, ([], []))
+        row[0].append(chosen)
+        row[1].append(top)
+
+    def attach(self, c: Completion, key: Hashable) -> Completion:
+        """``c`` with the log-probabilities logged under ``key``."""
+        chosen, tops = self._rows.pop(key, ([], []))
+        n = len(c.token_ids)
+        decode = self.tokenizer.decode
+        return replace(c, logprobs=chosen[:n],
+                       top_logprobs=[[(int(i), decode([int(i)]), float(v)) for i, v in top] for top in tops[:n]])
 
 
 def row_generator(seed: int, device: str) -> torch.Generator:

@@ -57,7 +57,11 @@ RESULT_FIELDS = [
 OUTPUT_JSON = pa.field("output_json", pa.string())  # with a json_schema constraint: the parsed output, as JSON
 SAMPLE = pa.field("sample", pa.int32())  # with sampling.n > 1 (first of the results): which sample, 0 .. n-1
 RESULT_COLUMNS = [f.name for f in RESULT_FIELDS]
-RESERVED_COLUMNS = [*RESULT_COLUMNS, OUTPUT_JSON.name]  # no input column may take these names
+TOKEN_LOGPROBS = pa.field("token_logprobs", pa.list_(pa.float32()))  # with sampling.logprobs: one per token
+TOP_LOGPROBS = pa.field("top_logprobs", pa.list_(pa.list_(pa.struct(  # with sampling.logprobs > 0
+    [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())]))))
+RESERVED_COLUMNS = [*RESULT_COLUMNS, OUTPUT_JSON.name, TOKEN_LOGPROBS.name, TOP_LOGPROBS.name]  # no input
+# column may take these names
 
 
 def output_schema(input_schema: pa.Schema, id_column: str, columns: list[str],

@@ -20,7 +20,7 @@ import pyarrow as pa
 from batchrun.engine.constraints import Grammar
 from batchrun.engine.requests import Completion, LogitsConstraint, Request, SamplingParams, sample_seed
 from batchrun.io.json_arrow import conforms
-from batchrun.io.sink import OUTPUT_JSON, RESULT_FIELDS, SAMPLE
+from batchrun.io.sink import OUTPUT_JSON, RESULT_FIELDS, SAMPLE, TOKEN_LOGPROBS, TOP_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,12 @@ class Assembler(Protocol):
         ...
 
 
-def make_assembler(n: int, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None) -> Assembler:
+def make_assembler(n: int, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None,
+                   logprobs: int | None = None) -> Assembler:
     """The assembler of a job with ``n`` samples per input row (``sampling.n``)."""
-    return Samples(n, prompt_lengths, json_output) if n > 1 else OneToOne(prompt_lengths, json_output)
+    if n > 1:
+        return Samples(n, prompt_lengths, json_output, logprobs)
+    return OneToOne(prompt_lengths, json_output, logprobs)
 
 
 class OneToOne:
@@ -61,14 +64,19 @@ class OneToOne:
     Under a grammar constraint, an output that ended before the grammar was complete (``max_tokens``, or a
     stop string) keeps its finish reason and text and gets an error saying so. With ``json_output`` (a
     json_schema constraint) the ``output_json`` column holds the parsed output: a struct when the schema fixes
-    one (``io.json_arrow``), else JSON text (``pa.string()``)."""
+    one (``io.json_arrow``), else JSON text (``pa.string()``). With ``logprobs`` (``sampling.logprobs``):
+    ``token_logprobs`` and, for k > 0, ``top_logprobs``."""
 
-    def __init__(self, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None):
+    def __init__(self, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None,
+                 logprobs: int | None = None):
         self.prompt_lengths = prompt_lengths
         self.json_output = json_output
+        self.logprobs = logprobs
         self.fields = list(RESULT_FIELDS)
         if json_output is not None:
             self.fields.append(pa.field(OUTPUT_JSON.name, json_output))
+        if logprobs is not None:
+            self.fields += [TOKEN_LOGPROBS, TOP_LOGPROBS] if logprobs else [TOKEN_LOGPROBS]
         self._grammars: dict[Hashable, Grammar] = {}  # request key -> its grammar
 
     def requests(self, row: int, prompt_ids: list[int], max_tokens: int, seed: int,
@@ -104,6 +112,11 @@ class OneToOne:
                   "output_tokens": len(c.token_ids), "finish_reason": c.finish_reason, "error": error}
         if self.json_output is not None:
             values["output_json"] = parsed
+        if self.logprobs is not None:
+            values["token_logprobs"] = c.logprobs
+            if self.logprobs:
+                values["top_logprobs"] = None if c.top_logprobs is None else [
+                    [{"token_id": i, "token": t, "logprob": v} for i, t, v in top] for top in c.top_logprobs]
         return values
 
     def _failed(self, row: int, message: str) -> dict[str, Any]:
@@ -111,6 +124,10 @@ class OneToOne:
                   "finish_reason": "error", "error": message}
         if self.json_output is not None:
             values["output_json"] = None
+        if self.logprobs is not None:
+            values["token_logprobs"] = None
+            if self.logprobs:
+                values["top_logprobs"] = None
         return values
 
 
@@ -121,8 +138,9 @@ class Samples(OneToOne):
     ``sample`` column (0 .. n-1) and are handed back together, in sample order, when the last one completes.
     A row that fails before the engine gives n error rows."""
 
-    def __init__(self, n: int, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None):
-        super().__init__(prompt_lengths, json_output)
+    def __init__(self, n: int, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None,
+                 logprobs: int | None = None):
+        super().__init__(prompt_lengths, json_output, logprobs)
         self.n = n
         self.fields = [SAMPLE, *self.fields]
         self._done: dict[int, dict[int, dict[str, Any]]] = {}  # row -> sample -> values, until all n are in

@@ -72,7 +72,8 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     constraints, c_errors, use = row_constraints(spec, source, tokenizer)
     ids = source.table.column(source.id_column).to_pylist()
     c = spec.sampling.constraint
-    assembler = make_assembler(spec.sampling.n, prompts.tokens.lengths, json_output=output_json_type(c))
+    assembler = make_assembler(spec.sampling.n, prompts.tokens.lengths, json_output=output_json_type(c),
+                               logprobs=spec.sampling.logprobs)
     requests, rows, errors = build_requests(spec, ids, prompts, max_tokens,
                                             {**sampling.errors, **c_errors, **mt_errors}, max_context,
                                             done, assembler, constraints, sampling)
