@@ -71,8 +71,10 @@ def grammar_text(kind: str, value: Any) -> str:
         return LLMatcher.grammar_from_regex(value)
     if kind == "choices":
         return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
-    if kind == "grammar":
-        return LLMatcher.grammar_from_lark(value)
+    if kind == "grammar":  # Lark, or GBNF (llama.cpp's EBNF: "root ::= ..."), converted to Lark
+        from llguidance.gbnf_to_lark import any_to_lark
+
+        return LLMatcher.grammar_from_lark(any_to_lark(value))
     raise ValueError(f"unknown constraint kind {kind!r}")
 
 
@@ -84,6 +86,7 @@ class CompiledConstraint:
     grammar: str
     tokenizer: Any  # llguidance's
     eos_ids: tuple[int, ...]
+    choices: tuple[str, ...] | None = None  # (kind "choices": the strings)
     stats: dict[str, float] = field(default_factory=lambda: {"masks": 0, "mask_s": 0.0}, compare=False)
 
     def new(self) -> Grammar:
@@ -104,7 +107,8 @@ def compile_constraint(kind: str, value: Any, tokenizer: Any) -> CompiledConstra
     if failed:
         raise ConstraintError(messages[0].strip() if messages else "invalid grammar")
     eos = tokenizer.eos_token_id
-    return CompiledConstraint(kind, grammar, tok, (eos,) if eos is not None else ())
+    return CompiledConstraint(kind, grammar, tok, (eos,) if eos is not None else (),
+                              tuple(value) if kind == "choices" else None)
 
 
 class Grammar:

@@ -60,8 +60,9 @@ RESULT_COLUMNS = [f.name for f in RESULT_FIELDS]
 TOKEN_LOGPROBS = pa.field("token_logprobs", pa.list_(pa.float32()))  # with sampling.logprobs: one per token
 TOP_LOGPROBS = pa.field("top_logprobs", pa.list_(pa.list_(pa.struct(  # with sampling.logprobs > 0
     [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())]))))
-RESERVED_COLUMNS = [*RESULT_COLUMNS, OUTPUT_JSON.name, TOKEN_LOGPROBS.name, TOP_LOGPROBS.name]  # no input
-# column may take these names
+CHOICE_PROBS = pa.field("choice_probs", pa.map_(pa.string(), pa.float64()))  # with a choices constraint
+RESERVED_COLUMNS = [*RESULT_COLUMNS, OUTPUT_JSON.name, TOKEN_LOGPROBS.name, TOP_LOGPROBS.name, CHOICE_PROBS.name]
+# (no input column may take these names)
 
 
 def output_schema(input_schema: pa.Schema, id_column: str, columns: list[str],

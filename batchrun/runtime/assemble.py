@@ -20,7 +20,7 @@ import pyarrow as pa
 from batchrun.engine.constraints import Grammar
 from batchrun.engine.requests import Completion, LogitsConstraint, Request, SamplingParams, sample_seed
 from batchrun.io.json_arrow import conforms
-from batchrun.io.sink import OUTPUT_JSON, RESULT_FIELDS, SAMPLE, TOKEN_LOGPROBS, TOP_LOGPROBS
+from batchrun.io.sink import CHOICE_PROBS, OUTPUT_JSON, RESULT_FIELDS, SAMPLE, TOKEN_LOGPROBS, TOP_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,11 @@ class Assembler(Protocol):
 
 
 def make_assembler(n: int, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None,
-                   logprobs: int | None = None) -> Assembler:
+                   logprobs: int | None = None, choices: bool = False) -> Assembler:
     """The assembler of a job with ``n`` samples per input row (``sampling.n``)."""
     if n > 1:
-        return Samples(n, prompt_lengths, json_output, logprobs)
-    return OneToOne(prompt_lengths, json_output, logprobs)
+        return Samples(n, prompt_lengths, json_output, logprobs, choices)
+    return OneToOne(prompt_lengths, json_output, logprobs, choices)
 
 
 class OneToOne:
@@ -65,18 +65,22 @@ class OneToOne:
     stop string) keeps its finish reason and text and gets an error saying so. With ``json_output`` (a
     json_schema constraint) the ``output_json`` column holds the parsed output: a struct when the schema fixes
     one (``io.json_arrow``), else JSON text (``pa.string()``). With ``logprobs`` (``sampling.logprobs``):
-    ``token_logprobs`` and, for k > 0, ``top_logprobs``."""
+    ``token_logprobs`` and, for k > 0, ``top_logprobs``. With ``choices`` (a choices constraint):
+    ``choice_probs``."""
 
     def __init__(self, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None,
-                 logprobs: int | None = None):
+                 logprobs: int | None = None, choices: bool = False):
         self.prompt_lengths = prompt_lengths
         self.json_output = json_output
         self.logprobs = logprobs
+        self.choices = choices
         self.fields = list(RESULT_FIELDS)
         if json_output is not None:
             self.fields.append(pa.field(OUTPUT_JSON.name, json_output))
         if logprobs is not None:
             self.fields += [TOKEN_LOGPROBS, TOP_LOGPROBS] if logprobs else [TOKEN_LOGPROBS]
+        if choices:
+            self.fields.append(CHOICE_PROBS)
         self._grammars: dict[Hashable, Grammar] = {}  # request key -> its grammar
 
     def requests(self, row: int, prompt_ids: list[int], max_tokens: int, seed: int,
@@ -117,6 +121,8 @@ class OneToOne:
             if self.logprobs:
                 values["top_logprobs"] = None if c.top_logprobs is None else [
                     [{"token_id": i, "token": t, "logprob": v} for i, t, v in top] for top in c.top_logprobs]
+        if self.choices:
+            values["choice_probs"] = None if c.choice_probs is None else list(c.choice_probs.items())
         return values
 
     def _failed(self, row: int, message: str) -> dict[str, Any]:
@@ -128,6 +134,8 @@ class OneToOne:
             values["token_logprobs"] = None
             if self.logprobs:
                 values["top_logprobs"] = None
+        if self.choices:
+            values["choice_probs"] = None
         return values
 
 
@@ -139,8 +147,8 @@ class Samples(OneToOne):
     A row that fails before the engine gives n error rows."""
 
     def __init__(self, n: int, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None,
-                 logprobs: int | None = None):
-        super().__init__(prompt_lengths, json_output, logprobs)
+                 logprobs: int | None = None, choices: bool = False):
+        super().__init__(prompt_lengths, json_output, logprobs, choices)
         self.n = n
         self.fields = [SAMPLE, *self.fields]
         self._done: dict[int, dict[int, dict[str, Any]]] = {}  # row -> sample -> values, until all n are in

@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from batchrun import __version__
+from batchrun.engine.requests import Completion
 from batchrun.errors import RuntimeFailure, TemporaryFailure
 from batchrun.io import sink as sinks
 from batchrun.io.outdir import OutputState
@@ -207,6 +209,7 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
         emit(assembler.failed(row, message))
 
     engine = make_engine(spec, loaded, prepared.requests) if prepared.requests else None
+    score = _choice_scorer(spec, loaded, prepared)
     n = spec.sampling.n  # output rows per input row (counts here are output rows)
     progress.start(source.num_rows * n, already_done=already_done + len(prepared.errors) * n)
     t = time.monotonic()
@@ -214,7 +217,7 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
         runs = engine.run(prepared.requests, prepared.plan, interrupt=lambda: stop.requested) if engine else ()
         for batch in runs:
             for c in batch:
-                emit(assembler.add(c))
+                emit(assembler.add(score(c) if score else c))
             progress.advance(len(batch), sum(len(c.token_ids) for c in batch))
             if stop.requested:
                 break
@@ -232,6 +235,25 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
     if engine is not None:
         run.kv_budget_tokens, run.kv_peak_tokens = kv_usage(engine)
     return run
+
+
+def _choice_scorer(spec: JobSpec, loaded: Any, prepared: PreparedJob) -> Callable[[Completion], Completion] | None:
+    """With a ``choices`` constraint: a function that puts every choice's probability on a completion."""
+    c = spec.sampling.constraint
+    if c is None or c.kind != "choices" or loaded is None:
+        return None
+    from batchrun.engine.scoring import choice_probs
+
+    requests = {r.key: r for r in prepared.requests}
+    end = [] if spec.sampling.ignore_eos else list(loaded.eos_ids[:1])
+
+    def score(done: Completion) -> Completion:
+        if done.error:
+            return done
+        req = requests[done.key]
+        return replace(done, choice_probs=choice_probs(loaded, req.prompt_ids, list(c.choices), end))
+
+    return score
 
 
 def finalize(spec: JobSpec, job_info: dict[str, Any], prepared: PreparedJob, model: dict[str, Any],

@@ -73,7 +73,7 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     ids = source.table.column(source.id_column).to_pylist()
     c = spec.sampling.constraint
     assembler = make_assembler(spec.sampling.n, prompts.tokens.lengths, json_output=output_json_type(c),
-                               logprobs=spec.sampling.logprobs)
+                               logprobs=spec.sampling.logprobs, choices=c is not None and c.kind == "choices")
     requests, rows, errors = build_requests(spec, ids, prompts, max_tokens,
                                             {**sampling.errors, **c_errors, **mt_errors}, max_context,
                                             done, assembler, constraints, sampling)
