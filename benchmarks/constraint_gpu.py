@@ -77,8 +77,8 @@ def main() -> None:
     c = row["constrained"]
     row["mask_share_of_wall"] = round(c["mask_s"] / c["wall_s"], 4)
     row["mask_ms_each"] = round(1000 * c["mask_s"] / max(c["masks"], 1), 4)
-    row |= {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "commit": git_commit(),
-            "date": time.strftime("%Y-%m-%d")}
+    row |= {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
     record(row, args.out)
 
 
