@@ -301,3 +301,31 @@ def test_plan_and_the_manifest_report_the_constraint(tmp_path, tiny_dir):
     assert {k: report["constraint"][k] for k in ("kind", "rows", "grammars")} == {"kind": "regex", "rows": 4,
                                                                                    "grammars": 1}
     assert "constraint       regex on 4 rows (1 grammar(s) compiled in" in r.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["json_schema", "choices", "regex"])
+def test_constrained_greedy_on_smollm2_equals_the_reference_engine(smollm2_dir, kind):
+    """The real model (fp32, CPU) under each kind of constraint: token for token the reference engine's."""
+    loaded = load(ModelSpec(path=smollm2_dir), EngineSpec(device="cpu"))
+    tok = loaded.tokenizer
+    value = {"json_schema": SENTIMENT, "choices": ["positive", "negative", "mixed"],
+             "regex": "[A-Z][a-z]+ [0-9]{2}"}[kind]
+    compiled = compile_constraint(kind, value, tok)
+    reviews = ["The kettle boils fast and looks great.", "Broke after two days, awful support.",
+               "Sound is fine but the case feels cheap.", "Absolutely love this lamp!"]
+
+    def requests() -> list[Request]:
+        texts = [tok.apply_chat_template([{"role": "user", "content": f"Classify this review as JSON: {r}"}],
+                                         tokenize=False, add_generation_prompt=True) for r in reviews]
+        ids = tok(texts, add_special_tokens=False)["input_ids"]
+        return [Request(key=i, prompt_ids=p, max_tokens=40, constraint=compiled.new()) for i, p in enumerate(ids)]
+
+    got, want = _batchrun(loaded, requests()), _reference(loaded, requests())
+    for k in want:
+        assert got[k].token_ids == want[k].token_ids, f"row {k}"
+        text = got[k].text
+        if kind == "json_schema":
+            assert _valid(json.loads(text), SENTIMENT), text
+        else:
+            assert text in value if kind == "choices" else re.fullmatch(value, text), text
