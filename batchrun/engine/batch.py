@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
+from batchrun.engine.constraints import allowed_for
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
@@ -79,9 +80,8 @@ class BatchEngine:
                 raw = logits
                 reqs = [requests[k.row] for k in keys]
                 if any(r.constraint is not None for r in reqs):
-                    logits = constrain(logits, [None if r.constraint is None else
-                                                r.constraint.allowed_tokens(sched.generated(k))
-                                                for r, k in zip(reqs, keys)])
+                    logits = constrain(logits, allowed_for([r.constraint for r in reqs],
+                                                           [sched.generated(k) for k in keys]))
                 params = [r.sampling or self.sampling for r in reqs]
                 for k, r, p in zip(keys, reqs, params):
                     if not p.greedy and k not in generators:

@@ -28,6 +28,9 @@ _TOKENIZERS: dict[int, tuple[Any, Any]] = {}  # id(hf tokenizer) -> (it, its llg
 _LOCK = threading.Lock()
 
 
+_EXECUTOR: list[Any] = []  # llguidance's thread pool, made on first use
+
+
 class ConstraintError(ValueError):
     """A constraint that does not compile (the message says why)."""
 
@@ -171,9 +174,62 @@ class Grammar:
         mask[list(tokens)] = True
         return mask
 
+    def _direct(self, generated: Sequence[int]) -> np.ndarray | None:
+        """The mask when no computation is needed (complete, broken, or a forced token), else None."""
+        self._sync(generated)
+        m = self._matcher
+        if m.is_stopped() or m.is_error():
+            return self._only(self.compiled.eos_ids)
+        forced = m.compute_ff_tokens()
+        return self._only(forced[:1]) if forced else None
+
     def incomplete(self, token_ids: Sequence[int]) -> bool:
         """Does the final output ``token_ids`` (EOS excluded) leave the grammar unfinished?"""
         from llguidance import LLMatcher
 
         check = LLMatcher(self.compiled.tokenizer, self.compiled.grammar, log_level=0)
         return not check.consume_tokens([int(t) for t in token_ids]) or not check.is_accepting()
+
+
+def allowed_for(constraints: Sequence[Any], generated: Sequence[Sequence[int]]) -> list[Any]:
+    """Every row's ``allowed_tokens`` for one step (None where a row has no constraint). The grammars' masks
+    are computed together, in parallel in llguidance's thread pool (no GIL): at a batch of hundreds of rows,
+    one thread would take longer than the GPU's step."""
+    out: list[Any] = [None] * len(constraints)
+    grammars = []
+    for i, (c, gen) in enumerate(zip(constraints, generated)):
+        if isinstance(c, Grammar):
+            grammars.append(i)
+        elif c is not None:
+            out[i] = c.allowed_tokens(gen)
+    if len(grammars) < 4:  # (a pool is not worth it for a few rows)
+        for i in grammars:
+            out[i] = constraints[i].allowed_tokens(generated[i])
+        return out
+    t = time.perf_counter()
+    todo = []
+    for i in grammars:
+        direct = constraints[i]._direct(generated[i])
+        if direct is None:
+            todo.append(i)
+        else:
+            out[i] = direct
+    if todo:
+        vocab = constraints[todo[0]].compiled.tokenizer.vocab_size
+        words = (vocab + 31) // 32
+        bits = np.zeros((len(todo), words), dtype=np.int32)
+        if not _EXECUTOR:
+            from llguidance import LLExecutor
+
+            _EXECUTOR.append(LLExecutor())
+        _EXECUTOR[0].unsafe_compute_mask_ptr([(constraints[i]._matcher, j) for j, i in enumerate(todo)],
+                                             bits.ctypes.data, words * 4, len(todo))
+        masks = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little").view(bool)
+        for j, i in enumerate(todo):
+            out[i] = masks[j, :vocab]
+    spent = (time.perf_counter() - t) / len(grammars)
+    for i in grammars:  # (the pool's time, shared out)
+        stats = constraints[i].compiled.stats
+        stats["masks"] += 1
+        stats["mask_s"] += spent
+    return out
