@@ -46,6 +46,15 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> str:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", tokenizer_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_fp32(tiny_model_dir):
+    """The tiny model, loaded in fp32 on the CPU (oracle comparisons)."""
+    from batchrun.engine.loader import load
+    from batchrun.spec import EngineSpec, ModelSpec
+
+    return load(ModelSpec(path=tiny_model_dir, dtype="float32"), EngineSpec(device="cpu"))
+
+
 @pytest.fixture()
 def reviews_parquet(tmp_path) -> Path:
     """A 6-row review table with an id column, a per-row budget column and one null text."""

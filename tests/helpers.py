@@ -252,3 +252,19 @@ def check_run(plan, budget, res, outputs=None) -> list[int]:
         assert res.steps >= int(dec[ok].max()) + 1
         assert res.peak_kv_tokens >= lower_peak(plan, target, ok)
     return ok
+
+
+def crash_after_first_batch(monkeypatch, engine_cls) -> list:
+    """Make ``engine_cls.run`` hand over its first batch of completions and then raise (a crash in the middle
+    of a job). Returns that batch (filled once the engine runs)."""
+    real_run = engine_cls.run
+    first: list = []
+
+    def run(self, requests, plan=None, interrupt=None):
+        it = real_run(self, requests, plan, interrupt)
+        first.extend(next(it))
+        yield first
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(engine_cls, "run", run)
+    return first

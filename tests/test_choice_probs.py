@@ -13,22 +13,11 @@ import pytest
 import torch
 
 from batchrun import api
-from batchrun.engine.loader import load
 from batchrun.engine.scoring import choice_probs, sequence_logprobs
-from batchrun.spec import EngineSpec, ModelSpec, load_spec
-from helpers import make_tiny_model, write_job
+from batchrun.spec import load_spec
+from helpers import write_job
 
 CHOICES = ["yes", "no", "no way", "maybe"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer_dir):
-    return make_tiny_model(tmp_path_factory.mktemp("llama"), "llama", tokenizer_dir, seed=3)
-
-
-@pytest.fixture(scope="module")
-def tiny(model_dir):
-    return load(ModelSpec(path=model_dir, dtype="float32"), EngineSpec(device="cpu"))
 
 
 def _one_at_a_time(loaded, prompt, cont) -> float:
@@ -38,20 +27,20 @@ def _one_at_a_time(loaded, prompt, cont) -> float:
     return sum(float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(cont))
 
 
-def test_sequence_logprobs_equal_one_forward_pass_per_sequence(tiny):
-    tok = tiny.tokenizer
+def test_sequence_logprobs_equal_one_forward_pass_per_sequence(tiny_fp32):
+    tok = tiny_fp32.tokenizer
     prompt = tok("Is the kettle any good? Answer:", add_special_tokens=False)["input_ids"]
     conts = [tok(" " + c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for c in CHOICES]
-    got = sequence_logprobs(tiny, prompt, conts, batch_size=3)  # (two batches, right-padded)
-    assert got == pytest.approx([_one_at_a_time(tiny, prompt, c) for c in conts], abs=1e-4)
+    got = sequence_logprobs(tiny_fp32, prompt, conts, batch_size=3)  # (two batches, right-padded)
+    assert got == pytest.approx([_one_at_a_time(tiny_fp32, prompt, c) for c in conts], abs=1e-4)
 
 
-def test_choice_probs_are_renormalized_full_sequence_probabilities(tiny):
-    tok = tiny.tokenizer
+def test_choice_probs_are_renormalized_full_sequence_probabilities(tiny_fp32):
+    tok = tiny_fp32.tokenizer
     prompt = tok("Is the kettle any good? Answer:", add_special_tokens=False)["input_ids"]
-    probs = choice_probs(tiny, prompt, CHOICES, end=[tok.eos_token_id])
+    probs = choice_probs(tiny_fp32, prompt, CHOICES, end=[tok.eos_token_id])
     assert list(probs) == CHOICES and math.isclose(sum(probs.values()), 1.0, abs_tol=1e-9)
-    raw = [_one_at_a_time(tiny, prompt, tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    raw = [_one_at_a_time(tiny_fp32, prompt, tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
            for c in CHOICES]
     want = torch.softmax(torch.tensor(raw, dtype=torch.float64), 0).tolist()
     assert list(probs.values()) == pytest.approx(want, abs=1e-5)
@@ -67,11 +56,11 @@ engine: {{device: cpu}}
 """
 
 
-def test_submit_with_choices_writes_choice_probs(tmp_path, model_dir):
+def test_submit_with_choices_writes_choice_probs(tmp_path, tiny_model_dir):
     data = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": [1, 2, 3], "text": ["Great kettle.", None, "Broke in a day."]}), data)
     out = tmp_path / "out"
-    job = write_job(tmp_path, JOB.format(model=model_dir, data=data, out=out, choices=json.dumps(CHOICES)))
+    job = write_job(tmp_path, JOB.format(model=tiny_model_dir, data=data, out=out, choices=json.dumps(CHOICES)))
     result = api.submit(load_spec(job))
     assert (result.rows_ok, result.rows_error) == (2, 1)
     assert pq.read_schema(next(out.glob("part-*.parquet"))).field("choice_probs").type == pa.map_(

@@ -15,7 +15,7 @@ from batchrun.engine.batch import BatchEngine
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.errors import SpecError
 from batchrun.spec import load_spec
-from helpers import REPO, write_job
+from helpers import REPO, crash_after_first_batch, write_job
 
 JOB = """
 name: t
@@ -95,15 +95,7 @@ def test_crash_then_rerun_keeps_committed_rows_and_duplicates_none(tmp_path, tin
 
     engine_cls = BatchEngine if backend == "batchrun" else ReferenceEngine
     real_run = engine_cls.run
-    first: list = []
-
-    def crash_after_first_batch(self, requests, plan=None, interrupt=None):
-        it = real_run(self, requests, plan, interrupt)
-        first.extend(next(it))
-        yield first
-        raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(engine_cls, "run", crash_after_first_batch)
+    first = crash_after_first_batch(monkeypatch, engine_cls)
     with pytest.raises(RuntimeError, match="simulated crash"):
         api.submit(path)
     out = tmp_path / "out"

@@ -16,25 +16,14 @@ import torch
 from batchrun import api
 from batchrun.engine.batch import BatchEngine
 from batchrun.engine.constraints import compile_constraint
-from batchrun.engine.loader import load
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.engine.requests import Request, SamplingParams, row_seed
 from batchrun.plan.plan import PlanConfig, build_plan
-from batchrun.spec import EngineSpec, ModelSpec, load_spec
+from batchrun.spec import load_spec
 from batchrun.tokens import TokenTable
-from helpers import make_tiny_model, write_job
+from helpers import write_job
 
 TOL = 1e-4  # fp32 on CPU: the engines differ only in summation order
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer_dir):
-    return make_tiny_model(tmp_path_factory.mktemp("llama"), "llama", tokenizer_dir, seed=3)
-
-
-@pytest.fixture(scope="module")
-def tiny(model_dir):
-    return load(ModelSpec(path=model_dir, dtype="float32"), EngineSpec(device="cpu"))
 
 
 def _requests(tok, constraint=None) -> list[Request]:
@@ -62,29 +51,29 @@ def _forward_logprobs(loaded, prompt: list[int], generated: list[int]) -> torch.
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_both_engines_report_the_models_logprobs(tiny, temperature):
+def test_both_engines_report_the_models_logprobs(tiny_fp32, temperature):
     params = SamplingParams(temperature=temperature, logprobs=3)
-    ours, ref = _both(tiny, params)
-    reqs = _requests(tiny.tokenizer)
+    ours, ref = _both(tiny_fp32, params)
+    reqs = _requests(tiny_fp32.tokenizer)
     for r in reqs:
         a, b = ours[r.key], ref[r.key]
         assert a.token_ids == b.token_ids and len(a.logprobs) == len(a.token_ids) == len(a.top_logprobs)
-        want = _forward_logprobs(tiny, r.prompt_ids, a.token_ids)
+        want = _forward_logprobs(tiny_fp32, r.prompt_ids, a.token_ids)
         chosen = want.gather(1, torch.tensor(a.token_ids)[:, None])[:, 0].tolist()
         assert np.allclose(a.logprobs, chosen, atol=TOL) and np.allclose(b.logprobs, chosen, atol=TOL)
         for j, (top_a, top_b) in enumerate(zip(a.top_logprobs, b.top_logprobs)):
             assert [t[0] for t in top_a] == [t[0] for t in top_b] == want[j].topk(3).indices.tolist()
-            assert [t[1] for t in top_a] == [tiny.tokenizer.decode([t[0]]) for t in top_a]
+            assert [t[1] for t in top_a] == [tiny_fp32.tokenizer.decode([t[0]]) for t in top_a]
             assert np.allclose([t[2] for t in top_a], want[j].topk(3).values.tolist(), atol=TOL)
             if temperature == 0.0:  # greedy: the chosen token is the most likely one
                 assert top_a[0][0] == a.token_ids[j]
 
 
-def test_logprobs_under_a_constraint_are_the_models_own(tiny):
+def test_logprobs_under_a_constraint_are_the_models_own(tiny_fp32):
     """The constraint masks what may be chosen, not the reported probabilities; forced tokens are drawn one
     by one (each needs its own logprob), and the tokens still equal the reference engine's."""
-    compiled = compile_constraint("regex", "[0-9]{3}", tiny.tokenizer)
-    ours, ref = _both(tiny, SamplingParams(logprobs=0), compiled)
+    compiled = compile_constraint("regex", "[0-9]{3}", tiny_fp32.tokenizer)
+    ours, ref = _both(tiny_fp32, SamplingParams(logprobs=0), compiled)
     for k, c in ours.items():
         assert c.token_ids == ref[k].token_ids and np.allclose(c.logprobs, ref[k].logprobs, atol=TOL)
         assert c.top_logprobs == [[] for _ in c.token_ids]
@@ -102,11 +91,11 @@ engine: {{device: cpu}}
 
 
 @pytest.mark.parametrize("k", [0, 2])
-def test_submit_writes_logprob_columns(tmp_path, model_dir, k):
+def test_submit_writes_logprob_columns(tmp_path, tiny_model_dir, k):
     data = tmp_path / "in.parquet"
     pq.write_table(pa.table({"id": [1, 2, 3], "text": ["Hello there", None, "A kettle review"]}), data)
     out = tmp_path / "out"
-    job = write_job(tmp_path, JOB.format(model=model_dir, data=data, out=out,
+    job = write_job(tmp_path, JOB.format(model=tiny_model_dir, data=data, out=out,
                                          sampling=json.dumps({"max_tokens": 5, "logprobs": k})))
     result = api.submit(load_spec(job))
     assert (result.rows_ok, result.rows_error) == (2, 1)

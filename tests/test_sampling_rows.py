@@ -33,7 +33,7 @@ from batchrun.runtime.assemble import Samples
 from batchrun.runtime.prepare import prepare
 from batchrun.spec import EngineSpec, ModelSpec, validate_dict
 from batchrun.tokens import TokenTable
-from helpers import make_tiny_model
+from helpers import crash_after_first_batch, make_tiny_model
 
 PROMPTS = [
     "The quick brown fox jumps over the lazy dog because",
@@ -247,15 +247,7 @@ def test_n_samples_resume_after_a_crash_duplicates_none(tmp_path, model_dir, mon
     _, clean = _submit(tmp_path, "clean", model_dir, data, sampling, **engine)
 
     real_run = ReferenceEngine.run
-    first: list = []
-
-    def crash_after_first_batch(self, requests, plan=None, interrupt=None):
-        it = real_run(self, requests, plan, interrupt)
-        first.extend(next(it))
-        yield first
-        raise RuntimeError("simulated crash")
-
-    monkeypatch.setattr(ReferenceEngine, "run", crash_after_first_batch)
+    first = crash_after_first_batch(monkeypatch, ReferenceEngine)
     with pytest.raises(RuntimeError, match="simulated crash"):
         api.submit(_spec(model_dir, data, tmp_path / "out", sampling, part_rows=2, **engine))
     st = api.status(tmp_path / "out")
