@@ -159,15 +159,11 @@ class Grammar:
             self._consumed = n
 
     def _mask(self, generated: Sequence[int]) -> np.ndarray:
-        self._sync(generated)
-        m = self._matcher
-        if m.is_stopped() or m.is_error():  # complete (or broken): nothing but EOS
-            return self._only(self.compiled.eos_ids)
-        forced = m.compute_ff_tokens()
-        if forced:
-            return self._only(forced[:1])
-        bits = np.frombuffer(m.compute_bitmask(), dtype=np.uint8)
-        return np.unpackbits(bits, bitorder="little").view(bool)
+        direct = self._direct(generated)
+        if direct is not None:
+            return direct
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        return np.unpackbits(bits, bitorder="little").view(bool)[: self.compiled.tokenizer.vocab_size]
 
     def _only(self, tokens: Sequence[int]) -> np.ndarray:
         mask = np.zeros(self.compiled.tokenizer.vocab_size, dtype=bool)

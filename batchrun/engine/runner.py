@@ -126,11 +126,15 @@ class Runner:
         ints = ints.to(self.device, non_blocking=True)
         ids, pos, last = ints[:t], ints[t : 2 * t], ints[2 * t :]
         self.backend.prepare(step)
-        with attention.use_backend(self.backend):
-            hidden = self.decoder(input_ids=ids[None], position_ids=pos[None], use_cache=False).last_hidden_state
+        hidden = self._hidden(ids, pos)
         if not step.sample_index:
             return hidden.new_empty(0, self.head.weight.shape[0])
         return self.head(hidden[0, last]).float()
+
+    def _hidden(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden states [1, T, hidden] over the packed row, attention by the backend."""
+        with attention.use_backend(self.backend):
+            return self.decoder(input_ids=ids[None], position_ids=pos[None], use_cache=False).last_hidden_state
 
     def _replay(self, step: Step, key: tuple[int, int]) -> torch.Tensor:
         tokens, t = key[0], step.num_tokens
@@ -150,9 +154,7 @@ class Runner:
         ids, pos = ints[0], ints[1]
 
         def run() -> torch.Tensor:
-            with attention.use_backend(self.backend):
-                hidden = self.decoder(input_ids=ids[None], position_ids=pos[None], use_cache=False).last_hidden_state
-            return self.head(hidden[0]).float()
+            return self.head(self._hidden(ids, pos)[0]).float()
 
         interrupt, self.interrupt = self.interrupt, None  # (nothing may stop a capture half-way)
         main = torch.cuda.current_stream()
