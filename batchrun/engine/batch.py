@@ -1,7 +1,8 @@
 """batchrun's engine: executes a Plan with a paged, prefix-shared KV cache and continuous batching.
 
 Each step: the scheduler describes the work (decodes, then prefill packs in plan order, within the KV
-budget), the runner computes it in one packed forward pass, per-request logits constraints are applied,
+budget), the runner computes it in one packed forward pass, per-request logits constraints are applied (a
+grammar's masks computed in a worker thread while the GPU runs the step),
 the sampler draws each row's next token (under the request's own sampling settings, or the engine's), the
 scheduler records it (ending rows at EOS or their limit), and the engine ends rows whose text reached one of
 their stop strings. Completions stream out as rows finish.
@@ -10,20 +11,29 @@ their stop strings. Completions stream out as rows finish.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
-from batchrun.engine.constraints import allowed_for
+from batchrun.engine.constraints import forced_for, mask_bits
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
 from batchrun.engine.runner import Runner
-from batchrun.engine.sampling import LogprobLog, constrain, logprobs_of, row_generator, sample
+from batchrun.engine.sampling import LogprobLog, apply_mask_bits, logprobs_of, row_generator, sample
 from batchrun.engine.scheduler import Scheduler
 from batchrun.engine.stopping import Stopper
 from batchrun.errors import RuntimeFailure
 from batchrun.plan.plan import Plan
 
 log = logging.getLogger("batchrun")
+_WORKER: list[ThreadPoolExecutor] = []  # one thread computing grammar masks while the GPU runs a step
+
+
+def _mask_worker() -> ThreadPoolExecutor:
+    if not _WORKER:
+        _WORKER.append(ThreadPoolExecutor(1, thread_name_prefix="batchrun-masks"))
+    return _WORKER[0]
 
 
 class BatchEngine:
@@ -39,7 +49,7 @@ class BatchEngine:
         self.runner = Runner(loaded, self.num_blocks * block_size)
         self.stopper = Stopper(loaded.tokenizer, sampling.stop, [] if sampling.ignore_eos else loaded.eos_ids)
         self.initial_estimate = initial_estimate  # < 1 admits more work at first (and may preempt)
-        self.stats: dict[str, int] = {}
+        self.stats: dict[str, float] = {}
 
     def run(self, requests: Sequence[Request], plan: Plan,
             interrupt: Callable[[], bool] | None = None) -> Iterator[list[Completion]]:
@@ -64,6 +74,8 @@ class BatchEngine:
         peak = 0
         k_top = self.sampling.logprobs
         lps = LogprobLog(self.loaded.tokenizer) if k_top is not None else None
+        vocab = self.runner.vocab
+        mask_wait = 0.0
         while not sched.finished():
             step = sched.next_step()
             peak = max(peak, kv.used_tokens)
@@ -73,15 +85,21 @@ class BatchEngine:
                     yield failed
                     continue
                 raise RuntimeFailure("the scheduler found no work it could admit (KV budget too small?)")
-            logits = self.runner.forward(step)
             keys = step.sample_keys
+            reqs = [requests[k.row] for k in keys]
+            constraints = [r.constraint for r in reqs]
+            masks = None
+            if any(c is not None for c in constraints):  # computed on the CPU while the GPU runs the step
+                masks = _mask_worker().submit(mask_bits, constraints, [sched.generated(k) for k in keys], vocab)
+            logits = self.runner.forward(step)
             tokens: list[int] = []
             if keys:
                 raw = logits
-                reqs = [requests[k.row] for k in keys]
-                if any(r.constraint is not None for r in reqs):
-                    logits = constrain(logits, allowed_for([r.constraint for r in reqs],
-                                                           [sched.generated(k) for k in keys]))
+                if masks is not None:
+                    t = time.perf_counter()
+                    rows, bits = masks.result()
+                    mask_wait += time.perf_counter() - t  # (what the masks add to the step)
+                    logits = apply_mask_bits(logits, rows, bits)
                 params = [r.sampling or self.sampling for r in reqs]
                 for k, r, p in zip(keys, reqs, params):
                     if not p.greedy and k not in generators:
@@ -91,16 +109,19 @@ class BatchEngine:
                     drawn = dict(zip(keys, zip(*logprobs_of(raw, tokens, k_top))))
             events = sched.commit(step, tokens)
             done = self._errors(sched)
+            # Tokens a grammar forces after the one just drawn are appended now and computed in the next step
+            # with it (with logprobs asked for, each is drawn instead, to have its logprob).
+            forced = {}
+            if masks is not None and lps is None:
+                grown = [e.key for e in events if not e.ended and requests[e.key.row].constraint is not None]
+                forced = dict(zip(grown, forced_for([requests[k.row].constraint for k in grown],
+                                                    [sched.generated(k) for k in grown])))
             for e in events:
                 ended = e.ended
                 if lps is not None:
                     lps.add(e.key, *drawn[e.key])
-                c = requests[e.key.row].constraint
-                # (Forced tokens are not drawn: with logprobs asked for, each is drawn, to have its logprob.)
-                if not ended and c is not None and hasattr(c, "forced_tokens") and lps is None:
-                    forced = c.forced_tokens(sched.generated(e.key))
-                    if forced:  # appended now, computed in the next step with the token just drawn
-                        ended = sched.force(e.key, forced)
+                if forced.get(e.key):
+                    ended = sched.force(e.key, forced[e.key])
                 stop = (requests[e.key.row].sampling or self.sampling).stop
                 if ended or self.stopper.hit(sched.generated(e.key), stop):
                     generators.pop(e.key, None)
@@ -109,7 +130,7 @@ class BatchEngine:
                     done.append(out if lps is None else lps.attach(out, e.key))
             yield done
         self.stats = {"steps": sched.steps, "preemptions": sched.preemptions, "prefix_evictions": kv.evictions,
-                      "kv_peak_tokens": peak, "kv_budget_tokens": kv.budget}
+                      "kv_peak_tokens": peak, "kv_budget_tokens": kv.budget, "mask_wait_s": mask_wait}
         log.debug("engine: %s", self.stats)
 
     @staticmethod

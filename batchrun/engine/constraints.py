@@ -90,7 +90,7 @@ class CompiledConstraint:
     tokenizer: Any  # llguidance's
     eos_ids: tuple[int, ...]
     choices: tuple[str, ...] | None = None  # (kind "choices": the strings)
-    stats: dict[str, float] = field(default_factory=lambda: {"masks": 0, "mask_s": 0.0}, compare=False)
+    stats: dict[str, float] = field(default_factory=lambda: {"masks": 0, "mask_s": 0.0, "forced_s": 0.0}, compare=False)
 
     def new(self) -> Grammar:
         return Grammar(self)
@@ -127,6 +127,7 @@ class Grammar:
         self.compiled = compiled
         self._matcher = LLMatcher(compiled.tokenizer, compiled.grammar, log_level=0)
         self._consumed = 0
+        self._ff: tuple[int, list[int]] | None = None  # (consumed, the forced tokens there)
 
     def allowed_tokens(self, generated: Sequence[int]) -> np.ndarray:
         """A boolean mask over the vocabulary: the tokens allowed after ``generated``."""
@@ -139,12 +140,17 @@ class Grammar:
 
     def forced_tokens(self, generated: Sequence[int]) -> list[int]:
         """The tokens the grammar forces right after ``generated`` (often none)."""
-        t = time.perf_counter()
-        self._sync(generated)
-        m = self._matcher
-        forced = [] if m.is_stopped() or m.is_error() else list(m.compute_ff_tokens())
-        self.compiled.stats["mask_s"] += time.perf_counter() - t
-        return forced
+        return forced_for([self], [generated])[0]
+
+    def _done(self) -> bool:
+        return self._matcher.is_stopped() or self._matcher.is_error()
+
+    def _forced(self) -> list[int]:
+        """The forced tokens at the matcher's state (kept until it moves: the engine asks after each drawn
+        token and again before the next mask)."""
+        if self._ff is None or self._ff[0] != self._consumed:
+            self._ff = (self._consumed, [] if self._done() else list(self._matcher.compute_ff_tokens()))
+        return self._ff[1]
 
     def _sync(self, generated: Sequence[int]) -> None:
         """Bring the matcher up to ``generated``."""
@@ -165,19 +171,23 @@ class Grammar:
         bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
         return np.unpackbits(bits, bitorder="little").view(bool)[: self.compiled.tokenizer.vocab_size]
 
-    def _only(self, tokens: Sequence[int]) -> np.ndarray:
+    def _direct(self, generated: Sequence[int]) -> np.ndarray | None:
+        """The mask when no computation is needed (complete, broken, or a forced token), else None."""
+        self._sync(generated)
+        tokens = self._direct_tokens()
+        if tokens is None:
+            return None
         mask = np.zeros(self.compiled.tokenizer.vocab_size, dtype=bool)
         mask[list(tokens)] = True
         return mask
 
-    def _direct(self, generated: Sequence[int]) -> np.ndarray | None:
-        """The mask when no computation is needed (complete, broken, or a forced token), else None."""
-        self._sync(generated)
-        m = self._matcher
-        if m.is_stopped() or m.is_error():
-            return self._only(self.compiled.eos_ids)
-        forced = m.compute_ff_tokens()
-        return self._only(forced[:1]) if forced else None
+    def _direct_tokens(self) -> Sequence[int] | None:
+        """The only token(s) allowed where no mask need be computed (complete or broken: EOS; a forced
+        token: that one), else None."""
+        if self._done():
+            return self.compiled.eos_ids
+        forced = self._forced()
+        return forced[:1] if forced else None
 
     def incomplete(self, token_ids: Sequence[int]) -> bool:
         """Does the final output ``token_ids`` (EOS excluded) leave the grammar unfinished?"""
@@ -187,45 +197,105 @@ class Grammar:
         return not check.consume_tokens([int(t) for t in token_ids]) or not check.is_accepting()
 
 
-def allowed_for(constraints: Sequence[Any], generated: Sequence[Sequence[int]]) -> list[Any]:
-    """Every row's ``allowed_tokens`` for one step (None where a row has no constraint). The grammars' masks
-    are computed together, in parallel in llguidance's thread pool (no GIL): at a batch of hundreds of rows,
-    one thread would take longer than the GPU's step."""
-    out: list[Any] = [None] * len(constraints)
-    grammars = []
-    for i, (c, gen) in enumerate(zip(constraints, generated)):
-        if isinstance(c, Grammar):
-            grammars.append(i)
-        elif c is not None:
-            out[i] = c.allowed_tokens(gen)
-    if len(grammars) < 4:  # (a pool is not worth it for a few rows)
-        for i in grammars:
-            out[i] = constraints[i].allowed_tokens(generated[i])
-        return out
-    t = time.perf_counter()
-    todo = []
-    for i in grammars:
-        direct = constraints[i]._direct(generated[i])
-        if direct is None:
-            todo.append(i)
-        else:
-            out[i] = direct
-    if todo:
-        vocab = constraints[todo[0]].compiled.tokenizer.vocab_size
-        words = (vocab + 31) // 32
-        bits = np.zeros((len(todo), words), dtype=np.int32)
-        if not _EXECUTOR:
-            from llguidance import LLExecutor
+def pack(allowed: Any, words: int) -> np.ndarray:
+    """Allowed tokens (ids, a boolean mask over the vocabulary, or None: all) as ``words`` int32 words, 32
+    tokens a word (bit ``t % 32`` of word ``t // 32`` says whether token t is allowed)."""
+    if allowed is None:
+        return np.full(words, -1, dtype=np.int32)
+    keep = np.zeros(words * 32, dtype=bool)
+    if isinstance(allowed, np.ndarray) and allowed.dtype == np.bool_:
+        n = min(len(allowed), len(keep))
+        keep[:n] = allowed[:n]
+    else:
+        keep[np.asarray(list(allowed), dtype=np.int64)] = True
+    return np.packbits(keep, bitorder="little").view(np.int32)
 
-            _EXECUTOR.append(LLExecutor())
-        _EXECUTOR[0].unsafe_compute_mask_ptr([(constraints[i]._matcher, j) for j, i in enumerate(todo)],
-                                             bits.ctypes.data, words * 4, len(todo))
-        masks = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little").view(bool)
-        for j, i in enumerate(todo):
-            out[i] = masks[j, :vocab]
-    spent = (time.perf_counter() - t) / len(grammars)
-    for i in grammars:  # (the pool's time, shared out)
-        stats = constraints[i].compiled.stats
-        stats["masks"] += 1
-        stats["mask_s"] += spent
+
+def mask_bits(constraints: Sequence[Any], generated: Sequence[Sequence[int]],
+              vocab: int) -> tuple[list[int], np.ndarray]:
+    """One step's token masks: the rows that have a constraint, and their masks packed (``pack``) into
+    [len(rows), ceil(vocab / 32)] int32. Grammars are brought up to their rows' tokens together and their
+    masks computed together, in llguidance's thread pool (no GIL): at a batch of hundreds of rows one thread
+    would take longer than the GPU's step. Safe to run in a worker thread while the GPU runs the step."""
+    words = (vocab + 31) // 32
+    rows = [i for i, c in enumerate(constraints) if c is not None]
+    bits = np.zeros((len(rows), words), dtype=np.int32)
+    grammars = []
+    for j, i in enumerate(rows):
+        c = constraints[i]
+        if isinstance(c, Grammar):
+            grammars.append((j, c, generated[i]))
+        else:
+            bits[j] = pack(c.allowed_tokens(generated[i]), words)
+    if not grammars:
+        return rows, bits
+    t = time.perf_counter()
+    _catch_up([(g, gen) for _, g, gen in grammars])
+    todo = []
+    for j, g, _ in grammars:
+        direct = g._direct_tokens()
+        if direct is None:
+            todo.append((g._matcher, j))
+        else:
+            for tok in direct:
+                bits.view(np.uint32)[j, tok >> 5] |= np.uint32(1 << (tok & 31))
+    if todo:
+        own = (grammars[0][1].compiled.tokenizer.vocab_size + 31) // 32  # llguidance writes exactly its width
+        target = bits if own == words else np.zeros((len(rows), own), dtype=np.int32)
+        _executor().unsafe_compute_mask_ptr(todo, target.ctypes.data, own * 4, len(rows))
+        if target is not bits:
+            n = min(own, words)
+            for _, j in todo:
+                bits[j, :n] = target[j, :n]
+    _account([g for _, g, _ in grammars], time.perf_counter() - t, masks=True)
+    return rows, bits
+
+
+def forced_for(constraints: Sequence[Any], generated: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Each grammar's forced tokens after its row's tokens (``Grammar.forced_tokens``, for a whole step at
+    once: the rows' new tokens are consumed together); [] where a row has no grammar."""
+    t = time.perf_counter()
+    grammars = [(c, gen) for c, gen in zip(constraints, generated) if isinstance(c, Grammar)]
+    _catch_up(grammars)
+    out = [c._forced() if isinstance(c, Grammar) else [] for c in constraints]
+    _account([g for g, _ in grammars], time.perf_counter() - t, masks=False)
     return out
+
+
+def _executor() -> Any:
+    if not _EXECUTOR:
+        from llguidance import LLExecutor
+
+        _EXECUTOR.append(LLExecutor())
+    return _EXECUTOR[0]
+
+
+def _catch_up(grammars: Sequence[tuple[Grammar, Sequence[int]]]) -> None:
+    """Bring each grammar up to its row's tokens; rows one token behind (the common case) in one parallel
+    call."""
+    one = []
+    for g, gen in grammars:
+        if len(gen) == g._consumed + 1 and not g._done():
+            one.append((g, int(gen[-1])))
+        else:
+            g._sync(gen)
+    if len(one) < 4:
+        for g, tok in one:
+            g._matcher.consume_token(tok)
+    else:
+        _executor().consume_token_par([(g._matcher, tok) for g, tok in one])
+    for g, _ in one:
+        g._consumed += 1
+
+
+def _account(grammars: Sequence[Grammar], seconds: float, masks: bool) -> None:
+    """Share ``seconds`` of grammar work out over ``grammars``' stats (one mask each if ``masks``)."""
+    if not grammars:
+        return
+    each = seconds / len(grammars)
+    for g in grammars:
+        stats = g.compiled.stats
+        stats["masks"] += masks
+        stats["mask_s"] += each
+        if not masks:
+            stats["forced_s"] += each

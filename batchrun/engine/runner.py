@@ -89,6 +89,7 @@ class Runner:
         self.graph_steps = 0
         self.decoder = model.get_decoder()
         self.head = model.get_output_embeddings()
+        self.vocab = self.head.weight.shape[0]
         self.device = loaded.device
         self.interrupt: Callable[[], bool] | None = None
         self._layers = list(getattr(self.decoder, "layers", []))

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from batchrun.engine.constraints import pack
 from batchrun.engine.requests import Completion, SamplingParams
 
 
@@ -36,22 +37,29 @@ def sampling_probs(logits: torch.Tensor, s: SamplingParams) -> torch.Tensor:
 def constrain(logits: torch.Tensor, allowed: list[Sequence[int] | np.ndarray | None]) -> torch.Tensor:
     """Logits [n, vocab] with every token outside row i's ``allowed[i]`` set to -inf (None: no restriction).
     ``allowed[i]`` is a collection of token ids, or a boolean mask over the vocabulary (a grammar's; tokens
-    past its end are not allowed). The masks are built on the CPU and applied on the device in one step."""
+    past its end are not allowed)."""
     rows = [i for i, a in enumerate(allowed) if a is not None]
-    if not rows:
+    words = (logits.shape[-1] + 31) // 32
+    bits = np.stack([pack(allowed[i], words) for i in rows]) if rows else np.zeros((0, words), np.int32)
+    return apply_mask_bits(logits, rows, bits)
+
+
+def apply_mask_bits(logits: torch.Tensor, rows: Sequence[int], bits: np.ndarray) -> torch.Tensor:
+    """Logits [n, vocab] with the tokens that row ``rows[j]``'s packed mask ``bits[j]`` (``constraints.pack``)
+    does not allow set to -inf. The masks go to the device packed (32 tokens a word) and are unpacked there."""
+    if not len(rows):
         return logits
     vocab = logits.shape[-1]
-    keep = torch.zeros(len(rows), vocab, dtype=torch.bool)
-    for j, i in enumerate(rows):
-        a = allowed[i]
-        if isinstance(a, np.ndarray) and a.dtype == np.bool_:
-            n = min(len(a), vocab)
-            keep[j, :n] = torch.from_numpy(a[:n])
-        else:
-            keep[j, torch.as_tensor(list(a), dtype=torch.long)] = True
-    index = torch.tensor(rows, device=logits.device)
+    words = (vocab + 31) // 32
+    if bits.shape[1] < words:  # (tokens past a mask's end are not allowed)
+        bits = np.pad(bits, ((0, 0), (0, words - bits.shape[1])))
+    dev = logits.device
+    packed = torch.from_numpy(np.ascontiguousarray(bits)).to(dev, non_blocking=True)
+    token = torch.arange(vocab, device=dev)
+    keep = (packed[:, token >> 5] >> (token & 31)) & 1
+    index = torch.tensor(list(rows), device=dev)
     logits = logits.clone()
-    logits[index] = logits[index].masked_fill(~keep.to(logits.device), float("-inf"))
+    logits[index] = logits[index].masked_fill(keep == 0, float("-inf"))
     return logits
 
 
