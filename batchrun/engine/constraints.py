@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,7 @@ _LOCK = threading.Lock()
 
 
 _EXECUTOR: list[Any] = []  # llguidance's thread pool, made on first use
+_FF_POOL: list[tuple[ThreadPoolExecutor, int]] = []  # threads finding forced tokens (llguidance drops the GIL there)
 
 
 class ConstraintError(ValueError):
@@ -257,9 +260,19 @@ def forced_for(constraints: Sequence[Any], generated: Sequence[Sequence[int]]) -
     t = time.perf_counter()
     grammars = [(c, gen) for c, gen in zip(constraints, generated) if isinstance(c, Grammar)]
     _catch_up(grammars)
+    if len(grammars) >= 64:  # (the GPU waits on this: llguidance drops the GIL, so a few threads share it)
+        pool, workers = _ff_pool()
+        list(pool.map(lambda chunk: [g._forced() for g, _ in chunk], [grammars[k::workers] for k in range(workers)]))
     out = [c._forced() if isinstance(c, Grammar) else [] for c in constraints]
     _account([g for g, _ in grammars], time.perf_counter() - t, masks=False)
     return out
+
+
+def _ff_pool() -> tuple[ThreadPoolExecutor, int]:
+    if not _FF_POOL:
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+        _FF_POOL.append((ThreadPoolExecutor(workers, "batchrun-forced"), workers))
+    return _FF_POOL[0]
 
 
 def _executor() -> Any:
