@@ -14,14 +14,19 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from batchrun.engine.constraints import forced_for, mask_bits
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
 from batchrun.engine.runner import Runner
-from batchrun.engine.sampling import LogprobLog, apply_mask_bits, logprobs_of, row_generator, sample
+from batchrun.engine.sampling import LogprobLog, apply_mask_bits, logprobs_of, row_generator, sample_tensor
 from batchrun.engine.scheduler import Scheduler
+from batchrun.engine.step import Step
 from batchrun.engine.stopping import Stopper
 from batchrun.errors import RuntimeFailure
 from batchrun.plan.plan import Plan
@@ -70,69 +75,131 @@ class BatchEngine:
     def _run(self, requests: list[Request], plan: Plan) -> Iterator[list[Completion]]:
         kv = KVManager(plan.prefixes, self.num_blocks, self.block_size)
         sched = Scheduler(plan, requests, kv, self.step_tokens, self.stopper.eos_ids, self.initial_estimate)
-        generators = {}
-        peak = 0
-        k_top = self.sampling.logprobs
-        lps = LogprobLog(self.loaded.tokenizer) if k_top is not None else None
-        vocab = self.runner.vocab
-        mask_wait = 0.0
-        while not sched.finished():
-            step = sched.next_step()
+        run = _RunState(requests, sched, LogprobLog(self.loaded.tokenizer) if self.sampling.logprobs is not None
+                        else None)
+        # Overlapped: step N+1 is planned and launched before step N's tokens are read back (the device never
+        # waits for the host). Grammars and logprobs need each token on the host before the next step.
+        overlap = run.lps is None and all(r.constraint is None for r in requests)
+        inflight: _Launched | None = None
+        peak = launches = 0
+        while True:
+            step = None if sched.finished() else sched.next_step()
+            if step is None and inflight is None:
+                break
             peak = max(peak, kv.used_tokens)
-            if not step.seqs:
+            launched = None
+            if step is not None and step.seqs:
+                launched = self._launch(step, run, inflight)
+                sched.launched(step)
+                launches += 1
+            if inflight is not None:
+                yield self._resolve(inflight, run)
+            elif launched is None:
                 failed = self._errors(sched)
                 if failed:
                     yield failed
                     continue
                 raise RuntimeFailure("the scheduler found no work it could admit (KV budget too small?)")
-            keys = step.sample_keys
-            reqs = [requests[k.row] for k in keys]
-            constraints = [r.constraint for r in reqs]
-            masks = None
-            if any(c is not None for c in constraints):  # computed on the CPU while the GPU runs the step
-                masks = _mask_worker().submit(mask_bits, constraints, [sched.generated(k) for k in keys], vocab)
-            logits = self.runner.forward(step)
-            tokens: list[int] = []
-            if keys:
-                raw = logits
-                if masks is not None:
-                    t = time.perf_counter()
-                    rows, bits = masks.result()
-                    mask_wait += time.perf_counter() - t  # (what the masks add to the step)
-                    logits = apply_mask_bits(logits, rows, bits)
-                params = [r.sampling or self.sampling for r in reqs]
-                for k, r, p in zip(keys, reqs, params):
-                    if not p.greedy and k not in generators:
-                        generators[k] = row_generator(r.seed, self.loaded.device)
-                tokens = sample(logits, params, [generators.get(k) for k in keys])
-                if lps is not None:
-                    drawn = dict(zip(keys, zip(*logprobs_of(raw, tokens, k_top))))
-            events = sched.commit(step, tokens)
-            done = self._errors(sched)
-            # Tokens a grammar forces after the one just drawn are appended now and computed in the next step
-            # with it (with logprobs asked for, each is drawn instead, to have its logprob).
-            forced = {}
-            if masks is not None and lps is None:
-                grown = [e.key for e in events if not e.ended and requests[e.key.row].constraint is not None]
+            if launched is not None and not overlap:
+                yield self._resolve(launched, run)
+                launched = None
+            inflight = launched
+        failed = self._errors(sched)
+        if failed:
+            yield failed
+        self.stats = {"steps": launches, "preemptions": sched.preemptions, "prefix_evictions": kv.evictions,
+                      "kv_peak_tokens": peak, "kv_budget_tokens": kv.budget, "mask_wait_s": run.mask_wait}
+        log.debug("engine: %s", self.stats)
+
+    def _launch(self, step: Step, run: _RunState, inflight: _Launched | None) -> _Launched:
+        """Run the step and draw its tokens on the device; nothing here waits for the device (but masks)."""
+        keys = step.sample_keys
+        reqs = [run.requests[k.row] for k in keys]
+        constraints = [r.constraint for r in reqs]
+        masks = None
+        if any(c is not None for c in constraints):  # computed on the CPU while the GPU runs the step
+            masks = _mask_worker().submit(mask_bits, constraints, [run.sched.generated(k) for k in keys],
+                                          self.runner.vocab)
+        logits = self.runner.forward(step, None if inflight is None else inflight.tokens)
+        raw = logits
+        if masks is not None:
+            t = time.perf_counter()
+            rows, bits = masks.result()
+            run.mask_wait += time.perf_counter() - t  # (what the masks add to the step)
+            logits = apply_mask_bits(logits, rows, bits)
+        params = [r.sampling or self.sampling for r in reqs]
+        for k, r, p in zip(keys, reqs, params):
+            if not p.greedy and k not in run.generators:
+                run.generators[k] = row_generator(r.seed, self.loaded.device)
+        tokens = sample_tensor(logits, params, [run.generators.get(k) for k in keys])
+        return _Launched(step, tokens, *_to_host(tokens), raw if run.lps is not None else None)
+
+    def _resolve(self, launched: _Launched, run: _RunState) -> list[Completion]:
+        """Read a launched step's tokens back, record them, and finish the rows that ended."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        tokens = launched.host.tolist()
+        sched, requests, lps = run.sched, run.requests, run.lps
+        step = launched.step
+        if lps is not None and tokens:
+            drawn = dict(zip(step.sample_keys, zip(*logprobs_of(launched.raw, tokens, self.sampling.logprobs))))
+        events = sched.resolve(step, tokens)
+        done = self._errors(sched)
+        # Tokens a grammar forces after the one just drawn are appended now and computed in the next step
+        # with it (with logprobs asked for, each is drawn instead, to have its logprob).
+        forced = {}
+        if lps is None:
+            grown = [e.key for e in events if not e.ended and requests[e.key.row].constraint is not None]
+            if grown:
                 forced = dict(zip(grown, forced_for([requests[k.row].constraint for k in grown],
                                                     [sched.generated(k) for k in grown])))
-            for e in events:
-                ended = e.ended
-                if lps is not None:
-                    lps.add(e.key, *drawn[e.key])
-                if forced.get(e.key):
-                    ended = sched.force(e.key, forced[e.key])
-                stop = (requests[e.key.row].sampling or self.sampling).stop
-                if ended or self.stopper.hit(sched.generated(e.key), stop):
-                    generators.pop(e.key, None)
-                    r = sched.finish(e.key)
-                    out = self.stopper.finish(r.req.key, r.generated, r.req.max_tokens, stop)
-                    done.append(out if lps is None else lps.attach(out, e.key))
-            yield done
-        self.stats = {"steps": sched.steps, "preemptions": sched.preemptions, "prefix_evictions": kv.evictions,
-                      "kv_peak_tokens": peak, "kv_budget_tokens": kv.budget, "mask_wait_s": mask_wait}
-        log.debug("engine: %s", self.stats)
+        for e in events:
+            ended = e.ended
+            if lps is not None:
+                lps.add(e.key, *drawn[e.key])
+            if forced.get(e.key):
+                ended = sched.force(e.key, forced[e.key])
+            stop = (requests[e.key.row].sampling or self.sampling).stop
+            if ended or self.stopper.hit(sched.generated(e.key), stop):
+                run.generators.pop(e.key, None)
+                r = sched.finish(e.key)
+                out = self.stopper.finish(r.req.key, r.generated, r.req.max_tokens, stop)
+                done.append(out if lps is None else lps.attach(out, e.key))
+        return done
 
     @staticmethod
     def _errors(sched: Scheduler) -> list[Completion]:
         return [Completion(req.key, [], "", "error", error=message) for req, message in sched.take_errors()]
+
+
+@dataclass
+class _RunState:
+    """What one run's steps share."""
+
+    requests: list[Request]
+    sched: Scheduler
+    lps: LogprobLog | None
+    generators: dict = field(default_factory=dict)  # a sampled row's torch.Generator
+    mask_wait: float = 0.0
+
+
+@dataclass
+class _Launched:
+    """A step on its way: its tokens on the device, their copy to the host, and the event that says the copy
+    is there (None on the CPU)."""
+
+    step: Step
+    tokens: torch.Tensor
+    host: torch.Tensor
+    ready: Any
+    raw: torch.Tensor | None  # the model's logits (for logprobs)
+
+
+def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    if tokens.device.type == "cpu":
+        return tokens, None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready

@@ -112,8 +112,10 @@ class Runner:
                      len(self._layers), now - self._step_started)
 
     @torch.inference_mode()
-    def forward(self, step: Step) -> torch.Tensor:
-        """Run the step; return logits [len(step.sample_index), vocab], in the order of ``step.sample_keys``."""
+    def forward(self, step: Step, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the step; return logits [len(step.sample_index), vocab], in the order of ``step.sample_keys``.
+        ``previous``: the tokens the step before drew, on the device, for the step's placeholders
+        (``engine.step.placeholder``). Launches work and returns; nothing here waits for the device."""
         t = step.num_tokens
         self._step_started = self._last_log = time.monotonic()
         self._step_tokens = t
@@ -121,11 +123,12 @@ class Runner:
             key = (next(b for b in GRAPH_BUCKETS if b >= t), max(len(s.levels) for s in step.seqs) - 1)
             self._seen[key] = seen = self._seen.get(key, 0) + 1
             if (key in self._graphs or seen > CAPTURE_AFTER) and self.backend.prepare_graph(step, *key):
-                return self._replay(step, key)
+                return self._replay(step, key, previous)
         # One host-to-device copy for the packed row's ids and positions and the sampled positions.
-        ints = torch.tensor(step.token_ids + step.positions + step.sample_index, dtype=torch.long)
-        ints = ints.to(self.device, non_blocking=True)
+        ints = _to_device(step.token_ids + step.positions + step.sample_index, self.device)
         ids, pos, last = ints[:t], ints[t : 2 * t], ints[2 * t :]
+        if step.waits:
+            ids = _fill_placeholders(ids, previous)
         self.backend.prepare(step)
         hidden = self._hidden(ids, pos)
         if not step.sample_index:
@@ -137,14 +140,17 @@ class Runner:
         with attention.use_backend(self.backend):
             return self.decoder(input_ids=ids[None], position_ids=pos[None], use_cache=False).last_hidden_state
 
-    def _replay(self, step: Step, key: tuple[int, int]) -> torch.Tensor:
+    def _replay(self, step: Step, key: tuple[int, int], previous: torch.Tensor | None) -> torch.Tensor:
         tokens, t = key[0], step.num_tokens
-        ints = torch.tensor([step.token_ids + [0] * (tokens - t), step.positions + [0] * (tokens - t)])
+        pad = [0] * (tokens - t)
+        ints = _to_device(step.token_ids + pad + step.positions + pad, self.device).view(2, tokens)
+        if step.waits:
+            ints[0] = _fill_placeholders(ints[0], previous)
         g = self._graphs.get(key)
         if g is None:
-            g = self._graphs[key] = self._capture(ints.to(self.device))
+            g = self._graphs[key] = self._capture(ints)
         else:
-            g.ints.copy_(ints, non_blocking=True)
+            g.ints.copy_(ints)
         g.graph.replay()
         self.graph_steps += 1
         return g.logits[:t]
@@ -180,6 +186,20 @@ class Runner:
         finally:
             self.interrupt = interrupt
         return _Graph(graph, ints, logits)
+
+
+def _to_device(values: list[int], device: str) -> torch.Tensor:
+    """``values`` as an int64 tensor on ``device``, copied from pinned memory without waiting (the caching
+    host allocator keeps the pinned block until the copy is done, so it is never overwritten early)."""
+    host = torch.tensor(values, dtype=torch.long)
+    if device == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _fill_placeholders(ids: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """``ids`` with each placeholder (-1 - j) replaced by ``previous[j]``, on the device."""
+    return torch.where(ids < 0, previous[(-1 - ids).clamp_(min=0)], ids)
 
 
 def _between_layers(runner: weakref.ref, index: int, module: Any, args: Any) -> None:

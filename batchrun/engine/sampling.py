@@ -65,18 +65,25 @@ def apply_mask_bits(logits: torch.Tensor, rows: Sequence[int], bits: np.ndarray)
 
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator | None]) -> list[int]:
-    """One token per row of ``logits`` [n, vocab]: row i's argmax if ``params[i]`` is greedy, else drawn with
-    ``generators[i]`` after ``params[i]``'s temperature, top-k and top-p. Rows with equal settings are filtered
-    together; each row's draw depends only on its own logits, settings and generator."""
-    tokens = logits.argmax(-1).tolist()
+    """``sample_tensor``'s tokens as a list."""
+    return sample_tensor(logits, params, generators).tolist()
+
+
+def sample_tensor(logits: torch.Tensor, params: Sequence[SamplingParams],
+                  generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``logits`` [n, vocab], on its device (nothing waits for it): row i's argmax if
+    ``params[i]`` is greedy, else drawn with ``generators[i]`` after ``params[i]``'s temperature, top-k and
+    top-p. Rows with equal settings are filtered together; each row's draw depends only on its own logits,
+    settings and generator."""
+    tokens = logits.argmax(-1)
     groups: dict[tuple[float, int, float], list[int]] = {}
     for i, s in enumerate(params):
         if not s.greedy:
             groups.setdefault((s.temperature, s.top_k, s.top_p), []).append(i)
     for rows in groups.values():
         probs = sampling_probs(logits[rows].float(), params[rows[0]])
-        for j, i in enumerate(rows):
-            tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i])[0])
+        drawn = [torch.multinomial(probs[j], 1, generator=generators[i]) for j, i in enumerate(rows)]
+        tokens[torch.tensor(rows, device=tokens.device)] = torch.cat(drawn)
     return tokens
 
 

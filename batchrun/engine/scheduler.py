@@ -10,10 +10,16 @@ A step is one forward pass over packed sequences:
    shared prefixes fits the budget.
 ``next_step`` returns the step as a plain ``Step``; the runner computes it; ``commit`` records each sampled
 token and reports it, ending rows at EOS or ``max_tokens``; the engine ends rows on stop strings through
-``finish``. A finished row's KV is freed, and a shared prefix's when its last member lets go. If real
-outputs outgrow the estimates and the pool runs dry, the newest decoding row is preempted: its KV is freed
-and it is recomputed later from its prompt and the tokens it already produced. A row that cannot fit the
-budget even alone fails with an error instead of stopping the job.
+``finish``. ``commit`` is ``launched`` then ``resolve``, and an engine may call them apart, to plan the next
+step while the device still computes this one: after ``launched`` each drawn token is a placeholder, which
+the next step feeds to the row's decode (the runner fills it in on the device); ``resolve`` then puts in
+the real tokens. A row that ended at EOS in the step being resolved was already given one more decode in
+the next step, and that token is dropped.
+
+A finished row's KV is freed, and a shared prefix's when its last member lets go. If real outputs outgrow
+the estimates and the pool runs dry, the newest decoding row is preempted: its KV is freed and it is
+recomputed later from its prompt and the tokens it already produced. A row that cannot fit the budget even
+alone fails with an error instead of stopping the job.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import numpy as np
 from batchrun.engine.blocks import Segment
 from batchrun.engine.kv import KVManager
 from batchrun.engine.requests import Request
-from batchrun.engine.step import KVLevel, PrefixKey, RowKey, SeqWork, Step, WorkKey
+from batchrun.engine.step import KVLevel, PrefixKey, RowKey, SeqWork, Step, WorkKey, placeholder
 from batchrun.engine.work import Pending, RowState
 from batchrun.plan.budget import round_up
 from batchrun.plan.order import OutputEstimator
@@ -86,6 +92,7 @@ class Scheduler:
         return not self._running and not self._computing and not self._requeue and not self._next_item()
 
     def generated(self, key: RowKey) -> list[int]:
+        """The row's output tokens known so far."""
         return self.rows[key.row].generated
 
     def _next_item(self) -> tuple | None:
@@ -117,7 +124,8 @@ class Scheduler:
         self._prefix_levels = {}
         for i in list(self._running):
             r = self.rows[i]
-            if r.running and r.generated and RowKey(i) not in self._computing:
+            # (A row that drew its last token waits for it to be resolved, then ends.)
+            if r.running and 0 < r.output_len < r.req.max_tokens and RowKey(i) not in self._computing:
                 self._decode(i, r)
         budget = self.step_tokens
         for key in list(self._computing):  # work already started, oldest first
@@ -153,7 +161,7 @@ class Scheduler:
                         return None
                 elif self._fits_row(r):
                     self._requeue.popleft()
-                    return self._start_row(i, list(r.req.prompt_ids[r.own_start :]) + r.generated)
+                    return self._start_row(i, list(r.req.prompt_ids[r.own_start :]) + r.generated + r.inflight)
                 elif self._busy():
                     return None  # wait for memory
                 elif self._evict_idle(set(r.chain)):
@@ -242,12 +250,12 @@ class Scheduler:
             bs, est = self.kv.block_size, self.estimator
             rows = [self.rows[i] for i in self._running]
             self._proj = ([round_up(r.own_tokens, bs) for r in rows],
-                          [est.remaining(r.req.max_tokens, len(r.generated)) for r in rows])
+                          [est.remaining(r.req.max_tokens, r.output_len) for r in rows])
         return self._proj
 
     def _fits_row(self, r: RowState) -> bool:
         cur, rem = self._projection()
-        left = max(self.estimator.remaining(r.req.max_tokens, len(r.generated)), 1)
+        left = max(self.estimator.remaining(r.req.max_tokens, r.output_len), 1)
         return self.kv.fits(cur + [round_up(r.own_tokens, self.kv.block_size)], rem + [left])
 
     def _fits_prefix(self, p: int) -> bool:
@@ -258,7 +266,7 @@ class Scheduler:
         r = self.rows[i]
         if self._proj is not None:
             self._proj[0].append(round_up(r.own_tokens, self.kv.block_size))
-            self._proj[1].append(self.estimator.remaining(r.req.max_tokens, len(r.generated)))
+            self._proj[1].append(self.estimator.remaining(r.req.max_tokens, r.output_len))
         r.started = r.running = True
         r.order = self._admitted
         self._admitted += 1
@@ -326,9 +334,10 @@ class Scheduler:
         if slots is None:
             self._outgrown(i)
             return
-        pos = len(r.req.prompt_ids) + len(r.generated) - 1
+        pos = len(r.req.prompt_ids) + r.output_len - 1
         key = RowKey(i)
-        self._works.append(SeqWork(key, [r.generated[-1]], pos, self._levels(key, r), slots, True, decode=True))
+        last = r.inflight[-1] if r.inflight else r.generated[-1]
+        self._works.append(SeqWork(key, [last], pos, self._levels(key, r), slots, True, decode=True))
 
     def _reserve(self, seg: Segment, n: int, protect: int | None, keep: Iterable[int]) -> list[int] | None:
         """Slots for ``n`` more tokens of ``seg``. If the pool is dry: preempt another row, else evict shared
@@ -376,12 +385,29 @@ class Scheduler:
 
     def commit(self, step: Step, tokens: Sequence[int]) -> list[TokenEvent]:
         """Record the token drawn for each of ``step.sample_keys``; a row ends at EOS or ``max_tokens``."""
-        events = []
-        for key, t in zip(step.sample_keys, tokens):
+        self.launched(step)
+        return self.resolve(step, tokens)
+
+    def launched(self, step: Step) -> None:
+        """``step`` is on its way: each row it draws for has one more token, not known yet (a placeholder)."""
+        for j, key in enumerate(step.sample_keys):
             r = self.rows[key.row]
-            if not r.running:
-                continue
+            if r.running:
+                r.inflight.append(placeholder(j))
+
+    def resolve(self, step: Step, tokens: Sequence[int]) -> list[TokenEvent]:
+        """The tokens ``step`` drew (for each of its ``sample_keys``) are known: record and report them."""
+        events = []
+        for j, (key, t) in enumerate(zip(step.sample_keys, tokens)):
+            r = self.rows[key.row]
+            ph = placeholder(j)
+            if r.done or not r.inflight or r.inflight[0] != ph:
+                continue  # (it ended meanwhile: at EOS found in the step before, or it failed)
+            del r.inflight[0]
             r.generated.append(t)
+            job = self._computing.get(key)  # recomputing after a preemption: its tokens may hold the placeholder
+            if job is not None and ph in job.tokens:
+                job.tokens = [t if x == ph else x for x in job.tokens]
             ended = "eos" if t in self.eos_ids else "length" if len(r.generated) >= r.req.max_tokens else None
             events.append(TokenEvent(key, t, ended))
         return events
@@ -406,9 +432,12 @@ class Scheduler:
     def finish(self, key: RowKey) -> RowState:
         """End a running row (its EOS, its limit, or a stop string the engine found): free its KV."""
         r = self.rows[key.row]
-        r.running = False
+        r.running, r.done = False, True
+        r.inflight.clear()  # (a token drawn after its end)
         self._computing.pop(key, None)  # (forced tokens not computed yet)
         self._running.pop(key.row, None)
+        if key.row in self._requeue:  # (preempted while its last token was on its way)
+            self._requeue.remove(key.row)
         self.kv.release_row(r.own)
         self._let_go_of_prefixes(r)
         self.estimator.observe(r.req.max_tokens, len(r.generated))
@@ -419,5 +448,6 @@ class Scheduler:
             self._computing.pop(PrefixKey(p), None)
 
     def _fail(self, i: int, message: str) -> None:
-        self.rows[i].started = True
+        self.rows[i].started = self.rows[i].done = True
+        self.rows[i].inflight.clear()
         self._failed.append((i, message))

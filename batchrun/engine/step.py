@@ -32,6 +32,13 @@ class PrefixKey:
 WorkKey = RowKey | PrefixKey
 
 
+def placeholder(j: int) -> int:
+    """The id standing in a step for the token drawn at index ``j`` of the step before it (``sample_keys``),
+    when that step was launched but its tokens are not known on the host yet: the runner takes the real
+    token from the device. Placeholders are negative; real token ids are not."""
+    return -1 - j
+
+
 @dataclass(frozen=True, slots=True)
 class KVLevel:
     """One segment of a sequence's context: whose it is, its blocks, how many of its tokens are seen."""
@@ -72,6 +79,7 @@ class Step:
     query_start: list[int] = field(init=False)  # [S + 1] offsets of each sequence's tokens in the row
     sample_index: list[int] = field(init=False)  # [R] row positions whose logits are sampled
     sample_keys: list[RowKey] = field(init=False)  # [R] the request each of those belongs to
+    waits: bool = field(init=False)  # some token id is a placeholder (drawn by the previous step)
 
     def __post_init__(self) -> None:
         self.token_ids = [t for s in self.seqs for t in s.tokens]
@@ -80,6 +88,7 @@ class Step:
         self.query_start = [0, *itertools.accumulate(len(s.tokens) for s in self.seqs)]
         self.sample_index = [self.query_start[i + 1] - 1 for i, s in enumerate(self.seqs) if s.sample]
         self.sample_keys = [s.key for s in self.seqs if s.sample]
+        self.waits = min(self.token_ids, default=0) < 0
 
     def __len__(self) -> int:
         return len(self.seqs)

@@ -23,11 +23,20 @@ class RowState:
     own_start: int  # where its own tokens start (after its shared prefixes)
     chain: list[int]  # shared prefixes, outermost first
     own: Segment = field(default_factory=Segment)
-    generated: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)  # its output tokens known so far
+    # Tokens drawn in steps that were launched but whose ids are not known on the host yet: placeholders
+    # (``engine.step.placeholder``), oldest first; they follow ``generated``.
+    inflight: list[int] = field(default_factory=list)
     running: bool = False  # holds KV
     started: bool = False  # its pack item was taken
+    done: bool = False  # finished or failed: nothing more comes of it
     order: int = 0  # admission counter (the newest is preempted first)
 
     @property
+    def output_len(self) -> int:
+        """Its output tokens, drawn ones not known yet included."""
+        return len(self.generated) + len(self.inflight)
+
+    @property
     def own_tokens(self) -> int:
-        return len(self.req.prompt_ids) - self.own_start + len(self.generated)
+        return len(self.req.prompt_ids) - self.own_start + self.output_len

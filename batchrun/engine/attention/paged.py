@@ -121,7 +121,7 @@ class PagedBackend(AttentionBackend):
         self.wide_m = max(self.WIDE_ROWS // self.group, self.block_m)
         self.pad_slot = k_pool.shape[1] - 1  # the pool's spare slot (the allocator never hands it out)
         self.block_size = 16  # (the step's: set by prepare)
-        self._static: dict[tuple[int, int], tuple[_Meta, torch.Tensor, torch.Tensor, _Meta]] = {}
+        self._static: dict[tuple[int, int], tuple[list, torch.Tensor, _Meta]] = {}
         self.meta: _Meta | None = None
 
     # -- describing a step ---------------------------------------------------------------------------------
@@ -173,9 +173,15 @@ class PagedBackend(AttentionBackend):
         lay = self._layout(step)
         shapes = [(1, len(lay.rows)), lay.items.shape, (1, len(lay.table)), lay.tiles.shape, lay.wide.shape,
                   (1, lay.parts.size), (1, lay.tokens)]
-        host = torch.empty(_Meta.size(shapes), dtype=torch.int32)
+        host = self._host_buffer(_Meta.size(shapes))
         _Meta(host, shapes, lay.tokens, lay.depth).fill(lay, self.pad_slot)
         self.meta = _Meta(host.to(self.device, non_blocking=True), shapes, lay.tokens, lay.depth)
+
+    def _host_buffer(self, size: int) -> torch.Tensor:
+        """A host buffer for one step's metadata: pinned on a GPU (copied without waiting; the caching host
+        allocator does not hand the block out again before the copy is done, so the next step, prepared
+        while this one runs, never overwrites it)."""
+        return torch.zeros(size, dtype=torch.int32, pin_memory=self.device.type == "cuda")
 
     # -- CUDA graphs (decode steps) ------------------------------------------------------------------------
 
@@ -201,11 +207,11 @@ class PagedBackend(AttentionBackend):
         if key not in self._static:
             shapes = [(1, cap_parts), (5, cap_items), (1, cap_table), (2, cap_tiles), (2, cap_wide),
                       (1, tokens * depth), (1, tokens)]
-            host = torch.zeros(_Meta.size(shapes), dtype=torch.int32, pin_memory=self.device.type == "cuda")
             flat = torch.zeros(_Meta.size(shapes), dtype=torch.int32, device=self.device)
-            self._static[key] = (_Meta(host, shapes, tokens, depth), host, flat, _Meta(flat, shapes, tokens, depth))
-        h, host, flat, meta = self._static[key]
-        h.fill(lay, self.pad_slot)
+            self._static[key] = (shapes, flat, _Meta(flat, shapes, tokens, depth))
+        shapes, flat, meta = self._static[key]
+        host = self._host_buffer(flat.numel())  # (a fresh one: the last step's copy may not have run yet)
+        _Meta(host, shapes, tokens, depth).fill(lay, self.pad_slot)
         flat.copy_(host, non_blocking=True)
         self.meta = meta
         return True
