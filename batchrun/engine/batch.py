@@ -11,6 +11,7 @@ their stop strings. Completions stream out as rows finish.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -79,7 +80,9 @@ class BatchEngine:
                         else None)
         # Overlapped: step N+1 is planned and launched before step N's tokens are read back (the device never
         # waits for the host). Grammars and logprobs need each token on the host before the next step.
-        overlap = run.lps is None and all(r.constraint is None for r in requests)
+        # BATCHRUN_OVERLAP=0 turns it off (one step at a time).
+        overlap = (run.lps is None and all(r.constraint is None for r in requests)
+                   and os.environ.get("BATCHRUN_OVERLAP", "1") != "0")
         inflight: _Launched | None = None
         peak = launches = 0
         while True:
