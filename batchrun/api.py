@@ -76,6 +76,7 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
     would use (no model weights, no output). On CUDA the budget is an estimate: ``submit`` measures the free
     memory after loading the weights; ``plan`` subtracts their computed size from the free memory now."""
     from batchrun.engine import loader
+    from batchrun.engine.batch import overlaps
     from batchrun.engine.factory import kv_budget
     from batchrun.engine.simulate import simulate
     from batchrun.runtime.prepare import prepare
@@ -87,7 +88,7 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
     prepared = prepare(job, tokenizer, facts.max_context)
     budget = kv_budget(job.engine, facts, prepared.requests)
     stats = prepared.plan.stats()
-    sim = simulate(prepared.plan, budget)
+    sim = simulate(prepared.plan, budget, overlap=overlaps(prepared.requests, job.sampling.logprobs))
     return PlanReport(job=job.name, rows=prepared.num_rows, rows_error=len(prepared.errors),
                       **{k: stats[k] for k in ("prompt_tokens", "unique_tokens", "prefill_tokens", "saving_ratio",
                                                "shared_prefixes", "prefix_levels", "share_degree", "packs",

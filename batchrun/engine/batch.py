@@ -36,6 +36,14 @@ log = logging.getLogger("batchrun")
 _WORKER: list[ThreadPoolExecutor] = []  # one thread computing grammar masks while the GPU runs a step
 
 
+def overlaps(requests: Sequence[Request], logprobs: int | None) -> bool:
+    """Does the engine overlap steps for ``requests``: plan and launch step N+1 before reading back step N's
+    tokens (the device then never waits for the host)? Not with grammars or logprobs, which need each token
+    on the host before the next step; ``BATCHRUN_OVERLAP=0`` turns it off (one step at a time)."""
+    return (logprobs is None and all(r.constraint is None for r in requests)
+            and os.environ.get("BATCHRUN_OVERLAP", "1") != "0")
+
+
 def _mask_worker() -> ThreadPoolExecutor:
     if not _WORKER:
         _WORKER.append(ThreadPoolExecutor(1, thread_name_prefix="batchrun-masks"))
@@ -78,11 +86,7 @@ class BatchEngine:
         sched = Scheduler(plan, requests, kv, self.step_tokens, self.stopper.eos_ids, self.initial_estimate)
         run = _RunState(requests, sched, LogprobLog(self.loaded.tokenizer) if self.sampling.logprobs is not None
                         else None)
-        # Overlapped: step N+1 is planned and launched before step N's tokens are read back (the device never
-        # waits for the host). Grammars and logprobs need each token on the host before the next step.
-        # BATCHRUN_OVERLAP=0 turns it off (one step at a time).
-        overlap = (run.lps is None and all(r.constraint is None for r in requests)
-                   and os.environ.get("BATCHRUN_OVERLAP", "1") != "0")
+        overlap = overlaps(requests, self.sampling.logprobs)
         inflight: _Launched | None = None
         peak = launches = 0
         while True:

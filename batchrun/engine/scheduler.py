@@ -76,6 +76,7 @@ class Scheduler:
         # shared prefix (kept until the prefix grows): both are read for every admission and every row.
         self._proj: tuple[list[int], list[int]] | None = None
         self._prefix_levels: dict[int, KVLevel] = {}
+        self._chain_levels: dict[int, list[KVLevel]] = {}  # innermost prefix -> its chain's levels (per step)
         self._failed: list[tuple[int, str]] = []
         self.preemptions = 0
         self.steps = 0
@@ -121,11 +122,12 @@ class Scheduler:
         self.steps += 1
         self._works = []
         self._proj = None
-        self._prefix_levels = {}
+        self._prefix_levels, self._chain_levels = {}, {}
+        computing = {k.row for k in self._computing if isinstance(k, RowKey)}
         for i in list(self._running):
             r = self.rows[i]
             # (A row that drew its last token waits for it to be resolved, then ends.)
-            if r.running and 0 < r.output_len < r.req.max_tokens and RowKey(i) not in self._computing:
+            if r.running and 0 < r.output_len < r.req.max_tokens and i not in computing:
                 self._decode(i, r)
         budget = self.step_tokens
         for key in list(self._computing):  # work already started, oldest first
@@ -279,7 +281,7 @@ class Scheduler:
         start, end = self._start[p], self._end[p]
         rep = self.rows[self.plan.trie.rep_row(int(self.plan.prefixes.node[p]))]
         self._started_prefixes.add(p)
-        self._prefix_levels.pop(p, None)
+        self._forget_level(p)
         self.kv.share(p)
         key = PrefixKey(p)
         self._computing[key] = Pending(list(rep.req.prompt_ids[start:end]), start)
@@ -302,7 +304,7 @@ class Scheduler:
                 return 0
             chain = self._ancestry(p)
             slots = self._reserve(seg, n, protect=None, keep=chain)
-            self._prefix_levels.pop(p, None)
+            self._forget_level(p)
             if slots is None:  # the prefix cannot fit even alone: its members fail as they come
                 self.kv.fail(p)
                 self._computing.pop(key, None)
@@ -325,15 +327,30 @@ class Scheduler:
             level = self._prefix_levels[p] = KVLevel(PrefixKey(p), seg.blocks, seg.length)
         return level
 
+    def _forget_level(self, p: int) -> None:
+        """Shared prefix ``p`` grows in this step: later work sees its new length."""
+        if self._prefix_levels.pop(p, None) is not None:
+            self._chain_levels = {}
+
     def _levels(self, key: RowKey, r: RowState) -> list[KVLevel]:
         # A snapshot by length: a later chunk of the same row may grow its segment within this step.
-        return [self._level(p) for p in r.chain] + [KVLevel(key, r.own.blocks, r.own.length)]
+        if not r.chain:
+            return [KVLevel(key, r.own.blocks, r.own.length)]
+        shared = self._chain_levels.get(r.chain[-1])
+        if shared is None:
+            shared = self._chain_levels[r.chain[-1]] = [self._level(p) for p in r.chain]
+        return [*shared, KVLevel(key, r.own.blocks, r.own.length)]
 
     def _decode(self, i: int, r: RowState) -> None:
-        slots = self._reserve(r.own, 1, protect=i, keep=r.chain)
-        if slots is None:
-            self._outgrown(i)
-            return
+        seg, bs = r.own, self.kv.block_size
+        if seg.length % bs:  # room in its last block (the common case, kept cheap)
+            slots = [seg.blocks[-1] * bs + seg.length % bs]
+            seg.length += 1
+        else:
+            slots = self._reserve(seg, 1, protect=i, keep=r.chain)
+            if slots is None:
+                self._outgrown(i)
+                return
         pos = len(r.req.prompt_ids) + r.output_len - 1
         key = RowKey(i)
         last = r.inflight[-1] if r.inflight else r.generated[-1]

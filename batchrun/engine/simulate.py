@@ -35,10 +35,12 @@ class SimResult:
 
 
 def simulate(plan: Plan, kv_budget: int, outputs: np.ndarray | None = None,
-             initial_estimate: float = 1.0) -> SimResult:
+             initial_estimate: float = 1.0, overlap: bool = False) -> SimResult:
     """Simulate ``plan`` under ``kv_budget`` tokens of KV.
 
-    ``outputs``: each row's true output length (default: its max_tokens)."""
+    ``outputs``: each row's true output length (default: its max_tokens). ``overlap``: steps go as in the
+    engine's overlapped loop (``engine.batch``: the next step is planned before this one's tokens are read
+    back), so rows hold their KV one step longer."""
     cfg = plan.config
     max_tokens = np.asarray(plan.max_tokens, dtype=np.int64)
     target = max_tokens if outputs is None else np.clip(np.asarray(outputs, dtype=np.int64), 1, max_tokens)
@@ -47,26 +49,40 @@ def simulate(plan: Plan, kv_budget: int, outputs: np.ndarray | None = None,
     kv = KVManager(plan.prefixes, kv_budget // cfg.block_size, cfg.block_size)
     sched = Scheduler(plan, requests, kv, cfg.step_tokens, [_EOS], initial_estimate)
     made = np.zeros(plan.num_rows, dtype=np.int64)
-    prefill = decode = peak = done = 0
+    prefill = decode = peak = done = launches = 0
     too_big: list[int] = []
-    while not sched.finished():
-        step = sched.next_step()
+    inflight = None
+    while True:
+        step = None if sched.finished() else sched.next_step()
+        if step is None and inflight is None:
+            break
         peak = max(peak, kv.used_tokens)
-        for w in step.seqs:
-            if w.decode:
-                decode += 1
-            else:
-                prefill += len(w.tokens)
-        tokens = []
-        for key in step.sample_keys:
-            made[key.row] += 1
-            tokens.append(_EOS if made[key.row] > target[key.row] else 0)
-        ended = [e.key for e in sched.commit(step, tokens) if e.ended]
-        errors = [req.key for req, _ in sched.take_errors()]
+        launched = None
+        if step is not None and step.seqs:
+            for w in step.seqs:
+                if w.decode:
+                    decode += 1
+                else:
+                    prefill += len(w.tokens)
+            tokens = []
+            for key in step.sample_keys:
+                made[key.row] += 1
+                tokens.append(_EOS if made[key.row] > target[key.row] else 0)
+            sched.launched(step)
+            launched, launches = (step, tokens), launches + 1
+        resolving = [launched] if launched is not None and not overlap else []
+        if inflight is not None:
+            resolving.insert(0, inflight)
+        errors = [] if resolving else [req.key for req, _ in sched.take_errors()]
+        for s, tokens in resolving:
+            ended = [e.key for e in sched.resolve(s, tokens) if e.ended]
+            errors += [req.key for req, _ in sched.take_errors()]
+            for key in ended:
+                sched.finish(key)
+            done += len(ended)
         too_big += errors
-        for key in ended:
-            sched.finish(key)
-        done += len(ended)
-        if not step.seqs and not ended and not errors:
+        inflight = launched if overlap else None
+        if launched is None and not resolving and not errors:
             break  # nothing can run any more
-    return SimResult(sched.steps, prefill, decode, peak, sched.preemptions, done, sorted(too_big))
+    steps = launches if overlap else sched.steps
+    return SimResult(steps, prefill, decode, peak, sched.preemptions, done, sorted(too_big))

@@ -50,7 +50,7 @@ class KVLevel:
     length: int
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqWork:
     """One sequence's part of a step."""
 

@@ -133,7 +133,9 @@ class PagedBackend(AttentionBackend):
         n = len(step.seqs)
         row0, nrows = qs[:-1], [qs[i + 1] - qs[i] for i in range(n)]
         table0, klen, table = [], [], []
-        shared: dict[tuple, list] = {}  # (owner, length) -> [level, its depth, sequences under it...]
+        # A shared level (the scheduler hands out one object per prefix and step) -> [level, its depth,
+        # sequences under it...]
+        shared: dict[int, list] = {}
         depth = 0
         for i, seq in enumerate(step.seqs):
             own = seq.levels[-1]
@@ -143,9 +145,9 @@ class PagedBackend(AttentionBackend):
             if len(seq.levels) > 1:
                 depth = max(depth, len(seq.levels) - 1)
                 for j, level in enumerate(seq.levels[:-1]):
-                    group = shared.get((level.owner, level.length))
+                    group = shared.get(id(level))
                     if group is None:
-                        shared[(level.owner, level.length)] = [level, j, i]
+                        shared[id(level)] = [level, j, i]
                     else:
                         group.append(i)
         causal = [1] * n
