@@ -88,8 +88,16 @@ def test_plan_has_nested_sharing_and_chunked_rows(tiny):
     assert max(len(r.prompt_ids) - plan.prefixes.row_start[i] for i, r in enumerate(reqs)) > 64  # chunked
 
 
+@pytest.fixture(params=["overlapped", "one-at-a-time"])
+def overlap(request, monkeypatch):
+    """The engine's loop both ways: the next step planned and launched before this one's tokens are read
+    back (placeholders filled in on the device), or one step at a time (BATCHRUN_OVERLAP=0)."""
+    monkeypatch.setenv("BATCHRUN_OVERLAP", "1" if request.param == "overlapped" else "0")
+    return request.param
+
+
 @pytest.mark.parametrize("budget, step_tokens, block_size", [(100_000, 64, 4), (100_000, 4096, 16), (400, 32, 4)])
-def test_greedy_equals_the_oracle(tiny, budget, step_tokens, block_size):
+def test_greedy_equals_the_oracle(tiny, budget, step_tokens, block_size, overlap):
     reqs = _requests(tiny.tokenizer)
     oracle = _oracle(tiny, reqs)
     engine = BatchEngine(tiny, SamplingParams(), kv_budget_tokens=budget, block_size=block_size,
@@ -100,7 +108,7 @@ def test_greedy_equals_the_oracle(tiny, budget, step_tokens, block_size):
         assert (got[r.key].text, got[r.key].finish_reason) == (oracle[r.key].text, oracle[r.key].finish_reason)
 
 
-def test_forced_preemption_recomputes_exactly(tiny):
+def test_forced_preemption_recomputes_exactly(tiny, overlap):
     reqs = [Request(r.key, r.prompt_ids, 40) for r in _requests(tiny.tokenizer)]
     params = SamplingParams(ignore_eos=True)
     oracle = _oracle(tiny, reqs, params)
@@ -110,6 +118,24 @@ def test_forced_preemption_recomputes_exactly(tiny):
     assert engine.stats["preemptions"] > 0
     for r in reqs:
         assert got[r.key].token_ids == oracle[r.key].token_ids, f"row {r.key}"
+
+
+def test_rows_ending_early_under_preemption_equal_the_oracle(tiny, overlap):
+    """Rows end on stop strings at different points while others are preempted and recomputed: overlapped,
+    a row's last token is found one step late (the token drawn after it is dropped), and a preempted row's
+    recomputation may start before its last drawn token is known."""
+    reqs = [Request(r.key, r.prompt_ids, 40) for r in _requests(tiny.tokenizer)]
+    free = _run(BatchEngine(tiny, SamplingParams(ignore_eos=True), 100_000, 4, 64), reqs, _plan(reqs))
+    stops = tuple(sorted({free[k].text[40:44] for k in (0, 3)}))
+    params = SamplingParams(stop=stops, ignore_eos=True)
+    oracle = _oracle(tiny, reqs, params)
+    engine = BatchEngine(tiny, params, kv_budget_tokens=220, block_size=4, step_tokens=64, initial_estimate=0.05)
+    got = _run(engine, reqs, _plan(reqs))
+    assert engine.stats["preemptions"] > 0
+    assert sum(oracle[r.key].finish_reason == "stop" for r in reqs) >= 2
+    for r in reqs:
+        assert got[r.key].token_ids == oracle[r.key].token_ids, f"row {r.key}"
+        assert got[r.key].finish_reason == oracle[r.key].finish_reason, f"row {r.key}"
 
 
 def test_sampling_does_not_depend_on_batch_composition(tiny):

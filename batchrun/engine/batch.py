@@ -85,7 +85,7 @@ class BatchEngine:
         kv = KVManager(plan.prefixes, self.num_blocks, self.block_size)
         sched = Scheduler(plan, requests, kv, self.step_tokens, self.stopper.eos_ids, self.initial_estimate)
         run = _RunState(requests, sched, LogprobLog(self.loaded.tokenizer) if self.sampling.logprobs is not None
-                        else None)
+                        else None, all((r.sampling or self.sampling).greedy for r in requests))
         overlap = overlaps(requests, self.sampling.logprobs)
         inflight: _Launched | None = None
         peak = launches = 0
@@ -134,11 +134,14 @@ class BatchEngine:
             rows, bits = masks.result()
             run.mask_wait += time.perf_counter() - t  # (what the masks add to the step)
             logits = apply_mask_bits(logits, rows, bits)
-        params = [r.sampling or self.sampling for r in reqs]
-        for k, r, p in zip(keys, reqs, params):
-            if not p.greedy and k not in run.generators:
-                run.generators[k] = row_generator(r.seed, self.loaded.device)
-        tokens = sample_tensor(logits, params, [run.generators.get(k) for k in keys])
+        if run.greedy:  # (every row greedy: the common case, kept cheap)
+            tokens = logits.argmax(-1)
+        else:
+            params = [r.sampling or self.sampling for r in reqs]
+            for k, r, p in zip(keys, reqs, params):
+                if not p.greedy and k not in run.generators:
+                    run.generators[k] = row_generator(r.seed, self.loaded.device)
+            tokens = sample_tensor(logits, params, [run.generators.get(k) for k in keys])
         return _Launched(step, tokens, *_to_host(tokens), raw if run.lps is not None else None)
 
     def _resolve(self, launched: _Launched, run: _RunState) -> list[Completion]:
@@ -186,6 +189,7 @@ class _RunState:
     requests: list[Request]
     sched: Scheduler
     lps: LogprobLog | None
+    greedy: bool  # every request is greedy
     generators: dict = field(default_factory=dict)  # a sampled row's torch.Generator
     mask_wait: float = 0.0
 

@@ -33,7 +33,7 @@ import numpy as np
 from batchrun.engine.blocks import Segment
 from batchrun.engine.kv import KVManager
 from batchrun.engine.requests import Request
-from batchrun.engine.step import KVLevel, PrefixKey, RowKey, SeqWork, Step, WorkKey, placeholder
+from batchrun.engine.step import KVLevel, PrefixKey, RowKey, SeqWork, Step, WorkKey
 from batchrun.engine.work import Pending, RowState
 from batchrun.plan.budget import round_up
 from batchrun.plan.order import OutputEstimator
@@ -69,6 +69,7 @@ class Scheduler:
         self._started_prefixes: set[int] = set()  # (an evicted prefix is recomputed for its members, not here)
         self._computing: dict[WorkKey, Pending] = {}  # started, unfinished prefill, in start order
         self._requeue: deque[int] = deque()
+        self._recomputing: set[int] = set()  # readmitted rows whose tokens to compute hold placeholders
         self._running: dict[int, None] = {}  # rows holding KV, in admission order
         self._admitted = 0
         self._works: list[SeqWork] = []
@@ -127,7 +128,7 @@ class Scheduler:
         for i in list(self._running):
             r = self.rows[i]
             # (A row that drew its last token waits for it to be resolved, then ends.)
-            if r.running and 0 < r.output_len < r.req.max_tokens and i not in computing:
+            if r.running and 0 < len(r.generated) + len(r.inflight) < r.req.max_tokens and i not in computing:
                 self._decode(i, r)
         budget = self.step_tokens
         for key in list(self._computing):  # work already started, oldest first
@@ -163,6 +164,8 @@ class Scheduler:
                         return None
                 elif self._fits_row(r):
                     self._requeue.popleft()
+                    if r.inflight:
+                        self._recomputing.add(i)
                     return self._start_row(i, list(r.req.prompt_ids[r.own_start :]) + r.generated + r.inflight)
                 elif self._busy():
                     return None  # wait for memory
@@ -351,7 +354,7 @@ class Scheduler:
             if slots is None:
                 self._outgrown(i)
                 return
-        pos = len(r.req.prompt_ids) + r.output_len - 1
+        pos = len(r.req.prompt_ids) + len(r.generated) + len(r.inflight) - 1
         key = RowKey(i)
         last = r.inflight[-1] if r.inflight else r.generated[-1]
         self._works.append(SeqWork(key, [last], pos, self._levels(key, r), slots, True, decode=True))
@@ -407,24 +410,28 @@ class Scheduler:
 
     def launched(self, step: Step) -> None:
         """``step`` is on its way: each row it draws for has one more token, not known yet (a placeholder)."""
+        rows = self.rows
         for j, key in enumerate(step.sample_keys):
-            r = self.rows[key.row]
+            r = rows[key.row]
             if r.running:
-                r.inflight.append(placeholder(j))
+                r.inflight.append(-1 - j)  # (engine.step.placeholder(j), inlined: once per row and step)
 
     def resolve(self, step: Step, tokens: Sequence[int]) -> list[TokenEvent]:
         """The tokens ``step`` drew (for each of its ``sample_keys``) are known: record and report them."""
         events = []
         for j, (key, t) in enumerate(zip(step.sample_keys, tokens)):
             r = self.rows[key.row]
-            ph = placeholder(j)
+            ph = -1 - j  # (engine.step.placeholder(j))
             if r.done or not r.inflight or r.inflight[0] != ph:
                 continue  # (it ended meanwhile: at EOS found in the step before, or it failed)
             del r.inflight[0]
             r.generated.append(t)
-            job = self._computing.get(key)  # recomputing after a preemption: its tokens may hold the placeholder
-            if job is not None and ph in job.tokens:
-                job.tokens = [t if x == ph else x for x in job.tokens]
+            if key.row in self._recomputing:  # readmitted after a preemption: its tokens hold the placeholder
+                job = self._computing.get(key)
+                if job is not None:
+                    job.tokens = [t if x == ph else x for x in job.tokens]
+                if not r.inflight:
+                    self._recomputing.discard(key.row)
             ended = "eos" if t in self.eos_ids else "length" if len(r.generated) >= r.req.max_tokens else None
             events.append(TokenEvent(key, t, ended))
         return events

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +40,9 @@ def placeholder(j: int) -> int:
     return -1 - j
 
 
-@dataclass(frozen=True, slots=True)
-class KVLevel:
-    """One segment of a sequence's context: whose it is, its blocks, how many of its tokens are seen."""
+class KVLevel(NamedTuple):
+    """One segment of a sequence's context: whose it is, its blocks, how many of its tokens are seen. (A
+    named tuple: the scheduler makes one per decoding row and step, and a tuple is made fastest.)"""
 
     owner: WorkKey  # the shared prefix (PrefixKey), or the sequence itself
     # Pool block ids covering ``length`` tokens: the segment's own list, not a copy (a segment only ever
