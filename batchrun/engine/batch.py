@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from batchrun.engine.constraints import forced_for, mask_bits
+from batchrun.engine.constraints import Grammar, mask_bits
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
@@ -155,14 +155,15 @@ class BatchEngine:
             drawn = dict(zip(step.sample_keys, zip(*logprobs_of(launched.raw, tokens, self.sampling.logprobs))))
         events = sched.resolve(step, tokens)
         done = self._errors(sched)
-        # Tokens a grammar forces after the one just drawn are appended now and computed in the next step
-        # with it (with logprobs asked for, each is drawn instead, to have its logprob).
+        # Where a grammar's mask forced the token just drawn, the tokens forced after it are appended now and
+        # computed in the next step with it (with logprobs asked for, each is drawn instead, to have its
+        # logprob). They were found with the mask, in the worker thread: nothing is computed here.
         forced = {}
         if lps is None:
-            grown = [e.key for e in events if not e.ended and requests[e.key.row].constraint is not None]
-            if grown:
-                forced = dict(zip(grown, forced_for([requests[k.row].constraint for k in grown],
-                                                    [sched.generated(k) for k in grown])))
+            for e in events:
+                c = requests[e.key.row].constraint
+                if not e.ended and isinstance(c, Grammar):
+                    forced[e.key] = c.forced_after(e.token)
         for e in events:
             ended = e.ended
             if lps is not None:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +29,6 @@ _LOCK = threading.Lock()
 
 
 _EXECUTOR: list[Any] = []  # llguidance's thread pool, made on first use
-_FF_POOL: list[tuple[ThreadPoolExecutor, int]] = []  # threads finding forced tokens (llguidance drops the GIL there)
 
 
 class ConstraintError(ValueError):
@@ -93,7 +90,7 @@ class CompiledConstraint:
     tokenizer: Any  # llguidance's
     eos_ids: tuple[int, ...]
     choices: tuple[str, ...] | None = None  # (kind "choices": the strings)
-    stats: dict[str, float] = field(default_factory=lambda: {"masks": 0, "mask_s": 0.0, "forced_s": 0.0}, compare=False)
+    stats: dict[str, float] = field(default_factory=lambda: {"masks": 0, "mask_s": 0.0}, compare=False)
 
     def new(self) -> Grammar:
         return Grammar(self)
@@ -122,7 +119,7 @@ class Grammar:
 
     Where the grammar forces what comes next (the rest of a JSON key, say), llguidance reports the forced
     tokens: the mask then allows only the first of them (so every engine emits the same, canonical tokens),
-    and ``forced_tokens`` lets batchrun's engine append them all at once, without a sampling step each."""
+    and batchrun's engine appends the rest of them at once, without a sampling step each (``forced_after``)."""
 
     def __init__(self, compiled: CompiledConstraint):
         from llguidance import LLMatcher
@@ -141,9 +138,14 @@ class Grammar:
         stats["mask_s"] += time.perf_counter() - t
         return mask
 
-    def forced_tokens(self, generated: Sequence[int]) -> list[int]:
-        """The tokens the grammar forces right after ``generated`` (often none)."""
-        return forced_for([self], [generated])[0]
+    def forced_after(self, token: int) -> list[int]:
+        """The tokens forced after ``token``, if the last mask forced it (the mask then allowed only the first
+        of the forced tokens, which ``token`` is): the rest of them, known without computing anything. []
+        otherwise (then the next mask finds what is forced, if anything, while the GPU runs that step)."""
+        ff = self._ff
+        if ff is not None and ff[0] == self._consumed and ff[1] and ff[1][0] == token:
+            return ff[1][1:]
+        return []
 
     def _done(self) -> bool:
         return self._matcher.is_stopped() or self._matcher.is_error()
@@ -250,29 +252,8 @@ def mask_bits(constraints: Sequence[Any], generated: Sequence[Sequence[int]],
             n = min(own, words)
             for _, j in todo:
                 bits[j, :n] = target[j, :n]
-    _account([g for _, g, _ in grammars], time.perf_counter() - t, masks=True)
+    _account([g for _, g, _ in grammars], time.perf_counter() - t)
     return rows, bits
-
-
-def forced_for(constraints: Sequence[Any], generated: Sequence[Sequence[int]]) -> list[list[int]]:
-    """Each grammar's forced tokens after its row's tokens (``Grammar.forced_tokens``, for a whole step at
-    once: the rows' new tokens are consumed together); [] where a row has no grammar."""
-    t = time.perf_counter()
-    grammars = [(c, gen) for c, gen in zip(constraints, generated) if isinstance(c, Grammar)]
-    _catch_up(grammars)
-    if len(grammars) >= 64:  # (the GPU waits on this: llguidance drops the GIL, so a few threads share it)
-        pool, workers = _ff_pool()
-        list(pool.map(lambda chunk: [g._forced() for g, _ in chunk], [grammars[k::workers] for k in range(workers)]))
-    out = [c._forced() if isinstance(c, Grammar) else [] for c in constraints]
-    _account([g for g, _ in grammars], time.perf_counter() - t, masks=False)
-    return out
-
-
-def _ff_pool() -> tuple[ThreadPoolExecutor, int]:
-    if not _FF_POOL:
-        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
-        _FF_POOL.append((ThreadPoolExecutor(workers, "batchrun-forced"), workers))
-    return _FF_POOL[0]
 
 
 def _executor() -> Any:
@@ -301,14 +282,10 @@ def _catch_up(grammars: Sequence[tuple[Grammar, Sequence[int]]]) -> None:
         g._consumed += 1
 
 
-def _account(grammars: Sequence[Grammar], seconds: float, masks: bool) -> None:
-    """Share ``seconds`` of grammar work out over ``grammars``' stats (one mask each if ``masks``)."""
-    if not grammars:
-        return
+def _account(grammars: Sequence[Grammar], seconds: float) -> None:
+    """Share ``seconds`` of grammar work out over ``grammars``' stats (one mask each)."""
     each = seconds / len(grammars)
     for g in grammars:
         stats = g.compiled.stats
-        stats["masks"] += masks
+        stats["masks"] += 1
         stats["mask_s"] += each
-        if not masks:
-            stats["forced_s"] += each
