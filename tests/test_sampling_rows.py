@@ -26,7 +26,7 @@ from batchrun.engine.batch import BatchEngine
 from batchrun.engine.loader import load, load_tokenizer
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.engine.requests import Completion, Request, SamplingParams, row_seed, sample_seed
-from batchrun.engine.sampling import row_generator, sample
+from batchrun.engine.sampling import row_generator, sample_tensor
 from batchrun.errors import InputDataError, SpecError
 from batchrun.plan.plan import PlanConfig, build_plan
 from batchrun.runtime.assemble import Samples
@@ -92,10 +92,10 @@ def test_sample_draws_each_row_as_if_alone():
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
     params = [GREEDY, HOT, WARM, HOT, GREEDY, SamplingParams(temperature=2.0, top_k=3)]
     gens = [None if p.greedy else row_generator(100 + i, "cpu") for i, p in enumerate(params)]
-    got = [sample(logits, params, gens) for _ in range(5)]  # five steps: the generators advance
+    got = [sample_tensor(logits, params, gens).tolist() for _ in range(5)]  # five steps: the generators advance
     for i, p in enumerate(params):
         gen = None if p.greedy else row_generator(100 + i, "cpu")
-        alone = [sample(logits[i : i + 1], [p], [gen])[0] for _ in range(5)]
+        alone = [int(sample_tensor(logits[i : i + 1], [p], [gen])[0]) for _ in range(5)]
         assert [g[i] for g in got] == alone, f"row {i}"
     assert [g[0] for g in got] == [int(logits[0].argmax())] * 5
 

@@ -22,7 +22,7 @@ from transformers import (
 
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
-from batchrun.engine.sampling import LogprobLog, constrain, logprobs_of, row_generator, sample
+from batchrun.engine.sampling import LogprobLog, constrain, logprobs_of, row_generator, sample_tensor
 from batchrun.engine.stopping import Stopper
 from batchrun.plan.plan import Plan
 
@@ -137,7 +137,7 @@ class _RowSampler(LogitsProcessor):
         self.generators = [None if p.greedy else row_generator(seed, device) for p, seed in zip(params, seeds)]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        chosen = torch.tensor(sample(scores, self.params, self.generators), device=scores.device)
+        chosen = sample_tensor(scores, self.params, self.generators)
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(scores.shape[0], device=scores.device), chosen] = 0.0
         return out

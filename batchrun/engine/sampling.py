@@ -63,12 +63,6 @@ def apply_mask_bits(logits: torch.Tensor, rows: Sequence[int], bits: np.ndarray)
     return logits
 
 
-def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
-           generators: Sequence[torch.Generator | None]) -> list[int]:
-    """``sample_tensor``'s tokens as a list."""
-    return sample_tensor(logits, params, generators).tolist()
-
-
 def sample_tensor(logits: torch.Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """One token per row of ``logits`` [n, vocab], on its device (nothing waits for it): row i's argmax if

@@ -33,7 +33,7 @@ import numpy as np
 from batchrun.engine.blocks import Segment
 from batchrun.engine.kv import KVManager
 from batchrun.engine.requests import Request
-from batchrun.engine.step import KVLevel, PrefixKey, RowKey, SeqWork, Step, WorkKey
+from batchrun.engine.step import KVLevel, PrefixKey, RowKey, SeqWork, Step, WorkKey, placeholder
 from batchrun.engine.work import Pending, RowState
 from batchrun.plan.budget import round_up
 from batchrun.plan.order import OutputEstimator
@@ -414,14 +414,14 @@ class Scheduler:
         for j, key in enumerate(step.sample_keys):
             r = rows[key.row]
             if r.running:
-                r.inflight.append(-1 - j)  # (engine.step.placeholder(j), inlined: once per row and step)
+                r.inflight.append(placeholder(j))
 
     def resolve(self, step: Step, tokens: Sequence[int]) -> list[TokenEvent]:
         """The tokens ``step`` drew (for each of its ``sample_keys``) are known: record and report them."""
         events = []
         for j, (key, t) in enumerate(zip(step.sample_keys, tokens)):
             r = self.rows[key.row]
-            ph = -1 - j  # (engine.step.placeholder(j))
+            ph = placeholder(j)
             if r.done or not r.inflight or r.inflight[0] != ph:
                 continue  # (it ended meanwhile: at EOS found in the step before, or it failed)
             del r.inflight[0]
