@@ -155,21 +155,18 @@ class BatchEngine:
             drawn = dict(zip(step.sample_keys, zip(*logprobs_of(launched.raw, tokens, self.sampling.logprobs))))
         events = sched.resolve(step, tokens)
         done = self._errors(sched)
-        # Where a grammar's mask forced the token just drawn, the tokens forced after it are appended now and
-        # computed in the next step with it (with logprobs asked for, each is drawn instead, to have its
-        # logprob). They were found with the mask, in the worker thread: nothing is computed here.
-        forced = {}
-        if lps is None:
-            for e in events:
-                c = requests[e.key.row].constraint
-                if not e.ended and isinstance(c, Grammar):
-                    forced[e.key] = c.forced_after(e.token)
         for e in events:
             ended = e.ended
             if lps is not None:
                 lps.add(e.key, *drawn[e.key])
-            if forced.get(e.key):
-                ended = sched.force(e.key, forced[e.key])
+            c = requests[e.key.row].constraint
+            # Where a grammar's mask forced the token just drawn, the tokens forced after it (found with the
+            # mask, in the worker thread) are appended now and computed in the next step with it. With
+            # logprobs asked for, each is drawn instead, to have its logprob.
+            if not ended and lps is None and isinstance(c, Grammar):
+                forced = c.forced_after(e.token)
+                if forced:
+                    ended = sched.force(e.key, forced)
             stop = (requests[e.key.row].sampling or self.sampling).stop
             if ended or self.stopper.hit(sched.generated(e.key), stop):
                 run.generators.pop(e.key, None)

@@ -165,7 +165,7 @@ class Grammar:
             m.rollback(self._consumed - n)
             self._consumed = n
         if n > self._consumed:
-            if not m.is_stopped() and not m.is_error():
+            if not self._done():
                 m.consume_tokens([int(t) for t in generated[self._consumed :]])
             self._consumed = n
 

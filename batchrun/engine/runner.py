@@ -191,10 +191,8 @@ class Runner:
 def _to_device(values: list[int], device: str) -> torch.Tensor:
     """``values`` as an int64 tensor on ``device``, copied from pinned memory without waiting (the caching
     host allocator keeps the pinned block until the copy is done, so it is never overwritten early)."""
-    host = torch.tensor(values, dtype=torch.long)
-    if device == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+    host = torch.tensor(values, dtype=torch.long, pin_memory=device != "cpu")
+    return host if device == "cpu" else host.to(device, non_blocking=True)
 
 
 def _fill_placeholders(ids: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
