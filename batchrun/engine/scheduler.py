@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -41,9 +41,9 @@ from batchrun.plan.pack import PREFIX
 from batchrun.plan.plan import Plan
 
 
-@dataclass(frozen=True)
-class TokenEvent:
-    """A token a row just got; ``ended`` is "eos" or "length" when that token ends the row."""
+class TokenEvent(NamedTuple):
+    """A token a row just got; ``ended`` is "eos" or "length" when that token ends the row. (A named tuple:
+    one is made per row and step.)"""
 
     key: RowKey
     token: int
@@ -60,8 +60,8 @@ class Scheduler:
         pre = plan.prefixes
         self._parent = pre.parent.tolist()
         self._start, self._end = pre.start.tolist(), pre.end.tolist()
-        self.rows = [RowState(r, int(s), self._ancestry(int(p)))
-                     for r, s, p in zip(requests, pre.row_start, pre.row_prefix)]
+        self.rows = [RowState(r, int(s), self._ancestry(int(p)), RowKey(i))
+                     for i, (r, s, p) in enumerate(zip(requests, pre.row_start, pre.row_prefix))]
         self.estimator = OutputEstimator(np.array([r.max_tokens for r in requests], dtype=np.int64),
                                          initial_fraction=initial_estimate)
         self._packs = plan.packs()
@@ -125,8 +125,9 @@ class Scheduler:
         self._proj = None
         self._prefix_levels, self._chain_levels = {}, {}
         computing = {k.row for k in self._computing if isinstance(k, RowKey)}
+        rows = self.rows
         for i in list(self._running):
-            r = self.rows[i]
+            r = rows[i]
             # (A row that drew its last token waits for it to be resolved, then ends.)
             if r.running and 0 < len(r.generated) + len(r.inflight) < r.req.max_tokens and i not in computing:
                 self._decode(i, r)
@@ -320,7 +321,7 @@ class Scheduler:
             if slots is None:
                 self._outgrown(key.row)
                 return n
-            self._works.append(SeqWork(key, tokens, pos, self._levels(key, r), slots, last))
+            self._works.append(SeqWork(key, tokens, pos, self._levels(r), slots, last))
         return n
 
     def _level(self, p: int) -> KVLevel:
@@ -335,29 +336,32 @@ class Scheduler:
         if self._prefix_levels.pop(p, None) is not None:
             self._chain_levels = {}
 
-    def _levels(self, key: RowKey, r: RowState) -> list[KVLevel]:
+    def _levels(self, r: RowState) -> list[KVLevel]:
         # A snapshot by length: a later chunk of the same row may grow its segment within this step.
+        own = KVLevel(r.key, r.own.blocks, r.own.length)
         if not r.chain:
-            return [KVLevel(key, r.own.blocks, r.own.length)]
+            return [own]
         shared = self._chain_levels.get(r.chain[-1])
         if shared is None:
             shared = self._chain_levels[r.chain[-1]] = [self._level(p) for p in r.chain]
-        return [*shared, KVLevel(key, r.own.blocks, r.own.length)]
+        return [*shared, own]
 
     def _decode(self, i: int, r: RowState) -> None:
+        # (Once per decoding row and step: kept cheap.)
         seg, bs = r.own, self.kv.block_size
-        if seg.length % bs:  # room in its last block (the common case, kept cheap)
-            slots = [seg.blocks[-1] * bs + seg.length % bs]
+        at = seg.length % bs
+        if at:  # room in its last block
+            slots = [seg.blocks[-1] * bs + at]
             seg.length += 1
         else:
             slots = self._reserve(seg, 1, protect=i, keep=r.chain)
             if slots is None:
                 self._outgrown(i)
                 return
-        pos = len(r.req.prompt_ids) + len(r.generated) + len(r.inflight) - 1
-        key = RowKey(i)
-        last = r.inflight[-1] if r.inflight else r.generated[-1]
-        self._works.append(SeqWork(key, [last], pos, self._levels(key, r), slots, True, decode=True))
+        inflight = r.inflight
+        pos = len(r.req.prompt_ids) + len(r.generated) + len(inflight) - 1
+        last = inflight[-1] if inflight else r.generated[-1]
+        self._works.append(SeqWork(r.key, [last], pos, self._levels(r), slots, True, True))
 
     def _reserve(self, seg: Segment, n: int, protect: int | None, keep: Iterable[int]) -> list[int] | None:
         """Slots for ``n`` more tokens of ``seg``. If the pool is dry: preempt another row, else evict shared
@@ -419,20 +423,21 @@ class Scheduler:
     def resolve(self, step: Step, tokens: Sequence[int]) -> list[TokenEvent]:
         """The tokens ``step`` drew (for each of its ``sample_keys``) are known: record and report them."""
         events = []
+        rows, eos, recomputing = self.rows, self.eos_ids, self._recomputing  # (once per row and step: cheap)
         for j, (key, t) in enumerate(zip(step.sample_keys, tokens)):
-            r = self.rows[key.row]
-            ph = placeholder(j)
-            if r.done or not r.inflight or r.inflight[0] != ph:
+            r = rows[key.row]
+            ph, inflight = placeholder(j), r.inflight
+            if r.done or not inflight or inflight[0] != ph:
                 continue  # (it ended meanwhile: at EOS found in the step before, or it failed)
-            del r.inflight[0]
+            del inflight[0]
             r.generated.append(t)
-            if key.row in self._recomputing:  # readmitted after a preemption: its tokens hold the placeholder
+            if recomputing and key.row in recomputing:  # readmitted after a preemption: its tokens hold the placeholder
                 job = self._computing.get(key)
                 if job is not None:
                     job.tokens = [t if x == ph else x for x in job.tokens]
                 if not r.inflight:
                     self._recomputing.discard(key.row)
-            ended = "eos" if t in self.eos_ids else "length" if len(r.generated) >= r.req.max_tokens else None
+            ended = "eos" if t in eos else "length" if len(r.generated) >= r.req.max_tokens else None
             events.append(TokenEvent(key, t, ended))
         return events
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from batchrun.engine.blocks import Segment
 from batchrun.engine.requests import Request
+from batchrun.engine.step import RowKey
 
 
 @dataclass
@@ -22,6 +23,7 @@ class RowState:
     req: Request
     own_start: int  # where its own tokens start (after its shared prefixes)
     chain: list[int]  # shared prefixes, outermost first
+    key: RowKey  # (made once: a step names the row in each of its works)
     own: Segment = field(default_factory=Segment)
     generated: list[int] = field(default_factory=list)  # its output tokens known so far
     # Tokens drawn in steps that were launched but whose ids are not known on the host yet: placeholders
