@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from batchrun.engine.constraints import Grammar, mask_bits
+from batchrun.engine.constraints import mask_bits
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
@@ -129,6 +129,7 @@ class BatchEngine:
                                           self.runner.vocab)
         logits = self.runner.forward(step, None if inflight is None else inflight.tokens)
         raw = logits
+        scored = _scored(raw, constraints, [run.sched.generated(k) for k in keys]) if masks is not None else None
         if masks is not None:
             t = time.perf_counter()
             rows, bits = masks.result()
@@ -142,7 +143,7 @@ class BatchEngine:
                 if not p.greedy and k not in run.generators:
                     run.generators[k] = row_generator(r.seed, self.loaded.device)
             tokens = sample_tensor(logits, params, [run.generators.get(k) for k in keys])
-        return _Launched(step, tokens, *_to_host(tokens), raw if run.lps is not None else None)
+        return _Launched(step, tokens, *_to_host(tokens), raw if run.lps is not None else None, scored)
 
     def _resolve(self, launched: _Launched, run: _RunState) -> list[Completion]:
         """Read a launched step's tokens back, record them, and finish the rows that ended."""
@@ -153,6 +154,8 @@ class BatchEngine:
         step = launched.step
         if lps is not None and tokens:
             drawn = dict(zip(step.sample_keys, zip(*logprobs_of(launched.raw, tokens, self.sampling.logprobs))))
+        if launched.scored is not None:
+            _record(*launched.scored)
         events = sched.resolve(step, tokens)
         done = self._errors(sched)
         for e in events:
@@ -160,11 +163,11 @@ class BatchEngine:
             if lps is not None:
                 lps.add(e.key, *drawn[e.key])
             c = requests[e.key.row].constraint
-            # Where a grammar's mask forced the token just drawn, the tokens forced after it (found with the
-            # mask, in the worker thread) are appended now and computed in the next step with it. With
-            # logprobs asked for, each is drawn instead, to have its logprob.
-            if not ended and lps is None and isinstance(c, Grammar):
-                forced = c.forced_after(e.token)
+            # Tokens a constraint forces after the one just drawn (a grammar: found with its mask, in the worker
+            # thread) are appended now and computed in the next step with it. With logprobs asked for, each
+            # is drawn instead, to have its logprob.
+            if not ended and lps is None and hasattr(c, "forced_after"):
+                forced = c.forced_after(sched.generated(e.key))
                 if forced:
                     ended = sched.force(e.key, forced)
             stop = (requests[e.key.row].sampling or self.sampling).stop
@@ -202,6 +205,30 @@ class _Launched:
     host: torch.Tensor
     ready: Any
     raw: torch.Tensor | None  # the model's logits (for logprobs)
+    scored: tuple | None = None  # logits some constraints asked to record (``_scored``)
+
+
+def _scored(raw: torch.Tensor, constraints: Sequence[Any], generated: Sequence[Sequence[int]]) -> tuple | None:
+    """The logits that constraints with ``score_ids`` (BatchPrompt's label slots) ask for at this step, in one
+    gather on the device: (who asked, at which output position, how many, the values)."""
+    asks, rows, cols = [], [], []
+    for i, (c, gen) in enumerate(zip(constraints, generated)):
+        ids = c.score_ids(gen) if hasattr(c, "score_ids") else None
+        if ids:
+            asks.append((c, len(gen), len(ids)))
+            rows += [i] * len(ids)
+            cols += list(ids)
+    if not asks:
+        return None
+    index = torch.tensor([rows, cols], device=raw.device)
+    return asks, raw[index[0], index[1]]
+
+
+def _record(asks: list, values: torch.Tensor) -> None:
+    flat, at = values.tolist(), 0
+    for c, position, n in asks:
+        c.record(position, flat[at : at + n])
+        at += n
 
 
 def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, Any]:

@@ -138,12 +138,12 @@ class Grammar:
         stats["mask_s"] += time.perf_counter() - t
         return mask
 
-    def forced_after(self, token: int) -> list[int]:
-        """The tokens forced after ``token``, if the last mask forced it (the mask then allowed only the first
-        of the forced tokens, which ``token`` is): the rest of them, known without computing anything. []
+    def forced_after(self, generated: Sequence[int]) -> list[int]:
+        """The tokens forced after ``generated``, if the last mask forced its last token (the mask then allowed
+        only the first of the forced tokens): the rest of them, known without computing anything. []
         otherwise (then the next mask finds what is forced, if anything, while the GPU runs that step)."""
         ff = self._ff
-        if ff is not None and ff[0] == self._consumed and ff[1] and ff[1][0] == token:
+        if ff is not None and ff[0] == self._consumed == len(generated) - 1 and ff[1] and ff[1][0] == generated[-1]:
             return ff[1][1:]
         return []
 

@@ -122,6 +122,10 @@ class _RowConstraints(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = input_ids[:, self.width :].tolist()
+        for i, (c, g) in enumerate(zip(self.constraints, rows)):
+            ids = c.score_ids(g) if hasattr(c, "score_ids") else None
+            if ids:  # (BatchPrompt's label slots record the labels' logits)
+                c.record(len(g), scores[i, ids].tolist())
         return constrain(scores, [None if c is None else c.allowed_tokens(g) for c, g in zip(self.constraints, rows)])
 
 
