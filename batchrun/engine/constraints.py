@@ -150,12 +150,14 @@ class Grammar:
     def _done(self) -> bool:
         return self._matcher.is_stopped() or self._matcher.is_error()
 
-    def _forced(self) -> list[int]:
-        """The forced tokens at the matcher's state (kept until it moves: the engine asks after each drawn
-        token and again before the next mask)."""
-        if self._ff is None or self._ff[0] != self._consumed:
-            self._ff = (self._consumed, [] if self._done() else list(self._matcher.compute_ff_tokens()))
-        return self._ff[1]
+    def _narrow(self, width: int) -> list[int]:
+        """After the mask at the matcher's state allowed ``width`` tokens: the tokens forced there (kept for
+        ``forced_after``). Only a mask of one token can start a forced run, so only then is llguidance asked
+        (the ask holds the GIL: skipping it for the other rows keeps the mask worker out of the main thread's
+        way)."""
+        forced = list(self._matcher.compute_ff_tokens()) if width == 1 else []
+        self._ff = (self._consumed, forced)
+        return forced
 
     def _sync(self, generated: Sequence[int]) -> None:
         """Bring the matcher up to ``generated``."""
@@ -170,29 +172,20 @@ class Grammar:
             self._consumed = n
 
     def _mask(self, generated: Sequence[int]) -> np.ndarray:
-        direct = self._direct(generated)
-        if direct is not None:
-            return direct
-        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
-        return np.unpackbits(bits, bitorder="little").view(bool)[: self.compiled.tokenizer.vocab_size]
-
-    def _direct(self, generated: Sequence[int]) -> np.ndarray | None:
-        """The mask when no computation is needed (complete, broken, or a forced token), else None."""
+        """The tokens allowed after ``generated`` (complete or broken: EOS; a forced run: its first token)."""
         self._sync(generated)
-        tokens = self._direct_tokens()
-        if tokens is None:
-            return None
-        mask = np.zeros(self.compiled.tokenizer.vocab_size, dtype=bool)
-        mask[list(tokens)] = True
-        return mask
-
-    def _direct_tokens(self) -> Sequence[int] | None:
-        """The only token(s) allowed where no mask need be computed (complete or broken: EOS; a forced
-        token: that one), else None."""
+        vocab = self.compiled.tokenizer.vocab_size
+        mask = np.zeros(vocab, dtype=bool)
         if self._done():
-            return self.compiled.eos_ids
-        forced = self._forced()
-        return forced[:1] if forced else None
+            mask[list(self.compiled.eos_ids)] = True
+            return mask
+        bits = np.frombuffer(self._matcher.compute_bitmask(), dtype=np.uint8)
+        mask = np.unpackbits(bits, bitorder="little").view(bool)[:vocab]
+        forced = self._narrow(int(np.count_nonzero(mask)))
+        if forced:
+            mask = np.zeros(vocab, dtype=bool)
+            mask[forced[0]] = True
+        return mask
 
     def incomplete(self, token_ids: Sequence[int]) -> bool:
         """Does the final output ``token_ids`` (EOS excluded) leave the grammar unfinished?"""
@@ -207,12 +200,14 @@ def pack(allowed: Any, words: int) -> np.ndarray:
     tokens a word (bit ``t % 32`` of word ``t // 32`` says whether token t is allowed)."""
     if allowed is None:
         return np.full(words, -1, dtype=np.int32)
+    if not (isinstance(allowed, np.ndarray) and allowed.dtype == np.bool_):  # a few ids: set their bits
+        out = np.zeros(words, dtype=np.uint32)
+        for t in allowed:
+            out[t >> 5] |= np.uint32(1 << (t & 31))
+        return out.view(np.int32)
     keep = np.zeros(words * 32, dtype=bool)
-    if isinstance(allowed, np.ndarray) and allowed.dtype == np.bool_:
-        n = min(len(allowed), len(keep))
-        keep[:n] = allowed[:n]
-    else:
-        keep[np.asarray(list(allowed), dtype=np.int64)] = True
+    n = min(len(allowed), len(keep))
+    keep[:n] = allowed[:n]
     return np.packbits(keep, bitorder="little").view(np.int32)
 
 
@@ -221,7 +216,8 @@ def mask_bits(constraints: Sequence[Any], generated: Sequence[Sequence[int]],
     """One step's token masks: the rows that have a constraint, and their masks packed (``pack``) into
     [len(rows), ceil(vocab / 32)] int32. Grammars are brought up to their rows' tokens together and their
     masks computed together, in llguidance's thread pool (no GIL): at a batch of hundreds of rows one thread
-    would take longer than the GPU's step. Safe to run in a worker thread while the GPU runs the step."""
+    would take longer than the GPU's step. The forced runs are looked up only for rows whose mask allows a
+    single token (``Grammar._narrow``). Safe to run in a worker thread while the GPU runs the step."""
     words = (vocab + 31) // 32
     rows = [i for i, c in enumerate(constraints) if c is not None]
     bits = np.zeros((len(rows), words), dtype=np.int32)
@@ -236,22 +232,29 @@ def mask_bits(constraints: Sequence[Any], generated: Sequence[Sequence[int]],
         return rows, bits
     t = time.perf_counter()
     _catch_up([(g, gen) for _, g, gen in grammars])
-    todo = []
+    live = []
+    flat = bits.view(np.uint32)
     for j, g, _ in grammars:
-        direct = g._direct_tokens()
-        if direct is None:
-            todo.append((g._matcher, j))
+        if g._done():
+            for tok in g.compiled.eos_ids:
+                flat[j, tok >> 5] |= np.uint32(1 << (tok & 31))
         else:
-            for tok in direct:
-                bits.view(np.uint32)[j, tok >> 5] |= np.uint32(1 << (tok & 31))
-    if todo:
-        own = (grammars[0][1].compiled.tokenizer.vocab_size + 31) // 32  # llguidance writes exactly its width
+            live.append((g, j))
+    if live:
+        own = (live[0][0].compiled.tokenizer.vocab_size + 31) // 32  # llguidance writes exactly its width
         target = bits if own == words else np.zeros((len(rows), own), dtype=np.int32)
-        _executor().unsafe_compute_mask_ptr(todo, target.ctypes.data, own * 4, len(rows))
+        _executor().unsafe_compute_mask_ptr([(g._matcher, j) for g, j in live], target.ctypes.data, own * 4,
+                                            len(rows))
+        at = np.array([j for _, j in live])
         if target is not bits:
             n = min(own, words)
-            for _, j in todo:
-                bits[j, :n] = target[j, :n]
+            bits[at, :n] = target[at, :n]
+        widths = np.bitwise_count(flat[at]).sum(axis=1)
+        for (g, j), width in zip(live, widths.tolist()):
+            forced = g._narrow(width)
+            if forced:
+                flat[j] = 0
+                flat[j, forced[0] >> 5] = np.uint32(1 << (forced[0] & 31))
     _account([g for _, g, _ in grammars], time.perf_counter() - t)
     return rows, bits
 
@@ -284,8 +287,9 @@ def _catch_up(grammars: Sequence[tuple[Grammar, Sequence[int]]]) -> None:
 
 def _account(grammars: Sequence[Grammar], seconds: float) -> None:
     """Share ``seconds`` of grammar work out over ``grammars``' stats (one mask each)."""
-    each = seconds / len(grammars)
+    counts: dict[int, list] = {}
     for g in grammars:
-        stats = g.compiled.stats
-        stats["masks"] += 1
-        stats["mask_s"] += each
+        counts.setdefault(id(g.compiled), [g.compiled.stats, 0])[1] += 1
+    for stats, n in counts.values():
+        stats["masks"] += n
+        stats["mask_s"] += seconds * n / len(grammars)
