@@ -221,13 +221,21 @@ def mask_bits(constraints: Sequence[Any], generated: Sequence[Sequence[int]],
     words = (vocab + 31) // 32
     rows = [i for i, c in enumerate(constraints) if c is not None]
     bits = np.zeros((len(rows), words), dtype=np.int32)
-    grammars = []
+    grammars, at, ids = [], [], []
     for j, i in enumerate(rows):
         c = constraints[i]
         if isinstance(c, Grammar):
             grammars.append((j, c, generated[i]))
+            continue
+        allowed = c.allowed_tokens(generated[i])
+        if isinstance(allowed, list | tuple):  # a few ids (forced text, label slots): set below, all at once
+            at += [j] * len(allowed)
+            ids += allowed
         else:
-            bits[j] = pack(c.allowed_tokens(generated[i]), words)
+            bits[j] = pack(allowed, words)
+    if ids:
+        tok = np.asarray(ids, dtype=np.int64)
+        np.bitwise_or.at(bits.view(np.uint32), (np.asarray(at), tok >> 5), (1 << (tok & 31)).astype(np.uint32))
     if not grammars:
         return rows, bits
     t = time.perf_counter()
