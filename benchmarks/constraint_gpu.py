@@ -14,6 +14,7 @@ most 10%); ``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hid
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -118,6 +119,7 @@ def main() -> None:
                      "output_tokens": sum(len(c.token_ids) for c in out),
                      "masks": compiled.stats["masks"] - before["masks"],
                      "mask_s": round(compiled.stats["mask_s"] - before["mask_s"], 3),
+                     "mask_pool_s": round(compiled.stats.get("mask_pool_s", 0) - before.get("mask_pool_s", 0), 3),
                      "mask_wait_s": round(engine.stats["mask_wait_s"], 3)}
         if name == "replay":
             row[name]["same_tokens"] = all(c.token_ids == recorded[c.key][0] for c in out)
@@ -128,6 +130,7 @@ def main() -> None:
     row["mask_wait_share"] = round(c["mask_wait_s"] / c["wall_s"], 4)
     row["mask_added_share"] = round((c["wall_s"] - r["wall_s"]) / r["wall_s"], 4)
     row["mask_ms_each"] = round(1000 * c["mask_s"] / max(c["masks"], 1), 4)
+    row["grammar_threads"] = os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default")
     row |= {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
     record(row, args.out)

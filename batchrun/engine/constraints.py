@@ -251,8 +251,10 @@ def mask_bits(constraints: Sequence[Any], generated: Sequence[Sequence[int]],
     if live:
         own = (live[0][0].compiled.tokenizer.vocab_size + 31) // 32  # llguidance writes exactly its width
         target = bits if own == words else np.zeros((len(rows), own), dtype=np.int32)
+        t_mask = time.perf_counter()
         _executor().unsafe_compute_mask_ptr([(g._matcher, j) for g, j in live], target.ctypes.data, own * 4,
                                             len(rows))
+        t_mask = time.perf_counter() - t_mask
         at = np.array([j for _, j in live])
         if target is not bits:
             n = min(own, words)
@@ -264,14 +266,20 @@ def mask_bits(constraints: Sequence[Any], generated: Sequence[Sequence[int]],
                 flat[j] = 0
                 flat[j, forced[0] >> 5] = np.uint32(1 << (forced[0] & 31))
     _account([g for _, g, _ in grammars], time.perf_counter() - t)
+    if live:
+        live[0][0].compiled.stats["mask_pool_s"] = live[0][0].compiled.stats.get("mask_pool_s", 0.0) + t_mask
     return rows, bits
 
 
 def _executor() -> Any:
+    """llguidance's pool (``BATCHRUN_GRAMMAR_THREADS`` threads; default: llguidance's, 80% of the cores)."""
     if not _EXECUTOR:
+        import os
+
         from llguidance import LLExecutor
 
-        _EXECUTOR.append(LLExecutor())
+        threads = os.environ.get("BATCHRUN_GRAMMAR_THREADS")
+        _EXECUTOR.append(LLExecutor(int(threads)) if threads else LLExecutor())
     return _EXECUTOR[0]
 
 
