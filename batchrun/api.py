@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.io.outdir import path_problem, read_state
-from batchrun.io.prompts import check_templates
+from batchrun.io.prompts import check_templates, compile_template
 from batchrun.runtime.job import JobResult, run_job
 from batchrun.runtime.progress import Progress
 from batchrun.spec import JobSpec, load_spec
@@ -30,6 +30,9 @@ def validate(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] 
     """Check a spec without reading input or loading a model: fields, values, template syntax."""
     job = _spec(spec, overrides)
     check_templates(job.prompt)
+    if job.batchprompt is not None:
+        compile_template("batchprompt.item_template", job.batchprompt.item_text)
+        compile_template("batchprompt.answer_template", job.batchprompt.answer_template)
     return job
 
 
@@ -66,6 +69,9 @@ class PlanReport:
     # sampling.constraint: kind, constrained rows, grammars compiled and the time that took; each generated
     # token of a constrained row also costs one token mask on the CPU (the manifest reports their time)
     constraint: dict[str, Any] | None = None
+    # mode: batchprompt: the layout, the shared instruction, the rounds, and single-item prompts' cost (the
+    # figures above are then the first round's prompts)
+    batchprompt: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +103,8 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
                       estimated_steps=sim.steps, rows_too_big=len(sim.rows_too_big),
                       plan_s=round(prepared.timings["plan_s"], 3),
                       constraint=({k: v for k, v in prepared.constraint.report().items()
-                                   if k in ("kind", "rows", "grammars", "compile_s")} if prepared.constraint else None))
+                                   if k in ("kind", "rows", "grammars", "compile_s")} if prepared.constraint else None),
+                      batchprompt=prepared.batchprompt.plan_report() if prepared.batchprompt else None)
 
 
 def status(output_dir: str | Path) -> dict[str, Any]:

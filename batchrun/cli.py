@@ -53,6 +53,11 @@ def _setup_logging(log_format: str, verbose: int, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _short(text: str, most: int = 60) -> str:
+    line = " ".join(text.split())
+    return repr(line if len(line) <= most else line[: most - 1] + "…")
+
+
 def _emit_json(obj: dict[str, Any]) -> None:
     click.echo(json.dumps(obj, default=str))
 
@@ -229,9 +234,24 @@ def plan(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
         c = d["constraint"]
         lines.append(("constraint", f"{c['kind']} on {c['rows']:,} rows ({c['grammars']} grammar(s) compiled in "
                                     f"{c['compile_s']:.3f}s; a token mask on the CPU per generated token)"))
+    if d["batchprompt"]:
+        b = d["batchprompt"]
+        s = b["single_item"]
+        lines = [("mode", f"batchprompt, {b['layout']} layout: {b['items']:,} items, {b['items_per_prompt']} per "
+                          f"prompt, up to {b['rounds']} round(s)" + (" (SEAS)" if b["seas"] else "")),
+                 ("instruction", f"{b['shared_prefix_tokens']:,} tokens shared by every prompt: "
+                                 + _short(b["instruction"])),
+                 ("rounds", f"{b['first_round_prompts']:,} prompts in the first round, at most "
+                            f"{b['most_prompts']:,} in all (SEAS drops settled items), plus single-item "
+                            "prompts for items without a valid answer"),
+                 ("single-item", f"{s['prompts']:,} prompts, {s['computed_tokens']:,} tokens computed after "
+                                 "sharing (for comparison)"),
+                 *[(f"round 0 {k}", v) for k, v in lines if k in ("prompt tokens", "prefill tokens",
+                                                                  "KV budget")],
+                 ("planning time", f"{d['plan_s']:.3f}s")]
     click.echo(f"{d['job']}: plan")
     for k, v in lines:
-        click.echo(f"  {k:<16} {v}")
+        click.echo(f"  {k:<22} {v}" if d["batchprompt"] else f"  {k:<16} {v}")
     if as_json:
         _emit_json({"status": "ok", "exit_code": 0, **d})
 

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from batchrun.errors import SpecError, UsageError
+from batchrun.spec_batchprompt import BatchPromptSpec
 from batchrun.spec_yaml import apply_override, parse_yaml, show
 
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -301,6 +302,27 @@ class JobSpec(_Strict):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     output: OutputSpec
     engine: EngineSpec = Field(default_factory=EngineSpec)
+    mode: Literal["generate", "batchprompt"] = "generate"  # batchprompt: several rows per prompt, voted
+    batchprompt: BatchPromptSpec | None = None
+
+    @model_validator(mode="after")
+    def _mode(self) -> JobSpec:
+        if self.mode == "generate":
+            if self.batchprompt is not None:
+                raise ValueError("a batchprompt section needs mode: batchprompt")
+            return self
+        if self.batchprompt is None:
+            raise ValueError("mode: batchprompt needs a batchprompt section (at least its instruction; labels for "
+                             "the inline layout)")
+        s = self.sampling
+        problems = [name for name, bad in (
+            ("sampling.constraint", s.constraint is not None), ("sampling.n", s.n != 1),
+            ("sampling.logprobs", s.logprobs is not None), ("sampling.temperature", s.temperature != 0),
+            ("prompt.fewshot", bool(self.prompt.fewshot))) if bad]
+        if problems:
+            raise ValueError(f"mode: batchprompt does not take {', '.join(problems)} (answers are greedy and "
+                             "constrained by the mode itself; few-shot examples go in batchprompt.examples)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -320,7 +342,8 @@ class JobSpec(_Strict):
             d["sampling"] = {k: v for k, v in d["sampling"].items() if k != "n"}
         if d["sampling"]["logprobs"] is None:  # (and without log-probabilities)
             d["sampling"] = {k: v for k, v in d["sampling"].items() if k != "logprobs"}
-        return _hash({k: d[k] for k in ("model", "input", "prompt", "sampling")})
+        keys = ("model", "input", "prompt", "sampling") + (("mode", "batchprompt") if self.mode != "generate" else ())
+        return _hash({k: d[k] for k in keys})
 
 
 def _hash(obj: Any) -> str:

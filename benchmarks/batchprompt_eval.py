@@ -26,11 +26,11 @@ from batchrun.engine.batch import BatchEngine
 from batchrun.engine.loader import load
 from batchrun.engine.requests import SamplingParams
 from batchrun.plan.batchprompt import BatchPromptConfig
-from batchrun.runtime.batchprompt import InlineBatchPrompt, InlineLayout
+from batchrun.runtime.batchprompt import BatchPrompter, Layout, Prompter
 from batchrun.spec import EngineSpec, ModelSpec
 
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data" / "labeled_sentiment.parquet"
-LAYOUT = InlineLayout("Read each product review and say whether its sentiment is positive or negative.")
+LAYOUT = Layout("Read each product review and say whether its sentiment is positive or negative.")
 
 
 def settings(quick: bool):
@@ -56,7 +56,7 @@ def main() -> None:
     loaded = load(ModelSpec(path="smollm2-135m-instruct", dtype="float32"), EngineSpec(device="cpu"))
     engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=400_000, block_size=16, step_tokens=2048)
     for name, cfg in settings(args.quick):
-        bp = InlineBatchPrompt(engine, loaded.tokenizer, LAYOUT, texts)
+        bp = BatchPrompter(engine, Prompter(loaded.tokenizer, LAYOUT, texts))
         t = time.perf_counter()
         out = bp.classify(cfg)
         wall = time.perf_counter() - t

@@ -145,3 +145,37 @@ def test_malformed_replies_short_long_and_wrong_widths():
 def test_bad_settings_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         BatchPromptConfig(**{field: value})
+
+
+def _free_script(answers: dict[int, list]):
+    """A fake model for free answers: item -> its answer text in each round it is asked (or None)."""
+    return _script(answers)
+
+
+def test_free_answers_vote_by_count_first_answer_wins_a_tie_and_seas_needs_two_equal_answers():
+    answers = {0: ["red", "blue", "blue"], 1: ["red", "green", "blue"], 2: ["cat", "cat"], 3: [None, None, None]}
+    ask, log = _free_script(answers)
+    asked_one = []
+
+    def ask_one(item):
+        asked_one.append(item)
+        return "dog"
+
+    out = run(range(4), None, BatchPromptConfig(items_per_prompt=2, rounds=3, seed=3, calibrate=False), ask,
+              ask_one)
+    r = out.results
+    assert (r[0].label, r[0].votes, r[0].confidence) == ("blue", {"red": 1.0, "blue": 2.0}, 2 / 3)
+    assert r[1].label == "red" and r[1].votes == {"red": 1.0, "green": 1.0, "blue": 1.0}  # tie: the first given
+    assert r[2].label == "cat" and r[2].rounds == 2  # settled after two equal answers (SEAS)
+    assert (r[3].label, r[3].fallback, r[3].rounds) == ("dog", True, 3) and asked_one == [3]
+    assert out.prompts == [2, 2, 2] and out.fallback_prompts == 1
+    assert sorted(i for p in log[2] for i in p) == [0, 1, 3]
+
+
+def test_a_fallback_without_an_answer_leaves_the_item_unlabelled():
+    ask, _ = _script({0: [None], 1: [SURE_POS]})
+    out = run(range(2), LABELS, BatchPromptConfig(items_per_prompt=2, rounds=1, calibrate=False), ask,
+              lambda item: None)
+    assert out.results[0].label is None and out.results[0].fallback and out.results[0].votes == {
+        "negative": 0.0, "positive": 0.0}
+    assert out.results[1].label == "positive" and not out.results[1].fallback

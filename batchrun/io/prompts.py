@@ -96,6 +96,15 @@ def check_templates(spec: PromptSpec) -> None:
         raise SpecError("the prompt templates go past batchrun's limits", problems)
 
 
+def compile_template(name: str, text: str) -> Any:
+    """A template of batchrun's own variables (not the row's: BatchPrompt's ``n`` and ``item``), compiled in
+    the same sandbox; a syntax error is a SpecError naming ``name``."""
+    try:
+        return _ENV.from_string(text)
+    except TemplateSyntaxError as e:
+        raise SpecError(f"{name}: template syntax error at line {e.lineno}: {e.message}") from None
+
+
 def referenced_columns(spec: PromptSpec) -> set[str]:
     """The names the templates read from the row and never assign (a column each, or ``row``)."""
     return set().union(*(columns_of(_ENV.parse(text))[0] for _, text in _templates(spec)))

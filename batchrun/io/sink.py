@@ -61,6 +61,14 @@ TOKEN_LOGPROBS = pa.field("token_logprobs", pa.list_(pa.float32()))  # with samp
 TOP_LOGPROBS = pa.field("top_logprobs", pa.list_(pa.list_(pa.struct(  # with sampling.logprobs > 0
     [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())]))))
 CHOICE_PROBS = pa.field("choice_probs", pa.map_(pa.string(), pa.float64()))  # with a choices constraint
+BATCHPROMPT_FIELDS = [  # with mode: batchprompt (``output`` holds the label)
+    pa.field("votes", pa.map_(pa.string(), pa.float64())),  # weighted votes per label (free answers: per answer)
+    pa.field("label_probs", pa.map_(pa.string(), pa.float64())),  # mean probability per label over the answers
+    pa.field("confidence", pa.float64()),  # the chosen label's mean probability (free answers: its vote share)
+    pa.field("rounds", pa.int32()),  # rounds the row took part in (SEAS may stop it early)
+    pa.field("prompts", pa.list_(pa.int32())),  # the prompts it appeared in (numbered across rounds from 0)
+    pa.field("fallback", pa.bool_()),  # answered by a single-item prompt (no valid answer in any round)
+]
 RESERVED_COLUMNS = [*RESULT_COLUMNS, OUTPUT_JSON.name, TOKEN_LOGPROBS.name, TOP_LOGPROBS.name, CHOICE_PROBS.name]
 # (no input column may take these names)
 

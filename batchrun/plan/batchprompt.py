@@ -17,12 +17,17 @@ log-probabilities at its slot (or None: no valid answer). After a round:
 
 An item with no valid answer in any round needs a single-item prompt (``needs_fallback``); its answer is
 added with ``add_fallback`` and the item is flagged.
+
+Free answers (no label set: the list layout's short answers, ``OpenBallot``): each valid answer (a text)
+votes 1 for itself, ties go to the answer given first, SEAS settles an item whose last two answers agree; no
+calibration, no confidence weights.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +75,7 @@ class Answer:
     prompt: int  # the prompt's index in its round
     position: int  # the slot, 0-based
     logprobs: np.ndarray | None  # [labels]
+    text: str | None = None  # (free answers: the answer; logprobs is then None)
 
 
 @dataclass
@@ -90,7 +96,7 @@ class Ballot:
     labels: Sequence[str]
     cfg: BatchPromptConfig
     _answers: dict[int, list[Answer]] = field(default_factory=dict)  # item -> its answers, in round order
-    _fallback: dict[int, np.ndarray] = field(default_factory=dict)
+    _fallback: dict[int, np.ndarray | None] = field(default_factory=dict)
     _means: dict[int, np.ndarray] | None = None  # (calibration: kept until answers are added)
 
     def add(self, answers: Iterable[Answer]) -> None:
@@ -100,9 +106,9 @@ class Ballot:
             self._answers.setdefault(a.item, []).append(a)
         self._means = None
 
-    def add_fallback(self, item: int, logprobs: np.ndarray) -> None:
-        """The answer of a single-item prompt for an item without a valid answer."""
-        self._fallback[item] = np.asarray(logprobs, dtype=np.float64)
+    def add_fallback(self, item: int, logprobs: np.ndarray | None) -> None:
+        """The answer of a single-item prompt for an item without a valid answer (None: it had none either)."""
+        self._fallback[item] = None if logprobs is None else np.asarray(logprobs, dtype=np.float64)
 
     def active(self, items: Sequence[int]) -> list[int]:
         """The items that go on to the next round (SEAS: not those whose last two answers agree and were
@@ -120,8 +126,8 @@ class Ballot:
         prompts = sorted({(a.round, a.prompt) for a in answers})
         rounds = len({a.round for a in answers})
         if item in self._fallback:
-            probs = _softmax(self._fallback[item])
-            return self._result([probs], [1.0], prompts, rounds, fallback=True)
+            lp = self._fallback[item]
+            return self._result([] if lp is None else [_softmax(lp)], [1.0], prompts, rounds, fallback=True)
         valid = self._valid(item)
         probs = [self._probs(a) for a in valid]
         weights = [self._weight(p) for p in probs]
@@ -206,12 +212,66 @@ class Outcome:
     fallback_prompts: int  # single-item prompts for items without a valid answer
 
 
-def run(items: Sequence[int], labels: Sequence[str], cfg: BatchPromptConfig,
+@dataclass
+class OpenBallot:
+    """The answers of every round so far, for free answers (texts; ``Ballot``'s interface)."""
+
+    cfg: BatchPromptConfig
+    _answers: dict[int, list[Answer]] = field(default_factory=dict)
+    _fallback: dict[int, str | None] = field(default_factory=dict)
+
+    def add(self, answers: Iterable[Answer]) -> None:
+        for a in answers:
+            self._answers.setdefault(a.item, []).append(a)
+
+    def add_fallback(self, item: int, text: str | None) -> None:
+        self._fallback[item] = text
+
+    def active(self, items: Sequence[int]) -> list[int]:
+        if not self.cfg.seas:
+            return list(items)
+        return [i for i in items if not self._settled(i)]
+
+    def needs_fallback(self, items: Sequence[int]) -> list[int]:
+        return [i for i in items if i not in self._fallback and not self._valid(i)]
+
+    def result(self, item: int) -> ItemResult:
+        answers = self._answers.get(item, [])
+        prompts = sorted({(a.round, a.prompt) for a in answers})
+        rounds = len({a.round for a in answers})
+        fallback = item in self._fallback
+        texts = [self._fallback[item]] if fallback else [a.text for a in self._valid(item)]
+        texts = [t for t in texts if t]
+        if not texts:
+            return ItemResult(None, {}, {}, 0.0, rounds, prompts, fallback)
+        votes: dict[str, float] = {}
+        for t in texts:  # (in the order given: the first answer wins a tie)
+            votes[t] = votes.get(t, 0.0) + 1.0
+        best = max(votes, key=lambda t: votes[t])
+        probs = {t: v / len(texts) for t, v in votes.items()}
+        return ItemResult(best, votes, probs, probs[best], rounds, prompts, fallback)
+
+    def _valid(self, item: int) -> list[Answer]:
+        return [a for a in self._answers.get(item, []) if a.text]
+
+    def _settled(self, item: int) -> bool:
+        recent = self._answers.get(item, [])[-2:]
+        return len(recent) == 2 and all(a.text for a in recent) and recent[0].text == recent[1].text
+
+
+def _answer(item: int, round_no: int, prompt: int, position: int, value: Any) -> Answer:
+    if value is None or isinstance(value, str):
+        return Answer(item, round_no, prompt, position, None, value or None)
+    return Answer(item, round_no, prompt, position, np.asarray(value, dtype=np.float64))
+
+
+def run(items: Sequence[int], labels: Sequence[str] | None, cfg: BatchPromptConfig,
         ask: Callable[[list[list[int]]], Sequence], ask_one: Callable[[int], Sequence[float]] | None) -> Outcome:
     """Every round: the prompts of the active items go to ``ask`` (a list of prompts, each a list of item ids
     in slot order; it returns, per prompt, each slot's label log-probabilities or None); then the items
-    without a valid answer go one at a time to ``ask_one`` (an item id; its label log-probabilities)."""
-    ballot = Ballot(labels, cfg)
+    without a valid answer go one at a time to ``ask_one`` (an item id; its label log-probabilities). Without
+    ``labels`` (free answers) each answer is a text (or None)."""
+    ballot: Ballot | OpenBallot = Ballot(labels, cfg) if labels is not None else OpenBallot(cfg)
     active, asked = list(items), []
     for r in range(cfg.rounds):
         if not active:
@@ -220,9 +280,8 @@ def run(items: Sequence[int], labels: Sequence[str], cfg: BatchPromptConfig,
         replies = ask(prompts)
         if len(replies) != len(prompts):
             raise ValueError(f"round {r}: {len(replies)} replies for {len(prompts)} prompts")
-        ballot.add(Answer(item, r, p, pos, None if lp is None else np.asarray(lp, dtype=np.float64))
-                   for p, (prompt, reply) in enumerate(zip(prompts, replies))
-                   for pos, (item, lp) in enumerate(zip(prompt, _slots(reply, len(prompt)))))
+        ballot.add(_answer(item, r, p, pos, value) for p, (prompt, reply) in enumerate(zip(prompts, replies))
+                   for pos, (item, value) in enumerate(zip(prompt, _slots(reply, len(prompt)))))
         asked.append(len(prompts))
         active = ballot.active(active)
     missing = ballot.needs_fallback(items)

@@ -52,6 +52,7 @@ class JobResult:
     kv_peak_tokens: int | None = None  # the most KV held at once in this run (whole blocks)
     timings: dict[str, float] = field(default_factory=dict)
     constraint: dict[str, Any] | None = None  # sampling.constraint: kind, rows, grammars, compile and mask time
+    batchprompt: dict[str, Any] | None = None  # mode: batchprompt: prompts and tokens, and single-item's cost
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,9 +203,17 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
             else:
                 run.rows_ok += 1
             run.prompt_tokens += v["prompt_tokens"] or 0
-            run.output_tokens += v["output_tokens"]
+            run.output_tokens += v["output_tokens"] or 0
             sink.add(r.row, v)  # (the input's columns stay Arrow data: no type is converted)
 
+    if prepared.batchprompt is not None:  # several rows per prompt, in rounds: its own loop
+        from batchrun.runtime.batchprompt_job import execute_batchprompt
+
+        try:
+            return execute_batchprompt(spec, prepared, loaded, emit, progress, already_done, stop, run)
+        except BaseException:
+            sink.flush()  # (the row errors emitted before the rounds)
+            raise
     for row, message in prepared.errors:
         emit(assembler.failed(row, message))
 
@@ -266,13 +275,16 @@ def finalize(spec: JobSpec, job_info: dict[str, Any], prepared: PreparedJob, mod
                        rows_error=run.rows_error, rows_skipped=rows_skipped, prompt_tokens=run.prompt_tokens,
                        output_tokens=run.output_tokens, kv_budget_tokens=run.kv_budget_tokens,
                        kv_peak_tokens=run.kv_peak_tokens, timings={k: round(v, 3) for k, v in timings.items()},
-                       constraint=prepared.constraint.report() if prepared.constraint else None)
+                       constraint=prepared.constraint.report() if prepared.constraint else None,
+                       batchprompt=prepared.batchprompt.report or None if prepared.batchprompt else None)
     sink.flush()  # totals() reads the parts
     totals = sink.totals()
 
     def manifest(**extra: Any) -> dict[str, Any]:
         if result.constraint is not None:
             extra["constraint"] = result.constraint
+        if result.batchprompt is not None:
+            extra["batchprompt"] = result.batchprompt
         return sinks.build_manifest(
             job_info, totals, this_run=run.rows_ok + run.rows_error, from_earlier_runs=rows_skipped,
             model=model,

@@ -21,7 +21,7 @@ from batchrun.engine.requests import Request, row_seed
 from batchrun.errors import InputDataError, SpecError
 from batchrun.io.json_arrow import arrow_type
 from batchrun.io.prompts import Prompts, build_prompts
-from batchrun.io.sink import RESERVED_COLUMNS, SAMPLE
+from batchrun.io.sink import BATCHPROMPT_FIELDS, RESERVED_COLUMNS, SAMPLE
 from batchrun.io.source import Source, read_source, require_columns
 from batchrun.plan.plan import Plan, PlanConfig, build_plan
 from batchrun.runtime.assemble import Assembler, make_assembler
@@ -47,6 +47,8 @@ class PreparedJob:
     assembler: Assembler  # input rows -> requests; completions -> output rows
     timings: dict[str, float] = field(default_factory=dict)  # read_s, tokenize_s, plan_s
     constraint: ConstraintUse | None = None  # sampling.constraint: what was compiled, what it costs
+    batchprompt: Any = None  # mode: batchprompt: its work (``runtime.batchprompt_job.BatchPromptWork``);
+    # ``requests`` and ``plan`` are then its first round's
 
     @property
     def num_rows(self) -> int:
@@ -56,6 +58,10 @@ class PreparedJob:
 def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
             done: Collection[Any] = frozenset()) -> PreparedJob:
     """Prepare ``spec``'s rows whose ids are not in ``done`` (the ids an earlier run committed)."""
+    if spec.mode == "batchprompt":
+        from batchrun.runtime.batchprompt_job import prepare_batchprompt
+
+        return prepare_batchprompt(spec, tokenizer, max_context, done)
     timings = {}
     t = time.monotonic()
     source = read_source(spec.input)
@@ -96,6 +102,8 @@ def output_columns(spec: JobSpec, source: Source) -> list[str]:
     with ``sampling.n`` > 1, ``sample``)."""
     names = source.table.column_names
     reserved = RESERVED_COLUMNS + ([SAMPLE.name] if spec.sampling.n > 1 else [])
+    if spec.mode == "batchprompt":
+        reserved = reserved + [f.name for f in BATCHPROMPT_FIELDS]
     if spec.output.columns is None:
         cols = [c for c in names if c != source.id_column]
         clash = [c for c in cols if c in reserved]
