@@ -68,6 +68,36 @@ class Replay:
         return self.runs.get(len(generated), [])
 
 
+PHASES: dict[str, float] = {}
+
+
+def time_phases() -> None:
+    """Wrap the engine's phases to add up their host time per run (``--phases``): planning the step, the
+    forward's launch, waiting for the masks, applying them, reading back and recording the tokens, and the
+    grammar work in the worker thread."""
+    import batchrun.engine.batch as batch
+    import batchrun.engine.runner as runner
+    import batchrun.engine.scheduler as scheduler
+
+    def wrap(owner, name, label):
+        inner = getattr(owner, name)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                PHASES[label] = PHASES.get(label, 0.0) + time.perf_counter() - t
+
+        setattr(owner, name, timed)
+
+    wrap(scheduler.Scheduler, "next_step", "plan_step")
+    wrap(runner.Runner, "forward", "launch_forward")
+    wrap(batch, "apply_mask_bits", "apply_masks")
+    wrap(batch, "mask_bits", "worker_masks")
+    wrap(batch.BatchEngine, "_resolve", "resolve")
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -80,8 +110,11 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=".tok")
     ap.add_argument("--out", default=None)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each kind (the fastest is reported)")
+    ap.add_argument("--phases", action="store_true", help="add up the host time of the engine's phases")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU: check the script runs")
     args = ap.parse_args()
+    if args.phases:
+        time_phases()
     device = "cpu" if args.tiny else "cuda"
     from transformers import AutoTokenizer
 
@@ -106,6 +139,7 @@ def main() -> None:
                         constraint=make(name, i)) for i in range(args.rows)]
         engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=400_000)
         before = dict(compiled.stats)
+        PHASES.clear()
         sync()
         t = time.perf_counter()
         out = [c for batch in engine.run(reqs, plan) for c in batch]
@@ -121,6 +155,8 @@ def main() -> None:
                      "mask_s": round(compiled.stats["mask_s"] - before["mask_s"], 3),
                      "mask_pool_s": round(compiled.stats.get("mask_pool_s", 0) - before.get("mask_pool_s", 0), 3),
                      "mask_wait_s": round(engine.stats["mask_wait_s"], 3)}
+        if args.phases:
+            row[name]["phases_s"] = {k: round(v, 4) for k, v in PHASES.items()}
         if name == "replay":
             row[name]["same_tokens"] = all(c.token_ids == recorded[c.key][0] for c in out)
     c, r = row["constrained"], row["replay"]
