@@ -318,10 +318,10 @@ class JobSpec(_Strict):
         problems = [name for name, bad in (
             ("sampling.constraint", s.constraint is not None), ("sampling.n", s.n != 1),
             ("sampling.logprobs", s.logprobs is not None), ("sampling.temperature", s.temperature != 0),
-            ("prompt.fewshot", bool(self.prompt.fewshot))) if bad]
+            ("sampling.stop", bool(s.stop)), ("sampling.ignore_eos", s.ignore_eos)) if bad]
         if problems:
             raise ValueError(f"mode: batchprompt does not take {', '.join(problems)} (answers are greedy and "
-                             "constrained by the mode itself; few-shot examples go in batchprompt.examples)")
+                             "constrained by the mode itself)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

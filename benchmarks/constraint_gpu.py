@@ -3,12 +3,13 @@ rows), batchrun's engine with and without the constraint in one process.
 
     python benchmarks/constraint_gpu.py --rows 512 --tokenizer .tok --out benchmarks/results/constraint-h200.jsonl
 
-Three kinds of run over the same rows (each ``--repeat`` times, interleaved; the fastest of each is kept): ``free`` (no constraint), ``constrained`` (the JSON schema, llguidance's masks
-computed in a worker thread while the GPU runs each step) and ``replay``: the constrained run's own tokens
-teacher-forced with no grammar work (each step allows the one token the constrained run drew there, and the
-same forced runs are appended), so it has the same steps, batches and tokens. ``mask_added_share`` =
-(constrained - replay) / replay wall time is what grammar work adds to the steps (the issue's target: at
-most 10%); ``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hidden behind the GPU.
+Three kinds of run over the same rows, each ``--repeat`` times, interleaved (the fastest of each is kept):
+``free`` (no constraint), ``constrained`` (the JSON schema, llguidance's masks computed in a worker thread
+while the GPU runs each step) and ``replay``: the constrained run's own tokens teacher-forced with no grammar
+work (each step allows the one token the constrained run drew there, and the same forced runs are
+appended), so it has the same steps, batches and tokens. ``mask_added_share`` = (constrained - replay) /
+replay wall time is what grammar work adds to the steps (the issue's target: at most 10%);
+``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hidden behind the GPU.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import pytest
 from batchrun.engine.batch import BatchEngine
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.engine.requests import SamplingParams
-from batchrun.plan.batchprompt import BatchPromptConfig
 from batchrun.errors import SpecError
+from batchrun.plan.batchprompt import BatchPromptConfig
 from batchrun.runtime.batchprompt import BatchPrompter, Layout, Prompter, parse_answers
 
 ITEMS = ["Great battery.", "Broke after a day.", "Fine value.", "Terrible fit.", "Love the color.",
@@ -56,7 +56,7 @@ def test_rounds_share_the_instruction_and_count_every_prompt(tiny_fp32):
 
 def test_a_label_of_several_tokens_is_a_clear_error(tiny_fp32):
     layout = Layout("x", labels=("positive", "somewhat unclear"))
-    with pytest.raises(SpecError, match="batchprompt.labels: label 'somewhat unclear' is 2 tokens"):
+    with pytest.raises(SpecError, match=r"batchprompt\.labels: label 'somewhat unclear' is 2 tokens"):
         Prompter(tiny_fp32.tokenizer, layout, ITEMS)
 
 
@@ -102,3 +102,10 @@ def test_free_answers_run_through_the_engine_and_every_item_gets_a_row(tiny_fp32
     assert req.constraint is None and req.max_tokens == 4 * (3 + 4)
     for r in out.results.values():  # (a random model: answers or fallbacks, never a crash)
         assert r.label is None or (r.label == r.label.strip().lower() and r.votes[r.label] >= 1)
+
+
+def test_a_free_answer_longer_than_answer_tokens_is_no_answer(tiny_fp32):
+    tok = tiny_fp32.tokenizer
+    long = "it is a rather long answer that goes on"
+    assert parse_answers(f"1: {long}\n2: short", 2, 2, tok) == [None, "short"]
+    assert parse_answers(long, 1, 2, tok) == [None] and parse_answers(long, 1, 20, tok) == [long]

@@ -97,6 +97,7 @@ BAD = [
     ("", "instruction: x\n  labels: [a, b]\n  examples: [{item: y, label: c}]", "example label 'c' is not one of"),
     ("sampling: {n: 2}\n", "instruction: x\n  labels: [a, b]", "does not take sampling.n"),
     ("sampling: {temperature: 0.7}\n", "instruction: x\n  labels: [a, b]", "does not take sampling.temperature"),
+    ("sampling: {stop: [x]}\n", "instruction: x\n  labels: [a, b]", "does not take sampling.stop"),
 ]
 
 
@@ -114,7 +115,7 @@ def test_a_bad_item_template_and_a_multi_token_label_are_spec_errors(tmp_path, t
     path = _job(tmp_path, tiny_model_dir, reviews_parquet)
     with pytest.raises(SpecError, match=r"batchprompt.item_template: template syntax error"):
         api.validate(path, ["batchprompt.item_template=Review {{ n"])
-    with pytest.raises(SpecError, match="batchprompt.labels: label 'very unclear' is 2 tokens"):
+    with pytest.raises(SpecError, match=r"batchprompt\.labels: label 'very unclear' is 2 tokens"):
         api.submit(path, ["batchprompt.labels=[positive, very unclear]"])
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.parquet"))
 

@@ -23,7 +23,7 @@ output: {path: out/reviews}
 """
 
 ALLOWED = {
-    "": "name, model, input, prompt, sampling, output, engine",
+    "": "name, model, input, prompt, sampling, output, engine, mode, batchprompt",
     "model": "path, load, size, seed, dtype, revision, tokenizer, trust_remote_code",
     "input": "path, format, table, sql, id",
     "prompt": "template, system, chat, fewshot",
@@ -67,6 +67,7 @@ def test_minimal_spec_fills_defaults_and_names_job_after_file(tmp_path):
         "output": {"path": "out/reviews", "columns": None, "part_rows": 1000, "max_error_rate": None},
         "engine": {"backend": "batchrun", "device": "auto", "batch_size": 16, "threads": None,
                    "step_tokens": 8192, "block_size": 16, "kv_budget_tokens": None},
+        "mode": "generate", "batchprompt": None,
     }
     assert spec.input.paths == ["data.parquet"]
 
@@ -87,6 +88,7 @@ def test_full_spec_keeps_every_value(tmp_path):
         "output": {"path": "out/x", "columns": ["lang"], "part_rows": 5, "max_error_rate": None},
         "engine": {"backend": "reference", "device": "cuda:1", "batch_size": 8, "threads": 2,
                    "step_tokens": 8192, "block_size": 16, "kv_budget_tokens": None},
+        "mode": "generate", "batchprompt": None,
     }
     spec = load_spec(write_job(tmp_path, yaml.safe_dump(full), "ignored.yaml"))
     assert spec.to_dict() == {**full, "sampling": {**full["sampling"], "stop": ["END"]}}

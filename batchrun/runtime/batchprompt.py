@@ -48,13 +48,15 @@ class Layout:
     examples: tuple[tuple[str, str], ...] = ()  # (item, label)
     chat: bool = True  # the instruction in the model's chat template (user turn), answers in its reply
     system: str | None = None
+    fewshot: tuple[tuple[str, str], ...] = ()  # chat turns (user, assistant) before the instruction
     answer_tokens: int = 8  # (free answers: at most this many tokens each)
 
     @classmethod
-    def from_spec(cls, bp: BatchPromptSpec, chat: bool, system: str | None) -> Layout:
+    def from_spec(cls, bp: BatchPromptSpec, chat: bool, system: str | None,
+                  fewshot: Sequence[tuple[str, str]] = ()) -> Layout:
         return cls(bp.instruction, None if bp.labels is None else tuple(bp.labels), bp.layout, bp.item_text,
                    bp.answer_template, bp.label_prefix, tuple((e.item, e.label) for e in bp.examples), chat, system,
-                   bp.answer_tokens)
+                   tuple(fewshot), bp.answer_tokens)
 
 
 def config_of(bp: BatchPromptSpec) -> BatchPromptConfig:
@@ -128,6 +130,8 @@ class Prompter:
         lay = self.layout
         if lay.chat:
             messages = [{"role": "system", "content": lay.system}] if lay.system else []
+            for user_turn, reply in lay.fewshot:
+                messages += [{"role": "user", "content": user_turn}, {"role": "assistant", "content": reply}]
             if exchange:
                 messages += [{"role": "user", "content": exchange[0]}, {"role": "assistant", "content": exchange[1]}]
             messages.append({"role": "user", "content": user})
@@ -179,18 +183,20 @@ def parse_answers(text: str, k: int, max_tokens: int, tokenizer: Any = None) -> 
     """Free answers from a list-layout output: the first answer given for each index 1..k ("2: x", "2. x",
     "Item 2: x"), normalised (stripped, surrounding quotes and a final full stop removed, lower case), at most
     ``max_tokens`` tokens long; None where an index has no answer."""
+    def short(answer: str) -> bool:
+        return tokenizer is None or len(tokenizer.encode(answer, add_special_tokens=False)) <= max_tokens + 2
+
     out: list[str | None] = [None] * k
     for line in text.splitlines():
         m = _ANSWER_LINE.match(line)
         if not m:
             continue
         n, answer = int(m.group(1)), normalise(m.group(2))
-        if 1 <= n <= k and out[n - 1] is None and answer:
-            if tokenizer is None or len(tokenizer.encode(answer, add_special_tokens=False)) <= max_tokens + 2:
-                out[n - 1] = answer
+        if 1 <= n <= k and out[n - 1] is None and answer and short(answer):
+            out[n - 1] = answer
     if k == 1 and out[0] is None:  # a single item's answer may come without its number
         first = next((normalise(line) for line in text.splitlines() if normalise(line)), None)
-        out[0] = first
+        out[0] = first if first and short(first) else None
     return out
 
 

@@ -27,7 +27,7 @@ from batchrun.io.source import read_source
 from batchrun.plan.batchprompt import BatchPromptConfig, ItemResult, round_prompts
 from batchrun.runtime.assemble import RowResult
 from batchrun.runtime.batchprompt import BatchPrompter, Layout, Prompter, Usage, config_of, plan_of
-from batchrun.spec import JobSpec
+from batchrun.spec import JobSpec, SamplingSpec
 
 log = logging.getLogger("batchrun")
 
@@ -94,7 +94,8 @@ def prepare_batchprompt(spec: JobSpec, tokenizer: Any, max_context: int | None, 
     ids = source.table.column(source.id_column).to_pylist()
     todo = [i for i, row_id in enumerate(ids) if row_id not in done]
     system = _one_system([systems[i] for i in todo if errors[i] is None])
-    layout = Layout.from_spec(bp, use_chat(spec.prompt, tokenizer), system)
+    layout = Layout.from_spec(bp, use_chat(spec.prompt, tokenizer), system,
+                              [(shot.user, shot.assistant) for shot in spec.prompt.fewshot])
     cfg = config_of(bp)
     probe = Prompter(tokenizer, layout, [users[i] or "" for i in todo])
     singles = probe.requests([[k] for k in range(len(todo))])
@@ -172,7 +173,8 @@ def execute_batchprompt(spec: JobSpec, prepared: Any, loaded: Any, emit: Any, pr
     if not work.rows:
         progress.finish()
         return run
-    engine = make_engine(spec, loaded, prepared.requests)  # (the first round is the largest)
+    # Greedy, no stop strings (the spec allows no other sampling here); the first round is the largest.
+    engine = make_engine(spec.model_copy(update={"sampling": SamplingSpec()}), loaded, prepared.requests)
     rounds: list[int] = []
 
     def on_round(r: int, prompts: int) -> None:
