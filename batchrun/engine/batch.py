@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from batchrun.engine.constraints import mask_bits
+from batchrun.engine.constraints import mask_bits, narrow
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
@@ -123,10 +123,11 @@ class BatchEngine:
         keys = step.sample_keys
         reqs = [run.requests[k.row] for k in keys]
         constraints = [r.constraint for r in reqs]
-        masks = None
+        masks = forced = None
+        later: list = []  # (the forced runs' lookup, done once the masks are in: ``constraints.narrow``)
         if any(c is not None for c in constraints):  # computed on the CPU while the GPU runs the step
             masks = _mask_worker().submit(mask_bits, constraints, [run.sched.generated(k) for k in keys],
-                                          self.runner.vocab)
+                                          self.runner.vocab, later)
         logits = self.runner.forward(step, None if inflight is None else inflight.tokens)
         raw = logits
         scored = _scored(raw, constraints, [run.sched.generated(k) for k in keys]) if masks is not None else None
@@ -134,6 +135,7 @@ class BatchEngine:
             t = time.perf_counter()
             rows, bits = masks.result()
             run.mask_wait += time.perf_counter() - t  # (what the masks add to the step)
+            forced = _mask_worker().submit(narrow, later) if later else None  # (while the step finishes)
             logits = apply_mask_bits(logits, rows, bits)
         if run.greedy:  # (every row greedy: the common case, kept cheap)
             tokens = logits.argmax(-1)
@@ -143,12 +145,14 @@ class BatchEngine:
                 if not p.greedy and k not in run.generators:
                     run.generators[k] = row_generator(r.seed, self.loaded.device)
             tokens = sample_tensor(logits, params, [run.generators.get(k) for k in keys])
-        return _Launched(step, tokens, *_to_host(tokens), raw if run.lps is not None else None, scored)
+        return _Launched(step, tokens, *_to_host(tokens), raw if run.lps is not None else None, scored, forced)
 
     def _resolve(self, launched: _Launched, run: _RunState) -> list[Completion]:
         """Read a launched step's tokens back, record them, and finish the rows that ended."""
         if launched.ready is not None:
             launched.ready.synchronize()
+        if launched.forced is not None:
+            launched.forced.result()  # (the forced runs ``forced_after`` reads)
         tokens = launched.host.tolist()
         sched, requests, lps = run.sched, run.requests, run.lps
         step = launched.step
@@ -206,6 +210,7 @@ class _Launched:
     ready: Any
     raw: torch.Tensor | None  # the model's logits (for logprobs)
     scored: tuple | None = None  # logits some constraints asked to record (``_scored``)
+    forced: Any = None  # the forced runs' lookup, in the mask worker (a Future)
 
 
 def _scored(raw: torch.Tensor, constraints: Sequence[Any], generated: Sequence[Sequence[int]]) -> tuple | None:

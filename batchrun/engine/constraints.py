@@ -211,13 +211,16 @@ def pack(allowed: Any, words: int) -> np.ndarray:
     return np.packbits(keep, bitorder="little").view(np.int32)
 
 
-def mask_bits(constraints: Sequence[Any], generated: Sequence[Sequence[int]],
-              vocab: int) -> tuple[list[int], np.ndarray]:
+def mask_bits(constraints: Sequence[Any], generated: Sequence[Sequence[int]], vocab: int,
+              later: list | None = None) -> tuple[list[int], np.ndarray]:
     """One step's token masks: the rows that have a constraint, and their masks packed (``pack``) into
     [len(rows), ceil(vocab / 32)] int32. Grammars are brought up to their rows' tokens together and their
     masks computed together, in llguidance's thread pool (no GIL): at a batch of hundreds of rows one thread
     would take longer than the GPU's step. The forced runs are looked up only for rows whose mask allows a
-    single token (``Grammar._narrow``). Safe to run in a worker thread while the GPU runs the step."""
+    single token (``Grammar._narrow``); with ``later`` (a list) that lookup, which holds the GIL, is left for
+    ``narrow(later)`` to do once the step is launched: a mask of one token is right without it, and the forced
+    runs are needed only when the step's tokens are recorded. Safe to run in a worker thread while the GPU
+    runs the step."""
     words = (vocab + 31) // 32
     rows = [i for i, c in enumerate(constraints) if c is not None]
     bits = np.zeros((len(rows), words), dtype=np.int32)
@@ -259,16 +262,26 @@ def mask_bits(constraints: Sequence[Any], generated: Sequence[Sequence[int]],
         if target is not bits:
             n = min(own, words)
             bits[at, :n] = target[at, :n]
-        widths = np.bitwise_count(flat[at]).sum(axis=1)
-        for (g, j), width in zip(live, widths.tolist()):
-            forced = g._narrow(width)
-            if forced:
-                flat[j] = 0
-                flat[j, forced[0] >> 5] = np.uint32(1 << (forced[0] & 31))
+        widths = np.bitwise_count(flat[at]).sum(axis=1).tolist()
+        if later is not None:
+            later.extend((g, w) for (g, _), w in zip(live, widths))
+        else:
+            for (g, j), width in zip(live, widths):
+                forced = g._narrow(width)
+                if forced:
+                    flat[j] = 0
+                    flat[j, forced[0] >> 5] = np.uint32(1 << (forced[0] & 31))
     _account([g for _, g, _ in grammars], time.perf_counter() - t)
     if live:
         live[0][0].compiled.stats["mask_pool_s"] = live[0][0].compiled.stats.get("mask_pool_s", 0.0) + t_mask
     return rows, bits
+
+
+def narrow(later: Sequence[tuple[Grammar, int]]) -> None:
+    """The forced runs ``mask_bits(..., later)`` left (each grammar with its mask's width). A mask of one token
+    allowed exactly the first token of its forced run, so the masks already applied stay right."""
+    for g, width in later:
+        g._narrow(width)
 
 
 def _executor() -> Any:
