@@ -155,7 +155,7 @@ def main() -> None:
         walls.setdefault(name, []).append(round(wall, 3))
         if name in row and row[name]["wall_s"] <= wall:
             continue
-        row[name] = {"wall_s": round(wall, 3), "steps": engine.stats["steps"],
+        row[name] = {"wall_s": round(wall, 3), "steps": engine.stats["steps"], "graph_steps": engine.runner.graph_steps,
                      "output_tokens": sum(len(c.token_ids) for c in out),
                      "masks": compiled.stats["masks"] - before["masks"],
                      "mask_s": round(compiled.stats["mask_s"] - before["mask_s"], 3),

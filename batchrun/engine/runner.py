@@ -5,11 +5,13 @@ All sequences of a step go in one row: token ids concatenated, position ids rest
 padding. The model's attention layers run the chosen attention backend (``engine.attention``) over the
 paged KV pool.
 
-Decode steps (one new token per sequence) are replayed from CUDA graphs where the backend supports it: the
-step is padded to the next of a few bucket sizes, and a shape (bucket, shared levels) is captured once it
-has come up ``CAPTURE_AFTER`` times (capturing costs a few eager steps, so shapes seen once or twice — the
-end of a run — stay eager). A replay is one launch instead of the hundreds of the model's Python code.
-``BATCHRUN_CUDA_GRAPHS=0`` turns them off.
+Steps of short sequences are replayed from CUDA graphs where the backend supports it: decode steps (one new
+token per sequence) and steps that also carry short chunks (at most ``GRAPH_SEQ_TOKENS`` tokens: the forced
+text a constraint appends, BatchPrompt's items). The step is padded to the next of a few token bucket sizes
+(its sampled positions to the next row bucket), and a shape (tokens, sampled rows, shared levels) is
+captured once it has come up ``CAPTURE_AFTER`` times (capturing costs a few eager steps, so shapes seen once
+or twice — the end of a run — stay eager). A replay is one launch instead of the hundreds of the model's
+Python code. ``BATCHRUN_CUDA_GRAPHS=0`` turns them off.
 """
 
 from __future__ import annotations
@@ -51,15 +53,17 @@ def check_supported(model) -> None:
 
 
 LONG_STEP_LOG_S = 10.0  # a step running longer than this logs its progress, layer by layer, this often
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # decode batch sizes
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # sampled rows
+GRAPH_TOKENS = (*GRAPH_BUCKETS, 1536, 2048)  # tokens in a step replayed from a graph
+GRAPH_SEQ_TOKENS = 64  # the longest sequence chunk a graph step may carry (longer: a prefill step, eager)
 CAPTURE_AFTER = 2  # a decode shape is captured on its next use after this many
 
 
 @dataclass
 class _Graph:
     graph: Any  # torch.cuda.CUDAGraph
-    ints: torch.Tensor  # [2, tokens] int64: input ids, positions (the static input)
-    logits: torch.Tensor  # [tokens, vocab] fp32 (the static output)
+    ints: torch.Tensor  # [2 * tokens + rows] int64: input ids, positions, sampled positions (static input)
+    logits: torch.Tensor  # [rows, vocab] fp32 (the static output)
 
 
 class Runner:
@@ -83,8 +87,8 @@ class Runner:
         self.backend = attention.choose_backend(loaded.device, dtype)(k_pool, v_pool, heads)
         self.use_graphs = (loaded.device.startswith("cuda") and self.backend.graphs
                            and os.environ.get("BATCHRUN_CUDA_GRAPHS", "1") != "0")
-        self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._seen: dict[tuple[int, int], int] = {}
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
+        self._seen: dict[tuple[int, int, int], int] = {}
         self._graph_pool = None
         self.graph_steps = 0
         self.decoder = model.get_decoder()
@@ -119,10 +123,10 @@ class Runner:
         t = step.num_tokens
         self._step_started = self._last_log = time.monotonic()
         self._step_tokens = t
-        if self.use_graphs and len(step.seqs) <= GRAPH_BUCKETS[-1] and all(s.decode for s in step.seqs):
-            key = (next(b for b in GRAPH_BUCKETS if b >= t), max(len(s.levels) for s in step.seqs) - 1)
+        key = self._graph_key(step) if self.use_graphs else None
+        if key is not None:
             self._seen[key] = seen = self._seen.get(key, 0) + 1
-            if (key in self._graphs or seen > CAPTURE_AFTER) and self.backend.prepare_graph(step, *key):
+            if (key in self._graphs or seen > CAPTURE_AFTER) and self.backend.prepare_graph(step, key[0], key[2]):
                 return self._replay(step, key, previous)
         # One host-to-device copy for the packed row's ids and positions and the sampled positions.
         ints = _to_device(step.token_ids + step.positions + step.sample_index, self.device)
@@ -135,33 +139,46 @@ class Runner:
             return hidden.new_empty(0, self.head.weight.shape[0])
         return self.head(hidden[0, last]).float()
 
+    @staticmethod
+    def _graph_key(step: Step) -> tuple[int, int, int] | None:
+        """(tokens bucket, sampled rows bucket, shared levels) of a step a graph may run, else None."""
+        t, rows = step.num_tokens, len(step.sample_index)
+        if t > GRAPH_TOKENS[-1] or not 0 < rows <= GRAPH_BUCKETS[-1]:
+            return None
+        if any(len(s.tokens) > GRAPH_SEQ_TOKENS for s in step.seqs):
+            return None
+        return (next(b for b in GRAPH_TOKENS if b >= t), next(b for b in GRAPH_BUCKETS if b >= rows),
+                max(len(s.levels) for s in step.seqs) - 1)
+
     def _hidden(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden states [1, T, hidden] over the packed row, attention by the backend."""
         with attention.use_backend(self.backend):
             return self.decoder(input_ids=ids[None], position_ids=pos[None], use_cache=False).last_hidden_state
 
-    def _replay(self, step: Step, key: tuple[int, int], previous: torch.Tensor | None) -> torch.Tensor:
-        tokens, t = key[0], step.num_tokens
+    def _replay(self, step: Step, key: tuple[int, int, int], previous: torch.Tensor | None) -> torch.Tensor:
+        tokens, rows, t = key[0], key[1], step.num_tokens
         pad = [0] * (tokens - t)
-        ints = _to_device(step.token_ids + pad + step.positions + pad, self.device).view(2, tokens)
+        ints = _to_device(step.token_ids + pad + step.positions + pad + step.sample_index
+                          + [0] * (rows - len(step.sample_index)), self.device)
         if step.waits:
-            ints[0] = _fill_placeholders(ints[0], previous)
+            ints[:tokens] = _fill_placeholders(ints[:tokens], previous)
         g = self._graphs.get(key)
         if g is None:
-            g = self._graphs[key] = self._capture(ints)
+            g = self._graphs[key] = self._capture(ints, tokens)
         else:
             g.ints.copy_(ints)
         g.graph.replay()
         self.graph_steps += 1
-        return g.logits[:t]
+        return g.logits[: len(step.sample_index)]
 
-    def _capture(self, ints: torch.Tensor) -> _Graph:
-        """Capture the decode forward pass over the static ``ints`` (the backend's static metadata is laid
-        out already). The first capture is preceded by an eager run on a side stream (lazy initialisation)."""
-        ids, pos = ints[0], ints[1]
+    def _capture(self, ints: torch.Tensor, tokens: int) -> _Graph:
+        """Capture the forward pass over the static ``ints`` (ids and positions of ``tokens`` tokens, then the
+        sampled positions; the backend's static metadata is laid out already). The first capture is preceded
+        by an eager run on a side stream (lazy initialisation)."""
+        ids, pos, last = ints[:tokens], ints[tokens : 2 * tokens], ints[2 * tokens :]
 
         def run() -> torch.Tensor:
-            return self.head(self._hidden(ids, pos)[0]).float()
+            return self.head(self._hidden(ids, pos)[0, last]).float()
 
         interrupt, self.interrupt = self.interrupt, None  # (nothing may stop a capture half-way)
         main = torch.cuda.current_stream()
