@@ -19,7 +19,7 @@ from batchrun.runtime.job import JobResult, run_job
 from batchrun.runtime.progress import Progress
 from batchrun.spec import JobSpec, load_spec
 
-__all__ = ["JobResult", "PlanReport", "plan", "status", "submit", "validate"]
+__all__ = ["JobResult", "PlanReport", "export", "plan", "status", "submit", "validate"]
 
 
 def _spec(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -94,7 +94,7 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
     prepared = prepare(job, tokenizer, facts.max_context)
     budget = kv_budget(job.engine, facts, prepared.requests)
     stats = prepared.plan.stats()
-    sim = simulate(prepared.plan, budget, overlap=overlaps(prepared.requests, job.sampling.logprobs))
+    sim = simulate(prepared.plan, budget, overlap=overlaps(prepared.requests, (prepared.spec or job).sampling.logprobs))
     return PlanReport(job=job.name, rows=prepared.num_rows, rows_error=len(prepared.errors),
                       **{k: stats[k] for k in ("prompt_tokens", "unique_tokens", "prefill_tokens", "saving_ratio",
                                                "shared_prefixes", "prefix_levels", "share_degree", "packs",
@@ -140,3 +140,43 @@ def status(output_dir: str | Path) -> dict[str, Any]:
         out.update(rows=m.get("rows"), tokens=m.get("tokens"), timings=m.get("timings"),
                    model=m.get("model"), finished_at=m.get("finished_at"))
     return out
+
+
+EXPORT_FORMATS = ("openai_batch",)
+
+
+def export(output_dir: str | Path, fmt: str, path: str | Path) -> dict[str, Any]:
+    """Write a finished job's results in another format (the Parquet dataset stays as it is). ``openai_batch``
+    (the job read an OpenAI batch file): the Batch API's output JSONL at ``path`` (one line per request that
+    succeeded, ``response.body`` with ``choices`` and ``usage``) and its error JSONL beside it
+    (``<name>.errors.jsonl``: one line per request that failed, with the row's error)."""
+    import datetime
+
+    import pyarrow.parquet as pq
+
+    from batchrun.errors import SpecError, UsageError
+    from batchrun.io import openai_batch
+
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"--format: one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})")
+    state = read_state(output_dir)
+    if not state.owned or not state.complete:
+        what = "no batchrun job's output" if not state.owned else "not finished (rerun submit to finish it)"
+        raise SpecError(f"{output_dir}: {what}; export reads a finished job's results")
+    tables = [pq.read_table(Path(output_dir) / name) for name in state.parts]
+    names = set(tables[0].column_names) if tables else set()
+    if not {"custom_id", "url", "body"} <= names:
+        raise SpecError(f"{output_dir}: not the output of a job with input.format openai_batch (no custom_id, url "
+                        "and body columns)")
+    rows = [r for t in tables for r in t.to_pylist()]
+    rows.sort(key=lambda r: (r.get("line") or 0))
+    finished = (state.manifest or {}).get("finished_at")
+    created = int(datetime.datetime.fromisoformat(finished).timestamp()) if finished else 0
+    for r in rows:
+        r["created"] = created
+    model = ((state.manifest or {}).get("model") or {}).get("path") or "batchrun"
+    target = Path(path)
+    if target.parent and not target.parent.exists():
+        raise UsageError(f"--output: the directory {str(target.parent)!r} does not exist")
+    done, failed, errors_path = openai_batch.export(rows, str(model), target)
+    return {"output": str(target), "errors": str(errors_path), "responses": done, "failed": failed}

@@ -282,6 +282,29 @@ def status(output_dir: str, as_json: bool) -> None:
         _emit_json({"status": "ok", "exit_code": 0, **st})
 
 
+@cli.command()
+@click.argument("output_dir", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["openai_batch"]), required=True,
+              help="openai_batch: the OpenAI Batch API's output and error JSONL.")
+@click.option("--output", "path", type=click.Path(dir_okay=False), required=True,
+              help="The output JSONL; the error JSONL goes beside it (NAME.errors.jsonl).")
+@_JSON
+@_guard
+def export(output_dir: str, fmt: str, path: str, as_json: bool) -> None:
+    """Write a finished job's results in another format; the Parquet dataset stays as it is.
+
+    \b
+    Example (a job with input.format openai_batch):
+      batchrun export out/requests --format openai_batch --output results.jsonl
+    """
+    from batchrun import api
+
+    done = api.export(output_dir, fmt, path)
+    click.echo(f"{done['responses']} response(s) -> {done['output']}; {done['failed']} error(s) -> {done['errors']}")
+    if as_json:
+        _emit_json({"status": "ok", "exit_code": 0, **done})
+
+
 def main() -> None:
     cli(prog_name="batchrun")
 

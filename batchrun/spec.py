@@ -111,7 +111,7 @@ class InputSpec(_Strict):
     """Where rows come from: files read by DuckDB, optionally filtered or joined by SQL."""
 
     path: str | list[str]
-    format: Literal["auto", "parquet", "csv", "json"] = "auto"
+    format: Literal["auto", "parquet", "csv", "json", "openai_batch"] = "auto"
     table: str = Field(default="input", pattern=_IDENT)
     sql: str | None = None
     id: str | None = None
@@ -298,12 +298,34 @@ class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)
     model: ModelSpec
     input: InputSpec
-    prompt: PromptSpec
+    prompt: PromptSpec | None = None  # required, except with input.format openai_batch (the lines' messages)
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)
     output: OutputSpec
     engine: EngineSpec = Field(default_factory=EngineSpec)
     mode: Literal["generate", "batchprompt"] = "generate"  # batchprompt: several rows per prompt, voted
     batchprompt: BatchPromptSpec | None = None
+
+    @model_validator(mode="after")
+    def _prompt(self) -> JobSpec:
+        if self.input.format != "openai_batch":
+            if self.prompt is None:
+                raise ValueError(_PROMPT_REQUIRED)
+            return self
+        problems = []
+        if self.prompt is not None:
+            problems.append("prompt (each line's messages or prompt is the prompt: remove the prompt section)")
+        if self.input.id not in (None, "custom_id"):
+            problems.append("input.id (the id is the lines' custom_id)")
+        if self.mode != "generate":
+            problems.append("mode: batchprompt")
+        named = [f"sampling.{k}" for k in ("max_tokens", "temperature", "top_p", "top_k", "stop", "seed")
+                 if self.sampling.column(k)]
+        if named or (self.sampling.constraint is not None and self.sampling.constraint.kind == "column"):
+            problems.append(f"{', '.join(named) or 'sampling.constraint.column'} naming a column (each line's body "
+                            "gives its own settings; the spec's sampling gives the defaults)")
+        if problems:
+            raise ValueError(f"input.format openai_batch does not take {'; '.join(problems)}")
+        return self
 
     @model_validator(mode="after")
     def _mode(self) -> JobSpec:
@@ -374,8 +396,24 @@ def validate_dict(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as e:
-        problems = [_describe(err) for err in e.errors(include_url=False)]
+        problems = [p for p in (_describe(err) for err in e.errors(include_url=False)) if _PROMPT_REQUIRED not in p]
+        if _needs_prompt(raw) and "prompt: required" not in problems:  # (reported with the other fields)
+            order = list(JobSpec.model_fields)
+            at = next((i for i, p in enumerate(problems) if p.split(".")[0].split(":")[0] in order
+                       and order.index(p.split(".")[0].split(":")[0]) > order.index("prompt")), len(problems))
+            problems.insert(at, "prompt: required")
         raise SpecError(f"{source}: {len(problems)} problem(s) in the job spec", problems) from None
+
+
+_PROMPT_REQUIRED = "prompt section required"  # (the validator's message: reported as "prompt: required")
+
+
+def _needs_prompt(raw: Any) -> bool:
+    """A spec without a prompt section that needs one (any input but an OpenAI batch file)."""
+    if not isinstance(raw, dict) or raw.get("prompt") is not None:
+        return False
+    fmt = raw.get("input", {}).get("format") if isinstance(raw.get("input"), dict) else None
+    return fmt != "openai_batch"
 
 
 # ------------------------------------------------------------------------------------- error messages

@@ -165,7 +165,7 @@ ERRORS = [
     (with_("input", table="1x"),
      ["input.table: must be an identifier (letters, digits, _; not starting with a digit) (got '1x')"]),
     (with_("input", format="xlsx"),
-     ["input.format: must be one of 'auto', 'parquet', 'csv' or 'json' (got 'xlsx')"]),
+     ["input.format: must be one of 'auto', 'parquet', 'csv', 'json' or 'openai_batch' (got 'xlsx')"]),
     (with_("prompt", template=""), ["prompt.template: must not be empty"]),
     (with_("prompt", chat="maybe"), ["prompt.chat: must be true or false (got 'maybe')"]),
     (with_("prompt", fewshot="a"), ["prompt.fewshot: must be a list (got 'a')"]),

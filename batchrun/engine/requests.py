@@ -66,6 +66,7 @@ class Completion:
     # before temperature, top-k/p or a constraint), and the most likely tokens there as (id, text, logprob).
     logprobs: list[float] | None = field(default=None, repr=False)
     top_logprobs: list[list[tuple[int, str, float]]] | None = field(default=None, repr=False)
+    token_texts: list[str] | None = field(default=None, repr=False)  # (with logprobs: each token's text)
     choice_probs: dict[str, float] | None = None  # under a choices constraint: each choice's probability
 
 

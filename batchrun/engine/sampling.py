@@ -110,7 +110,7 @@ class LogprobLog:
         chosen, tops = self._rows.pop(key, ([], []))
         n = len(c.token_ids)
         decode = self.tokenizer.decode
-        return replace(c, logprobs=chosen[:n],
+        return replace(c, logprobs=chosen[:n], token_texts=[decode([int(t)]) for t in c.token_ids],
                        top_logprobs=[[(int(i), decode([int(i)]), float(v)) for i, v in top] for top in tops[:n]])
 
 

@@ -16,6 +16,7 @@ This module knows the tokenizer's interface, not the model, nor how the limits a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,9 +71,12 @@ def _templates(spec: PromptSpec) -> list[tuple[str, str]]:
             if text is not None]
 
 
-def check_templates(spec: PromptSpec) -> None:
+def check_templates(spec: PromptSpec | None) -> None:
     """Compile every template of the prompt spec; raise SpecError listing syntax errors (exit 78), and
-    templates that use no column yet go past a limit (they would on every row)."""
+    templates that use no column yet go past a limit (they would on every row). (None: no prompt section,
+    an OpenAI batch file's job.)"""
+    if spec is None:
+        return
     problems = []
     for name, text in _templates(spec):
         try:
@@ -186,6 +190,37 @@ def build_prompts(spec: PromptSpec, table: pa.Table, tokenizer: Any) -> Prompts:
             texts.append(f"{sys_text}\n\n{user}" if sys_text else user)
     return Prompts(texts=texts, tokens=tokenize(tokenizer, texts, errors, add_special_tokens=not chat),
                    errors=errors, chat=chat)
+
+
+def request_prompts(table: pa.Table, tokenizer: Any) -> Prompts:
+    """The prompts of an OpenAI batch file's rows (``io.openai_batch``): a chat request's messages through the
+    model's chat template, a completion request's prompt as it is (the tokenizer's special tokens added). A
+    line's own problem (``line_error``) is its row's error, and so is a chat request to a model without a chat
+    template."""
+    lines = table.select(["messages", "prompt", "line_error"]).to_pylist()
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    texts: list[str | None] = []
+    errors: list[str | None] = []
+    plain: list[bool] = []
+    for line in lines:
+        text, error = None, line["line_error"]
+        if error is None and line["messages"] is not None:
+            if not has_template:
+                error = "a chat request, but the model's tokenizer has no chat template (use /v1/completions)"
+            else:
+                try:
+                    text = tokenizer.apply_chat_template(json.loads(line["messages"]), tokenize=False,
+                                                         add_generation_prompt=True)
+                except Exception as e:
+                    error = f"the model's chat template failed: {e}"
+        elif error is None:
+            text = line["prompt"]
+        texts.append(text), errors.append(error), plain.append(line["messages"] is None)
+    chat_tokens = tokenize(tokenizer, [t if not p else None for t, p in zip(texts, plain)], errors,
+                           add_special_tokens=False)
+    plain_tokens = tokenize(tokenizer, [t if p else None for t, p in zip(texts, plain)], errors)
+    rows = [(plain_tokens if p else chat_tokens).row(i) for i, p in enumerate(plain)]
+    return Prompts(texts=texts, tokens=TokenTable.from_lists(rows), errors=errors, chat=not all(plain))
 
 
 def tokenize(tokenizer: Any, texts: list[str | None], errors: list[str | None] | None = None,

@@ -58,6 +58,7 @@ OUTPUT_JSON = pa.field("output_json", pa.string())  # with a json_schema constra
 SAMPLE = pa.field("sample", pa.int32())  # with sampling.n > 1 (first of the results): which sample, 0 .. n-1
 RESULT_COLUMNS = [f.name for f in RESULT_FIELDS]
 TOKEN_LOGPROBS = pa.field("token_logprobs", pa.list_(pa.float32()))  # with sampling.logprobs: one per token
+TOKENS = pa.field("tokens", pa.list_(pa.string()))  # with sampling.logprobs: each output token's text
 TOP_LOGPROBS = pa.field("top_logprobs", pa.list_(pa.list_(pa.struct(  # with sampling.logprobs > 0
     [("token_id", pa.int32()), ("token", pa.string()), ("logprob", pa.float32())]))))
 CHOICE_PROBS = pa.field("choice_probs", pa.map_(pa.string(), pa.float64()))  # with a choices constraint

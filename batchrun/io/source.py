@@ -107,6 +107,8 @@ def detect_format(files: list[str], declared: str) -> str:
 def read_source(spec: InputSpec) -> Source:
     files = resolve_files(spec)
     fmt = detect_format(files, spec.format)
+    if fmt == "openai_batch":
+        return _read_batch_file(spec, files)
     located = [f if url_scheme(f) else os.path.abspath(f) for f in files]
     # DuckDB keeps its spill directory writable under the confinement: make it a private, empty one.
     spill = tempfile.mkdtemp(prefix="batchrun-duckdb-")
@@ -142,6 +144,35 @@ def read_source(spec: InputSpec) -> Source:
     require_columns(table, [spec.id], "input.id")
     check_ids(table, spec.id)
     return Source(table, spec.id, False, stats)
+
+
+def _read_batch_file(spec: InputSpec, files: list[str]) -> Source:
+    """OpenAI Batch API JSONL (``io.openai_batch``): parsed line by line (a bad line is a row with its error),
+    then ``input.sql``, if any, over it in the same confined DuckDB. The id is ``custom_id``."""
+    from batchrun.io.openai_batch import read_requests
+
+    remote = [f for f in files if url_scheme(f)]
+    if remote:
+        raise SpecError(f"input.path: openai_batch files must be local ({remote[0]!r} is not)")
+    try:
+        table = read_requests(files)
+    except OSError as e:
+        raise InputDataError(f"input.path: cannot read {e.filename}: {e.strerror}") from None
+    if spec.sql:
+        con = duckdb.connect(":memory:")
+        try:
+            con.register(spec.table, table)
+            _confine(con, [])
+            check_sql(con, spec.sql)
+            try:
+                table = con.sql(spec.sql).to_arrow_table().combine_chunks()
+            except duckdb.Error as e:
+                raise InputDataError(f"input.sql: {_first_line(e)}", _rest_lines(e)) from None
+        finally:
+            con.close()
+        require_columns(table, ["custom_id"], "input.sql")
+    check_ids(table, "custom_id")
+    return Source(table, "custom_id", False, [file_stat(f) for f in files])
 
 
 def _confine(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:

@@ -20,7 +20,7 @@ import pyarrow as pa
 from batchrun.engine.constraints import Grammar
 from batchrun.engine.requests import Completion, LogitsConstraint, Request, SamplingParams, sample_seed
 from batchrun.io.json_arrow import conforms
-from batchrun.io.sink import CHOICE_PROBS, OUTPUT_JSON, RESULT_FIELDS, SAMPLE, TOKEN_LOGPROBS, TOP_LOGPROBS
+from batchrun.io.sink import CHOICE_PROBS, OUTPUT_JSON, RESULT_FIELDS, SAMPLE, TOKEN_LOGPROBS, TOKENS, TOP_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class OneToOne:
         if json_output is not None:
             self.fields.append(pa.field(OUTPUT_JSON.name, json_output))
         if logprobs is not None:
-            self.fields += [TOKEN_LOGPROBS, TOP_LOGPROBS] if logprobs else [TOKEN_LOGPROBS]
+            self.fields += [TOKENS, TOKEN_LOGPROBS, TOP_LOGPROBS] if logprobs else [TOKENS, TOKEN_LOGPROBS]
         if choices:
             self.fields.append(CHOICE_PROBS)
         self._grammars: dict[Hashable, Grammar] = {}  # request key -> its grammar
@@ -117,6 +117,7 @@ class OneToOne:
         if self.json_output is not None:
             values["output_json"] = parsed
         if self.logprobs is not None:
+            values["tokens"] = c.token_texts
             values["token_logprobs"] = c.logprobs
             if self.logprobs:
                 values["top_logprobs"] = None if c.top_logprobs is None else [
@@ -131,6 +132,7 @@ class OneToOne:
         if self.json_output is not None:
             values["output_json"] = None
         if self.logprobs is not None:
+            values["tokens"] = None
             values["token_logprobs"] = None
             if self.logprobs:
                 values["top_logprobs"] = None

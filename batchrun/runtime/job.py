@@ -131,6 +131,7 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
                                        count_weights=bool(spec.engine.kv_budget_tokens))
             load_s = time.monotonic() - t
             prepared = prepare(spec, tokenizer, facts.max_context, done)
+            spec = prepared.spec or spec  # (an OpenAI batch file's job: its lines' settings)
             if prepared.requests and spec.engine.backend == "batchrun" and spec.engine.kv_budget_tokens:
                 from batchrun.engine.factory import kv_budget
 

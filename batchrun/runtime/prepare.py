@@ -7,10 +7,11 @@ loading any weights. It writes nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,8 +21,8 @@ from batchrun.engine.constraints import CompiledConstraint
 from batchrun.engine.requests import Request, row_seed
 from batchrun.errors import InputDataError, SpecError
 from batchrun.io.json_arrow import arrow_type
-from batchrun.io.prompts import Prompts, build_prompts
-from batchrun.io.sink import BATCHPROMPT_FIELDS, RESERVED_COLUMNS, SAMPLE
+from batchrun.io.prompts import Prompts, build_prompts, request_prompts
+from batchrun.io.sink import BATCHPROMPT_FIELDS, RESERVED_COLUMNS, SAMPLE, TOKENS
 from batchrun.io.source import Source, read_source, require_columns
 from batchrun.plan.plan import Plan, PlanConfig, build_plan
 from batchrun.runtime.assemble import Assembler, make_assembler
@@ -49,6 +50,8 @@ class PreparedJob:
     constraint: ConstraintUse | None = None  # sampling.constraint: what was compiled, what it costs
     batchprompt: Any = None  # mode: batchprompt: its work (``runtime.batchprompt_job.BatchPromptWork``);
     # ``requests`` and ``plan`` are then its first round's
+    spec: Any = None  # the job as run (``JobSpec``): with input.format openai_batch, the lines' settings read
+    # from their columns (``batch_file_job``)
 
     @property
     def num_rows(self) -> int:
@@ -65,6 +68,8 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     timings = {}
     t = time.monotonic()
     source = read_source(spec.input)
+    if spec.input.format == "openai_batch":
+        spec, source = batch_file_job(spec, source)
     columns = output_columns(spec, source)
     max_tokens, mt_errors = row_max_tokens(spec, source)
     sampling = row_sampling(spec, source)
@@ -72,7 +77,10 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     log.info("read %d rows from %d file(s)", source.num_rows, len(source.files))
 
     t = time.monotonic()
-    prompts = build_prompts(spec.prompt, source.table, tokenizer)
+    if spec.prompt is None:  # (an OpenAI batch file: the lines' messages or prompts)
+        prompts = request_prompts(source.table, tokenizer)
+    else:
+        prompts = build_prompts(spec.prompt, source.table, tokenizer)
     timings["tokenize_s"] = time.monotonic() - t
 
     constraints, c_errors, use = row_constraints(spec, source, tokenizer)
@@ -86,7 +94,41 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     t = time.monotonic()
     plan = plan_requests(spec, prompts, requests, rows)
     timings["plan_s"] = time.monotonic() - t
-    return PreparedJob(source, columns, ids, prompts, requests, rows, errors, plan, assembler, timings, use)
+    return PreparedJob(source, columns, ids, prompts, requests, rows, errors, plan, assembler, timings, use,
+                       spec=spec)
+
+
+def batch_file_job(spec: JobSpec, source: Source) -> tuple[JobSpec, Source]:
+    """An OpenAI batch file's job as its lines ask (``io.openai_batch``): max_tokens, temperature, top_p, stop
+    and seed read from their columns, a line that leaves one out taking the spec's value; ``n``: the most any
+    line asks (``batchrun export`` gives each line the first n it asked for); ``logprobs``: the most
+    alternatives any line asks (or the spec's); a ``response_format``: that row's constraint (rows without one
+    take the spec's constraint, if any)."""
+    s, t = spec.sampling, source.table
+    defaults = {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
+                "n": s.n}
+    for name, default in defaults.items():
+        t = t.set_column(t.schema.get_field_index(name), name,
+                         pa.array([default if v is None else v for v in t.column(name).to_pylist()],
+                                  t.schema.field(name).type))
+    t = t.set_column(t.schema.get_field_index("stop"), "stop",
+                     pa.array([list(s.stop) if v is None else v for v in t.column("stop").to_pylist()],
+                              pa.list_(pa.string())))
+    asked = [v for v in t.column("logprobs").to_pylist() if v is not None]
+    logprobs = max([*asked, *([s.logprobs] if s.logprobs is not None else [])], default=None)
+    constraint = s.constraint
+    if any(v is not None for v in t.column("constraint").to_pylist()):
+        job_wide = None if s.constraint is None else json.dumps(
+            {s.constraint.kind: json_schema_value(s.constraint) if s.constraint.kind == "json_schema"
+             else getattr(s.constraint, s.constraint.kind)})
+        t = t.set_column(t.schema.get_field_index("constraint"), "constraint",
+                         pa.array([job_wide if v is None else v for v in t.column("constraint").to_pylist()],
+                                  pa.string()))
+        constraint = ConstraintSpec(column="constraint")
+    sampling = s.model_copy(update={"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
+                                    "seed": "seed", "stop": {"column": "stop"}, "logprobs": logprobs,
+                                    "n": max(t.column("n").to_pylist(), default=s.n), "constraint": constraint})
+    return spec.model_copy(update={"sampling": sampling}), replace(source, table=t)
 
 
 def output_json_type(c: ConstraintSpec | None) -> pa.DataType | None:
@@ -104,6 +146,8 @@ def output_columns(spec: JobSpec, source: Source) -> list[str]:
     reserved = RESERVED_COLUMNS + ([SAMPLE.name] if spec.sampling.n > 1 else [])
     if spec.mode == "batchprompt":
         reserved = reserved + [f.name for f in BATCHPROMPT_FIELDS]
+    if spec.sampling.logprobs is not None:
+        reserved = [*reserved, TOKENS.name]
     if spec.output.columns is None:
         cols = [c for c in names if c != source.id_column]
         clash = [c for c in cols if c in reserved]
