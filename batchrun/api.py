@@ -19,7 +19,7 @@ from batchrun.runtime.job import JobResult, run_job
 from batchrun.runtime.progress import Progress
 from batchrun.spec import JobSpec, load_spec
 
-__all__ = ["JobResult", "PlanReport", "export", "plan", "status", "submit", "validate"]
+__all__ = ["JobResult", "PlanReport", "doctor", "export", "plan", "status", "submit", "validate"]
 
 
 def _spec(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
@@ -180,3 +180,18 @@ def export(output_dir: str | Path, fmt: str, path: str | Path) -> dict[str, Any]
         raise UsageError(f"--output: the directory {str(target.parent)!r} does not exist")
     done, failed, errors_path = openai_batch.export(rows, str(model), target)
     return {"output": str(target), "errors": str(errors_path), "responses": done, "failed": failed}
+
+
+def doctor(expect_gpu: bool = False) -> dict[str, Any]:
+    """What this machine gives the engine: versions, torch's build (CUDA or CPU), the GPUs, what
+    ``engine.device: auto`` picks and the attention backend there. ``expect_gpu``: a RuntimeFailure (exit 1)
+    when no CUDA device is usable (a CPU build of torch, no driver, no device)."""
+    from batchrun.engine.doctor import report
+    from batchrun.errors import RuntimeFailure
+
+    found = report()
+    if expect_gpu and not found["gpus"]:
+        why = ("torch is a CPU build: install a CUDA build (README, GPU machines)" if found["torch_build"] == "cpu"
+               else "torch has CUDA but sees no device: check the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
+        raise RuntimeFailure(f"no usable GPU: {why}")
+    return found

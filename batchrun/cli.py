@@ -305,6 +305,33 @@ def export(output_dir: str, fmt: str, path: str, as_json: bool) -> None:
         _emit_json({"status": "ok", "exit_code": 0, **done})
 
 
+@cli.command()
+@click.option("--expect-gpu", is_flag=True, help="Exit 1 unless a CUDA device is usable.")
+@_JSON
+@_guard
+def doctor(expect_gpu: bool, as_json: bool) -> None:
+    """Show what this machine gives the engine: torch's build, the GPUs, the device and dtype that
+    engine.device auto picks, and the attention backend there.
+
+    \b
+    Example (after installing on a GPU machine):
+      batchrun doctor --expect-gpu
+    """
+    from batchrun import api
+
+    d = api.doctor(expect_gpu)
+    click.echo(f"batchrun {d['batchrun']}, Python {d['python']}, torch {d['versions']['torch']} ({d['torch_build']})")
+    for g in d["gpus"]:
+        click.echo(f"  {g['device']}: {g['name']}, {g['memory_gb']} GiB, compute capability {g['capability']}")
+    if not d["gpus"]:
+        click.echo("  no CUDA device" + (" (a CPU build of torch)" if d["torch_build"] == "cpu" else ""))
+    click.echo(f"  engine.device auto: {d['auto_device']} ({d['auto_dtype']}), attention: {d['attention']}, "
+               f"CPU threads: {d['cpu_threads']}")
+    click.echo("  " + ", ".join(f"{k} {v or '(not installed)'}" for k, v in d["versions"].items() if k != "torch"))
+    if as_json:
+        _emit_json({"status": "ok", "exit_code": 0, **d})
+
+
 def main() -> None:
     cli(prog_name="batchrun")
 

@@ -71,7 +71,8 @@ def _row(text: str, number: int, seen: set[str]) -> dict[str, Any]:
     try:
         _fill(row, line)
     except LineError as e:
-        row["line_error"] = str(e)
+        row = {**dict.fromkeys(COLUMNS.names), "custom_id": row["custom_id"], "line": number,
+               "line_error": str(e)}
     return row
 
 

@@ -51,10 +51,12 @@ class Assembler(Protocol):
 
 
 def make_assembler(n: int, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None,
-                   logprobs: int | None = None, choices: bool = False) -> Assembler:
-    """The assembler of a job with ``n`` samples per input row (``sampling.n``)."""
+                   logprobs: int | None = None, choices: bool = False,
+                   row_n: Sequence[int] | None = None) -> Assembler:
+    """The assembler of a job with ``n`` samples per input row (``sampling.n``; ``row_n``: each row's own,
+    at most ``n``)."""
     if n > 1:
-        return Samples(n, prompt_lengths, json_output, logprobs, choices)
+        return Samples(n, prompt_lengths, json_output, logprobs, choices, row_n)
     return OneToOne(prompt_lengths, json_output, logprobs, choices)
 
 
@@ -149,9 +151,10 @@ class Samples(OneToOne):
     A row that fails before the engine gives n error rows."""
 
     def __init__(self, n: int, prompt_lengths: Sequence[int], json_output: pa.DataType | None = None,
-                 logprobs: int | None = None, choices: bool = False):
+                 logprobs: int | None = None, choices: bool = False, row_n: Sequence[int] | None = None):
         super().__init__(prompt_lengths, json_output, logprobs, choices)
         self.n = n
+        self.row_n = row_n  # (an OpenAI batch file: each line's own n)
         self.fields = [SAMPLE, *self.fields]
         self._done: dict[int, dict[int, dict[str, Any]]] = {}  # row -> sample -> values, until all n are in
 
@@ -159,19 +162,22 @@ class Samples(OneToOne):
                  constraint: Callable[[], LogitsConstraint] | None = None,
                  sampling: SamplingParams | None = None) -> list[Request]:
         return [self._request((row, k), prompt_ids, max_tokens, sample_seed(seed, k), constraint, sampling)
-                for k in range(self.n)]
+                for k in range(self.samples(row))]
 
     def add(self, completion: Completion) -> list[RowResult]:
         row, k = completion.key
         done = self._done.setdefault(row, {})
         done[k] = {"sample": k, **self._values(completion, row)}
-        if len(done) < self.n:
+        if len(done) < self.samples(row):
             return []
         del self._done[row]
-        return [RowResult(row, done[k]) for k in range(self.n)]
+        return [RowResult(row, done[k]) for k in range(len(done))]
 
     def failed(self, row: int, message: str) -> list[RowResult]:
-        return [RowResult(row, {"sample": k, **self._failed(row, message)}) for k in range(self.n)]
+        return [RowResult(row, {"sample": k, **self._failed(row, message)}) for k in range(self.samples(row))]
+
+    def samples(self, row: int) -> int:
+        return self.n if self.row_n is None else self.row_n[row]
 
 
 def _parsed(text: str, kind: pa.DataType | None) -> Any:

@@ -163,10 +163,15 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
             log.info("loaded %s on %s (%s)", spec.model.label, loaded.device, loaded.dtype)
     model = _model_record(spec, resolved, loaded, state, job_info["results_hash"])
     run = Execution(stopped_by=stop.signal) if stop.requested else execute(
-        spec, prepared, loaded, sink, progress, already_done=len(done) * spec.sampling.n, stop=stop)
+        spec, prepared, loaded, sink, progress, already_done=_committed(prepared, done), stop=stop)
     timings["generate_s"] = run.generate_s
     timings["total_s"] = time.monotonic() - t_start
-    return finalize(spec, job_info, prepared, model, sink, run, len(done) * spec.sampling.n, timings)
+    return finalize(spec, job_info, prepared, model, sink, run, _committed(prepared, done), timings)
+
+
+def _committed(prepared: PreparedJob, done: set[Any]) -> int:
+    """Output rows an earlier run committed (``done``: their input rows' ids)."""
+    return prepared.outputs([i for i, row_id in enumerate(prepared.ids) if row_id in done]) if done else 0
 
 
 def _model_record(spec: JobSpec, resolved: str, loaded: Any, state: OutputState,
@@ -193,7 +198,7 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
     propagates."""
     from batchrun.engine.factory import kv_usage, make_engine
 
-    source, assembler = prepared.source, prepared.assembler
+    assembler = prepared.assembler
     run = Execution()
 
     def emit(results: list[RowResult]) -> None:
@@ -220,8 +225,8 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
 
     engine = make_engine(spec, loaded, prepared.requests) if prepared.requests else None
     score = _choice_scorer(spec, loaded, prepared)
-    n = spec.sampling.n  # output rows per input row (counts here are output rows)
-    progress.start(source.num_rows * n, already_done=already_done + len(prepared.errors) * n)
+    # (counts here are output rows: sampling.n per input row, or each OpenAI batch line's own n)
+    progress.start(prepared.outputs(), already_done=already_done + prepared.outputs([r for r, _ in prepared.errors]))
     t = time.monotonic()
     try:
         runs = engine.run(prepared.requests, prepared.plan, interrupt=lambda: stop.requested) if engine else ()
@@ -271,7 +276,7 @@ def finalize(spec: JobSpec, job_info: dict[str, Any], prepared: PreparedJob, mod
     """Write the manifest (``model``: its model record): with the success marker when the job is whole, else
     marked incomplete (stopped: exit 75, resumable; too many row errors: exit 1)."""
     status = "interrupted" if run.stopped_by else "ok"
-    total = prepared.num_rows * spec.sampling.n  # output rows
+    total = prepared.outputs()  # output rows
     result = JobResult(status, spec.name, str(sink.path), rows_total=total, rows_ok=run.rows_ok,
                        rows_error=run.rows_error, rows_skipped=rows_skipped, prompt_tokens=run.prompt_tokens,
                        output_tokens=run.output_tokens, kv_budget_tokens=run.kv_budget_tokens,

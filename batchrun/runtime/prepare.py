@@ -57,6 +57,15 @@ class PreparedJob:
     def num_rows(self) -> int:
         return self.source.num_rows
 
+    def outputs(self, rows: Collection[int] | None = None) -> int:
+        """Output rows of the input ``rows`` (indices; None: all): ``sampling.n`` each, or each OpenAI batch
+        line's own n."""
+        count = self.num_rows if rows is None else len(rows)
+        samples = getattr(self.assembler, "samples", None)
+        if samples is None:
+            return count
+        return sum(samples(r) for r in (range(self.num_rows) if rows is None else rows))
+
 
 def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
             done: Collection[Any] = frozenset()) -> PreparedJob:
@@ -86,8 +95,10 @@ def prepare(spec: JobSpec, tokenizer: Any, max_context: int | None,
     constraints, c_errors, use = row_constraints(spec, source, tokenizer)
     ids = source.table.column(source.id_column).to_pylist()
     c = spec.sampling.constraint
+    row_n = source.table.column("n").to_pylist() if spec.input.format == "openai_batch" else None
     assembler = make_assembler(spec.sampling.n, prompts.tokens.lengths, json_output=output_json_type(c),
-                               logprobs=spec.sampling.logprobs, choices=c is not None and c.kind == "choices")
+                               row_n=row_n, logprobs=spec.sampling.logprobs,
+                               choices=c is not None and c.kind == "choices")
     requests, rows, errors = build_requests(spec, ids, prompts, max_tokens,
                                             {**sampling.errors, **c_errors, **mt_errors}, max_context,
                                             done, assembler, constraints, sampling)
