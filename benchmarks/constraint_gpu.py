@@ -113,10 +113,13 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--repeat", type=int, default=3, help="runs of each kind (the fastest is reported)")
     ap.add_argument("--phases", action="store_true", help="add up the host time of the engine's phases")
+    ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (the GIL's)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU: check the script runs")
     args = ap.parse_args()
     if args.phases:
         time_phases()
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     device = "cpu" if args.tiny else "cuda"
     from transformers import AutoTokenizer
 
@@ -176,6 +179,7 @@ def main() -> None:
     row["mask_added_share_median"] = round((med["constrained"] - med["replay"]) / med["replay"], 4)
     row["mask_ms_each"] = round(1000 * c["mask_s"] / max(c["masks"], 1), 4)
     row["grammar_threads"] = os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default")
+    row["switch_interval_s"] = sys.getswitchinterval()
     row |= {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
     record(row, args.out)
