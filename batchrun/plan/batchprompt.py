@@ -89,8 +89,38 @@ class ItemResult:
     fallback: bool  # answered by a single-item prompt
 
 
+class _Rounds:
+    """What both ballots do alike: which items go on, which need a fallback, where an item was asked."""
+
+    cfg: BatchPromptConfig
+    _answers: dict[int, list[Answer]]
+    _fallback: dict[int, Any]
+
+    def active(self, items: Sequence[int]) -> list[int]:
+        """The items that go on to the next round (SEAS: not those whose last two answers agree and were
+        both confident)."""
+        if not self.cfg.seas:
+            return list(items)
+        return [i for i in items if not self._settled(i)]
+
+    def needs_fallback(self, items: Sequence[int]) -> list[int]:
+        """The items without a single valid answer (and no fallback answer yet)."""
+        return [i for i in items if i not in self._fallback and not self._valid(i)]
+
+    def _asked(self, item: int) -> tuple[list[tuple[int, int]], int]:
+        """The (round, prompt) pairs ``item`` was asked in, and how many rounds."""
+        answers = self._answers.get(item, [])
+        return sorted({(a.round, a.prompt) for a in answers}), len({a.round for a in answers})
+
+    def _valid(self, item: int) -> list[Answer]:
+        raise NotImplementedError
+
+    def _settled(self, item: int) -> bool:
+        raise NotImplementedError
+
+
 @dataclass
-class Ballot:
+class Ballot(_Rounds):
     """The answers of every round so far, and what they add up to."""
 
     labels: Sequence[str]
@@ -110,21 +140,8 @@ class Ballot:
         """The answer of a single-item prompt for an item without a valid answer (None: it had none either)."""
         self._fallback[item] = None if logprobs is None else np.asarray(logprobs, dtype=np.float64)
 
-    def active(self, items: Sequence[int]) -> list[int]:
-        """The items that go on to the next round (SEAS: not those whose last two answers agree and were
-        both confident)."""
-        if not self.cfg.seas:
-            return list(items)
-        return [i for i in items if not self._settled(i)]
-
-    def needs_fallback(self, items: Sequence[int]) -> list[int]:
-        """The items without a single valid answer (and no fallback answer yet)."""
-        return [i for i in items if i not in self._fallback and not self._valid(i)]
-
     def result(self, item: int) -> ItemResult:
-        answers = self._answers.get(item, [])
-        prompts = sorted({(a.round, a.prompt) for a in answers})
-        rounds = len({a.round for a in answers})
+        prompts, rounds = self._asked(item)
         if item in self._fallback:
             lp = self._fallback[item]
             return self._result([] if lp is None else [_softmax(lp)], [1.0], prompts, rounds, fallback=True)
@@ -213,7 +230,7 @@ class Outcome:
 
 
 @dataclass
-class OpenBallot:
+class OpenBallot(_Rounds):
     """The answers of every round so far, for free answers (texts; ``Ballot``'s interface)."""
 
     cfg: BatchPromptConfig
@@ -227,18 +244,8 @@ class OpenBallot:
     def add_fallback(self, item: int, text: str | None) -> None:
         self._fallback[item] = text
 
-    def active(self, items: Sequence[int]) -> list[int]:
-        if not self.cfg.seas:
-            return list(items)
-        return [i for i in items if not self._settled(i)]
-
-    def needs_fallback(self, items: Sequence[int]) -> list[int]:
-        return [i for i in items if i not in self._fallback and not self._valid(i)]
-
     def result(self, item: int) -> ItemResult:
-        answers = self._answers.get(item, [])
-        prompts = sorted({(a.round, a.prompt) for a in answers})
-        rounds = len({a.round for a in answers})
+        prompts, rounds = self._asked(item)
         fallback = item in self._fallback
         texts = [self._fallback[item]] if fallback else [a.text for a in self._valid(item)]
         texts = [t for t in texts if t]
