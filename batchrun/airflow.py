@@ -199,14 +199,18 @@ class BatchrunOperator(BaseOperator):
         proc = self.proc
         if proc is None or proc.returncode is not None:  # not started, or exited and reaped (its pid is gone)
             return
+        if self._sigterm(proc) and not self._executing:
+            self._stop(proc)
+
+    def _sigterm(self, proc: subprocess.Popen[str]) -> bool:
+        """SIGTERM to batchrun, once (no lock, no log line: safe in a signal handler); False if it is gone."""
         if not self._terminating:
             self._terminating = True
             try:
                 os.kill(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
-                return
-        if not self._executing:
-            self._stop(proc)
+                return False
+        return True
 
     def _watchdog(self, proc: subprocess.Popen[str]) -> None:
         """While ``execute`` runs: once on_kill has sent SIGTERM, say so, and SIGKILL after kill_timeout s."""
@@ -218,14 +222,8 @@ class BatchrunOperator(BaseOperator):
 
     def _stop(self, proc: subprocess.Popen[str]) -> None:
         """SIGTERM unless sent already, wait up to kill_timeout s, then SIGKILL batchrun's process group."""
-        if proc.poll() is not None:
+        if proc.poll() is not None or not self._sigterm(proc):
             return
-        if not self._terminating:
-            self._terminating = True
-            try:
-                os.kill(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                return
         self.log.info("sent SIGTERM to batchrun (pid %d): it stops gracefully and keeps its committed rows; "
                       "SIGKILL if it still runs in %g s", proc.pid, self.kill_timeout)
         try:

@@ -27,6 +27,7 @@ from pydantic import (
 
 from batchrun.errors import SpecError, UsageError
 from batchrun.spec_batchprompt import BatchPromptSpec
+from batchrun.spec_errors import describe, number_hint
 from batchrun.spec_yaml import apply_override, parse_yaml, show
 
 _IDENT = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -244,7 +245,7 @@ class SamplingSpec(_Strict):
         if isinstance(v, str) and re.match(_IDENT, v):
             return v
         adapter = _NUMBERS[info.field_name]
-        if isinstance(v, str) and not _number_hint("float_type", v):  # (text that YAML misread gets its hint)
+        if isinstance(v, str) and not number_hint("float_type", v):  # (text that YAML misread gets its hint)
             number = "an integer" if adapter.core_schema["type"] == "int" else "a number"
             raise ValueError(f"must be {number} or a column name (got {show(v)})")
         v = adapter.validate_python(v)  # (its errors keep their kind: reported like any field's)
@@ -392,11 +393,18 @@ def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> 
     return validate_dict(raw, source=str(path))
 
 
+PATTERN_HINTS = {
+    _IDENT: "must be an identifier (letters, digits, _; not starting with a digit)",
+    _DEVICE: "must be auto, cpu, cuda or cuda:N",
+}
+
+
 def validate_dict(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
     try:
         return JobSpec.model_validate(raw)
     except ValidationError as e:
-        problems = [p for p in (_describe(err) for err in e.errors(include_url=False)) if _PROMPT_REQUIRED not in p]
+        problems = [p for p in (describe(err, JobSpec, PATTERN_HINTS) for err in e.errors(include_url=False))
+                    if _PROMPT_REQUIRED not in p]
         if _needs_prompt(raw) and "prompt: required" not in problems:  # (reported with the other fields)
             order = list(JobSpec.model_fields)
             at = next((i for i, p in enumerate(problems) if p.split(".")[0].split(":")[0] in order
@@ -414,94 +422,3 @@ def _needs_prompt(raw: Any) -> bool:
         return False
     fmt = raw.get("input", {}).get("format") if isinstance(raw.get("input"), dict) else None
     return fmt != "openai_batch"
-
-
-# ------------------------------------------------------------------------------------- error messages
-
-
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "(top level)"
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The model class that owns the field at ``loc`` (to list allowed keys for an unknown one)."""
-    model: Any = JobSpec
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return None
-        ann = field.annotation
-        args = getattr(ann, "__args__", ())
-        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
-        if model is None:
-            return None
-    return model
-
-
-_PATTERN_HINTS = {
-    _IDENT: "must be an identifier (letters, digits, _; not starting with a digit)",
-    _DEVICE: "must be auto, cpu, cuda or cuda:N",
-}
-
-
-_YAML11_FLOAT = re.compile(r"([-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))[eE]([-+]?)([0-9]+)")
-
-
-def _number_hint(kind: str, got: Any) -> str:
-    """YAML 1.1 (PyYAML) reads ``1e-3`` as text: a number needs a dot and a signed exponent (``1.0e-3``)."""
-    numeric = kind.split("_")[0] in ("int", "float")
-    m = _YAML11_FLOAT.fullmatch(got.strip()) if numeric and isinstance(got, str) else None
-    if not m:
-        return ""
-    mantissa = m.group(1) if "." in m.group(1) else m.group(1) + ".0"
-    return f": YAML reads it as text; write {mantissa}e{m.group(2) or '+'}{m.group(3)}"
-
-
-def _describe(err: dict[str, Any]) -> str:
-    loc, kind, ctx, got = tuple(err["loc"]), err["type"], err.get("ctx") or {}, err.get("input")
-    path = _loc(loc)
-    if kind == "extra_forbidden":
-        owner = _model_at(loc)
-        allowed = ", ".join(owner.model_fields) if owner else "?"
-        return f"{path}: unknown field (allowed here: {allowed})"
-    if kind == "missing":
-        return f"{path}: required"
-    bounds = {"less_than_equal": "<=", "less_than": "<", "greater_than_equal": ">=", "greater_than": ">"}
-    if kind in bounds:
-        limit = next(iter(ctx.values()))
-        limit = int(limit) if isinstance(limit, float) and limit.is_integer() else limit
-        return f"{path}: must be {bounds[kind]} {limit} (got {show(got)})"
-    if kind == "literal_error":
-        return f"{path}: must be one of {ctx.get('expected')} (got {show(got)})"
-    if kind == "string_pattern_mismatch":
-        hint = _PATTERN_HINTS.get(ctx.get("pattern"), f"must match {ctx.get('pattern')}")
-        return f"{path}: {hint} (got {show(got)})"
-    if kind == "invalid_key":
-        return f"{_loc(loc[:-1])}: field names must be strings (got {show(loc[-1])})"
-    if kind == "string_too_long":
-        return f"{path}: at most {ctx.get('max_length')} characters"
-    if kind == "string_too_short":
-        return f"{path}: must not be empty"
-    if kind == "too_long":
-        return f"{path}: at most {ctx.get('max_length')} items (got {ctx.get('actual_length')})"
-    if kind == "value_error":
-        return f"{path}: {ctx.get('error', err['msg'])!s}"
-    types = {
-        "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
-        "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
-        "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list",
-        "model_type": "a mapping", "dict_type": "a mapping", "model_attributes_type": "a mapping",
-    }
-    if kind == "finite_number":
-        return f"{path}: must be a finite number (got {show(got)})"
-    if kind in types:
-        return f"{path}: must be {types[kind]} (got {show(got)}{_number_hint(kind, got)})"
-    return f"{path}: {err['msg']} (got {show(got)})"
