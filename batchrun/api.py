@@ -72,12 +72,16 @@ class PlanReport:
     # mode: batchprompt: the layout, the shared instruction, the rounds, and single-item prompts' cost (the
     # figures above are then the first round's prompts)
     batchprompt: dict[str, Any] | None = None
+    # with ``workers``: the plan cut into shards along the prefix trie (``plan.shards``): their count, cost
+    # (prefill tokens + estimated outputs), balance (largest / mean) and the prefix tokens computed again
+    shards: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PlanReport:
+def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = (), *,
+         workers: int | None = None) -> PlanReport:
     """A dry run: read the input, tokenize, build the plan and simulate it under the KV budget ``submit``
     would use (no model weights, no output). On CUDA the budget is an estimate: ``submit`` measures the free
     memory after loading the weights; ``plan`` subtracts their computed size from the free memory now."""
@@ -85,6 +89,7 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
     from batchrun.engine.batch import overlaps
     from batchrun.engine.factory import kv_budget
     from batchrun.engine.simulate import simulate
+    from batchrun.plan.shards import shard_plan
     from batchrun.runtime.prepare import prepare
 
     job = validate(spec, overrides)
@@ -104,7 +109,8 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
                       plan_s=round(prepared.timings["plan_s"], 3),
                       constraint=({k: v for k, v in prepared.constraint.report().items()
                                    if k in ("kind", "rows", "grammars", "compile_s")} if prepared.constraint else None),
-                      batchprompt=prepared.batchprompt.plan_report() if prepared.batchprompt else None)
+                      batchprompt=prepared.batchprompt.plan_report() if prepared.batchprompt else None,
+                      shards=shard_plan(prepared.plan, workers).report() if workers else None)
 
 
 def status(output_dir: str | Path) -> dict[str, Any]:

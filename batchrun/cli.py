@@ -197,9 +197,11 @@ def validate(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @cli.command()
 @_JOB
 @_SET
+@click.option("--workers", type=click.IntRange(1, 4096), default=None,
+              help="Also cut the plan into shards for this many workers: their cost, balance, duplicated prefill.")
 @_JSON
 @_guard
-def plan(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
+def plan(job: str, overrides: tuple[str, ...], workers: int | None, as_json: bool) -> None:
     """Dry run: read JOB's input, tokenize, build the plan and simulate it; report what sharing saves.
 
     Shows rows, prompt tokens, unique tokens of the global prefix trie, prefill tokens after sharing,
@@ -212,7 +214,7 @@ def plan(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """
     from batchrun import api
 
-    report = api.plan(job, overrides)
+    report = api.plan(job, overrides, workers=workers)
     d = report.to_dict()
     sd = d["share_degree"]
     degree = f"; share degree min {sd['min']} / median {sd['median']:g} / max {sd['max']}" if sd else ""
@@ -234,6 +236,10 @@ def plan(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
         c = d["constraint"]
         lines.append(("constraint", f"{c['kind']} on {c['rows']:,} rows ({c['grammars']} grammar(s) compiled in "
                                     f"{c['compile_s']:.3f}s; a token mask on the CPU per generated token)"))
+    if d["shards"]:
+        sh = d["shards"]
+        lines.append(("shards", f"{sh['shards']} for {workers} worker(s), balance {sh['balance']:.2f} (largest / mean "
+                                f"cost); {sh['duplicated_prefill_tokens']:,} prefix tokens computed again"))
     if d["batchprompt"]:
         b = d["batchprompt"]
         s = b["single_item"]
