@@ -110,7 +110,8 @@ def prepare_batchprompt(spec: JobSpec, tokenizer: Any, max_context: int | None, 
         else:
             rows.append(i), items.append(users[i]), single_reqs.append(singles[k])
     prompter = Prompter(tokenizer, layout, items)
-    requests = prompter.requests(round_prompts(range(len(items)), cfg, 0))
+    first = round_prompts(range(len(items)), cfg, 0)
+    requests = prompter.requests(first)
     if max_context:
         longest = max((_length(r) for r in requests), default=0)
         if longest > max_context:
@@ -125,7 +126,7 @@ def prepare_batchprompt(spec: JobSpec, tokenizer: Any, max_context: int | None, 
     work = BatchPromptWork(prompter, rows, cfg, single)
     log.info("batchprompt: %d items, %d per prompt, up to %d rounds; first round %d prompts", len(items),
              cfg.items_per_prompt, cfg.rounds, len(requests))
-    return PreparedJob(source, columns, ids, None, requests, _rows_of(rows, cfg), row_errors, plan,
+    return PreparedJob(source, columns, ids, None, requests, _rows_of(rows, first), row_errors, plan,
                        BatchPromptRows(), timings, None, work)
 
 
@@ -141,11 +142,10 @@ def _length(r: Request) -> int:
     return len(r.prompt_ids) + r.max_tokens
 
 
-def _rows_of(rows: list[int], cfg: BatchPromptConfig) -> Any:
+def _rows_of(rows: list[int], first: list[list[int]]) -> Any:
     """The input row of each first-round prompt's first item (``PreparedJob.request_rows``)."""
     import numpy as np
 
-    first = round_prompts(range(len(rows)), cfg, 0)
     return np.array([rows[p[0]] for p in first], dtype=np.int64)
 
 
