@@ -1,54 +1,69 @@
-"""What an output directory holds, read without writing, and how files in it are opened and created.
+"""What an output directory holds, read without writing: the layout's names and ``read_state``.
 
-Layout of ``output.path``::
+Layout of ``output.path`` (a local directory, or a prefix on an object store: ``batchrun.io.store``)::
 
     _batchrun_job.json   what job owns this directory (written first; used to resume or refuse)
     part-000000.parquet  result rows, in completion order; each part is complete once it has its name, and
-                         carries the job's results hash in its Parquet key-value metadata (key ``batchrun``)
+                         carries the job's results hash in its Parquet key-value metadata (key ``batchrun``);
+                         a multi-worker job names a part of shard s ``part-000000-s0003.parquet``
     _manifest.json       counts, timings, versions and the list of parts with their rows (written last but one)
     _SUCCESS             the job finished (written last)
-    .lock                held (flock) while a job writes here
+    .lock                held (flock) while a job writes a local directory
+    _lease.json          on an object store instead: who writes there, until when (``batchrun.io.lease``)
 
-Every file is created new (``O_CREAT | O_EXCL | O_NOFOLLOW``, after unlinking a stale temporary name) under a
-temporary name ``.<name>.tmp`` and renamed, so a crash never leaves a file that looks committed, and a
-symbolic link planted in the directory is never followed (not even by ``--fresh``, which unlinks links
-themselves). The directory holds batchrun's files only: anything else, a part of another job, or a damaged
-file is found by ``read_state``.
+Locally every file is created new under a temporary name ``.<name>.tmp`` and renamed, so a crash never leaves
+a file that looks committed, and a symbolic link planted in the directory is never followed (not even by
+``--fresh``, which unlinks links themselves); on an object store each file is one object, uploaded whole.
+The directory holds batchrun's files only: anything else, a part of another job, or a damaged file is found
+by ``read_state``.
 
-This module knows the names, what a sound directory looks like, and the link-safe file primitives. It does
-not lock, decide what a job may do with what it finds (resume, refuse, rebuild: ``batchrun.io.sink``), nor
-know the result columns or what goes into a manifest.
+This module knows the names, what a sound directory looks like, and the records batchrun writes there (the
+manifest's document: ``build_manifest``). It does not lock, decide what a job may do with what it finds
+(resume, refuse, rebuild: ``batchrun.io.sink``), know how files are stored (``batchrun.io.store``), nor know
+the result columns.
 """
 
 from __future__ import annotations
 
-import contextlib
+import datetime as dt
 import json
-import os
+import platform
 import re
-import stat
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from batchrun.errors import SpecError, TemporaryFailure
+from batchrun import __version__
+from batchrun.io.store import FILE, LINK, LocalStore, ObjectStore, open_store
 
 JOB_FILE = "_batchrun_job.json"
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
 LOCK = ".lock"
-PART = re.compile(r"^part-(\d{6,})\.parquet$")
+LEASE = "_lease.json"
+PART = re.compile(r"^part-(\d{6,})(?:-s(\d{4,}))?\.parquet$")  # groups: sequence number, shard (or None)
+
+Store = LocalStore | ObjectStore
 
 
 # ---------------------------------------------------------------------------------------------- names
 
 
+def part_name(seq: int, shard: int | None = None) -> str:
+    """``part-NNNNNN.parquet``, or with a shard ``part-NNNNNN-sSSSS.parquet``."""
+    return f"part-{seq:06d}.parquet" if shard is None else f"part-{seq:06d}-s{shard:04d}.parquet"
+
+
+def lock_name(store: Store) -> str:
+    """What guards a writer: an OS lock file locally, a lease object on an object store."""
+    return LEASE if store.remote else LOCK
+
+
 def is_batchrun_file(name: str) -> bool:
     """Names batchrun writes in an output directory (the only ones it ever deletes)."""
-    return _is_own(name) or name == LOCK or is_temp_file(name)
+    return _is_own(name) or name in (LOCK, LEASE) or is_temp_file(name)
 
 
 def _is_own(name: str) -> bool:
@@ -85,72 +100,53 @@ class OutputState:
         return self.owned and bool(self.problems or self.foreign)
 
 
-def path_problem(path: str | Path) -> str | None:
-    """Why ``path`` can never be an output directory (it, or a directory above it, is a file), or None."""
-    p = Path(path)
-    if os.path.lexists(p):
-        if os.path.isdir(p):
-            return None
-        what = "a broken symbolic link" if not os.path.exists(p) else "a file, not a directory"
-        return f"output.path: {p} is {what}; choose another output.path"
-    for parent in p.parents:
-        if os.path.lexists(parent):
-            if os.path.isdir(parent):
-                return None
-            return f"output.path: {p} cannot be a directory: {parent} is a file; choose another output.path"
-    return None
+def path_problem(path: str | Path | Store) -> str | None:
+    """Why ``path`` can never be an output directory (locally: it, or a directory above it, is a file; on an
+    object store: no prefix, no such bucket, an object named like the prefix), or None."""
+    return (path if isinstance(path, LocalStore | ObjectStore) else open_store(path)).problem()
 
 
-def read_state(path: str | Path) -> OutputState:
-    """Read what ``path`` holds, never writing, never following a symbolic link inside it: ownership, the job
-    file and manifest, every part's rows and batchrun metadata, files batchrun did not write, and damage."""
-    p = Path(path)
-    try:
-        if not stat.S_ISDIR(os.stat(p).st_mode):
-            return OutputState(str(p), True, False, False, None, None, is_dir=False)
-        names = sorted(os.listdir(p))
-    except (FileNotFoundError, NotADirectoryError):
-        return OutputState(str(p), False, False, False, None, None, is_dir=False)
-    except OSError as e:
-        raise SpecError(f"output.path: cannot read {p}: {e.strerror or e}; fix its permissions or choose "
-                        "another output.path") from None
+def read_state(path: str | Path | Store) -> OutputState:
+    """Read what ``path`` (a local directory, an object store URL, or a store) holds, never writing, never
+    following a symbolic link inside it: ownership, the job file and manifest, every part's rows and batchrun
+    metadata, files batchrun did not write, and damage."""
+    store = path if isinstance(path, LocalStore | ObjectStore) else open_store(path)
+    where = str(store.where)
+    kind = store.kind()
+    if kind != "dir":
+        return OutputState(where, kind == "file", False, False, None, None, is_dir=False)
+    lock = lock_name(store)
 
     own: list[str] = []  # regular files with batchrun's names
     links: list[str] = []  # symbolic links with batchrun's names (the lock's included)
     foreign: list[str] = []
-    for name in names:
-        try:
-            mode = os.lstat(p / name).st_mode
-        except FileNotFoundError:
-            continue
-        ours = _is_own(name) or name == LOCK
-        if stat.S_ISLNK(mode) and ours:
+    for name, what in store.entries():
+        ours = _is_own(name) or name == lock
+        if what == LINK and ours:
             links.append(name)
-        elif is_temp_file(name) and (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+        elif is_temp_file(name) and what in (FILE, LINK):
             continue  # a stale temporary file or link: unlinked before the next write, never read
         elif not ours:
             foreign.append(name)
-        elif not stat.S_ISREG(mode):
+        elif what != FILE:
             foreign.append(f"{name} (not a regular file)")
-        elif name != LOCK:
+        elif name != lock:
             own.append(name)
 
     if JOB_FILE not in own:  # not batchrun's: every entry but the lock and temporary names is foreign
-        foreign += [f"{n} (a symbolic link)" if n in links else n for n in own + links if n != LOCK]
-        problems = [f"{LOCK}: a symbolic link"] if LOCK in links else []
-        return OutputState(str(p), True, False, False, None, None, foreign=sorted(foreign), problems=problems)
+        foreign += [f"{n} (a symbolic link)" if n in links else n for n in own + links if n != lock]
+        problems = [f"{lock}: a symbolic link"] if lock in links else []
+        return OutputState(where, True, False, False, None, None, foreign=sorted(foreign), problems=problems)
 
     problems = [f"{n}: a symbolic link (batchrun never follows links in its output directory)" for n in links]
-    job = _read_json(p / JOB_FILE, problems, required=("results_hash", "id_column"))
-    manifest = _read_json(p / MANIFEST, problems) if MANIFEST in own else None
+    job = _read_json(store, JOB_FILE, problems, required=("results_hash", "id_column"))
+    manifest = _read_json(store, MANIFEST, problems) if MANIFEST in own else None
     expected = job["results_hash"] if job else None
     parts = sorted(n for n in own if PART.match(n))
     info: dict[str, dict[str, int]] = {}
     for name in parts:
         try:
-            with open_read(p / name) as f:
-                md = pq.ParquetFile(f).metadata
-                size = os.fstat(f.fileno()).st_size
+            md, size = store.parquet_meta(name)
             raw = (md.metadata or {}).get(b"batchrun")
         except (OSError, ValueError, pa.ArrowException) as e:
             problems.append(f"{name}: damaged, not a readable Parquet file ({short_error(e)})")
@@ -194,19 +190,18 @@ def read_state(path: str | Path) -> OutputState:
                 problems.append(f"the parts hold {sum(i['rows'] for i in info.values())} rows; {MANIFEST} says "
                                 f"{(manifest.get('rows') or {}).get('total')}")
     complete = has_success and manifest is not None and job is not None and not problems and not foreign
-    return OutputState(str(p), True, True, complete, job, manifest, parts, sum(i["rows"] for i in info.values()),
+    return OutputState(where, True, True, complete, job, manifest, parts, sum(i["rows"] for i in info.values()),
                        part_info=info, foreign=sorted(foreign), problems=problems)
 
 
-def _read_json(path: Path, problems: list[str], required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+def _read_json(store: Store, name: str, problems: list[str], required: tuple[str, ...] = ()) -> dict[str, Any] | None:
     try:
-        with open_read(path) as f:
-            obj = json.loads(f.read().decode("utf-8"))
+        obj = json.loads(store.read(name).decode("utf-8"))
     except (OSError, ValueError) as e:
-        problems.append(f"{path.name}: damaged, not readable JSON ({short_error(e)})")
+        problems.append(f"{name}: damaged, not readable JSON ({short_error(e)})")
         return None
     if not isinstance(obj, dict) or any(not isinstance(obj.get(k), str) for k in required):
-        problems.append(f"{path.name}: damaged, not batchrun's record")
+        problems.append(f"{name}: damaged, not batchrun's record")
         return None
     return obj
 
@@ -229,48 +224,51 @@ def short_error(e: BaseException) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-# ---------------------------------------------------------------------------------------------- files
+# ---------------------------------------------------------------------------------------------- records
 
 
-def open_read(path: Path) -> IO[bytes]:
-    """Open a file for reading, never through a symbolic link (ELOOP)."""
-    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+def build_manifest(job: dict[str, Any], totals: dict[str, int], *, this_run: int, from_earlier_runs: int,
+                   model: dict[str, Any], engine: str, source: Any, timings: dict[str, float],
+                   kv: dict[str, int | None], complete: bool = True, **extra: Any) -> dict[str, Any]:
+    """The ``_manifest.json`` document (the sink adds ``parts`` when it writes it: each part's name, rows and
+    bytes). ``job``: the job file's record (``_batchrun_job.json``); ``totals``: ``Sink.totals()``; ``source``:
+    the ``batchrun.io.source.Source`` read; ``extra``: more top-level keys (``stopped_by``)."""
+    return {
+        "job": job["job"],
+        "complete": complete,
+        "spec_hash": job["spec_hash"],
+        "results_hash": job["results_hash"],
+        "spec": job["spec"],
+        "model": model,
+        "engine": engine,
+        "kv": kv,
+        "input": {"files": [asdict(f) for f in source.files], "id_column": source.id_column,
+                  "generated_id": source.generated_id},
+        "rows": {"total": totals["rows"], "ok": totals["rows"] - totals["error"], "error": totals["error"],
+                 "this_run": this_run, "from_earlier_runs": from_earlier_runs},
+        "tokens": {"prompt": totals["prompt_tokens"], "output": totals["output_tokens"]},
+        "timings": timings,
+        "versions": versions(),
+        "finished_at": utc_now(),
+        **extra,
+    }
 
 
-def create_new(path: Path) -> IO[bytes]:
-    """A new file at ``path`` (a temporary name): a stale file or link there is unlinked first (a link is
-    removed, never followed), then the file is created exclusively, never through a link."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    return os.fdopen(fd, "wb")
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"batchrun": __version__, "python": platform.python_version()}
+    for name in ("torch", "transformers", "duckdb", "pyarrow", "tokenizers"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
 
 
-def fsync_dir(path: Path) -> None:
-    """Make renames in ``path`` durable (best effort: some filesystems cannot sync a directory)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` whole or not at all: a new temporary file, synced, then renamed over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with create_new(tmp) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # replaces a link at ``path`` itself, never its target
-        fsync_dir(path.parent)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise TemporaryFailure(f"cannot write {path}: {e}; fix the cause (free space, permissions) and rerun") from None
+def dumps(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()

@@ -1,49 +1,48 @@
 """The output dataset: Parquet part files written as results arrive, then a manifest and a success marker.
 
-A ``Sink`` owns one output directory for the length of a job: it locks it, decides from what the directory
-holds whether the job starts, resumes, is already done or is refused, and writes the parts, the manifest and
-``_SUCCESS``. The layout, the reading of a directory (``read_state``: ownership, foreign files, damage) and
-the link-safe file primitives live in ``batchrun.io.outdir``; this module knows the result columns and the
-manifest, not how damage is detected. Readers:
-``duckdb "SELECT * FROM 'out/job/*.parquet'"`` or ``polars.read_parquet('out/job/')``.
+A ``Sink`` owns one output directory (a local directory, or an ``s3://``/``gs://`` prefix) for the length of
+a job: it locks it (an OS lock locally, a lease on an object store: ``batchrun.io.lease``), decides from what
+the directory holds whether the job starts, resumes, is already done or is refused, and writes the parts,
+the manifest and ``_SUCCESS``, in that order. The layout and the reading of a directory (``read_state``:
+ownership, foreign files, damage) live in ``batchrun.io.outdir``, the storage itself (link-safe local files,
+whole objects) in ``batchrun.io.store``; this module knows the result columns and the manifest, not how damage
+is detected. Readers: ``duckdb "SELECT * FROM 'out/job/*.parquet'"`` or ``polars.read_parquet('out/job/')``.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import datetime as dt
 import errno
-import fcntl
 import json
 import os
-import platform
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from batchrun import __version__
 from batchrun.errors import SpecError, TemporaryFailure
-from batchrun.io.outdir import (
+from batchrun.io.lease import Lease
+from batchrun.io.outdir import (  # (build_manifest, utc_now: the records, re-exported for the job's use)
     JOB_FILE,
+    LEASE,
     LOCK,
     MANIFEST,
     PART,
     SUCCESS,
     OutputState,
-    create_new,
-    fsync_dir,
+    build_manifest,
+    dumps,
     is_temp_file,
-    open_read,
-    path_problem,
+    part_name,
     read_state,
     short_error,
-    write_atomic,
+    utc_now,
+    versions,
 )
+from batchrun.io.store import open_store
+
+__all__ = ["RESULT_FIELDS", "Sink", "build_manifest", "output_schema", "utc_now", "versions"]
 
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -102,19 +101,23 @@ class Sink:
 
     The order of a job: ``open`` (lock; read and check the directory: refuses files batchrun did not write
     and damage, writes nothing), ``check_job`` (this job's results or another's; the ids already committed),
-    then ``begin`` (the first write), ``add``/``flush``, and ``write_manifest`` or ``commit``."""
+    then ``begin`` (the first write), ``add``/``flush``, and ``write_manifest`` or ``commit``.
+    ``path``: a local directory, or ``s3://bucket/prefix`` / ``gs://bucket/prefix``."""
 
     def __init__(self, path: str | Path, part_rows: int):
-        self.path = Path(path)
+        self.store = open_store(path)
+        self.path = self.store.where  # (a Path locally, the URL on an object store)
         self.schema: pa.Schema | None = None
         self.part_rows = part_rows
         self.state: OutputState | None = None
-        self.exclusive = False  # False: a shared lock (a finished job is only read: works on a read-only disk)
-        self._buffer: list[tuple[int, dict[str, Any]]] = []  # (input row, result values)
+        self.exclusive = False  # False: only read (a finished job: works on a read-only disk), nothing locked
+        self._buffers: dict[int | None, list[tuple[int, dict[str, Any]]]] = {}  # per shard: (input row, values)
+        self._flushed: dict[int | None, float] = {}  # per shard: when its buffer was last written
         self._input: pa.Table | None = None  # the id and passthrough columns, never converted to Python
         self._next_part = 0
         self._parts: dict[str, dict[str, int]] = {}  # committed parts: {"rows", "bytes"}
         self._lock_fd: int | None = None
+        self._lease: Lease | None = None
         self.rows_written = 0
         self.last_flush = time.monotonic()
 
@@ -124,31 +127,46 @@ class Sink:
         """Lock the directory and read it. A directory that looks finished or damaged (and no ``fresh``) is
         only read: shared lock, nothing created. Raises SpecError (78) for a path that cannot be a directory, files
         batchrun did not write, links or damage (``fresh`` rebuilds damage); TemporaryFailure (75) if locked."""
-        problem = path_problem(self.path)
+        problem = self.store.problem()
         if problem:
             raise SpecError(problem)
         damaged = False
-        if os.path.isdir(self.path):  # someone else's files: refused before even a lock file is created
-            self.state = read_state(self.path)
+        if self.store.kind() == "dir":  # someone else's files: refused before even a lock file is created
+            self.state = read_state(self.store)
             self._check_foreign()
             damaged = self.state.damaged
         # Only read (shared lock, nothing created) what looks finished or damaged, unless rebuilding it.
-        self._lock(exclusive=fresh or not (damaged or os.path.lexists(self.path / SUCCESS)), fresh=fresh)
-        self.state = read_state(self.path)
+        exclusive = fresh or not (damaged or (self.state is not None and self.store.exists(SUCCESS)))
+        if self.store.remote:
+            self._take_lease(exclusive)
+        else:
+            self._lock(exclusive=exclusive, fresh=fresh)
+        self.state = read_state(self.store)
         self._check_foreign()
         if self.state.problems and self.state.owned and not fresh:
             raise self._damaged(self.state.problems)
         return self.state
 
+    def _take_lease(self, exclusive: bool) -> None:
+        lease = Lease(self.store, LEASE)
+        if not exclusive:
+            lease.refuse_if_held()  # a writer there now: the finished job may be being rebuilt
+            return
+        lease.acquire()
+        self._lease = lease
+        self.exclusive = True
+
     def _lock(self, exclusive: bool, fresh: bool) -> None:
-        flags = os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_RDWR | os.O_CREAT if exclusive else os.O_RDONLY)
         if exclusive:
             try:
-                self.path.mkdir(parents=True, exist_ok=True)
+                self.store.make()
             except OSError as e:
                 raise _not_writable(self.path, e) from None
         try:
-            fd = os.open(self.path / LOCK, flags, 0o666)
+            fd = self.store.flock(LOCK, exclusive)
+        except BlockingIOError:
+            raise TemporaryFailure(f"output {self.path} is locked by another batchrun process; "
+                                   "retry when it has finished") from None
         except OSError as e:
             if e.errno != errno.ELOOP and not os.path.islink(self.path / LOCK):
                 if not exclusive:
@@ -156,19 +174,13 @@ class Sink:
                 if e.errno == errno.EISDIR:
                     raise SpecError(f"output.path: {self.path / LOCK} is not a regular file; remove it") from None
                 raise _not_writable(self.path, e) from None
-            st = read_state(self.path)
+            st = read_state(self.store)
             if not (fresh and exclusive and st.owned and not st.foreign):
                 raise SpecError(f"output.path: {self.path / LOCK} is a symbolic link; batchrun never follows links "
                                 "in its output directory: remove it" + (
                                     ", or rerun with --fresh to rebuild the directory" if st.owned else "")) from None
-            os.unlink(self.path / LOCK)  # the link itself
+            self.store.delete(LOCK)  # the link itself
             return self._lock(exclusive, fresh)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise TemporaryFailure(f"output {self.path} is locked by another batchrun process; "
-                                   "retry when it has finished") from None
         self._lock_fd = fd
         self.exclusive = exclusive
 
@@ -176,6 +188,14 @@ class Sink:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+    def _guard(self, fresh_read: bool = False) -> None:
+        """On an object store, before a write: this run still holds the lease (``fresh_read``: read it again)."""
+        if self._lease is not None:
+            self._lease.check() if fresh_read else self._lease.ensure()
 
     def _check_foreign(self) -> None:
         st = self.state
@@ -209,8 +229,7 @@ class Sink:
         columns = [id_col, SAMPLE.name] if n > 1 else [id_col]
         for name in st.parts:
             try:
-                with open_read(self.path / name) as f:
-                    t = pq.read_table(f, columns=columns)
+                t = self.store.read_table(name, columns)
             except (OSError, ValueError, KeyError, pa.ArrowException) as e:
                 raise self._damaged([f"{name}: cannot read its {' and '.join(columns)} column(s) "
                                      f"({short_error(e)})"]) from None
@@ -241,28 +260,29 @@ class Sink:
         success marker that no longer holds."""
         if not self.exclusive:
             raise TemporaryFailure(f"output {self.path} is not locked for writing; rerun the same command")
+        self._guard()
         try:
-            for name in os.listdir(self.path):
+            for name, _ in self.store.entries():
                 if is_temp_file(name):
-                    os.unlink(self.path / name)
+                    self.store.delete(name)
             if fresh:
                 self._clear()
             if fresh or not self.state.owned:
-                write_atomic(self.path / JOB_FILE, dumps(job))
-            elif os.path.lexists(self.path / SUCCESS):
-                os.unlink(self.path / SUCCESS)
+                self.store.write(JOB_FILE, dumps(job))
+            elif self.store.exists(SUCCESS):
+                self.store.delete(SUCCESS)
         except OSError as e:
             raise _not_writable(self.path, e) from None
 
     def _clear(self) -> None:
         """Delete batchrun's files but the job file (replaced next) and the lock: the success marker first, so
         a crash half-way leaves an unfinished directory of the old job, never one that looks finished."""
-        names = os.listdir(self.path)
+        names = [name for name, _ in self.store.entries()]
         for group in ([SUCCESS], [MANIFEST], sorted(n for n in names if PART.match(n))):
             for name in group:
-                if os.path.lexists(self.path / name):
-                    os.unlink(self.path / name)  # a link is removed itself, never its target
-        fsync_dir(self.path)
+                if name in names:
+                    self.store.delete(name)  # a link is removed itself, never its target
+        self.store.sync()
         self._parts = {}
         self._next_part = 0
 
@@ -275,35 +295,48 @@ class Sink:
         self.schema = schema.with_metadata({b"batchrun": json.dumps(metadata, sort_keys=True).encode()})
         self._input = input_columns
 
-    def add(self, row: int, values: dict[str, Any], flush_after_s: float = 30.0) -> None:
+    def add(self, row: int, values: dict[str, Any], flush_after_s: float = 30.0, shard: int | None = None) -> None:
         """Buffer one finished output row: input row ``row``'s columns and the result ``values``; write a part
         when ``part_rows`` are buffered or every ``flush_after_s``.
 
         The output rows of one input row (its samples: ``values`` has a ``sample``) are added one after
         another, and a part never splits them: they are written once the next input row's first one comes
-        (or at ``flush``), so resume, which works on input rows, finds each input row whole or absent."""
+        (or at ``flush``), so resume, which works on input rows, finds each input row whole or absent.
+        ``shard`` (a multi-worker job: the row's shard): rows of different shards never share a part; each
+        shard has its own buffer and its parts are named ``part-NNNNNN-sSSSS.parquet``."""
+        if shard is not None and (not isinstance(shard, int) or shard < 0):
+            raise ValueError(f"shard must be a non-negative integer (got {shard!r})")
+        buffer = self._buffers.setdefault(shard, [])
+        self._flushed.setdefault(shard, time.monotonic())
         samples = SAMPLE.name in values
-        if samples and self._buffer and row != self._buffer[-1][0] and self._due(flush_after_s):
-            self.flush()
-        self._buffer.append((row, values))
-        if not samples and self._due(flush_after_s):
-            self.flush()
+        if samples and buffer and row != buffer[-1][0] and self._due(shard, flush_after_s):
+            self._flush(shard)
+        self._buffers[shard].append((row, values))
+        if not samples and self._due(shard, flush_after_s):
+            self._flush(shard)
 
-    def _due(self, flush_after_s: float) -> bool:
-        return len(self._buffer) >= self.part_rows or time.monotonic() - self.last_flush >= flush_after_s
+    def _due(self, shard: int | None, flush_after_s: float) -> bool:
+        return (len(self._buffers[shard]) >= self.part_rows
+                or time.monotonic() - self._flushed[shard] >= flush_after_s)
 
     def flush(self) -> None:
-        """Write every buffered row, in parts of ``part_rows`` rows, or more where an input row's output rows
-        (its samples) would otherwise be split."""
-        while self._buffer:
-            end = min(self.part_rows, len(self._buffer))
-            while end < len(self._buffer) and self._buffer[end][0] == self._buffer[end - 1][0]:
-                end += 1
-            rows = self._buffer[:end]
-            self._write_part(self._table(rows))
-            self._buffer = self._buffer[end:]
-            self.rows_written += len(rows)
+        """Write every buffered row (every shard's), in parts of ``part_rows`` rows, or more where an input
+        row's output rows (its samples) would otherwise be split."""
+        for shard in list(self._buffers):
+            self._flush(shard)
         self.last_flush = time.monotonic()
+
+    def _flush(self, shard: int | None) -> None:
+        buffer = self._buffers[shard]
+        while buffer:
+            end = min(self.part_rows, len(buffer))
+            while end < len(buffer) and buffer[end][0] == buffer[end - 1][0]:
+                end += 1
+            rows = buffer[:end]
+            self._write_part(self._table(rows), shard)
+            buffer = self._buffers[shard] = buffer[end:]
+            self.rows_written += len(rows)
+        self._flushed[shard] = self.last_flush = time.monotonic()
 
     def _table(self, rows: list[tuple[int, dict[str, Any]]]) -> pa.Table:
         taken = self._input.take(pa.array([r for r, _ in rows], type=pa.int64()))
@@ -311,25 +344,18 @@ class Sink:
         results = pa.Table.from_pylist([v for _, v in rows], schema=pa.schema(list(self.schema)[n:]))
         return pa.Table.from_arrays(taken.columns + results.columns, schema=self.schema)
 
-    def _write_part(self, table: pa.Table) -> None:
-        """Write one part under a temporary name, then rename it: a part exists only once it is complete.
-        A write error (disk full, permissions) leaves no part behind and keeps the rows buffered."""
-        target = self.path / f"part-{self._next_part:06d}.parquet"
-        tmp = target.with_name(f".{target.name}.tmp")
+    def _write_part(self, table: pa.Table, shard: int | None = None) -> None:
+        """Write one part whole (locally under a temporary name, then renamed; on an object store one upload):
+        a part exists only once it is complete. A write error (disk full, permissions, the store unreachable)
+        leaves no part behind and keeps the rows buffered."""
+        self._guard()
+        name = part_name(self._next_part, shard)
         try:
-            with create_new(tmp) as f:
-                pq.write_table(table, f, compression="zstd")
-                f.flush()
-                os.fsync(f.fileno())
-                size = os.fstat(f.fileno()).st_size
-            os.replace(tmp, target)
-            fsync_dir(self.path)
+            size = self.store.write_parquet(name, table)
         except OSError as e:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise TemporaryFailure(f"cannot write results to {self.path}: {e}; the rows written before are kept: "
                                    "fix the cause (free space, permissions) and rerun to resume") from None
-        self._parts[target.name] = {"rows": table.num_rows, "bytes": size}
+        self._parts[name] = {"rows": table.num_rows, "bytes": size}
         self._next_part += 1
 
     def parts(self) -> list[dict[str, Any]]:
@@ -340,8 +366,7 @@ class Sink:
         """Counts over every committed part (this run's and earlier runs')."""
         out = {"rows": 0, "error": 0, "prompt_tokens": 0, "output_tokens": 0}
         for name in sorted(self._parts):
-            with open_read(self.path / name) as f:
-                t = pq.read_table(f, columns=["error", "prompt_tokens", "output_tokens"])
+            t = self.store.read_table(name, ["error", "prompt_tokens", "output_tokens"])
             out["rows"] += t.num_rows
             out["error"] += t.num_rows - t.column("error").null_count  # (an error, also beside an output)
             out["prompt_tokens"] += sum(v or 0 for v in t.column("prompt_tokens").to_pylist())
@@ -350,60 +375,17 @@ class Sink:
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         """Write the manifest of a job that did not finish (``complete`` false): no success marker."""
-        write_atomic(self.path / MANIFEST, dumps({**manifest, "parts": self.parts()}))
+        self._guard(fresh_read=True)
+        self.store.write(MANIFEST, dumps({**manifest, "parts": self.parts()}))
 
     def commit(self, manifest: dict[str, Any]) -> None:
         """Flush what is left, then write the manifest (with the list of parts) and the success marker, in that
-        order. A job with no rows at all still gets one (empty) part, so readers find the schema."""
+        order. A job with no rows at all still gets one (empty) part, so readers find the schema. On an object
+        store the lease is read again before each of the two: a run that lost it writes neither."""
         self.flush()
         if not self._parts:
             self._write_part(self.schema.empty_table())
-        write_atomic(self.path / MANIFEST, dumps({**manifest, "parts": self.parts()}))
-        write_atomic(self.path / SUCCESS, b"")
-
-
-def build_manifest(job: dict[str, Any], totals: dict[str, int], *, this_run: int, from_earlier_runs: int,
-                   model: dict[str, Any], engine: str, source: Any, timings: dict[str, float],
-                   kv: dict[str, int | None], complete: bool = True, **extra: Any) -> dict[str, Any]:
-    """The ``_manifest.json`` document (the sink adds ``parts`` when it writes it: each part's name, rows and
-    bytes). ``job``: the job file's record (``_batchrun_job.json``); ``totals``: ``Sink.totals()``; ``source``:
-    the ``batchrun.io.source.Source`` read; ``extra``: more top-level keys (``stopped_by``)."""
-    return {
-        "job": job["job"],
-        "complete": complete,
-        "spec_hash": job["spec_hash"],
-        "results_hash": job["results_hash"],
-        "spec": job["spec"],
-        "model": model,
-        "engine": engine,
-        "kv": kv,
-        "input": {"files": [asdict(f) for f in source.files], "id_column": source.id_column,
-                  "generated_id": source.generated_id},
-        "rows": {"total": totals["rows"], "ok": totals["rows"] - totals["error"], "error": totals["error"],
-                 "this_run": this_run, "from_earlier_runs": from_earlier_runs},
-        "tokens": {"prompt": totals["prompt_tokens"], "output": totals["output_tokens"]},
-        "timings": timings,
-        "versions": versions(),
-        "finished_at": utc_now(),
-        **extra,
-    }
-
-
-def versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"batchrun": __version__, "python": platform.python_version()}
-    for name in ("torch", "transformers", "duckdb", "pyarrow", "tokenizers"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
-def utc_now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def dumps(obj: Any) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+        self._guard(fresh_read=True)
+        self.store.write(MANIFEST, dumps({**manifest, "parts": self.parts()}))
+        self._guard(fresh_read=True)
+        self.store.write(SUCCESS, b"")
