@@ -38,6 +38,8 @@ _DEVICE = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 # any other scheme is refused rather than handed to DuckDB (which could treat it as something local).
 REMOTE_SCHEMES = ("http", "https", "s3", "s3a", "s3n", "gs", "gcs", "r2", "hf", "az", "azure", "abfss")
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+# output.path URLs: an object store prefix, written through pyarrow's filesystems (batchrun.io.store).
+OUTPUT_SCHEMES = ("s3", "gs", "gcs")
 
 # Sampling at a temperature below this divides fp32 logits into overflow (inf - inf = nan) for no gain: it is
 # greedy decoding in all but name. 0 means greedy.
@@ -272,13 +274,29 @@ class SamplingSpec(_Strict):
 
 
 class OutputSpec(_Strict):
-    """Where results go: a Parquet dataset directory."""
+    """Where results go: a Parquet dataset directory, local or on an object store (``s3://bucket/prefix``,
+    ``gs://bucket/prefix``)."""
 
     path: str = Field(min_length=1)
     columns: list[str] | None = None  # input columns copied to the output; None copies all of them
     part_rows: int = Field(default=1000, ge=1, le=10_000_000, strict=True)
     # above it the job fails (exit 1)
     max_error_rate: float | None = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+
+    @field_validator("path")
+    @classmethod
+    def _output_url(cls, v: str) -> str:
+        scheme = url_scheme(v)
+        if scheme is None:
+            return v
+        if scheme not in OUTPUT_SCHEMES:
+            raise ValueError(f"unsupported URL scheme {scheme!r} (got {show(v)}); use a local directory, "
+                             "s3://bucket/prefix or gs://bucket/prefix")
+        bucket, _, prefix = v[len(scheme) + 3:].rstrip("/").partition("/")
+        if not bucket or not prefix.strip("/"):
+            raise ValueError(f"an object store output needs a bucket and a prefix in it, {scheme}://bucket/prefix "
+                             f"(got {show(v)})")
+        return v
 
 
 class EngineSpec(_Strict):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import stat
 from pathlib import Path
 from typing import IO, Any
@@ -27,20 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchrun.errors import SpecError, TemporaryFailure
-
-OBJECT_SCHEMES = ("s3", "gs", "gcs")  # what pyarrow.fs opens for an output prefix
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+from batchrun.spec import OUTPUT_SCHEMES, url_scheme
 
 FILE, LINK, OTHER = "file", "link", "other"  # kinds of an entry (OTHER: a directory, a device, a sub-prefix)
 
 
-def url_scheme(path: str | Path) -> str | None:
-    m = _URL.match(str(path))
-    return m.group(1).lower() if m else None
-
-
 def is_object_url(path: str | Path) -> bool:
-    return url_scheme(path) in OBJECT_SCHEMES
+    return url_scheme(str(path)) in OUTPUT_SCHEMES
 
 
 def open_store(path: str | Path) -> LocalStore | ObjectStore:
