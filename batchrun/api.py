@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from batchrun.io.outdir import path_problem, read_state
+from batchrun.io.outdir import OutputState, path_problem, read_state
 from batchrun.io.prompts import check_templates, compile_template
+from batchrun.io.store import open_store
 from batchrun.runtime.job import JobResult, run_job
 from batchrun.runtime.progress import Progress
 from batchrun.spec import JobSpec, load_spec
@@ -114,13 +115,17 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
 
 
 def status(output_dir: str | Path) -> dict[str, Any]:
-    """What an output directory holds: complete, incomplete (resumable), damaged (``problems`` says what is
-    wrong, ``fix`` what to do), empty, not_batchrun (files batchrun did not write), not_a_directory, or
-    missing. Reads only: never writes, never follows a symbolic link inside the directory."""
-    problem = path_problem(output_dir)
-    state = read_state(output_dir)
+    """What an output directory (local, or an ``s3://``/``gs://`` prefix) holds: complete, incomplete
+    (resumable), damaged (``problems`` says what is wrong, ``fix`` what to do), empty, not_batchrun (files
+    batchrun did not write), not_a_directory, or missing (an object store's missing bucket included). Reads
+    only: never writes, never follows a symbolic link inside the directory."""
+    store = open_store(output_dir)
+    problem = path_problem(store)
+    # (a URL without a prefix would list a whole bucket: it is reported, not read)
+    state = OutputState(str(output_dir), False, False, False, None, None, is_dir=False) if (
+        problem and store.remote and not store.prefix) else read_state(store)
     if problem:
-        kind = "not_a_directory"
+        kind = "not_a_directory" if state.exists or not store.remote else "missing"
     elif not state.exists:
         kind = "missing"
     elif not state.owned:
