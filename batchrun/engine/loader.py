@@ -202,6 +202,14 @@ def pick_device(requested: str) -> str:
     return requested
 
 
+def visible_devices() -> list[str]:
+    """Every CUDA device this process sees (``cuda:0``, ``cuda:1``, ...), or ``["cpu"]`` without one."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+
+
 def pick_dtype(requested: str, device: str) -> str:
     import torch
 

@@ -16,11 +16,10 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from batchrun import __version__
-from batchrun.engine.requests import Completion
 from batchrun.errors import RuntimeFailure, TemporaryFailure
 from batchrun.io import sink as sinks
 from batchrun.io.outdir import OutputState
@@ -29,6 +28,7 @@ from batchrun.io.source import file_stat, resolve_files
 from batchrun.runtime.assemble import RowResult
 from batchrun.runtime.prepare import PreparedJob, prepare
 from batchrun.runtime.progress import Progress
+from batchrun.runtime.shard_worker import choice_scorer
 from batchrun.runtime.stop import StopFlag, StopRequested, handle_signals
 from batchrun.spec import JobSpec
 
@@ -53,6 +53,7 @@ class JobResult:
     timings: dict[str, float] = field(default_factory=dict)
     constraint: dict[str, Any] | None = None  # sampling.constraint: kind, rows, grammars, compile and mask time
     batchprompt: dict[str, Any] | None = None  # mode: batchprompt: prompts and tokens, and single-item's cost
+    workers: dict[str, Any] | None = None  # several workers: the shards, their balance, what each worker did
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +71,8 @@ class Execution:
     kv_budget_tokens: int | None = None
     kv_peak_tokens: int | None = None
     generate_s: float = 0.0
+    workers: dict[str, Any] | None = None  # with several workers: the shards and what each worker did
+    workers_load_s: float = 0.0  # with several workers: the slowest worker's load time
 
 
 def fingerprint(spec: JobSpec, files: list[str]) -> str:
@@ -151,7 +154,10 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
     sink.begin(job_info, fresh)
     timings = {**prepared.timings, "load_s": load_s}
     loaded = None
-    if prepared.requests and not stop.requested:
+    from batchrun.runtime.distribute import several_workers
+
+    distributed = bool(prepared.requests) and several_workers(spec.engine)  # (the workers load the weights)
+    if prepared.requests and not stop.requested and not distributed:
         t = time.monotonic()
         try:
             with stop.at_once():
@@ -162,8 +168,14 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
         if loaded is not None:
             log.info("loaded %s on %s (%s)", spec.model.label, loaded.device, loaded.dtype)
     model = _model_record(spec, resolved, loaded, state, job_info["results_hash"])
-    run = Execution(stopped_by=stop.signal) if stop.requested else execute(
-        spec, prepared, loaded, sink, progress, already_done=_committed(prepared, done), stop=stop)
+    if stop.requested:
+        run = Execution(stopped_by=stop.signal)
+    elif distributed:
+        run = execute_on_workers(spec, prepared, sink, progress, _committed(prepared, done), stop, done)
+        timings["load_s"] += run.workers_load_s
+        model["device"] = run.workers["devices"]
+    else:
+        run = execute(spec, prepared, loaded, sink, progress, already_done=_committed(prepared, done), stop=stop)
     timings["generate_s"] = run.generate_s
     timings["total_s"] = time.monotonic() - t_start
     return finalize(spec, job_info, prepared, model, sink, run, _committed(prepared, done), timings)
@@ -200,17 +212,7 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
 
     assembler = prepared.assembler
     run = Execution()
-
-    def emit(results: list[RowResult]) -> None:
-        for r in results:
-            v = r.values
-            if v["error"]:
-                run.rows_error += 1
-            else:
-                run.rows_ok += 1
-            run.prompt_tokens += v["prompt_tokens"] or 0
-            run.output_tokens += v["output_tokens"] or 0
-            sink.add(r.row, v)  # (the input's columns stay Arrow data: no type is converted)
+    emit = row_emitter(run, sink)
 
     if prepared.batchprompt is not None:  # several rows per prompt, in rounds: its own loop
         from batchrun.runtime.batchprompt_job import execute_batchprompt
@@ -224,7 +226,7 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
         emit(assembler.failed(row, message))
 
     engine = make_engine(spec, loaded, prepared.requests) if prepared.requests else None
-    score = _choice_scorer(spec, loaded, prepared)
+    score = choice_scorer(spec, loaded, prepared)
     # (counts here are output rows: sampling.n per input row, or each OpenAI batch line's own n)
     progress.start(prepared.outputs(), already_done=already_done + prepared.outputs([r for r, _ in prepared.errors]))
     t = time.monotonic()
@@ -252,23 +254,51 @@ def execute(spec: JobSpec, prepared: PreparedJob, loaded: Any, sink: sinks.Sink,
     return run
 
 
-def _choice_scorer(spec: JobSpec, loaded: Any, prepared: PreparedJob) -> Callable[[Completion], Completion] | None:
-    """With a ``choices`` constraint: a function that puts every choice's probability on a completion."""
-    c = spec.sampling.constraint
-    if c is None or c.kind != "choices" or loaded is None:
-        return None
-    from batchrun.engine.scoring import choice_probs
+def row_emitter(run: Execution, sink: sinks.Sink) -> Callable[[list[RowResult], int | None], None]:
+    """A function that counts finished output rows into ``run`` and hands them to ``sink`` (with several
+    workers, each row's shard: parts are per shard)."""
 
-    requests = {r.key: r for r in prepared.requests}
-    end = [] if spec.sampling.ignore_eos else list(loaded.eos_ids[:1])
+    def emit(results: list[RowResult], shard: int | None = None) -> None:
+        for r in results:
+            v = r.values
+            if v["error"]:
+                run.rows_error += 1
+            else:
+                run.rows_ok += 1
+            run.prompt_tokens += v["prompt_tokens"] or 0
+            run.output_tokens += v["output_tokens"] or 0
+            sink.add(r.row, v, shard=shard)  # (the input's columns stay Arrow data: no type is converted)
 
-    def score(done: Completion) -> Completion:
-        if done.error:
-            return done
-        req = requests[done.key]
-        return replace(done, choice_probs=choice_probs(loaded, req.prompt_ids, list(c.choices), end))
+    return emit
 
-    return score
+
+def execute_on_workers(spec: JobSpec, prepared: PreparedJob, sink: sinks.Sink, progress: Progress,
+                       already_done: int, stop: StopFlag, done: set[Any]) -> Execution:
+    """``execute`` over several workers (``engine.devices``, ``engine.executor``): the row errors here, the
+    requests shard by shard on the workers (``runtime/distribute.py``), every row written by this process."""
+    from batchrun.runtime.distribute import make_pool, run_shards
+
+    run = Execution()
+    emit = row_emitter(run, sink)
+    for row, message in prepared.errors:
+        emit(prepared.assembler.failed(row, message))
+    progress.start(prepared.outputs(), already_done=already_done + prepared.outputs([r for r, _ in prepared.errors]))
+    t = time.monotonic()
+    try:
+        out = run_shards(spec, prepared, make_pool(spec, done), emit, progress, stop)
+    except BaseException:
+        try:
+            sink.flush()  # keep every row received
+        except Exception:
+            log.exception("could not save the finished rows")
+        raise
+    finally:
+        progress.finish()
+    run.generate_s = time.monotonic() - t
+    run.stopped_by = stop.signal
+    run.kv_budget_tokens, run.kv_peak_tokens = out.kv_budget_tokens, out.kv_peak_tokens
+    run.workers, run.workers_load_s = out.report, out.load_s
+    return run
 
 
 def finalize(spec: JobSpec, job_info: dict[str, Any], prepared: PreparedJob, model: dict[str, Any],
@@ -282,7 +312,8 @@ def finalize(spec: JobSpec, job_info: dict[str, Any], prepared: PreparedJob, mod
                        output_tokens=run.output_tokens, kv_budget_tokens=run.kv_budget_tokens,
                        kv_peak_tokens=run.kv_peak_tokens, timings={k: round(v, 3) for k, v in timings.items()},
                        constraint=prepared.constraint.report() if prepared.constraint else None,
-                       batchprompt=prepared.batchprompt.report or None if prepared.batchprompt else None)
+                       batchprompt=prepared.batchprompt.report or None if prepared.batchprompt else None,
+                       workers=run.workers)
     sink.flush()  # totals() reads the parts
     totals = sink.totals()
 
@@ -291,6 +322,8 @@ def finalize(spec: JobSpec, job_info: dict[str, Any], prepared: PreparedJob, mod
             extra["constraint"] = result.constraint
         if result.batchprompt is not None:
             extra["batchprompt"] = result.batchprompt
+        if result.workers is not None:
+            extra["workers"] = result.workers
         return sinks.build_manifest(
             job_info, totals, this_run=run.rows_ok + run.rows_error, from_earlier_runs=rows_skipped,
             model=model,
