@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchrun.plan.plan import PlanConfig, build_plan
 from batchrun.plan.shards import shard_plan
@@ -38,15 +40,80 @@ def test_each_shared_prefix_stays_in_one_shard_and_costs_add_up():
 
 
 def test_a_prefix_bigger_than_a_fair_share_is_cut_and_its_prefill_counted_again():
-    plan = _plan(_groups(prefix_len=200, groups=1, per_group=40))
+    plan = _plan(_groups(prefix_len=200, groups=1, per_group=40), max_tokens=32)
     shards = shard_plan(plan, workers=2, per_worker=2)
-    pieces = shards.count  # (pieces of about a fair share of the rows' own cost: 3 here, each with the prefix)
+    pieces = shards.count  # (a fair share counts the prefill that the cuts compute again: 3 shards, not 4)
     assert pieces == 3 and shards.duplicated_prefill == (pieces - 1) * int(plan.prefixes.tokens.sum())
-    assert [len(shards.rows(s)) for s in range(pieces)] == [15, 15, 10]
-    assert shards.balance < 1.2
+    assert [len(shards.rows(s)) for s in range(pieces)] == [14, 14, 12]
+    assert shards.balance < 1.1
     p = plan.prefixes
     own = plan.tokens.lengths - p.row_start + plan.est_output
     assert shards.cost.sum() == own.sum() + p.tokens.sum() + shards.duplicated_prefill
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 120), st.integers(1, 30), st.integers(1, 40)), min_size=1, max_size=12),
+       st.integers(1, 6))
+def test_every_row_in_one_shard_and_a_prefix_cut_only_over_a_fair_share(groups, workers):
+    """(prefix length, rows, own tokens) per group: rows of a group share its prefix (none when 0)."""
+    rows, members = [], []
+    for g, (prefix, count, own_len) in enumerate(groups):
+        head = [1000 + g] * prefix
+        members.append(list(range(len(rows), len(rows) + count)))
+        rows += [head + [20000 + 1000 * g + 40 * i + j for j in range(own_len)] for i in range(count)]
+    plan = _plan(rows)
+    shards = shard_plan(plan, workers)
+    assert sorted(np.concatenate([shards.rows(s) for s in range(shards.count)]).tolist()) == list(range(len(rows)))
+    p = plan.prefixes
+    own = plan.tokens.lengths - p.row_start + plan.est_output
+    fair = (own.sum() + p.tokens.sum()) / min(len(rows), workers * 8)  # (the smallest fair share it may try)
+    for prefix in range(len(p.parent)):
+        if p.parent[prefix] >= 0:
+            continue
+        under = np.flatnonzero(_under(p, prefix))
+        cost = own[under].sum() + p.tokens[_descendants(p, prefix)].sum()
+        if len(set(shards.row_shard[under].tolist())) > 1:
+            assert cost > fair, "a prefix within a fair share was split"
+    assert shards.cost.sum() == own.sum() + p.tokens.sum() + shards.duplicated_prefill
+
+
+def _under(p, prefix: int) -> np.ndarray:
+    """Rows whose prefix chain passes through ``prefix``."""
+    out = np.zeros(len(p.row_prefix), dtype=bool)
+    for r, q in enumerate(p.row_prefix.tolist()):
+        while q >= 0:
+            if q == prefix:
+                out[r] = True
+                break
+            q = int(p.parent[q])
+    return out
+
+
+def _descendants(p, prefix: int) -> list[int]:
+    out = [prefix]
+    for q in range(len(p.parent)):
+        a = q
+        while a >= 0 and a != prefix:
+            a = int(p.parent[a])
+        if a == prefix and q != prefix:
+            out.append(q)
+    return out
+
+
+@pytest.mark.parametrize("workers", [2, 4, 8])
+def test_the_four_benchmark_workloads_balance_within_10_percent_at_scale_1(workers):
+    import sys
+
+    from helpers import REPO
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import workloads
+
+    for name in workloads.NAMES:
+        w = workloads.make(name, scale=1.0, seed=0)
+        shards = shard_plan(build_plan(w.tokens, w.max_tokens, PlanConfig()), workers)
+        assert shards.balance <= 1.10, (name, shards.report())
+        assert shards.count >= workers
 
 
 def test_rows_without_a_prefix_balance_and_sharding_repeats_exactly():

@@ -1,13 +1,16 @@
-"""Shards: the plan cut into pieces for several workers, along the prefix trie (issue 14's first step).
+"""Shards: the plan cut into pieces for several workers, along the prefix trie.
 
 Every row belongs to a *unit*: the rows under one outermost shared prefix (with every prefix nested in it), or a
-row with no shared prefix alone. A unit's cost is the prefill it computes — each of its prefixes once, each
-row's own tokens — plus its rows' estimated output tokens. A unit stays in one shard, so no shared prefix is
-computed twice, unless it costs more than a fair share (the job's cost over the number of shards): then it is
-cut, in plan order, into pieces of about a fair share, and each piece computes the prefixes its rows need, so
-the prefixes cut through are computed once per piece (``duplicated_prefill``). Pieces go to shards largest
-first, each onto the cheapest shard so far; shards are numbered by cost, largest first, so that workers taking
-the next shard from a queue start with the big ones. Plain numpy; no torch.
+row with no shared prefix alone. A unit's cost is the prefill it computes (each of its prefixes once, each
+row's own tokens) plus its rows' estimated output tokens. A unit within a fair share (the job's cost over the
+number of shards) stays whole, so none of its prefixes is computed twice. The units over a fair share, largest
+first, fill shards one after another, each up to a fair share, in plan order: a cut falls where a shard is
+full, moved a little (``SNAP``) to fall between two rows under different prefixes just below the unit's
+outermost one, and the prefixes a cut goes through are computed once more (``duplicated_prefill``; the fair
+share is then recomputed with them counted in). The units within a fair share go, largest first, each onto
+the cheapest shard so far. Shards are numbered by cost, largest first, so that workers taking the next shard
+from a queue start with the big ones. Several shards a worker are tried (``PER_WORKER_TRIES``) until both the
+shards and the workers that take them balance within ``BALANCED``. Plain numpy; no torch.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import numpy as np
 from batchrun.plan.plan import Plan
 
 SHARDS_PER_WORKER = 4  # several shards a worker: a fast worker takes the next one
+PER_WORKER_TRIES = (4, 5, 3, 6, 8)  # shards a worker, tried in turn until the shards balance within BALANCED
+BALANCED = 1.10  # the largest shard's cost over the mean
+SNAP = 0.05  # a cut moves up to this share of a piece to fall between two prefixes
 
 
 @dataclass(frozen=True)
@@ -45,10 +51,41 @@ class Shards:
                 "duplicated_prefill_tokens": self.duplicated_prefill}
 
 
-def shard_plan(plan: Plan, workers: int, per_worker: int = SHARDS_PER_WORKER) -> Shards:
-    """Cut ``plan`` into at most ``workers * per_worker`` shards (see the module's docstring)."""
-    if workers < 1 or per_worker < 1:
+def shard_plan(plan: Plan, workers: int, per_worker: int | None = None) -> Shards:
+    """Cut ``plan`` into about ``workers * per_worker`` shards (see the module's docstring). Without
+    ``per_worker``, the first of ``PER_WORKER_TRIES`` that balances within ``BALANCED`` (else the best)."""
+    if workers < 1 or (per_worker is not None and per_worker < 1):
         raise ValueError("workers and per_worker must be at least 1")
+    if per_worker is not None:
+        return _shard(plan, workers, per_worker)
+    best = None
+    for k in PER_WORKER_TRIES:
+        shards = _shard(plan, workers, k)
+        worst = max(shards.balance, _worker_balance(shards.cost, workers))
+        if worst <= BALANCED:
+            return shards
+        best = (shards, worst) if best is None or worst < best[1] else best
+    return best[0]
+
+
+def _worker_balance(costs: np.ndarray, workers: int) -> float:
+    """The busiest worker's cost over the mean when shards go, largest first, to the first free worker."""
+    loads = np.zeros(workers, dtype=np.int64)
+    for c in costs.tolist():
+        loads[int(np.argmin(loads))] += c
+    return float(loads.max() / loads.mean()) if loads.mean() else 1.0
+
+
+def _shard(plan: Plan, workers: int, per_worker: int) -> Shards:
+    """Cut at a fair share of the job's cost; then again with the prefill that the cuts compute twice counted
+    in (at most half the job's cost: cutting where prefixes outweigh rows is pointless anyway)."""
+    first = _cut(plan, workers * per_worker, 0)
+    if not first.duplicated_prefill:
+        return first
+    return _cut(plan, workers * per_worker, min(first.duplicated_prefill, int(first.cost.sum()) // 2))
+
+
+def _cut(plan: Plan, shards: int, extra: int) -> Shards:
     n = plan.num_rows
     if n == 0:
         return Shards(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 0)
@@ -56,39 +93,83 @@ def shard_plan(plan: Plan, workers: int, per_worker: int = SHARDS_PER_WORKER) ->
     outermost = _outermost(p.parent, p.row_prefix)
     own = plan.tokens.lengths - p.row_start + plan.est_output
     unit_of = np.where(outermost >= 0, outermost, len(p.parent) + np.arange(n))  # (a row alone: its own unit)
-    ordered = plan.order  # rows in plan order: a unit's rows stay in the order the plan runs them
     units: dict[int, list[int]] = {}
-    for r in ordered.tolist():
+    for r in plan.order.tolist():  # (rows in plan order: a unit's rows stay in the order the plan runs them)
         units.setdefault(int(unit_of[r]), []).append(r)
-    target = max(1, min(workers * per_worker, n))
-    total = int(own.sum() + p.tokens.sum())
+    target = max(1, min(shards, n))
+    total = int(own.sum() + p.tokens.sum()) + extra
     fair = max(1, -(-total // target))
-    pieces: list[tuple[int, list[int]]] = []  # (cost, rows)
-    computed = 0  # prefix tokens over every piece
-    for rows in units.values():
-        chunk: list[int] = []
-        cost = 0
-        for r in rows:
-            chunk.append(r)
-            cost += int(own[r])
-            if cost >= fair:
-                pieces.append(_piece(chunk, cost, p))
-                computed += pieces[-1][2]
-                chunk, cost = [], 0
-        if chunk:
-            pieces.append(_piece(chunk, cost, p))
-            computed += pieces[-1][2]
-    loads = np.zeros(target, dtype=np.int64)
     row_shard = np.empty(n, dtype=np.int64)
-    for cost, rows, _ in sorted(pieces, key=lambda x: -x[0]):
-        s = int(np.argmin(loads))
-        loads[s] += cost
+    small: list[tuple[int, list[int], int]] = []  # (cost, rows, prefix tokens): units placed whole
+    stream: list[tuple[int, np.ndarray]] = []  # the units over a fair share, each with its cut boundaries
+    for root, rows in units.items():
+        step = _incremental(rows, own, p)
+        if int(step.sum()) <= fair:
+            small.append(_piece(rows, int(own[rows].sum()), p))
+        else:
+            stream.append((root, rows))
+    # Units over a fair share, largest first, fill shards one after another up to a fair share each (the
+    # rows' own cost and the prefixes they need), cut where that is reached, moved up to SNAP of a share to
+    # fall where the fewest prefixes are shared.
+    loads: list[int] = []
+    computed = 0  # prefix tokens over every shard
+    for root, rows in sorted(stream, key=lambda u: -len(u[1])):
+        bounds = set(_boundaries(rows, root, p).tolist())
+        start = 0
+        while start < len(rows):
+            cum = np.cumsum(_incremental(rows[start:], own, p))
+            end = int(np.searchsorted(cum, fair, side="left")) + 1
+            near = [b - start for b in bounds
+                    if 0 < b - start <= len(cum) and abs(int(cum[b - start - 1]) - fair) <= fair * SNAP]
+            if near:
+                end = min(near, key=lambda e: abs(int(cum[e - 1]) - fair))
+            end = min(max(end, 1), len(rows) - start)
+            if len(rows) - start - end > 0 and int(cum[-1] - cum[end - 1]) < fair * SNAP:
+                end = len(rows) - start  # (no sliver of a shard at the end)
+            chunk = rows[start:start + end]
+            cost, _, prefix = _piece(chunk, int(own[chunk].sum()), p)
+            row_shard[chunk] = len(loads)
+            loads.append(cost)
+            computed += prefix
+            start += end
+    # Units within a fair share, largest first, each onto the cheapest shard so far.
+    loads_arr = np.zeros(max(target, len(loads)), dtype=np.int64)
+    loads_arr[:len(loads)] = loads
+    for cost, rows, prefix in sorted(small, key=lambda x: -x[0]):
+        s = int(np.argmin(loads_arr))
+        loads_arr[s] += cost
         row_shard[rows] = s
+        computed += prefix
+    loads, target = loads_arr, len(loads_arr)
     used = np.flatnonzero(loads)  # (fewer pieces than shards: the empty ones go)
     rank = np.argsort(-loads[used], kind="stable")
     renumber = np.full(target, -1, dtype=np.int64)
     renumber[used[rank]] = np.arange(len(used))
     return Shards(renumber[row_shard], loads[used][rank], computed - int(p.tokens.sum()))
+
+
+def _boundaries(rows: list[int], root: int, p) -> np.ndarray:
+    """Positions i in ``rows`` where row i is under another prefix just below the unit's ``root`` than row i-1
+    (a cut there computes only the root again, not a deeper prefix too)."""
+    group = np.empty(len(rows), dtype=np.int64)
+    for i, r in enumerate(rows):
+        q = int(p.row_prefix[r])
+        while q >= 0 and int(p.parent[q]) >= 0 and int(p.parent[q]) != root:
+            q = int(p.parent[q])
+        group[i] = q if q >= 0 and q != root else -1 - i  # (directly under the root: every row its own)
+    return np.flatnonzero(group[1:] != group[:-1]) + 1
+
+
+def _snap(cuts: np.ndarray, cum: np.ndarray, boundaries: np.ndarray, tolerance: float) -> list[int]:
+    """Move each cut to the nearest boundary whose cost position is within ``tolerance``."""
+    out = []
+    for c in cuts.tolist():
+        if len(boundaries):
+            j = int(np.argmin(np.abs(cum[boundaries - 1] - cum[c - 1])))
+            if abs(int(cum[boundaries[j] - 1]) - int(cum[c - 1])) <= tolerance:
+                c = int(boundaries[j])
+        out.append(c)
+    return sorted(set(out))
 
 
 def _outermost(parent: np.ndarray, row_prefix: np.ndarray) -> np.ndarray:
@@ -97,6 +178,19 @@ def _outermost(parent: np.ndarray, row_prefix: np.ndarray) -> np.ndarray:
     while len(top) and (parent[top] >= 0).any():
         top = np.where(parent[top] >= 0, parent[top], top)
     return np.where(row_prefix >= 0, top[np.maximum(row_prefix, 0)] if len(top) else -1, -1)
+
+
+def _incremental(rows: list[int], own: np.ndarray, p) -> np.ndarray:
+    """Each row's cost in a run of ``rows`` (in order): its own, plus the prefixes it is the first to need."""
+    seen: set[int] = set()
+    out = own[rows].astype(np.int64)
+    for i, r in enumerate(rows):
+        q = int(p.row_prefix[r])
+        while q >= 0 and q not in seen:
+            seen.add(q)
+            out[i] += int(p.tokens[q])
+            q = int(p.parent[q])
+    return out
 
 
 def _piece(rows: list[int], own_cost: int, p) -> tuple[int, list[int], int]:
