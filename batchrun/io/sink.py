@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import errno
 import json
+import operator
 import os
 import time
 from pathlib import Path
@@ -304,8 +305,10 @@ class Sink:
         (or at ``flush``), so resume, which works on input rows, finds each input row whole or absent.
         ``shard`` (a multi-worker job: the row's shard): rows of different shards never share a part; each
         shard has its own buffer and its parts are named ``part-NNNNNN-sSSSS.parquet``."""
-        if shard is not None and (not isinstance(shard, int) or shard < 0):
-            raise ValueError(f"shard must be a non-negative integer (got {shard!r})")
+        if shard is not None:
+            shard = operator.index(shard)  # (a numpy integer too)
+            if shard < 0:
+                raise ValueError(f"shard must be a non-negative integer (got {shard})")
         buffer = self._buffers.setdefault(shard, [])
         self._flushed.setdefault(shard, time.monotonic())
         samples = SAMPLE.name in values
