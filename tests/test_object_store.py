@@ -141,6 +141,35 @@ def test_resume_after_a_crash_skips_the_committed_ids(url):
     assert read_state(url).complete
 
 
+def test_a_failed_upload_leaves_no_part_and_keeps_the_rows_buffered(url, monkeypatch):
+    sink, _ = started(url)
+    real = ObjectStore.write_parquet
+
+    def unreachable(self, name, table):
+        raise OSError("AWS Error NETWORK_CONNECTION during PutObject operation")
+
+    monkeypatch.setattr(ObjectStore, "write_parquet", unreachable)
+    sink.add(0, values(0))
+    sink.add(1, values(1))
+    with pytest.raises(TemporaryFailure, match="cannot write results to .* NETWORK_CONNECTION.*rerun to resume"):
+        sink.add(2, values(2))
+    assert not [n for n in objects(url) if n.startswith("part-")] and len(sink._buffers[None]) == 3
+    monkeypatch.setattr(ObjectStore, "write_parquet", real)
+    sink.commit(manifest())  # the store is back: the buffered rows are written
+    sink.close()
+    assert rows(url) == [(i, f"text {i}", f"out {i}") for i in range(3)]
+
+
+def test_an_unreachable_store_is_a_temporary_failure(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # (nothing listens on the discard port)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(TemporaryFailure) as e:
+        Sink("s3://bucket/job", 3).open(False)
+    assert e.value.exit_code == 75 and "s3://bucket/job" in str(e.value)
+
+
 def test_files_batchrun_did_not_write_are_refused_and_nothing_is_written(url):
     ObjectStore(url).write("notes.txt", b"mine")
     with pytest.raises(SpecError, match="holds files batchrun did not write"):
