@@ -151,7 +151,7 @@ def test_a_failed_upload_leaves_no_part_and_keeps_the_rows_buffered(url, monkeyp
     monkeypatch.setattr(ObjectStore, "write_parquet", unreachable)
     sink.add(0, values(0))
     sink.add(1, values(1))
-    with pytest.raises(TemporaryFailure, match="cannot write results to .* NETWORK_CONNECTION.*rerun to resume"):
+    with pytest.raises(TemporaryFailure, match=r"cannot write results to .* NETWORK_CONNECTION.*rerun to resume"):
         sink.add(2, values(2))
     assert not [n for n in objects(url) if n.startswith("part-")] and len(sink._buffers[None]) == 3
     monkeypatch.setattr(ObjectStore, "write_parquet", real)
