@@ -131,7 +131,8 @@ def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan, 
     return wall, extra
 
 
-def run_submit(name: str, w, scale: float, seed: int, mode: str, tokenizer: str, workdir: Path) -> tuple[float, dict]:
+def run_submit(name: str, w, scale: float, seed: int, mode: str, tokenizer: str, workdir: Path,
+               devices: list[str] | None = None) -> tuple[float, dict]:
     """``batchrun submit`` end to end on the workload's text (a fresh output directory each time)."""
     import polars as pl
 
@@ -156,11 +157,13 @@ def run_submit(name: str, w, scale: float, seed: int, mode: str, tokenizer: str,
         "name": f"bench-{w.name}", "model": model, "input": {"path": str(data)},
         "prompt": {"template": "{{ text }}", "chat": False},
         "sampling": {"max_tokens": "max_tokens", "ignore_eos": True},
-        "output": {"path": str(workdir / f"out-{w.name}")}, "engine": {"device": "cuda"}})
+        "output": {"path": str(workdir / f"out-{w.name}")},
+        "engine": {"devices": devices} if devices else {"device": "cuda"}})
     torch.cuda.synchronize()
     result = run_job(spec, fresh=True)
+    extra = {"devices": devices, "workers": result.workers} if devices else {}
     return result.timings["total_s"], {"submit_model": mode, "rows_ok": result.rows_ok,
-                                       "submit_prompt_tokens": result.prompt_tokens, **result.timings}
+                                       "submit_prompt_tokens": result.prompt_tokens, **result.timings, **extra}
 
 
 def main() -> None:
@@ -173,6 +176,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also a profiled batchrun run: GPU busy, launches")
     ap.add_argument("--submit-model", default="dir", choices=["dir", "random"])
     ap.add_argument("--tokenizer", default=".tok", help="tokenizer directory for submit (SmolLM2's)")
+    ap.add_argument("--submit-devices", default=None,
+                    help="submit with engine.devices: comma-separated lists separated by ';', one run each "
+                         "(cuda:0;cuda:0,cuda:0 = one worker, then two workers sharing GPU 0)")
     ap.add_argument("--workdir", default="/tmp/batchrun-bench")
     ap.add_argument("--step-tokens", type=int, default=8192)
     ap.add_argument("--out", default=None)
@@ -207,26 +213,31 @@ def main() -> None:
                 if device == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                if system == "submit":
-                    wall, extra = run_submit(name, w, scale, args.seed, args.submit_model, args.tokenizer, workdir)
-                else:
-                    wall, extra = run_system(system, loaded, requests, plan, args.profile and system == "batchrun")
-                row = {"bench": "gpu", "model": name, "workload": wname, "scale": scale, "seed": args.seed,
-                       "system": system, "gpus": 1 if device == "cuda" else 0, "rows": len(requests),
-                       "prompt_tokens": w.tokens.num_tokens, "unique_tokens": unique, "output_tokens": output,
-                       "wall_s": round(wall, 3), "tokens_per_s": round((w.tokens.num_tokens + output) / wall),
-                       "output_tokens_per_s": round(output / wall),
-                       "peak_gpu_mem_gb": (round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda"
-                                           else None),
-                       "roofline_s": round(roofline, 4), "roofline_fraction": round(roofline / wall, 4),
-                       "peak_tflops": round(flops / 1e12, 1), "hbm_tb_s": round(hbm / 1e12, 2),
-                       "plan_s": round(plan_s, 3),
-                       "attention": (attention.choose_backend(device, torch.bfloat16).name
-                                     if system != "hf_padded" else None),
-                       "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                       "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "commit": commit,
-                       "date": time.strftime("%Y-%m-%d"), **extra}
-                record(row, args.out)
+                runs = [None] if system != "submit" or not args.submit_devices else [
+                    d.split(",") for d in args.submit_devices.split(";")]
+                for devices in runs:
+                    if system == "submit":
+                        wall, extra = run_submit(name, w, scale, args.seed, args.submit_model, args.tokenizer,
+                                                 workdir, devices)
+                    else:
+                        wall, extra = run_system(system, loaded, requests, plan,
+                                                 args.profile and system == "batchrun")
+                    row = {"bench": "gpu", "model": name, "workload": wname, "scale": scale, "seed": args.seed,
+                           "system": system, "gpus": 1 if device == "cuda" else 0, "rows": len(requests),
+                           "prompt_tokens": w.tokens.num_tokens, "unique_tokens": unique, "output_tokens": output,
+                           "wall_s": round(wall, 3), "tokens_per_s": round((w.tokens.num_tokens + output) / wall),
+                           "output_tokens_per_s": round(output / wall),
+                           "peak_gpu_mem_gb": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                                               if device == "cuda" else None),
+                           "roofline_s": round(roofline, 4), "roofline_fraction": round(roofline / wall, 4),
+                           "peak_tflops": round(flops / 1e12, 1), "hbm_tb_s": round(hbm / 1e12, 2),
+                           "plan_s": round(plan_s, 3),
+                           "attention": (attention.choose_backend(device, torch.bfloat16).name
+                                         if system != "hf_padded" else None),
+                           "torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                           "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "commit": commit,
+                           "date": time.strftime("%Y-%m-%d"), **extra}
+                    record(row, args.out)
         del model, loaded
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -54,6 +54,19 @@ def device_room(facts: ModelFacts) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def shared_kv_budget(loaded: LoadedModel, share: int) -> int | None:
+    """The automatic KV budget of one of ``share`` workers on the same GPU (each loads its own weights): its
+    part of the device's memory less its weights; None off CUDA or for a worker alone on its device."""
+    if share <= 1 or not loaded.device.startswith("cuda"):
+        return None
+    import torch
+
+    facts = loaded_facts(loaded)
+    total = torch.cuda.get_device_properties(torch.device(loaded.device)).total_memory
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    return max(int(total * GPU_MEMORY_FRACTION / share - weights) // facts.kv_bytes_per_token, 1)
+
+
 def auto_kv_budget(facts: ModelFacts) -> int:
     """KV tokens that fit the device's memory when the spec names no budget (before the cap by requests)."""
     if facts.device.startswith("cuda"):

@@ -57,7 +57,8 @@ class LocalPool:
                                     pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
             theirs.close()
             conn = Connection(mine.detach())
-            conn.send((i, self._spec, device, self._done, self._threads if device == "cpu" else None, os.getpid()))
+            conn.send((i, self._spec, device, self._done, self._threads if device == "cpu" else None,
+                       self.devices.count(device), os.getpid()))
             self._conns.append(conn)
             self._procs.append(proc)
 
@@ -133,10 +134,10 @@ def worker_main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     conn = Connection(fd)
-    index, spec, device, done, threads, parent = conn.recv()
+    index, spec, device, done, threads, share, parent = conn.recv()
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s worker {index} %(levelname)s %(message)s")
     try:
-        worker = ShardWorker(spec, device, done, threads)
+        worker = ShardWorker(spec, device, done, threads, share)
         conn.send(Ready(index, worker.info()))
         while True:
             while not conn.poll(1.0):

@@ -75,9 +75,11 @@ def worker_spec(spec: JobSpec, device: str, threads: int | None) -> JobSpec:
 class ShardWorker:
     """Prepare ``spec`` (skipping the input rows whose ids are in ``done``) and load its model on ``device``."""
 
-    def __init__(self, spec: JobSpec, device: str, done: Collection[Any] = frozenset(), threads: int | None = None):
+    def __init__(self, spec: JobSpec, device: str, done: Collection[Any] = frozenset(), threads: int | None = None,
+                 share: int = 1):
+        """``share``: the workers on this device (each then takes its part of the GPU for its KV cache)."""
         from batchrun.engine import loader
-        from batchrun.engine.factory import make_engine
+        from batchrun.engine.factory import make_engine, shared_kv_budget
 
         t = time.monotonic()
         spec = worker_spec(spec, device, threads)
@@ -91,6 +93,10 @@ class ShardWorker:
         self.loaded = loader.load(self.spec.model, self.spec.engine, tokenizer)
         self.load_s = time.monotonic() - t
         self.device = self.loaded.device
+        budget = None if self.spec.engine.kv_budget_tokens else shared_kv_budget(self.loaded, share)
+        if budget:
+            self.spec = self.spec.model_copy(update={
+                "engine": self.spec.engine.model_copy(update={"kv_budget_tokens": budget})})
         self.index = {r.key: i for i, r in enumerate(self.prepared.requests)}
         self.engine = make_engine(self.spec, self.loaded, self.prepared.requests) if self.prepared.requests else None
         self.score = choice_scorer(self.spec, self.loaded, self.prepared)
