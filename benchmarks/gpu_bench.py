@@ -134,14 +134,15 @@ def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan, 
 def run_submit(name: str, w, scale: float, seed: int, mode: str, tokenizer: str, workdir: Path,
                devices: list[str] | None = None) -> tuple[float, dict]:
     """``batchrun submit`` end to end on the workload's text (a fresh output directory each time)."""
-    import polars as pl
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from batchrun.runtime.job import run_job
     from batchrun.spec import JobSpec
 
     data = workdir / f"{w.name}-{scale}-{seed}.parquet"
     if not data.exists():
-        pl.DataFrame({"text": w.texts(), "max_tokens": w.max_tokens.astype(np.int64)}).write_parquet(data)
+        pq.write_table(pa.table({"text": w.texts(), "max_tokens": w.max_tokens.astype(np.int64)}), data)
     if mode == "dir":
         model_dir = workdir / f"model-{name}"
         if not (model_dir / "config.json").exists():
