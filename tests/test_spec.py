@@ -30,7 +30,8 @@ ALLOWED = {
     "fewshot": "user, assistant",
     "sampling": "max_tokens, temperature, top_p, top_k, stop, seed, n, logprobs, ignore_eos, constraint",
     "output": "path, columns, part_rows, max_error_rate",
-    "engine": "backend, device, batch_size, threads, step_tokens, block_size, kv_budget_tokens",
+    "engine": ("backend, device, batch_size, threads, step_tokens, block_size, kv_budget_tokens, devices, executor, "
+               "ray_address"),
 }
 
 
@@ -66,7 +67,8 @@ def test_minimal_spec_fills_defaults_and_names_job_after_file(tmp_path):
                      "n": 1, "logprobs": None, "ignore_eos": False, "constraint": None},
         "output": {"path": "out/reviews", "columns": None, "part_rows": 1000, "max_error_rate": None},
         "engine": {"backend": "batchrun", "device": "auto", "batch_size": 16, "threads": None,
-                   "step_tokens": 8192, "block_size": 16, "kv_budget_tokens": None},
+                   "step_tokens": 8192, "block_size": 16, "kv_budget_tokens": None, "devices": None,
+                   "executor": "local", "ray_address": None},
         "mode": "generate", "batchprompt": None,
     }
     assert spec.input.paths == ["data.parquet"]
@@ -87,7 +89,8 @@ def test_full_spec_keeps_every_value(tmp_path):
                                     "column": None}},
         "output": {"path": "out/x", "columns": ["lang"], "part_rows": 5, "max_error_rate": None},
         "engine": {"backend": "reference", "device": "cuda:1", "batch_size": 8, "threads": 2,
-                   "step_tokens": 8192, "block_size": 16, "kv_budget_tokens": None},
+                   "step_tokens": 8192, "block_size": 16, "kv_budget_tokens": None, "devices": None,
+                   "executor": "local", "ray_address": None},
         "mode": "generate", "batchprompt": None,
     }
     spec = load_spec(write_job(tmp_path, yaml.safe_dump(full), "ignored.yaml"))
