@@ -16,6 +16,7 @@ received, and the job ends resumable (exit 75), as with one device.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ class Pool(Protocol):
 
     executor: str
     devices: list[str]
+
+    started_at: float  # time.monotonic() at start
 
     def start(self) -> None: ...
 
@@ -89,6 +92,8 @@ class WorkerRecord:
     rows: int = 0
     busy_s: float = 0.0
     load_s: float | None = None
+    ready_s: float | None = None  # from the pool's start to this worker's model loaded (start-up, prepare, load)
+    done_s: float | None = None  # from the pool's start to this worker's last shard done
     lost: str | None = None
 
 
@@ -105,8 +110,9 @@ class Distributed:
 
 def run_shards(spec: JobSpec, prepared: PreparedJob, pool: Pool, emit: Callable[[list[RowResult], int], None],
                progress: Progress, stop: StopFlag) -> Distributed:
-    """Run ``prepared``'s requests on ``pool``'s workers, shard by shard; ``emit(rows, shard)`` each finished
-    row. Raises RuntimeFailure if every worker is lost, or a shard fails ``MAX_ATTEMPTS`` times."""
+    """Run ``prepared``'s requests on ``pool``'s workers (started by the caller, who also closes it: the
+    workers load while the job is prepared), shard by shard; ``emit(rows, shard)`` each finished row.
+    Raises RuntimeFailure if every worker is lost, or a shard fails ``MAX_ATTEMPTS`` times."""
     if prepared.batchprompt is not None:
         raise SpecError("mode: batchprompt runs on one device: remove engine.devices and engine.executor")
     shards = shard_plan(prepared.plan, len(pool.devices))
@@ -119,59 +125,58 @@ def run_shards(spec: JobSpec, prepared: PreparedJob, pool: Pool, emit: Callable[
     kv_budget, kv_peak, stopping, reruns = None, None, False, 0
     log.info("%d shard(s) over %d worker(s) (%s): balance %.2f, %d prefix tokens computed twice",
              shards.count, len(workers), pool.executor, shards.balance, shards.duplicated_prefill)
-    pool.start()
-    try:
-        while True:
-            if stop.requested and not stopping:
-                stopping = True
-                pool.stop()
-            if not stopping:
-                for w, rec in enumerate(workers):
-                    if rec.state == "ready" and w not in busy and pending:
-                        s, attempt = pending.popleft()
-                        busy[w] = s
-                        rec.shards.append(s)
-                        pool.assign(w, s, attempt, list(remaining[s]))
-            if not busy and (stopping or not pending):
-                break
-            if all(r.state == "lost" for r in workers):
-                raise RuntimeFailure("every worker was lost: " + "; ".join(r.lost or "" for r in workers))
-            for event in pool.poll(POLL_S):
-                rec = workers[event.worker]
-                if isinstance(event, Ready):
-                    rec.state, rec.load_s = "ready", event.info.get("load_s")
-                    log.info("worker %d ready on %s (loaded in %.1f s)", event.worker, event.info.get("device"),
-                             rec.load_s or 0)
-                elif isinstance(event, Rows):
-                    fresh = [c for c in event.completions if c.key in remaining[event.shard]]
-                    for c in fresh:
-                        remaining[event.shard].discard(c.key)
-                        emit(prepared.assembler.add(c), event.shard)
-                    rec.rows += len(fresh)
-                    progress.advance(len(fresh), sum(len(c.token_ids) for c in fresh))
-                elif isinstance(event, ShardDone):
-                    busy.pop(event.worker, None)
-                    rec.busy_s += event.busy_s
-                    kv_budget = _most(kv_budget, event.kv_budget_tokens)
-                    kv_peak = _most(kv_peak, event.kv_peak_tokens)
-                    if remaining[event.shard] and not event.stopped:  # (an engine never drops rows: a bug)
-                        raise RuntimeFailure(f"shard {event.shard} ended with {len(remaining[event.shard])} "
-                                             "row(s) not returned")
-                elif isinstance(event, Lost):
-                    rec.state, rec.lost = "lost", event.why.splitlines()[0]
-                    log.warning("%s", event.why)
-                    s = busy.pop(event.worker, None)
-                    if s is not None and remaining[s] and not stopping:
-                        attempts[s] += 1
-                        if attempts[s] >= MAX_ATTEMPTS:
-                            raise RuntimeFailure(f"shard {s} was lost {attempts[s]} times (last: {rec.lost}); the "
-                                                 "rows received are kept: rerun to resume")
-                        reruns += 1
-                        pending.appendleft((s, attempts[s]))
-                        log.warning("shard %d: %d row(s) not received; rerunning them on another worker", s,
-                                    len(remaining[s]))
-    finally:
-        pool.close()
+    t0 = pool.started_at
+    while True:
+        if stop.requested and not stopping:
+            stopping = True
+            pool.stop()
+        if not stopping:
+            for w, rec in enumerate(workers):
+                if rec.state == "ready" and w not in busy and pending:
+                    s, attempt = pending.popleft()
+                    busy[w] = s
+                    rec.shards.append(s)
+                    pool.assign(w, s, attempt, list(remaining[s]))
+        if not busy and (stopping or not pending):
+            break
+        if all(r.state == "lost" for r in workers):
+            raise RuntimeFailure("every worker was lost: " + "; ".join(r.lost or "" for r in workers))
+        for event in pool.poll(POLL_S):
+            rec = workers[event.worker]
+            if isinstance(event, Ready):
+                rec.state, rec.load_s = "ready", event.info.get("load_s")
+                rec.ready_s = round(time.monotonic() - t0, 3)
+                log.info("worker %d ready on %s (loaded in %.1f s)", event.worker, event.info.get("device"),
+                         rec.load_s or 0)
+            elif isinstance(event, Rows):
+                fresh = [c for c in event.completions if c.key in remaining[event.shard]]
+                for c in fresh:
+                    remaining[event.shard].discard(c.key)
+                    emit(prepared.assembler.add(c), event.shard)
+                rec.rows += len(fresh)
+                progress.advance(len(fresh), sum(len(c.token_ids) for c in fresh))
+            elif isinstance(event, ShardDone):
+                busy.pop(event.worker, None)
+                rec.busy_s += event.busy_s
+                rec.done_s = round(time.monotonic() - t0, 3)
+                kv_budget = _most(kv_budget, event.kv_budget_tokens)
+                kv_peak = _most(kv_peak, event.kv_peak_tokens)
+                if remaining[event.shard] and not event.stopped:  # (an engine never drops rows: a bug)
+                    raise RuntimeFailure(f"shard {event.shard} ended with {len(remaining[event.shard])} "
+                                         "row(s) not returned")
+            elif isinstance(event, Lost):
+                rec.state, rec.lost = "lost", event.why.splitlines()[0]
+                log.warning("%s", event.why)
+                s = busy.pop(event.worker, None)
+                if s is not None and remaining[s] and not stopping:
+                    attempts[s] += 1
+                    if attempts[s] >= MAX_ATTEMPTS:
+                        raise RuntimeFailure(f"shard {s} was lost {attempts[s]} times (last: {rec.lost}); the "
+                                             "rows received are kept: rerun to resume")
+                    reruns += 1
+                    pending.appendleft((s, attempts[s]))
+                    log.warning("shard %d: %d row(s) not received; rerunning them on another worker", s,
+                                len(remaining[s]))
     report = {"executor": pool.executor, "devices": list(pool.devices), **shards.report(), "reruns": reruns,
               "workers": [vars(r) | {"busy_s": round(r.busy_s, 3)} for r in workers]}
     return Distributed(report, kv_budget, kv_peak, max((r.load_s or 0.0 for r in workers), default=0.0), stopping)

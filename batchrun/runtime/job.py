@@ -102,15 +102,18 @@ def run_job(spec: JobSpec, *, fresh: bool = False, progress: Progress | None = N
     check_templates(spec.prompt)
     sink = sinks.Sink(spec.output.path, spec.output.part_rows)
     stop = StopFlag()
+    pools: list[Any] = []  # several workers: their pool, started before the job is prepared
     try:
         with handle_signals(stop):
-            return _run(spec, fresh, progress or Progress(), sink, stop, t_start)
+            return _run(spec, fresh, progress or Progress(), sink, stop, t_start, pools)
     finally:
+        for pool in pools:
+            pool.close()
         sink.close()
 
 
 def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop: StopFlag,
-         t_start: float) -> JobResult:
+         t_start: float, pools: list[Any]) -> JobResult:
     # 1. Checks and preparation. Nothing is written yet: a signal stops at once, leaving the directory as it was.
     try:
         with stop.at_once():
@@ -124,6 +127,12 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
                 log.info("%s is already complete (%d rows); rerun with --fresh to rebuild it", sink.path, state.rows)
                 return JobResult("already_complete", spec.name, str(sink.path), rows_total=state.rows,
                                  rows_skipped=state.rows)
+
+            from batchrun.runtime.distribute import make_pool, several_workers
+
+            if several_workers(spec.engine):  # the workers start and load while this process prepares the job
+                pools.append(make_pool(spec, done))
+                pools[0].start()
 
             from batchrun.engine import loader  # torch is imported from here on
 
@@ -154,9 +163,7 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
     sink.begin(job_info, fresh)
     timings = {**prepared.timings, "load_s": load_s}
     loaded = None
-    from batchrun.runtime.distribute import several_workers
-
-    distributed = bool(prepared.requests) and several_workers(spec.engine)  # (the workers load the weights)
+    distributed = bool(prepared.requests) and bool(pools)  # (the workers load the weights)
     if prepared.requests and not stop.requested and not distributed:
         t = time.monotonic()
         try:
@@ -171,7 +178,7 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
     if stop.requested:
         run = Execution(stopped_by=stop.signal)
     elif distributed:
-        run = execute_on_workers(spec, prepared, sink, progress, _committed(prepared, done), stop, done)
+        run = execute_on_workers(spec, prepared, sink, progress, _committed(prepared, done), stop, pools[0])
         timings["load_s"] += run.workers_load_s
         model["device"] = run.workers["devices"]
     else:
@@ -273,10 +280,11 @@ def row_emitter(run: Execution, sink: sinks.Sink) -> Callable[[list[RowResult], 
 
 
 def execute_on_workers(spec: JobSpec, prepared: PreparedJob, sink: sinks.Sink, progress: Progress,
-                       already_done: int, stop: StopFlag, done: set[Any]) -> Execution:
-    """``execute`` over several workers (``engine.devices``, ``engine.executor``): the row errors here, the
-    requests shard by shard on the workers (``runtime/distribute.py``), every row written by this process."""
-    from batchrun.runtime.distribute import make_pool, run_shards
+                       already_done: int, stop: StopFlag, pool: Any) -> Execution:
+    """``execute`` over several workers (``engine.devices``, ``engine.executor``; ``pool``: started): the row
+    errors here, the requests shard by shard on the workers (``runtime/distribute.py``), every row written by
+    this process."""
+    from batchrun.runtime.distribute import run_shards
 
     run = Execution()
     emit = row_emitter(run, sink)
@@ -285,7 +293,7 @@ def execute_on_workers(spec: JobSpec, prepared: PreparedJob, sink: sinks.Sink, p
     progress.start(prepared.outputs(), already_done=already_done + prepared.outputs([r for r, _ in prepared.errors]))
     t = time.monotonic()
     try:
-        out = run_shards(spec, prepared, make_pool(spec, done), emit, progress, stop)
+        out = run_shards(spec, prepared, pool, emit, progress, stop)
     except BaseException:
         try:
             sink.flush()  # keep every row received

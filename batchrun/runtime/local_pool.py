@@ -49,8 +49,11 @@ class LocalPool:
         self._conns: list[Connection] = []
         self._procs: list[subprocess.Popen] = []
         self._gone: set[int] = set()
+        self.started_at = 0.0
+        self._closed = False
 
     def start(self) -> None:
+        self.started_at = time.monotonic()
         for i, device in enumerate(self.devices):
             mine, theirs = socket.socketpair()
             proc = subprocess.Popen([sys.executable, "-m", "batchrun.runtime.local_pool", str(theirs.fileno())],
@@ -107,6 +110,9 @@ class LocalPool:
 
     def close(self) -> None:
         """Let the workers exit; any still there after a grace period is terminated, then killed."""
+        if self._closed:
+            return
+        self._closed = True
         for c in self._conns:
             with contextlib.suppress(OSError):
                 c.send(None)

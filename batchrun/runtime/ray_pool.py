@@ -79,6 +79,7 @@ class RayPool:
         self._setup: dict[Any, int] = {}  # setup ref -> worker
         self._runs: dict[Any, int] = {}  # shard generator -> worker
         self._gone: set[int] = set()
+        self.started_at = 0.0
 
     def _devices(self, spec: JobSpec) -> list[str]:
         if isinstance(spec.engine.devices, list):
@@ -89,6 +90,7 @@ class RayPool:
         return ["cpu"] * max(1, sum(1 for n in self._ray.nodes() if n.get("Alive")))
 
     def start(self) -> None:
+        self.started_at = time.monotonic()
         self._setup = {a.setup.remote(): i for i, a in enumerate(self._actors)}
 
     def assign(self, worker: int, shard: int, attempt: int, keys: list[Any]) -> None:
@@ -138,7 +140,10 @@ class RayPool:
                 a.stop.remote()
 
     def close(self) -> None:
+        if not self._actors:
+            return
         for a in self._actors:
             self._ray.kill(a, no_restart=True)
+        self._actors = []
         if self._started_ray:
             self._ray.shutdown()
