@@ -107,6 +107,7 @@ def main() -> None:
                    "busy_fraction": [round(r["busy_s"] / t["generate_s"], 3) for r in per] or None,
                    "idle_share": [round(1 - r["busy_s"] / total, 3) for r in per] or None,
                    "ready_s": [r.get("ready_s") for r in per] or None,
+                   "reruns": ws.get("reruns"), "lost": [r["lost"] for r in per if r.get("lost")] or None,
                    "shards": ws.get("shards"), "balance": ws.get("balance"),
                    "duplicated_prefill_tokens": ws.get("duplicated_prefill_tokens"),
                    "roofline_fraction": None, "gpu": gpu, "commit": git_commit(),

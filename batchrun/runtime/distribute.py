@@ -146,7 +146,7 @@ def run_shards(spec: JobSpec, prepared: PreparedJob, pool: Pool, emit: Callable[
             if isinstance(event, Ready):
                 rec.state, rec.load_s = "ready", event.info.get("load_s")
                 rec.ready_s = round(time.monotonic() - t0, 3)
-                log.info("worker %d ready on %s (loaded in %.1f s)", event.worker, event.info.get("device"),
+                log.info("worker %d ready on %s (loaded in %.1f s)", event.worker, pool.devices[event.worker],
                          rec.load_s or 0)
             elif isinstance(event, Rows):
                 fresh = [c for c in event.completions if c.key in remaining[event.shard]]

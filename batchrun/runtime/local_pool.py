@@ -28,6 +28,7 @@ from collections.abc import Collection
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from batchrun.errors import SpecError
 from batchrun.runtime.shard_worker import Lost, Ready, Rows, ShardDone, ShardWorker, failpoint
 from batchrun.spec import JobSpec
 
@@ -56,11 +57,12 @@ class LocalPool:
         self.started_at = time.monotonic()
         for i, device in enumerate(self.devices):
             mine, theirs = socket.socketpair()
+            env, seen_as = _one_gpu(device)
             proc = subprocess.Popen([sys.executable, "-m", "batchrun.runtime.local_pool", str(theirs.fileno())],
-                                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
             theirs.close()
             conn = Connection(mine.detach())
-            conn.send((i, self._spec, device, self._done, self._threads if device == "cpu" else None,
+            conn.send((i, self._spec, seen_as, self._done, self._threads if device == "cpu" else None,
                        self.devices.count(device), os.getpid()))
             self._conns.append(conn)
             self._procs.append(proc)
@@ -165,6 +167,22 @@ def worker_main(fd: int) -> None:
             conn.send(Lost(index, f"worker {index} ({device}) failed: {type(e).__name__}: {e}\n"
                                   + "".join(traceback.format_exc(limit=8))))
         raise SystemExit(1) from None
+
+
+def _one_gpu(device: str) -> tuple[dict[str, str], str]:
+    """The environment of a worker on ``device`` and the device it names there: a GPU worker sees only its GPU
+    (``CUDA_VISIBLE_DEVICES``, mapped through this process's own), as ``cuda:0``, so nothing in it can touch
+    another worker's GPU by default."""
+    env = dict(os.environ)
+    if not device.startswith("cuda"):
+        return env, device
+    index = int(device.partition(":")[2] or 0)
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if "CUDA_VISIBLE_DEVICES" in os.environ and index >= len(visible):
+        raise SpecError(f"engine.devices: {device} is not one of the {len(visible)} GPU(s) that "
+                        f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} leaves visible")
+    env["CUDA_VISIBLE_DEVICES"] = visible[index].strip() if visible else str(index)
+    return env, "cuda:0"
 
 
 def _die_with_parent() -> None:
