@@ -36,10 +36,21 @@ def build(config: Any, device: str, dtype: Any, seed: int, trust_remote_code: bo
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device(device):
+    with torch.device(device), _no_init():  # (transformers' own init would be drawn over anyway: skip it)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, STD, generator=generator)
     return model.eval()
+
+
+def _no_init() -> Any:
+    """transformers' context that skips its weight initialization (a no-op where it has none)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return no_init_weights()
