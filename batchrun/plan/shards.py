@@ -21,8 +21,9 @@ import numpy as np
 
 from batchrun.plan.plan import Plan
 
-SHARDS_PER_WORKER = 4  # several shards a worker: a fast worker takes the next one
-PER_WORKER_TRIES = (4, 5, 3, 6, 8)  # shards a worker, tried in turn until the shards balance within BALANCED
+# Shards a worker, tried in turn until the shards balance within BALANCED: few (each shard is one engine run,
+# whose tail leaves the GPU part idle, and each cut computes prefixes again), more where balance needs them
+PER_WORKER_TRIES = (2, 3, 4, 6, 8)
 BALANCED = 1.10  # the largest shard's cost over the mean
 SNAP = 0.05  # a cut moves up to this share of a piece to fall between two prefixes
 

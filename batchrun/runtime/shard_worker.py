@@ -13,6 +13,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -86,12 +87,12 @@ class ShardWorker:
         resolved = loader.resolve(spec.model)
         tokenizer = loader.load_tokenizer(spec.model, resolved)
         facts = loader.model_facts(spec.model, spec.engine, resolved, tokenizer=tokenizer)
-        self.prepared: PreparedJob = prepare(spec, tokenizer, facts.max_context, done)
+        with ThreadPoolExecutor(1) as background:  # the weights load while the job is prepared
+            loading = background.submit(self._load, spec, tokenizer)
+            self.prepared: PreparedJob = prepare(spec, tokenizer, facts.max_context, done)
+            self.prepare_s = time.monotonic() - t
+            self.loaded = loading.result()
         self.spec = self.prepared.spec or spec
-        self.prepare_s = time.monotonic() - t
-        t = time.monotonic()
-        self.loaded = loader.load(self.spec.model, self.spec.engine, tokenizer)
-        self.load_s = time.monotonic() - t
         self.device = self.loaded.device
         budget = None if self.spec.engine.kv_budget_tokens else shared_kv_budget(self.loaded, share)
         if budget:
@@ -100,6 +101,14 @@ class ShardWorker:
         self.index = {r.key: i for i, r in enumerate(self.prepared.requests)}
         self.engine = make_engine(self.spec, self.loaded, self.prepared.requests) if self.prepared.requests else None
         self.score = choice_scorer(self.spec, self.loaded, self.prepared)
+
+    def _load(self, spec: JobSpec, tokenizer: Any) -> Any:
+        from batchrun.engine import loader
+
+        t = time.monotonic()
+        loaded = loader.load(spec.model, spec.engine, tokenizer)
+        self.load_s = time.monotonic() - t
+        return loaded
 
     def info(self) -> dict[str, Any]:
         return {"device": self.device, "dtype": self.loaded.dtype, "resolved": self.loaded.resolved,
