@@ -112,10 +112,12 @@ def _submit(job: Path, *args: str, **env_vars: str) -> subprocess.Popen:
 
 
 def _workers_of(pid: int) -> list[int]:
-    """The worker processes whose parent is ``pid``."""
+    """The pool's processes under the driver ``pid``: its zygote and the workers the zygote forked."""
     out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines()
-            if "batchrun.runtime.local_pool" in line and int(line.split()[1]) == pid]
+    procs = [(int(line.split()[0]), int(line.split()[1])) for line in out.splitlines()
+             if "batchrun.runtime.local_pool" in line]
+    zygotes = {p for p, parent in procs if parent == pid}
+    return sorted(zygotes | {p for p, parent in procs if parent in zygotes})
 
 
 def _alive(pid: int) -> bool:
@@ -142,8 +144,8 @@ def test_driver_killed_leaves_no_worker_and_resumes_to_the_same_dataset(tmp_path
     out = tmp_path / "two"
     p = _submit(job)
     _wait_for(lambda: out.is_dir() and any(out.glob("part-*.parquet")), what="a part")
+    _wait_for(lambda: len(_workers_of(p.pid)) == 3, what="the zygote and two workers")
     workers = _workers_of(p.pid)
-    assert len(workers) == 2
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=30)
     _wait_for(lambda: not any(_alive(w) for w in workers), timeout=30, what="the workers to exit")

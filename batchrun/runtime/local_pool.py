@@ -1,14 +1,18 @@
 """Worker processes on this host, one per device (``engine.devices``), each a ``ShardWorker``.
 
-Each worker is a fresh interpreter (``python -m batchrun.runtime.local_pool``: CUDA and forked threads do not
-mix, and unlike multiprocessing's spawn it never imports the caller's main module again) with a socket of its
-own to the driver: its job and then tasks in (a shard's keys, or None to exit), events out (``Ready``,
-``Rows``, ``ShardDone``, ``Lost``). A socket per worker means a worker killed half-way through a message
-breaks only its own; the driver reads that as end-of-file and reports the worker ``Lost``.
+The pool starts one *zygote*: a fresh interpreter (``python -m batchrun.runtime.local_pool``; unlike
+multiprocessing's spawn it never imports the caller's main module again) that imports torch, transformers and
+the engine once, touching no GPU, and then forks one worker per device, so no worker pays those imports again
+(seconds each, and N processes importing at once slow each other down). A GPU worker sees only its own GPU
+(``CUDA_VISIBLE_DEVICES``), as ``cuda:0``. Each worker has a socket of its own to the driver (the zygote
+passes it on): its job and then tasks in (a shard's keys, or None to exit), events out (``Ready``, ``Rows``,
+``ShardDone``, ``Lost``). A worker killed half-way through a message breaks only its own socket; the driver
+reads that as end-of-file, and the zygote reports how the worker ended.
 
 Workers ignore Ctrl-C (the driver decides: it sends each worker SIGTERM, a worker's stop, and every worker
-ends its shard at the engine's next poll). A worker dies with the driver (Linux's parent-death
-signal, and a check of its parent before each task), so a driver killed with SIGKILL leaves no worker behind.
+ends its shard at the engine's next poll). Workers die with the zygote and the zygote with the driver
+(Linux's parent-death signal, and a check of the parent before each task), so a driver killed with SIGKILL
+leaves no process behind.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 class LocalPool:
-    """One worker process per device in ``devices`` (``cpu``, ``cuda:N``)."""
+    """One worker process per device in ``devices`` (``cpu``, ``cuda:N``), forked by a zygote."""
 
     executor = "local"
 
@@ -48,24 +52,36 @@ class LocalPool:
         cpu_workers = sum(d == "cpu" for d in devices)
         self._threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else None
         self._conns: list[Connection] = []
-        self._procs: list[subprocess.Popen] = []
+        self._pids: list[int | None] = [None] * len(devices)
+        self._exits: dict[int, int] = {}  # worker -> exit code (negative: the signal), as the zygote reports it
         self._gone: set[int] = set()
+        self._zygote: subprocess.Popen | None = None
+        self._ctl: Connection | None = None
         self.started_at = 0.0
         self._closed = False
 
     def start(self) -> None:
+        """Start the zygote (it imports torch and the engine once), then have it fork one worker per device."""
         self.started_at = time.monotonic()
+        ctl, ctl_theirs = socket.socketpair()
+        fds, fds_theirs = socket.socketpair()
+        self._zygote = subprocess.Popen(
+            [sys.executable, "-m", "batchrun.runtime.local_pool", str(ctl_theirs.fileno()), str(fds_theirs.fileno())],
+            pass_fds=[ctl_theirs.fileno(), fds_theirs.fileno()], stdin=subprocess.DEVNULL)
+        ctl_theirs.close()
+        fds_theirs.close()
+        self._ctl = Connection(ctl.detach())
         for i, device in enumerate(self.devices):
             mine, theirs = socket.socketpair()
             env, seen_as = _one_gpu(device)
-            proc = subprocess.Popen([sys.executable, "-m", "batchrun.runtime.local_pool", str(theirs.fileno())],
-                                    pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
+            socket.send_fds(fds, [b"w"], [theirs.fileno()])
+            self._ctl.send((i, env))
             theirs.close()
             conn = Connection(mine.detach())
             conn.send((i, self._spec, seen_as, self._done, self._threads if device == "cpu" else None,
-                       self.devices.count(device), os.getpid()))
+                       self.devices.count(device)))
             self._conns.append(conn)
-            self._procs.append(proc)
+        fds.close()
 
     def assign(self, worker: int, shard: int, attempt: int, keys: list[Any]) -> None:
         try:
@@ -75,9 +91,12 @@ class LocalPool:
 
     def poll(self, timeout: float) -> list[Any]:
         """The events that arrived within ``timeout`` seconds, and a ``Lost`` for each worker that died."""
-        live = {self._conns[i]: i for i in range(len(self._procs)) if i not in self._gone}
+        live = {self._conns[i]: i for i in range(len(self._conns)) if i not in self._gone}
         out: list[Any] = []
-        for ready in wait(list(live), timeout):
+        for ready in wait([*live, self._ctl], timeout):
+            if ready is self._ctl:
+                self._zygote_news()
+                continue
             i = live[ready]
             try:
                 while i not in self._gone and ready.poll():
@@ -87,62 +106,128 @@ class LocalPool:
                         self._gone.add(i)
             except (EOFError, OSError):  # its end closed: the process is gone
                 out.append(self._lost(i))
-        for i in live.values():  # (a process gone while its socket still held unread events: next poll)
-            if i not in self._gone and self._procs[i].poll() is not None and not self._conns[i].poll():
+        for i in live.values():  # (gone, as the zygote says, with nothing left to read)
+            if i not in self._gone and i in self._exits and not self._conns[i].poll():
                 out.append(self._lost(i))
         return out
 
+    def _zygote_news(self, wait_s: float = 0.0) -> None:
+        """Read what the zygote reports: each worker's pid, and each one's exit."""
+        try:
+            while self._ctl.poll(wait_s):
+                kind, i, value = self._ctl.recv()
+                if kind == "pid":
+                    self._pids[i] = value
+                else:
+                    self._exits[i] = value
+                wait_s = 0.0
+        except (EOFError, OSError):
+            pass  # the zygote is gone (its workers die with it)
+
     def _lost(self, i: int) -> Lost:
         self._gone.add(i)
-        p = self._procs[i]
-        try:
-            code = p.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            code = p.wait()
-        why = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return Lost(i, f"worker {i} ({self.devices[i]}, pid {p.pid}) {why}")
+        deadline = time.monotonic() + 5
+        while i not in self._exits and time.monotonic() < deadline and self._zygote.poll() is None:
+            self._zygote_news(0.1)
+        code = self._exits.get(i)
+        why = (f"killed by signal {-code}" if code is not None and code < 0 else
+               f"exited with code {code}" if code is not None else "lost")
+        return Lost(i, f"worker {i} ({self.devices[i]}, pid {self._pids[i]}) {why}")
 
     def stop(self) -> None:
         """Ask every worker to end its shard at the engine's next poll (SIGTERM: a worker's stop)."""
-        for p in self._procs:
-            if p.poll() is None:
+        self._zygote_news()
+        for i, pid in enumerate(self._pids):
+            if pid is not None and i not in self._exits:
                 with contextlib.suppress(OSError):
-                    p.send_signal(signal.SIGTERM)
+                    os.kill(pid, signal.SIGTERM)
 
     def close(self) -> None:
-        """Let the workers exit; any still there after a grace period is terminated, then killed."""
-        if self._closed:
+        """Let the workers exit; any still there after a grace period is killed; then the zygote goes."""
+        if self._closed or self._zygote is None:
             return
         self._closed = True
         for c in self._conns:
             with contextlib.suppress(OSError):
                 c.send(None)
         deadline = time.monotonic() + 30
-        for p in self._procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for p in self._procs:
-            if p.poll() is None:
-                p.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    p.wait(timeout=5)
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        while len(self._exits) < len(self._conns) and time.monotonic() < deadline and self._zygote.poll() is None:
+            self._zygote_news(0.2)
+        self._zygote_news()
+        for i, pid in enumerate(self._pids):
+            if pid is not None and i not in self._exits:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+        self._ctl.close()  # (the zygote ends when it reads end-of-file)
+        try:
+            self._zygote.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._zygote.kill()
+            self._zygote.wait()
         for c in self._conns:
             c.close()
 
 
-def worker_main(fd: int) -> None:
-    """A worker process (``python -m batchrun.runtime.local_pool FD``): read its job from the socket ``fd``,
-    load, then run the shards the driver sends until it sends None."""
+def zygote_main(ctl_fd: int, fds_fd: int) -> None:
+    """The zygote (``python -m batchrun.runtime.local_pool CTL FDS``): import torch, transformers and the engine
+    once (no GPU touched), then fork a worker for each request of the driver, each with the socket it passes
+    and its environment (its GPU), and report each worker's pid and, when it ends, its exit code."""
     _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (the driver decides when workers stop)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import transformers  # noqa: F401  (the imports that every worker would otherwise repeat)
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    import batchrun.engine.batch
+    import batchrun.engine.reference  # noqa: F401
+
+    ctl = Connection(ctl_fd)
+    fds = socket.socket(fileno=fds_fd)
+    children: dict[int, int] = {}  # pid -> worker
+    while True:
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            with contextlib.suppress(OSError):
+                ctl.send(("exit", children.pop(pid), os.waitstatus_to_exitcode(status)))
+        try:
+            if not ctl.poll(0.2):
+                continue
+            index, env = ctl.recv()
+        except (EOFError, OSError):
+            return  # the driver is done (or gone)
+        _, got, _, _ = socket.recv_fds(fds, 1, 1)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                ctl.close()
+                fds.close()
+                os.environ.update(env)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                worker_main(got[0])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            finally:
+                os._exit(code)
+        os.close(got[0])
+        children[pid] = index
+        ctl.send(("pid", index, pid))
+
+
+def worker_main(fd: int) -> None:
+    """A worker (forked by the zygote): read its job from the socket ``fd``, load, then run the shards the
+    driver sends until it sends None."""
+    _die_with_parent()
+    parent = os.getppid()
     stop = threading.Event()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     conn = Connection(fd)
-    index, spec, device, done, threads, share, parent = conn.recv()
+    index, spec, device, done, threads, share = conn.recv()
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s worker {index} %(levelname)s %(message)s")
     try:
         worker = ShardWorker(spec, device, done, threads, share)
@@ -150,7 +235,7 @@ def worker_main(fd: int) -> None:
         while True:
             while not conn.poll(1.0):
                 if os.getppid() != parent:
-                    return  # the driver is gone
+                    return  # the zygote is gone (and the driver with it)
             task = conn.recv()
             if task is None:
                 return
@@ -170,10 +255,10 @@ def worker_main(fd: int) -> None:
 
 
 def _one_gpu(device: str) -> tuple[dict[str, str], str]:
-    """The environment of a worker on ``device`` and the device it names there: a GPU worker sees only its GPU
+    """The environment a worker on ``device`` adds, and the device it names there: a GPU worker sees only its GPU
     (``CUDA_VISIBLE_DEVICES``, mapped through this process's own), as ``cuda:0``, so nothing in it can touch
     another worker's GPU by default."""
-    env = dict(os.environ)
+    env: dict[str, str] = {}
     if not device.startswith("cuda"):
         return env, device
     index = int(device.partition(":")[2] or 0)
@@ -192,4 +277,4 @@ def _die_with_parent() -> None:
 
 
 if __name__ == "__main__":
-    worker_main(int(sys.argv[1]))
+    zygote_main(int(sys.argv[1]), int(sys.argv[2]))
