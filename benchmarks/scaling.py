@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", default=str(REPO / ".tok"), help="tokenizer directory (SmolLM2's)")
     ap.add_argument("--workdir", default="/tmp/batchrun-scaling")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--baseline", type=float, default=None,
+                    help="one GPU's wall time measured before (when --gpus leaves out 1): the speed-up is over it")
     args = ap.parse_args()
     have, gpu = visible_gpus()
     counts = [n for n in (int(x) for x in args.gpus.split(",")) if n <= have]
@@ -83,7 +85,7 @@ def main() -> None:
         w = workloads.make(name, scale=args.scale, seed=args.seed)
         data = work / f"{name}-{args.scale}-{args.seed}.parquet"
         pq.write_table(pa.table({"text": w.texts(), "max_tokens": w.max_tokens}), data)
-        base = None
+        base = args.baseline
         for n in counts:
             devices = ", ".join(f"cuda:{i}" for i in range(n))
             engine = "{device: cuda:0}" if n == 1 else f"{{devices: [{devices}]}}"
