@@ -267,6 +267,8 @@ def _one_gpu(device: str) -> tuple[dict[str, str], str]:
         raise SpecError(f"engine.devices: {device} is not one of the {len(visible)} GPU(s) that "
                         f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} leaves visible")
     env["CUDA_VISIBLE_DEVICES"] = visible[index].strip() if visible else str(index)
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:  # (a worker's KV pool fills most of its GPU: an OOM from
+        env["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # fragmentation ended an 8b run without it)
     return env, "cuda:0"
 
 
