@@ -54,7 +54,8 @@ def main() -> None:
             t = time.monotonic()
             shards = shard_plan(plan, n)
             loads = greedy_workers(shards.cost, n)
-            row = {"workload": name, "scale": args.scale, "seed": args.seed, "rows": len(w), "workers": n,
+            row = {"bench": "shards", "workload": name, "scale": args.scale, "seed": args.seed, "rows": len(w),
+                   "workers": n,
                    **shards.report(), "cost": None, "shard_s": round(time.monotonic() - t, 3),
                    "worker_balance": round(float(loads.max() / loads.mean()), 3),
                    "duplicated_share": round(shards.duplicated_prefill / float(shards.cost.sum()), 4),
