@@ -6,7 +6,8 @@ position of the row in the source (files in the order given, a glob's matches so
 order; with SQL, the query's order, so give it an ORDER BY or an id).
 The job's SQL must be one SELECT query, and it runs in a confined DuckDB: it can read the input files (local
 paths and file:// URLs, or remote URLs of the schemes in ``spec.REMOTE_SCHEMES``, each confined to the files
-named, or for a glob to its directory prefix) and nothing else: no other file, no COPY/ATTACH/INSTALL/LOAD/SET/
+named, or for a glob to its directory prefix; objects of an object store, s3:// and gs://, are read through
+pyarrow instead, ``io/object_input.py``, and DuckDB then reads no file at all) and nothing else: no other file, no COPY/ATTACH/INSTALL/LOAD/SET/
 PRAGMA, no extension installs, and the configuration is locked so none of this can be turned off.
 This module owns its DuckDB connection and knows nothing of models.
 """
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchrun.errors import InputDataError, SpecError
+from batchrun.io import object_input
 from batchrun.spec import InputSpec, file_url_path, url_scheme
 
 GENERATED_ID = "row_id"
@@ -69,7 +71,10 @@ def resolve_files(spec: InputSpec) -> list[str]:
         scheme = url_scheme(entry)
         if scheme == "file":  # DuckDB reads file:// locally: it is a local path, confined like one
             entry = file_url_path(entry)
-        elif scheme:  # a remote URL (spec.py allows only REMOTE_SCHEMES): DuckDB resolves it through an extension
+        elif object_input.is_object_input(entry):  # an object store: listed (globs matched) through pyarrow.fs
+            out.extend(object_input.expand(scheme + entry[len(scheme):]))
+            continue
+        elif scheme:  # another remote URL (spec.py allows only REMOTE_SCHEMES): DuckDB's extension resolves it
             out.append(scheme + entry[len(scheme):])
             continue
         if any(c in entry for c in "*?[") and not os.path.isfile(entry):
@@ -110,16 +115,24 @@ def read_source(spec: InputSpec) -> Source:
     if fmt == "openai_batch":
         return _read_batch_file(spec, files)
     located = [f if url_scheme(f) else os.path.abspath(f) for f in files]
+    objects = [f for f in files if object_input.is_object_input(f)]
+    if objects and len(objects) != len(files):
+        raise SpecError("input.path: objects of an object store and other files together; use one or the other")
+    data = object_input.dataset(objects, fmt) if objects else None
     # DuckDB keeps its spill directory writable under the confinement: make it a private, empty one.
     spill = tempfile.mkdtemp(prefix="batchrun-duckdb-")
     con = duckdb.connect(":memory:", config={"temp_directory": spill})
     try:
         try:
-            # Binding the view reads the files' schema (and loads the extension a remote scheme needs, while
-            # that is still allowed); only our own literal file list is read before the confinement.
-            reader = _READERS[fmt].format(files=_sql_list(located))
-            con.execute(f'CREATE VIEW "{spec.table}" AS SELECT * FROM {reader}')
-            _confine(con, located)
+            if data is not None:  # objects: DuckDB scans the Arrow dataset; it reads no file itself
+                con.register(spec.table, data)
+                _confine(con, [])
+            else:
+                # Binding the view reads the files' schema (and loads the extension a remote scheme needs,
+                # while that is still allowed); only our own literal file list is read before the confinement.
+                reader = _READERS[fmt].format(files=_sql_list(located))
+                con.execute(f'CREATE VIEW "{spec.table}" AS SELECT * FROM {reader}')
+                _confine(con, located)
         except duckdb.Error as e:
             raise InputDataError(f"input.path: cannot read {fmt} input: {_first_line(e)}") from None
         if spec.sql:
@@ -247,6 +260,8 @@ def check_ids(table: pa.Table, id_column: str) -> None:
 
 def file_stat(path: str) -> FileStat:
     """Path, size and modification time (-1 for a path that cannot be read), to fingerprint inputs."""
+    if object_input.is_object_input(path):
+        return FileStat(path, *object_input.stats(path))
     try:
         st = os.stat(path)
         return FileStat(path, st.st_size, st.st_mtime_ns)
