@@ -94,6 +94,7 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
     from batchrun.runtime.prepare import prepare
 
     job = validate(spec, overrides)
+    workers = workers or _workers(job)
     resolved = loader.resolve(job.model)
     tokenizer = loader.load_tokenizer(job.model, resolved)
     facts = loader.model_facts(job.model, job.engine, resolved, count_weights=True, tokenizer=tokenizer)
@@ -112,6 +113,17 @@ def plan(spec: JobSpec | str | Path, overrides: list[str] | tuple[str, ...] = ()
                                    if k in ("kind", "rows", "grammars", "compile_s")} if prepared.constraint else None),
                       batchprompt=prepared.batchprompt.plan_report() if prepared.batchprompt else None,
                       shards=shard_plan(prepared.plan, workers).report() if workers else None)
+
+
+def _workers(job: JobSpec) -> int | None:
+    """The workers ``submit`` would start (``engine.devices`` as a list; auto: this host's GPUs), or None."""
+    from batchrun.runtime.distribute import local_devices
+
+    e = job.engine
+    if e.devices is None or (e.executor == "ray" and not isinstance(e.devices, list)):
+        return None  # (one device; or Ray's auto: the cluster decides)
+    n = len(local_devices(e))
+    return n if n > 1 else None
 
 
 def status(output_dir: str | Path) -> dict[str, Any]:
@@ -163,8 +175,6 @@ def export(output_dir: str | Path, fmt: str, path: str | Path) -> dict[str, Any]
     (``<name>.errors.jsonl``: one line per request that failed, with the row's error)."""
     import datetime
 
-    import pyarrow.parquet as pq
-
     from batchrun.errors import SpecError, UsageError
     from batchrun.io import openai_batch
 
@@ -174,7 +184,10 @@ def export(output_dir: str | Path, fmt: str, path: str | Path) -> dict[str, Any]
     if not state.owned or not state.complete:
         what = "no batchrun job's output" if not state.owned else "not finished (rerun submit to finish it)"
         raise SpecError(f"{output_dir}: {what}; export reads a finished job's results")
-    tables = [pq.read_table(Path(output_dir) / name) for name in state.parts]
+    from batchrun.io.store import open_store
+
+    store = open_store(output_dir)  # (a local directory or an object-store prefix)
+    tables = [store.read_table(name) for name in state.parts]
     names = set(tables[0].column_names) if tables else set()
     if not {"custom_id", "url", "body"} <= names:
         raise SpecError(f"{output_dir}: not the output of a job with input.format openai_batch (no custom_id, url "

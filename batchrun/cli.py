@@ -198,7 +198,8 @@ def validate(job: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @_JOB
 @_SET
 @click.option("--workers", type=click.IntRange(1, 4096), default=None,
-              help="Also cut the plan into shards for this many workers: their cost, balance, duplicated prefill.")
+              help="Also cut the plan into shards for this many workers: their cost, balance, duplicated prefill "
+                   "(default: as many as engine.devices lists).")
 @_JSON
 @_guard
 def plan(job: str, overrides: tuple[str, ...], workers: int | None, as_json: bool) -> None:

@@ -147,3 +147,6 @@ def test_plan_with_workers_shows_the_shards(tmp_path, tiny_model_dir, reviews_pa
     assert "shards" in done.output and "for 2 worker(s)" in done.output
     plain = json.loads(CliRunner().invoke(cli, ["plan", str(job), "--json"]).output.strip().splitlines()[-1])
     assert plain["shards"] is None
+    devices = CliRunner().invoke(cli, ["plan", str(job), "--json", "--set", "engine.devices=[cpu, cpu, cpu]",
+                                       "--set", "engine.device=auto"])
+    assert json.loads(devices.output.strip().splitlines()[-1])["shards"]["shards"] >= 3, devices.output

@@ -7,8 +7,9 @@ order; with SQL, the query's order, so give it an ORDER BY or an id).
 The job's SQL must be one SELECT query, and it runs in a confined DuckDB: it can read the input files (local
 paths and file:// URLs, or remote URLs of the schemes in ``spec.REMOTE_SCHEMES``, each confined to the files
 named, or for a glob to its directory prefix; objects of an object store, s3:// and gs://, are read through
-pyarrow instead, ``io/object_input.py``, and DuckDB then reads no file at all) and nothing else: no other file, no COPY/ATTACH/INSTALL/LOAD/SET/
-PRAGMA, no extension installs, and the configuration is locked so none of this can be turned off.
+pyarrow instead, ``io/object_input.py``, and DuckDB then reads no file at all) and nothing else: no other
+file, no COPY/ATTACH/INSTALL/LOAD/SET/PRAGMA, no extension installs, and the configuration is locked so none
+of this can be turned off.
 This module owns its DuckDB connection and knows nothing of models.
 """
 
