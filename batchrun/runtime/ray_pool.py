@@ -24,8 +24,6 @@ from batchrun.errors import SpecError, TemporaryFailure
 from batchrun.runtime.shard_worker import Lost, Ready, Rows, ShardDone, ShardWorker, failpoint
 from batchrun.spec import JobSpec
 
-log = logging.getLogger("batchrun")
-
 
 class RayWorker:
     """The actor: built on its node, loads there (``setup``), then runs shards (``run``, a generator)."""
