@@ -27,7 +27,7 @@ from batchrun.plan.shards import shard_plan
 from batchrun.runtime.assemble import RowResult
 from batchrun.runtime.prepare import PreparedJob
 from batchrun.runtime.progress import Progress
-from batchrun.runtime.shard_worker import Lost, Ready, Rows, ShardDone
+from batchrun.runtime.shard_worker import Lost, Ready, Rows, ShardDone, input_stats
 from batchrun.runtime.stop import StopFlag
 from batchrun.spec import EngineSpec, JobSpec
 
@@ -144,6 +144,9 @@ def run_shards(spec: JobSpec, prepared: PreparedJob, pool: Pool, emit: Callable[
         for event in pool.poll(POLL_S):
             rec = workers[event.worker]
             if isinstance(event, Ready):
+                if event.info.get("input") != input_stats(prepared):  # (it would compute other rows)
+                    raise RuntimeFailure(f"worker {event.worker} read other input files than this process (changed "
+                                         "while the job started?); rerun when the input stays as it is")
                 rec.state, rec.load_s = "ready", event.info.get("load_s")
                 rec.ready_s = round(time.monotonic() - t0, 3)
                 log.info("worker %d ready on %s (loaded in %.1f s)", event.worker, pool.devices[event.worker],

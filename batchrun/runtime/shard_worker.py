@@ -112,7 +112,8 @@ class ShardWorker:
 
     def info(self) -> dict[str, Any]:
         return {"device": self.device, "dtype": self.loaded.dtype, "resolved": self.loaded.resolved,
-                "load_s": round(self.load_s, 3), "prepare_s": round(self.prepare_s, 3), "pid": os.getpid()}
+                "load_s": round(self.load_s, 3), "prepare_s": round(self.prepare_s, 3), "pid": os.getpid(),
+                "input": input_stats(self.prepared)}
 
     def run(self, keys: Sequence[Hashable], interrupt: Callable[[], bool]) -> Iterator[list[Completion]]:
         """Run the requests of ``keys`` (a shard, or what is left of one); yield finished completions."""
@@ -132,6 +133,11 @@ class ShardWorker:
         from batchrun.engine.factory import kv_usage
 
         return kv_usage(self.engine) if self.engine is not None else (None, None)
+
+
+def input_stats(prepared: PreparedJob) -> list[tuple[str, int, int]]:
+    """The input files a preparation read (path, size, modification time): driver and workers must agree."""
+    return [(f.path, f.size, f.mtime_ns) for f in prepared.source.files]
 
 
 def choice_scorer(spec: JobSpec, loaded: Any, prepared: PreparedJob) -> Callable[[Completion], Completion] | None:
