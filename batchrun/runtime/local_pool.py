@@ -59,6 +59,7 @@ class LocalPool:
         self._ctl: Connection | None = None
         self.started_at = 0.0
         self._closed = False
+        self._zygote_alive = True
 
     def start(self) -> None:
         """Start the zygote (it imports torch and the engine once), then have it fork one worker per device."""
@@ -78,8 +79,11 @@ class LocalPool:
             self._ctl.send((i, env))
             theirs.close()
             conn = Connection(mine.detach())
-            conn.send((i, self._spec, seen_as, self._done, self._threads if device == "cpu" else None,
-                       self.devices.count(device)))
+            job = (i, self._spec, seen_as, self._done, self._threads if device == "cpu" else None,
+                   self.devices.count(device))
+            # (sent from a thread: a big job, many ids already done, would otherwise block until the worker
+            # reads it, after the zygote's imports; nothing else is sent to a worker before it is Ready)
+            threading.Thread(target=_send_quietly, args=(conn, job), daemon=True).start()
             self._conns.append(conn)
         fds.close()
 
@@ -93,7 +97,7 @@ class LocalPool:
         """The events that arrived within ``timeout`` seconds, and a ``Lost`` for each worker that died."""
         live = {self._conns[i]: i for i in range(len(self._conns)) if i not in self._gone}
         out: list[Any] = []
-        for ready in wait([*live, self._ctl], timeout):
+        for ready in wait([*live, self._ctl] if self._zygote_alive else list(live), timeout):
             if ready is self._ctl:
                 self._zygote_news()
                 continue
@@ -122,12 +126,12 @@ class LocalPool:
                     self._exits[i] = value
                 wait_s = 0.0
         except (EOFError, OSError):
-            pass  # the zygote is gone (its workers die with it)
+            self._zygote_alive = False  # (its workers die with it: their sockets report them)
 
     def _lost(self, i: int) -> Lost:
         self._gone.add(i)
         deadline = time.monotonic() + 5
-        while i not in self._exits and time.monotonic() < deadline and self._zygote.poll() is None:
+        while i not in self._exits and time.monotonic() < deadline and self._zygote_alive:
             self._zygote_news(0.1)
         code = self._exits.get(i)
         why = (f"killed by signal {-code}" if code is not None and code < 0 else
@@ -166,6 +170,11 @@ class LocalPool:
             self._zygote.wait()
         for c in self._conns:
             c.close()
+
+
+def _send_quietly(conn: Connection, message: Any) -> None:
+    with contextlib.suppress(OSError):
+        conn.send(message)
 
 
 def zygote_main(ctl_fd: int, fds_fd: int) -> None:
