@@ -65,7 +65,9 @@ def test_two_local_workers_equal_one(tmp_path, tiny_model_dir, sampling):
     two = api.submit(_job(tmp_path, tiny_model_dir, "two", "devices: [cpu, cpu]", sampling=sampling))
     assert _rows(tmp_path / "two") == _rows(tmp_path / "one")
     assert one.rows_total == two.rows_total == 24 and two.rows_ok == 24
-    w = _manifest(tmp_path / "two")["workers"]
+    m = _manifest(tmp_path / "two")
+    assert m["model"]["device"] == ["cpu", "cpu"] and m["model"]["dtype"] == "float32"
+    w = m["workers"]
     assert w["executor"] == "local" and w["devices"] == ["cpu", "cpu"] and w["reruns"] == 0
     assert sum(r["rows"] for r in w["workers"]) == 24
     assert sorted(s for r in w["workers"] for s in r["shards"]) == list(range(w["shards"]))

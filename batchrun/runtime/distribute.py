@@ -122,7 +122,7 @@ def run_shards(spec: JobSpec, prepared: PreparedJob, pool: Pool, emit: Callable[
     attempts = dict.fromkeys(range(shards.count), 0)
     workers = [WorkerRecord(d) for d in pool.devices]
     busy: dict[int, int] = {}  # worker -> shard
-    kv_budget, kv_peak, stopping, reruns = None, None, False, 0
+    kv_budget, kv_peak, stopping, reruns, dtype = None, None, False, 0, None
     log.info("%d shard(s) over %d worker(s) (%s): balance %.2f, %d prefix tokens computed twice",
              shards.count, len(workers), pool.executor, shards.balance, shards.duplicated_prefill)
     t0 = pool.started_at
@@ -148,6 +148,7 @@ def run_shards(spec: JobSpec, prepared: PreparedJob, pool: Pool, emit: Callable[
                     raise RuntimeFailure(f"worker {event.worker} read other input files than this process (changed "
                                          "while the job started?); rerun when the input stays as it is")
                 rec.state, rec.load_s = "ready", event.info.get("load_s")
+                dtype = dtype or event.info.get("dtype")
                 rec.ready_s = round(time.monotonic() - t0, 3)
                 log.info("worker %d ready on %s (loaded in %.1f s)", event.worker, pool.devices[event.worker],
                          rec.load_s or 0)
@@ -180,7 +181,8 @@ def run_shards(spec: JobSpec, prepared: PreparedJob, pool: Pool, emit: Callable[
                     pending.appendleft((s, attempts[s]))
                     log.warning("shard %d: %d row(s) not received; rerunning them on another worker", s,
                                 len(remaining[s]))
-    report = {"executor": pool.executor, "devices": list(pool.devices), **shards.report(), "reruns": reruns,
+    report = {"executor": pool.executor, "devices": list(pool.devices), "dtype": dtype, **shards.report(),
+              "reruns": reruns,
               "workers": [vars(r) | {"busy_s": round(r.busy_s, 3)} for r in workers]}
     return Distributed(report, kv_budget, kv_peak, max((r.load_s or 0.0 for r in workers), default=0.0), stopping)
 

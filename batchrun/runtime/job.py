@@ -180,7 +180,7 @@ def _run(spec: JobSpec, fresh: bool, progress: Progress, sink: sinks.Sink, stop:
     elif distributed:
         run = execute_on_workers(spec, prepared, sink, progress, _committed(prepared, done), stop, pools[0])
         timings["load_s"] += run.workers_load_s
-        model["device"] = run.workers["devices"]
+        model.update(device=run.workers["devices"], dtype=run.workers["dtype"] or model["dtype"])
     else:
         run = execute(spec, prepared, loaded, sink, progress, already_done=_committed(prepared, done), stop=stop)
     timings["generate_s"] = run.generate_s
