@@ -6,7 +6,9 @@ import them from there, never from this module."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -69,3 +71,37 @@ def reviews_parquet(tmp_path) -> Path:
     pq.write_table(table, path)
     return path
 
+
+S3_BUCKET = "batchrun-test"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on 127.0.0.1 (a free port), the AWS variables pointing at it, one bucket (``S3_BUCKET``).
+    Skipped where moto[server] (the test extra) is not installed."""
+    pytest.importorskip("moto.server", reason="moto[server] (the test extra) runs the local S3 server")
+    from moto.server import ThreadedMotoServer
+
+    from batchrun.io import lease as leases
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                     "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                     "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
+            mp.setenv(k, v)
+        mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+        mp.setattr(leases, "SETTLE_S", 0.05)
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield f"s3://{S3_BUCKET}"
+    server.stop()
+
+
+@pytest.fixture()
+def url(s3):
+    return f"{s3}/{uuid.uuid4().hex[:12]}"

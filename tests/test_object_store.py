@@ -7,12 +7,10 @@ lease taken over, a lost lease writes nothing more); parts named per shard (also
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
 import time
-import uuid
 
 import duckdb
 import pyarrow as pa
@@ -29,37 +27,8 @@ from batchrun.io.sink import Sink, output_schema
 from batchrun.io.store import ObjectStore
 from helpers import write_job
 
-BUCKET = "batchrun-test"
 INPUT = pa.table({"id": list(range(10)), "text": [f"text {i}" for i in range(10)]})
 JOB = {"job": "t", "results_hash": "r1", "spec_hash": "s1", "id_column": "id", "spec": {}}
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server on 127.0.0.1 (a free port), the AWS variables pointing at it, one bucket."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
-                     "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                     "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
-            mp.setenv(k, v)
-        mp.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-        mp.setattr(leases, "SETTLE_S", 0.05)
-        import boto3
-
-        boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield f"s3://{BUCKET}"
-    server.stop()
-
-
-@pytest.fixture()
-def url(s3):
-    return f"{s3}/{uuid.uuid4().hex[:12]}"
 
 
 def values(i: int) -> dict:
@@ -344,60 +313,3 @@ def test_a_job_submitted_to_s3_equals_the_same_job_written_locally(tmp_path, url
                                            "part-000001.parquet", "part-000002.parquet"])
     again = api.submit(job, [f"output.path={url}"])
     assert again.status == "already_complete" and again.rows_total == 5
-
-
-# ---------------------------------------------------------------------------------------------- input
-
-
-def _upload(url: str, name: str, table: pa.Table, fmt: str = "parquet") -> str:
-    import pyarrow.csv as pcsv
-
-    store = ObjectStore(url)
-    target = f"{store.root}/{name}"
-    with store.fs.open_output_stream(target) as f:
-        if fmt == "parquet":
-            pq.write_table(table, f)
-        else:
-            pcsv.write_csv(table, f)
-    return f"{url}/{name}"
-
-
-def test_input_from_the_object_store_equals_the_same_input_read_locally(tmp_path, url, tiny_model_dir):
-    """Two Parquet objects under a glob (one lacks a column: nulls there), input.sql over them, output on S3."""
-    a = pa.table({"id": [0, 1, 2], "text": ["Great kettle.", "Broke.", "A cable."], "stars": [5, 1, 3]})
-    b = pa.table({"id": [3, 4], "text": ["Nice.", "Never again."]})
-    for name, t in (("a.parquet", a), ("b.parquet", b)):
-        pq.write_table(t, tmp_path / name)
-        _upload(url, f"in/2026-{name}", t)
-    _upload(url, "in/other.csv", a, fmt="csv")  # (not matched by the glob)
-    local = write_job(tmp_path, JOBFILE.format(model=tiny_model_dir, data=tmp_path / "*.parquet",
-                                               out=tmp_path / "local"), "local.yaml")
-    sql = "input.sql=SELECT * FROM input WHERE id <> 2"
-    api.submit(local, [sql])
-    result = api.submit(local, [sql, f"input.path={url}/in/2026-*.parquet", f"output.path={url}/out"])
-    assert result.status == "ok" and result.rows_total == 4
-    cols = ["id", "text", "stars", "output", "output_tokens"]
-    want = duckdb.sql(f"SELECT {', '.join(cols)} FROM '{tmp_path}/local/*.parquet' ORDER BY id").fetchall()
-    store = ObjectStore(f"{url}/out")
-    got = pa.concat_tables([store.read_table(n, cols) for n in read_state(f"{url}/out").parts]).sort_by("id")
-    assert list(zip(*(got.column(c).to_pylist() for c in cols))) == want
-    assert [r[2] for r in want] == [5, 1, None, None]
-    m = json.loads(store.read(MANIFEST))
-    assert [f["path"] for f in m["input"]["files"]] == [f"{url}/in/2026-a.parquet", f"{url}/in/2026-b.parquet"]
-    assert all(f["size"] > 0 and f["mtime_ns"] > 0 for f in m["input"]["files"])
-    # A changed input object is another job: its output is refused unless --fresh.
-    _upload(url, "in/2026-b.parquet", pa.table({"id": [3, 4], "text": ["Changed.", "Never again."]}))
-    with pytest.raises(SpecError, match="holds results of a different job"):
-        api.submit(local, [sql, f"input.path={url}/in/2026-*.parquet", f"output.path={url}/out"])
-
-
-def test_missing_input_objects_are_input_errors(tmp_path, url, tiny_model_dir):
-    from batchrun.errors import InputDataError
-
-    job = write_job(tmp_path, JOBFILE.format(model=tiny_model_dir, data=f"{url}/nothing.parquet",
-                                             out=tmp_path / "out"))
-    with pytest.raises(InputDataError, match=f"input.path: no object '{url}/nothing.parquet'"):
-        api.submit(job)
-    with pytest.raises(InputDataError, match=r"input.path: no object matches .*/none-\*\.parquet"):
-        api.submit(job, [f"input.path={url}/none-*.parquet"])
-    assert not list((tmp_path / "out").glob("*.parquet"))  # (nothing written but the lock)
