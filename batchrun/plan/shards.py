@@ -115,17 +115,18 @@ def _cut(plan: Plan, shards: int, extra: int) -> Shards:
     loads: list[int] = []
     computed = 0  # prefix tokens over every shard
     for root, rows in sorted(stream, key=lambda u: -len(u[1])):
-        bounds = set(_boundaries(rows, root, p).tolist())
+        bounds = _boundaries(rows, root, p)  # (sorted)
         start = 0
         while start < len(rows):
-            cum = np.cumsum(_incremental(rows[start:], own, p))
+            cum = _window(rows, start, own, p, fair)
             end = int(np.searchsorted(cum, fair, side="left")) + 1
-            near = [b - start for b in bounds
-                    if 0 < b - start <= len(cum) and abs(int(cum[b - start - 1]) - fair) <= fair * SNAP]
+            inside = bounds[(bounds > start) & (bounds <= start + len(cum))] - start
+            near = [int(e) for e in inside if abs(int(cum[e - 1]) - fair) <= fair * SNAP]
             if near:
                 end = min(near, key=lambda e: abs(int(cum[e - 1]) - fair))
             end = min(max(end, 1), len(rows) - start)
-            if len(rows) - start - end > 0 and int(cum[-1] - cum[end - 1]) < fair * SNAP:
+            at_end = start + len(cum) == len(rows)  # (else what follows is more than a sliver)
+            if at_end and len(rows) - start - end > 0 and int(cum[-1] - cum[end - 1]) < fair * SNAP:
                 end = len(rows) - start  # (no sliver of a shard at the end)
             chunk = rows[start:start + end]
             cost, _, prefix = _piece(chunk, int(own[chunk].sum()), p)
@@ -179,6 +180,27 @@ def _outermost(parent: np.ndarray, row_prefix: np.ndarray) -> np.ndarray:
     while len(top) and (parent[top] >= 0).any():
         top = np.where(parent[top] >= 0, parent[top], top)
     return np.where(row_prefix >= 0, top[np.maximum(row_prefix, 0)] if len(top) else -1, -1)
+
+
+def _window(rows: list[int], start: int, own: np.ndarray, p, fair: int) -> np.ndarray:
+    """The cumulative cost of ``rows[start:]`` as one shard (``_incremental``), only as far as the cut can fall:
+    past a fair share and its SNAP, and a SNAP past the row that first reaches it (or to the end)."""
+    seen: set[int] = set()
+    out: list[int] = []
+    total, stop = 0, None
+    for r in rows[start:]:
+        total += int(own[r])
+        q = int(p.row_prefix[r])
+        while q >= 0 and q not in seen:
+            seen.add(q)
+            total += int(p.tokens[q])
+            q = int(p.parent[q])
+        out.append(total)
+        if stop is None and total >= fair:
+            stop = max(fair * (1 + SNAP), total) + fair * SNAP
+        if stop is not None and total >= stop:
+            break
+    return np.asarray(out, dtype=np.int64)
 
 
 def _incremental(rows: list[int], own: np.ndarray, p) -> np.ndarray:
