@@ -34,6 +34,18 @@ Rows = list[list[int]]
 
 
 # ------------------------------------------------------------------------------ files and models
+# A small job on a local model: model, data (a path or URL) and out to fill in (object-store tests).
+SMALL_JOB = """
+name: s3job
+model: {{path: "{model}"}}
+input: {{path: "{data}", id: id}}
+prompt: {{template: "Review: {{{{ text }}}}", chat: false}}
+sampling: {{max_tokens: 3, ignore_eos: true}}
+output: {{path: "{out}", part_rows: 2}}
+engine: {{device: cpu, batch_size: 2, threads: 1}}
+"""
+
+
 def write_job(tmp_path: Path, body: str, name: str = "job.yaml") -> Path:
     path = tmp_path / name
     path.write_text(body, encoding="utf-8")

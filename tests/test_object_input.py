@@ -15,17 +15,7 @@ from batchrun import api
 from batchrun.errors import InputDataError, SpecError
 from batchrun.io.outdir import MANIFEST, read_state
 from batchrun.io.store import ObjectStore
-from helpers import write_job
-
-JOBFILE = """
-name: s3job
-model: {{path: "{model}"}}
-input: {{path: "{data}", id: id}}
-prompt: {{template: "Review: {{{{ text }}}}", chat: false}}
-sampling: {{max_tokens: 3, ignore_eos: true}}
-output: {{path: "{out}", part_rows: 2}}
-engine: {{device: cpu, batch_size: 2, threads: 1}}
-"""
+from helpers import SMALL_JOB, write_job
 
 
 def _upload(url: str, name: str, table: pa.Table, fmt: str = "parquet") -> str:
@@ -49,7 +39,7 @@ def test_input_from_the_object_store_equals_the_same_input_read_locally(tmp_path
         pq.write_table(t, tmp_path / name)
         _upload(url, f"in/2026-{name}", t)
     _upload(url, "in/other.csv", a, fmt="csv")  # (not matched by the glob)
-    local = write_job(tmp_path, JOBFILE.format(model=tiny_model_dir, data=tmp_path / "*.parquet",
+    local = write_job(tmp_path, SMALL_JOB.format(model=tiny_model_dir, data=tmp_path / "*.parquet",
                                                out=tmp_path / "local"), "local.yaml")
     sql = "input.sql=SELECT * FROM input WHERE id <> 2"
     api.submit(local, [sql])
@@ -71,7 +61,7 @@ def test_input_from_the_object_store_equals_the_same_input_read_locally(tmp_path
 
 
 def test_missing_input_objects_are_input_errors(tmp_path, url, tiny_model_dir):
-    job = write_job(tmp_path, JOBFILE.format(model=tiny_model_dir, data=f"{url}/nothing.parquet",
+    job = write_job(tmp_path, SMALL_JOB.format(model=tiny_model_dir, data=f"{url}/nothing.parquet",
                                              out=tmp_path / "out"))
     with pytest.raises(InputDataError, match=f"input.path: no object '{url}/nothing.parquet'"):
         api.submit(job)

@@ -25,7 +25,7 @@ from batchrun.io import lease as leases
 from batchrun.io.outdir import JOB_FILE, LEASE, MANIFEST, SUCCESS, read_state
 from batchrun.io.sink import Sink, output_schema
 from batchrun.io.store import ObjectStore
-from helpers import write_job
+from helpers import SMALL_JOB, write_job
 
 INPUT = pa.table({"id": list(range(10)), "text": [f"text {i}" for i in range(10)]})
 JOB = {"job": "t", "results_hash": "r1", "spec_hash": "s1", "id_column": "id", "spec": {}}
@@ -285,22 +285,13 @@ def test_status_reads_the_url(url, s3):
     assert api.status(s3)["state"] == "missing"  # a bucket without a prefix is not read
 
 
-JOBFILE = """
-name: s3job
-model: {{path: "{model}"}}
-input: {{path: "{data}", id: id}}
-prompt: {{template: "Review: {{{{ text }}}}", chat: false}}
-sampling: {{max_tokens: 3, ignore_eos: true}}
-output: {{path: "{out}", part_rows: 2}}
-engine: {{device: cpu, batch_size: 2, threads: 1}}
-"""
 
 
 def test_a_job_submitted_to_s3_equals_the_same_job_written_locally(tmp_path, url, tiny_model_dir):
     data = tmp_path / "data.parquet"
     pq.write_table(pa.table({"id": list(range(5)), "text": ["Great kettle.", "Broke.", "A cable.", "Nice.",
                                                              "Never again."]}), data)
-    job = write_job(tmp_path, JOBFILE.format(model=tiny_model_dir, data=data, out=tmp_path / "local"))
+    job = write_job(tmp_path, SMALL_JOB.format(model=tiny_model_dir, data=data, out=tmp_path / "local"))
     api.submit(job)
     result = api.submit(job, [f"output.path={url}"])
     assert result.status == "ok" and result.output == url and result.rows_total == 5

@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from batchrun.errors import SpecError
-from batchrun.runtime.shard_worker import Lost, Ready, Rows, ShardDone, ShardWorker, failpoint
+from batchrun.runtime.shard_worker import Lost, Ready, ShardWorker
 from batchrun.spec import JobSpec
 
 log = logging.getLogger("batchrun")
@@ -248,12 +248,8 @@ def worker_main(fd: int) -> None:
             task = conn.recv()
             if task is None:
                 return
-            shard, attempt, keys = task
-            t = time.monotonic()
-            for batch in worker.run(keys, interrupt=stop.is_set):
-                conn.send(Rows(index, shard, batch))
-                failpoint(shard, attempt)
-            conn.send(ShardDone(index, shard, stop.is_set(), time.monotonic() - t, *worker.kv_usage()))
+            for event in worker.events(index, *task, stop=stop.is_set):  # (task: shard, attempt, keys)
+                conn.send(event)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         return  # the driver closed its end
     except BaseException as e:

@@ -21,7 +21,7 @@ from collections.abc import Collection, Iterator
 from typing import Any
 
 from batchrun.errors import SpecError, TemporaryFailure
-from batchrun.runtime.shard_worker import Lost, Ready, Rows, ShardDone, ShardWorker, failpoint
+from batchrun.runtime.shard_worker import Lost, Ready, Rows, ShardDone, ShardWorker
 from batchrun.spec import JobSpec
 
 
@@ -40,11 +40,8 @@ class RayWorker:
         return Ready(self.index, self.worker.info() | {"node": socket.gethostname()})
 
     def run(self, shard: int, attempt: int, keys: list[Any]) -> Iterator[Rows | ShardDone]:
-        t = time.monotonic()
-        for batch in self.worker.run(keys, interrupt=self.stopping.is_set):
-            yield Rows(self.index, shard, batch)
-            failpoint(shard, attempt, before_dying=lambda: time.sleep(0.5))  # (let Ray deliver the rows)
-        yield ShardDone(self.index, shard, self.stopping.is_set(), time.monotonic() - t, *self.worker.kv_usage())
+        yield from self.worker.events(self.index, shard, attempt, keys, stop=self.stopping.is_set,
+                                      before_dying=lambda: time.sleep(0.5))  # (let Ray deliver the rows)
 
     def stop(self) -> None:
         self.stopping.set()

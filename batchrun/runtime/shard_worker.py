@@ -129,6 +129,16 @@ class ShardWorker:
         for batch in self.engine.run(requests, plan, interrupt=interrupt):
             yield [self.score(c) for c in batch] if self.score else batch
 
+    def events(self, index: int, shard: int, attempt: int, keys: Sequence[Hashable], stop: Callable[[], bool],
+               before_dying: Callable[[], None] = lambda: None) -> Iterator[Rows | ShardDone]:
+        """A shard's run as the driver hears of it (worker ``index``, its ``attempt``-th run): ``Rows`` as
+        requests finish, then ``ShardDone``; ``stop`` ends it early (the ``FAILPOINT`` hook runs here too)."""
+        t = time.monotonic()
+        for batch in self.run(keys, interrupt=stop):
+            yield Rows(index, shard, batch)
+            failpoint(shard, attempt, before_dying)
+        yield ShardDone(index, shard, stop(), time.monotonic() - t, *self.kv_usage())
+
     def kv_usage(self) -> tuple[int | None, int | None]:
         from batchrun.engine.factory import kv_usage
 
