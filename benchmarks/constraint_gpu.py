@@ -105,6 +105,31 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def profiled(loaded, plan, reqs) -> dict:
+    """One run under the torch profiler: GPU busy fraction, launches per step, and the host's time in the CUDA
+    calls that can wait for the device."""
+    from gpu_trace import summarize
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=400_000)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        sum(len(b) for b in engine.run(reqs, plan))
+        sync()
+        wall = time.perf_counter() - t
+    trace = summarize(prof, wall)
+    waits: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CPU and ("Synchronize" in e.name or "Memcpy" in e.name):
+            waits[e.name] = waits.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e6
+    gpu = sum(trace["by_name"].values())
+    return {"wall_s": round(wall, 3), "gpu_busy": round(trace["busy"], 3), "kernel_s": round(gpu, 3),
+            "launches_per_step": round(trace["launches"] / engine.stats["steps"], 1),
+            "host_cuda_waits_s": {k: round(v, 4) for k, v in sorted(waits.items(), key=lambda kv: -kv[1])[:6]},
+            "top_kernels_s": {k[:60]: round(v, 4) for k, v in sorted(trace["by_name"].items(),
+                                                                      key=lambda kv: -kv[1])[:6]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=512)
@@ -114,10 +139,17 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each kind (the fastest is reported)")
     ap.add_argument("--phases", action="store_true", help="add up the host time of the engine's phases")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (the GIL's)")
+    ap.add_argument("--capture-after", type=int, default=None, help="the runner's CAPTURE_AFTER (an experiment)")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more constrained and replay run each under the torch profiler: GPU busy, launches")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU: check the script runs")
     args = ap.parse_args()
     if args.phases:
         time_phases()
+    if args.capture_after is not None:
+        import batchrun.engine.runner as runner
+
+        runner.CAPTURE_AFTER = args.capture_after
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     device = "cpu" if args.tiny else "cuda"
@@ -168,6 +200,11 @@ def main() -> None:
             row[name]["phases_s"] = {k: round(v, 4) for k, v in PHASES.items()}
         if name == "replay":
             row[name]["same_tokens"] = all(c.token_ids == recorded[c.key][0] for c in out)
+    if args.profile:
+        for name in ("constrained", "replay"):
+            row[name]["profile"] = profiled(loaded, plan, [Request(key=i, prompt_ids=w.tokens.row(i).tolist(),
+                                                                  max_tokens=args.max_tokens, constraint=make(name, i))
+                                                          for i in range(args.rows)])
     c, r = row["constrained"], row["replay"]
     row["replay_same_steps"] = c["steps"] == r["steps"]
     row["mask_cpu_share_of_wall"] = round(c["mask_s"] / c["wall_s"], 4)
@@ -180,6 +217,8 @@ def main() -> None:
     row["mask_ms_each"] = round(1000 * c["mask_s"] / max(c["masks"], 1), 4)
     row["grammar_threads"] = os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default")
     row["switch_interval_s"] = sys.getswitchinterval()
+    if args.capture_after is not None:
+        row["capture_after"] = args.capture_after
     row |= {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
     record(row, args.out)

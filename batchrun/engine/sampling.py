@@ -41,26 +41,38 @@ def constrain(logits: torch.Tensor, allowed: list[Sequence[int] | np.ndarray | N
     rows = [i for i, a in enumerate(allowed) if a is not None]
     words = (logits.shape[-1] + 31) // 32
     bits = np.stack([pack(allowed[i], words) for i in rows]) if rows else np.zeros((0, words), np.int32)
-    return apply_mask_bits(logits, rows, bits)
+    return apply_mask_bits(logits, packed_masks(len(allowed), rows, bits, logits.shape[-1], pin=False))
 
 
-def apply_mask_bits(logits: torch.Tensor, rows: Sequence[int], bits: np.ndarray) -> torch.Tensor:
-    """Logits [n, vocab] with the tokens that row ``rows[j]``'s packed mask ``bits[j]`` (``constraints.pack``)
-    does not allow set to -inf. The masks go to the device packed (32 tokens a word) and are unpacked there."""
-    if not len(rows):
-        return logits
-    vocab = logits.shape[-1]
+def packed_masks(n: int, rows: Sequence[int], bits: np.ndarray, vocab: int, pin: bool) -> torch.Tensor:
+    """The masks of a batch of ``n`` rows as one host tensor [n, ceil(vocab / 32)] int32 (``constraints.pack``):
+    row ``rows[j]``'s is ``bits[j]`` (tokens past its width are not allowed), every other row allows every
+    token. ``pin``: in page-locked memory, so that its copy to the device neither waits for the device nor
+    holds up the host."""
     words = (vocab + 31) // 32
-    if bits.shape[1] < words:  # (tokens past a mask's end are not allowed)
-        bits = np.pad(bits, ((0, 0), (0, words - bits.shape[1])))
-    dev = logits.device
-    packed = torch.from_numpy(np.ascontiguousarray(bits)).to(dev, non_blocking=True)
-    token = torch.arange(vocab, device=dev)
-    keep = (packed[:, token >> 5] >> (token & 31)) & 1
-    index = torch.tensor(list(rows), device=dev)
-    logits = logits.clone()
-    logits[index] = logits[index].masked_fill(keep == 0, float("-inf"))
-    return logits
+    host = torch.empty((n, words), dtype=torch.int32, pin_memory=pin)
+    out = host.numpy()
+    width = min(bits.shape[1], words)
+    if len(rows) == n:
+        out[:, :width] = bits[:, :width]
+        out[:, width:] = 0
+    else:
+        out.fill(-1)
+        if len(rows):
+            out[list(rows), :width] = bits[:, :width]
+            out[list(rows), width:] = 0
+    return host
+
+
+def apply_mask_bits(logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """Logits [n, vocab] with the tokens that a row's packed mask (``packed_masks``) does not allow set to
+    -inf. The masks go to the device packed (32 tokens a word, one copy that waits for nothing) and are
+    unpacked there."""
+    vocab = logits.shape[-1]
+    words = packed.to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    keep = ((words.unsqueeze(-1) >> shifts) & 1).view(len(words), -1)[:, :vocab]
+    return logits.masked_fill(keep == 0, float("-inf"))
 
 
 def sample_tensor(logits: torch.Tensor, params: Sequence[SamplingParams],
