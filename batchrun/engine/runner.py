@@ -190,11 +190,12 @@ class Runner:
                     run()
                 self._graph_pool = torch.cuda.graph_pool_handle()
             # (Not ``torch.cuda.graph``: it empties the allocator's cache at every capture, and the next
-            # prefill step would then wait on fresh device allocations.)
+            # prefill step would then wait on fresh device allocations. Thread-local: the mask worker may take
+            # pinned memory meanwhile, which a global capture would count as an error.)
             graph = torch.cuda.CUDAGraph()
             self._capture_stream.wait_stream(main)
             with torch.cuda.stream(self._capture_stream):
-                graph.capture_begin(pool=self._graph_pool)
+                graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
                 try:
                     logits = run()
                 finally:
