@@ -96,7 +96,7 @@ def time_phases() -> None:
     wrap(scheduler.Scheduler, "next_step", "plan_step")
     wrap(runner.Runner, "forward", "launch_forward")
     wrap(batch, "apply_mask_bits", "apply_masks")
-    wrap(batch, "mask_bits", "worker_masks")
+    wrap(batch.StepMasks, "compute", "worker_masks")
     wrap(batch.BatchEngine, "_resolve", "resolve")
 
 

@@ -20,13 +20,12 @@ from typing import Any
 
 import torch
 
-from batchrun.engine.constraints import mask_bits, narrow
+from batchrun.engine.constraints import StepMasks, narrow
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
 from batchrun.engine.runner import Runner
-from batchrun.engine.sampling import (LogprobLog, apply_mask_bits, logprobs_of, packed_masks, row_generator,
-                                      sample_tensor)
+from batchrun.engine.sampling import LogprobLog, apply_mask_bits, logprobs_of, row_generator, sample_tensor
 from batchrun.engine.scheduler import Scheduler
 from batchrun.engine.step import Step
 from batchrun.engine.stopping import Stopper
@@ -125,18 +124,20 @@ class BatchEngine:
         reqs = [run.requests[k.row] for k in keys]
         constraints = [r.constraint for r in reqs]
         masks = forced = None
-        later: list = []  # (the forced runs' lookup, done once the masks are in: ``constraints.narrow``)
         if any(c is not None for c in constraints):  # computed on the CPU while the GPU runs the step
-            masks = _mask_worker().submit(_masks, constraints, [run.sched.generated(k) for k in keys],
-                                          self.runner.vocab, later, self.loaded.device != "cpu")
+            # (In page-locked memory: its copy to the device then waits for nothing.)
+            packed = torch.empty((len(keys), (self.runner.vocab + 31) // 32), dtype=torch.int32,
+                                 pin_memory=self.loaded.device != "cpu")
+            job = StepMasks(constraints, [run.sched.generated(k) for k in keys], packed.numpy())
+            masks = _mask_worker().submit(job.compute)
         logits = self.runner.forward(step, None if inflight is None else inflight.tokens)
         raw = logits
         scored = _scored(raw, constraints, [run.sched.generated(k) for k in keys]) if masks is not None else None
         if masks is not None:
             t = time.perf_counter()
-            packed = masks.result()
+            masks.result()
             run.mask_wait += time.perf_counter() - t  # (what the masks add to the step)
-            forced = _mask_worker().submit(narrow, later) if later else None  # (while the step finishes)
+            forced = _mask_worker().submit(narrow, job.later) if job.later else None  # (while the step finishes)
             logits = apply_mask_bits(logits, packed)
         if run.greedy:  # (every row greedy: the common case, kept cheap)
             tokens = logits.argmax(-1)
@@ -212,13 +213,6 @@ class _Launched:
     raw: torch.Tensor | None  # the model's logits (for logprobs)
     scored: tuple | None = None  # logits some constraints asked to record (``_scored``)
     forced: Any = None  # the forced runs' lookup, in the mask worker (a Future)
-
-
-def _masks(constraints: Sequence[Any], generated: Sequence[Sequence[int]], vocab: int, later: list,
-           pin: bool) -> torch.Tensor:
-    """A step's masks, packed for the device (in the mask worker)."""
-    rows, bits = mask_bits(constraints, generated, vocab, later)
-    return packed_masks(len(constraints), rows, bits, vocab, pin)
 
 
 def _scored(raw: torch.Tensor, constraints: Sequence[Any], generated: Sequence[Sequence[int]]) -> tuple | None:

@@ -155,7 +155,7 @@ class Grammar:
         ``forced_after``). Only a mask of one token can start a forced run, so only then is llguidance asked
         (the ask holds the GIL: skipping it for the other rows keeps the mask worker out of the main thread's
         way)."""
-        forced = list(self._matcher.compute_ff_tokens()) if width == 1 else []
+        forced = list(self._matcher.compute_ff_tokens()) if width == 1 and not self._done() else []
         self._ff = (self._consumed, forced)
         return forced
 
@@ -211,75 +211,87 @@ def pack(allowed: Any, words: int) -> np.ndarray:
     return np.packbits(keep, bitorder="little").view(np.int32)
 
 
-def mask_bits(constraints: Sequence[Any], generated: Sequence[Sequence[int]], vocab: int,
-              later: list | None = None) -> tuple[list[int], np.ndarray]:
-    """One step's token masks: the rows that have a constraint, and their masks packed (``pack``) into
-    [len(rows), ceil(vocab / 32)] int32. Grammars are brought up to their rows' tokens together and their
-    masks computed together, in llguidance's thread pool (no GIL): at a batch of hundreds of rows one thread
-    would take longer than the GPU's step. The forced runs are looked up only for rows whose mask allows a
-    single token (``Grammar._narrow``); with ``later`` (a list) that lookup, which holds the GIL, is left for
-    ``narrow(later)`` to do once the step is launched: a mask of one token is right without it, and the forced
-    runs are needed only when the step's tokens are recorded. Safe to run in a worker thread while the GPU
-    runs the step."""
-    words = (vocab + 31) // 32
-    rows = [i for i, c in enumerate(constraints) if c is not None]
-    bits = np.zeros((len(rows), words), dtype=np.int32)
-    grammars, at, ids = [], [], []
-    for j, i in enumerate(rows):
-        c = constraints[i]
-        if isinstance(c, Grammar):
-            grammars.append((j, c, generated[i]))
-            continue
-        allowed = c.allowed_tokens(generated[i])
-        if isinstance(allowed, list | tuple):  # a few ids (forced text, label slots): set below, all at once
-            at += [j] * len(allowed)
-            ids += allowed
-        else:
-            bits[j] = pack(allowed, words)
-    if ids:
-        tok = np.asarray(ids, dtype=np.int64)
-        np.bitwise_or.at(bits.view(np.uint32), (np.asarray(at), tok >> 5), (1 << (tok & 31)).astype(np.uint32))
-    if not grammars:
-        return rows, bits
-    t = time.perf_counter()
-    _catch_up([(g, gen) for _, g, gen in grammars])
-    live = []
-    flat = bits.view(np.uint32)
-    for j, g, _ in grammars:
-        if g._done():
-            for tok in g.compiled.eos_ids:
-                flat[j, tok >> 5] |= np.uint32(1 << (tok & 31))
-        else:
-            live.append((g, j))
-    if live:
-        own = (live[0][0].compiled.tokenizer.vocab_size + 31) // 32  # llguidance writes exactly its width
-        target = bits if own == words else np.zeros((len(rows), own), dtype=np.int32)
+class StepMasks:
+    """One step's token masks, written into ``out`` ([rows, ceil(vocab / 32)] int32 in ``pack``'s layout; a row
+    without a constraint allows every token).
+
+    Made on the main thread, which packs every constraint that is not a grammar (a few ids: cheap) and lines
+    up the grammars' work. ``compute()`` then does that work: each grammar consumes its row's last token and
+    computes its mask, all in llguidance's thread pool, which runs without the GIL. Hardly any Python runs
+    there, so a worker thread can run it while the main thread launches the step, and neither waits for the
+    other's GIL (at a batch of hundreds of rows, Python in the worker slowed the launches by a fifth).
+    A finished or broken grammar's mask allows only EOS (llguidance's own rule). The forced runs are looked up
+    afterwards, by ``narrow(later)``, only for the grammars whose mask allows one token: a mask of one token is
+    right without them, and they are needed only when the step's tokens are recorded."""
+
+    def __init__(self, constraints: Sequence[Any], generated: Sequence[Sequence[int]], out: np.ndarray):
+        self.out = out
+        self.later: list[tuple[Grammar, int]] = []  # (each live grammar, its mask's width), once computed
+        grammars, at, ids = [], [], []
+        for i, c in enumerate(constraints):
+            if c is None:
+                out[i] = -1
+            elif isinstance(c, Grammar):
+                grammars.append((c, i, generated[i]))
+            else:
+                allowed = c.allowed_tokens(generated[i])
+                out[i] = 0
+                if isinstance(allowed, list | tuple):  # a few ids (forced text, label slots): set below
+                    at += [i] * len(allowed)
+                    ids += allowed
+                else:
+                    out[i] = pack(allowed, out.shape[1])
+        if ids:
+            tok = np.asarray(ids, dtype=np.int64)
+            np.bitwise_or.at(out.view(np.uint32), (np.asarray(at), tok >> 5), (1 << (tok & 31)).astype(np.uint32))
+        self._grammars = [g for g, _, _ in grammars]
+        self._one: list[tuple[Any, int]] = []  # (matcher, token): rows one token behind, the common case
+        for g, _, gen in grammars:
+            if len(gen) == g._consumed + 1 and not g._done():
+                self._one.append((g._matcher, int(gen[-1])))
+                g._consumed += 1
+            else:
+                g._sync(gen)
+        self._rows = [i for _, i, _ in grammars]
+        self._matchers = [(g._matcher, i) for g, i, _ in grammars]
+        self._counts: dict[int, list] = {}
+        for g in self._grammars:
+            self._counts.setdefault(id(g.compiled), [g.compiled.stats, 0])[1] += 1
+
+    def compute(self) -> None:
+        """The grammars' work (safe in a worker thread while the GPU runs the step)."""
+        if not self._grammars:
+            return
+        t = time.perf_counter()
+        if len(self._one) < 4:
+            for m, tok in self._one:
+                m.consume_token(tok)
+        elif self._one:
+            _executor().consume_token_par(self._one)
+        out = self.out
+        own = (self._grammars[0].compiled.tokenizer.vocab_size + 31) // 32  # llguidance writes exactly its width
+        direct = own == out.shape[1] and out.flags.c_contiguous
+        target = out if direct else np.zeros((len(out), own), dtype=np.int32)
         t_mask = time.perf_counter()
-        _executor().unsafe_compute_mask_ptr([(g._matcher, j) for g, j in live], target.ctypes.data, own * 4,
-                                            len(rows))
+        _executor().unsafe_compute_mask_ptr(self._matchers, target.ctypes.data, own * 4, len(target))
         t_mask = time.perf_counter() - t_mask
-        at = np.array([j for _, j in live])
-        if target is not bits:
-            n = min(own, words)
-            bits[at, :n] = target[at, :n]
-        widths = np.bitwise_count(flat[at]).sum(axis=1).tolist()
-        if later is not None:
-            later.extend((g, w) for (g, _), w in zip(live, widths))
-        else:
-            for (g, j), width in zip(live, widths):
-                forced = g._narrow(width)
-                if forced:
-                    flat[j] = 0
-                    flat[j, forced[0] >> 5] = np.uint32(1 << (forced[0] & 31))
-    _account([g for _, g, _ in grammars], time.perf_counter() - t)
-    if live:
-        live[0][0].compiled.stats["mask_pool_s"] = live[0][0].compiled.stats.get("mask_pool_s", 0.0) + t_mask
-    return rows, bits
+        rows = np.asarray(self._rows)
+        if not direct:
+            n = min(own, out.shape[1])
+            out[rows, :n] = target[rows, :n]
+            out[rows, n:] = 0
+        widths = np.bitwise_count(out[rows].view(np.uint32)).sum(axis=1).tolist()
+        self.later = list(zip(self._grammars, widths))
+        seconds = time.perf_counter() - t
+        for stats, n in self._counts.values():
+            stats["masks"] += n
+            stats["mask_s"] += seconds * n / len(self._grammars)
+            stats["mask_pool_s"] = stats.get("mask_pool_s", 0.0) + t_mask * n / len(self._grammars)
 
 
 def narrow(later: Sequence[tuple[Grammar, int]]) -> None:
-    """The forced runs ``mask_bits(..., later)`` left (each grammar with its mask's width). A mask of one token
-    allowed exactly the first token of its forced run, so the masks already applied stay right."""
+    """The forced runs ``StepMasks`` left (each grammar with its mask's width). A mask of one token allowed
+    exactly the first token of its forced run, so the masks already applied stay right."""
     for g, width in later:
         g._narrow(width)
 
@@ -294,31 +306,3 @@ def _executor() -> Any:
         threads = os.environ.get("BATCHRUN_GRAMMAR_THREADS")
         _EXECUTOR.append(LLExecutor(int(threads)) if threads else LLExecutor())
     return _EXECUTOR[0]
-
-
-def _catch_up(grammars: Sequence[tuple[Grammar, Sequence[int]]]) -> None:
-    """Bring each grammar up to its row's tokens; rows one token behind (the common case) in one parallel
-    call."""
-    one = []
-    for g, gen in grammars:
-        if len(gen) == g._consumed + 1 and not g._done():
-            one.append((g, int(gen[-1])))
-        else:
-            g._sync(gen)
-    if len(one) < 4:
-        for g, tok in one:
-            g._matcher.consume_token(tok)
-    else:
-        _executor().consume_token_par([(g._matcher, tok) for g, tok in one])
-    for g, _ in one:
-        g._consumed += 1
-
-
-def _account(grammars: Sequence[Grammar], seconds: float) -> None:
-    """Share ``seconds`` of grammar work out over ``grammars``' stats (one mask each)."""
-    counts: dict[int, list] = {}
-    for g in grammars:
-        counts.setdefault(id(g.compiled), [g.compiled.stats, 0])[1] += 1
-    for stats, n in counts.values():
-        stats["masks"] += n
-        stats["mask_s"] += seconds * n / len(grammars)

@@ -38,36 +38,18 @@ def constrain(logits: torch.Tensor, allowed: list[Sequence[int] | np.ndarray | N
     """Logits [n, vocab] with every token outside row i's ``allowed[i]`` set to -inf (None: no restriction).
     ``allowed[i]`` is a collection of token ids, or a boolean mask over the vocabulary (a grammar's; tokens
     past its end are not allowed)."""
-    rows = [i for i, a in enumerate(allowed) if a is not None]
     words = (logits.shape[-1] + 31) // 32
-    bits = np.stack([pack(allowed[i], words) for i in rows]) if rows else np.zeros((0, words), np.int32)
-    return apply_mask_bits(logits, packed_masks(len(allowed), rows, bits, logits.shape[-1], pin=False))
-
-
-def packed_masks(n: int, rows: Sequence[int], bits: np.ndarray, vocab: int, pin: bool) -> torch.Tensor:
-    """The masks of a batch of ``n`` rows as one host tensor [n, ceil(vocab / 32)] int32 (``constraints.pack``):
-    row ``rows[j]``'s is ``bits[j]`` (tokens past its width are not allowed), every other row allows every
-    token. ``pin``: in page-locked memory, so that its copy to the device neither waits for the device nor
-    holds up the host."""
-    words = (vocab + 31) // 32
-    host = torch.empty((n, words), dtype=torch.int32, pin_memory=pin)
-    out = host.numpy()
-    width = min(bits.shape[1], words)
-    if len(rows) == n:
-        out[:, :width] = bits[:, :width]
-        out[:, width:] = 0
-    else:
-        out.fill(-1)
-        if len(rows):
-            out[list(rows), :width] = bits[:, :width]
-            out[list(rows), width:] = 0
-    return host
+    packed = torch.full((len(allowed), words), -1, dtype=torch.int32)
+    for i, a in enumerate(allowed):
+        if a is not None:
+            packed[i] = torch.from_numpy(pack(a, words))
+    return apply_mask_bits(logits, packed)
 
 
 def apply_mask_bits(logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """Logits [n, vocab] with the tokens that a row's packed mask (``packed_masks``) does not allow set to
-    -inf. The masks go to the device packed (32 tokens a word, one copy that waits for nothing) and are
-    unpacked there."""
+    """Logits [n, vocab] with the tokens that row i's packed mask ``packed[i]`` ([n, ceil(vocab / 32)] int32
+    on the host, ``constraints.pack``'s layout) does not allow set to -inf. The masks go to the device packed
+    (32 tokens a word, in one copy: from page-locked memory it waits for nothing) and are unpacked there."""
     vocab = logits.shape[-1]
     words = packed.to(logits.device, non_blocking=True)
     shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
