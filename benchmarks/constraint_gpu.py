@@ -97,6 +97,8 @@ def time_phases() -> None:
     wrap(runner.Runner, "forward", "launch_forward")
     wrap(batch, "apply_mask_bits", "apply_masks")
     wrap(batch.StepMasks, "compute", "worker_masks")
+    wrap(batch.StepMasks, "__init__", "prepare_masks")
+    wrap(batch, "narrow", "worker_narrow")
     wrap(batch.BatchEngine, "_resolve", "resolve")
 
 
