@@ -78,6 +78,8 @@ def time_phases() -> None:
     forward's launch, waiting for the masks, applying them, reading back and recording the tokens, and the
     grammar work in the worker thread."""
     import batchrun.engine.batch as batch
+    import batchrun.engine.constraints as constraints
+    import batchrun.engine.masks as masks
     import batchrun.engine.runner as runner
     import batchrun.engine.scheduler as scheduler
 
@@ -96,9 +98,9 @@ def time_phases() -> None:
     wrap(scheduler.Scheduler, "next_step", "plan_step")
     wrap(runner.Runner, "forward", "launch_forward")
     wrap(batch, "apply_mask_bits", "apply_masks")
-    wrap(batch.StepMasks, "compute", "worker_masks")
-    wrap(batch.StepMasks, "__init__", "prepare_masks")
-    wrap(batch, "narrow", "worker_narrow")
+    wrap(constraints.StepMasks, "compute", "worker_masks")
+    wrap(constraints.StepMasks, "__init__", "prepare_masks")
+    wrap(masks, "narrow", "worker_narrow")
     wrap(batch.BatchEngine, "_resolve", "resolve")
 
 

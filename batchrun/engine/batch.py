@@ -2,7 +2,7 @@
 
 Each step: the scheduler describes the work (decodes, then prefill packs in plan order, within the KV
 budget), the runner computes it in one packed forward pass, per-request logits constraints are applied (a
-grammar's masks computed in a worker thread while the GPU runs the step),
+grammar's masks computed in a worker thread from the moment its row's token is recorded: ``engine.masks``),
 the sampler draws each row's next token (under the request's own sampling settings, or the engine's), the
 scheduler records it (ending rows at EOS or their limit), and the engine ends rows whose text reached one of
 their stop strings. Completions stream out as rows finish.
@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from batchrun.engine.constraints import StepMasks, narrow
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
+from batchrun.engine.masks import MaskPipeline
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
 from batchrun.engine.runner import Runner
 from batchrun.engine.sampling import LogprobLog, apply_mask_bits, logprobs_of, row_generator, sample_tensor
@@ -33,7 +31,6 @@ from batchrun.errors import RuntimeFailure
 from batchrun.plan.plan import Plan
 
 log = logging.getLogger("batchrun")
-_WORKER: list[ThreadPoolExecutor] = []  # one thread computing grammar masks while the GPU runs a step
 
 
 def overlaps(requests: Sequence[Request], logprobs: int | None) -> bool:
@@ -42,12 +39,6 @@ def overlaps(requests: Sequence[Request], logprobs: int | None) -> bool:
     on the host before the next step; ``BATCHRUN_OVERLAP=0`` turns it off (one step at a time)."""
     return (logprobs is None and all(r.constraint is None for r in requests)
             and os.environ.get("BATCHRUN_OVERLAP", "1") != "0")
-
-
-def _mask_worker() -> ThreadPoolExecutor:
-    if not _WORKER:
-        _WORKER.append(ThreadPoolExecutor(1, thread_name_prefix="batchrun-masks"))
-    return _WORKER[0]
 
 
 class BatchEngine:
@@ -85,7 +76,8 @@ class BatchEngine:
         kv = KVManager(plan.prefixes, self.num_blocks, self.block_size)
         sched = Scheduler(plan, requests, kv, self.step_tokens, self.stopper.eos_ids, self.initial_estimate)
         run = _RunState(requests, sched, LogprobLog(self.loaded.tokenizer) if self.sampling.logprobs is not None
-                        else None, all((r.sampling or self.sampling).greedy for r in requests))
+                        else None, all((r.sampling or self.sampling).greedy for r in requests),
+                        MaskPipeline(self.runner.vocab, self.loaded.device != "cpu"))
         overlap = overlaps(requests, self.sampling.logprobs)
         inflight: _Launched | None = None
         peak = launches = 0
@@ -125,19 +117,13 @@ class BatchEngine:
         constraints = [r.constraint for r in reqs]
         masks = forced = None
         if any(c is not None for c in constraints):  # computed on the CPU while the GPU runs the step
-            # (In page-locked memory: its copy to the device then waits for nothing.)
-            packed = torch.empty((len(keys), (self.runner.vocab + 31) // 32), dtype=torch.int32,
-                                 pin_memory=self.loaded.device != "cpu")
-            job = StepMasks(constraints, [run.sched.generated(k) for k in keys], packed.numpy())
-            masks = _mask_worker().submit(job.compute)
+            masks = run.masks.launch(keys, constraints, [run.sched.generated(k) for k in keys])
         logits = self.runner.forward(step, None if inflight is None else inflight.tokens)
         raw = logits
         scored = _scored(raw, constraints, [run.sched.generated(k) for k in keys]) if masks is not None else None
         if masks is not None:
-            t = time.perf_counter()
-            masks.result()
-            run.mask_wait += time.perf_counter() - t  # (what the masks add to the step)
-            forced = _mask_worker().submit(narrow, job.later) if job.later else None  # (while the step finishes)
+            packed, forced, waited = masks.wait()  # (forced: the forced runs' lookup, while the step finishes)
+            run.mask_wait += waited  # (what the masks add to the step)
             logits = apply_mask_bits(logits, packed)
         if run.greedy:  # (every row greedy: the common case, kept cheap)
             tokens = logits.argmax(-1)
@@ -164,6 +150,7 @@ class BatchEngine:
             _record(*launched.scored)
         events = sched.resolve(step, tokens)
         done = self._errors(sched)
+        going = []  # (the rows that go on: their next masks start now)
         for e in events:
             ended = e.ended
             if lps is not None:
@@ -182,6 +169,10 @@ class BatchEngine:
                 r = sched.finish(e.key)
                 out = self.stopper.finish(r.req.key, r.generated, r.req.max_tokens, stop)
                 done.append(out if lps is None else lps.attach(out, e.key))
+            elif c is not None:
+                going.append((e.key, c))
+        if going:
+            run.masks.start([k for k, _ in going], [c for _, c in going], [sched.generated(k) for k, _ in going])
         return done
 
     @staticmethod
@@ -197,6 +188,7 @@ class _RunState:
     sched: Scheduler
     lps: LogprobLog | None
     greedy: bool  # every request is greedy
+    masks: MaskPipeline
     generators: dict = field(default_factory=dict)  # a sampled row's torch.Generator
     mask_wait: float = 0.0
 
