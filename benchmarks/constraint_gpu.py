@@ -137,6 +137,7 @@ def profiled(loaded, plan, reqs) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--model", default="1b", choices=["1b", "8b"], help="random-weight model (BENCHMARKS.md)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--tokenizer", default=".tok")
     ap.add_argument("--out", default=None)
@@ -160,7 +161,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    model = random_model("tiny" if args.tiny else "1b", device)
+    model = random_model("tiny" if args.tiny else args.model, device)
     loaded = LoadedModel(model, tok, device, "bfloat16", "random", "random", [tok.eos_token_id], 8192)
     w = workloads.make("fewshot", rows=args.rows, seed=1)
     compiled = compile_constraint("json_schema", SCHEMA, tok)
@@ -172,7 +173,7 @@ def main() -> None:
         return Recording(compiled)
 
     plan = build_plan(w.tokens, np.full(args.rows, args.max_tokens), PlanConfig())
-    row = {"bench": "constraint-gpu", "model": "tiny" if args.tiny else "1b", "rows": args.rows,
+    row = {"bench": "constraint-gpu", "model": "tiny" if args.tiny else args.model, "rows": args.rows,
            "max_tokens": args.max_tokens}
     recorded: dict[int, tuple] = {}
     walls: dict[str, list[float]] = {}
