@@ -93,7 +93,7 @@ class Masks:
         for j in self.jobs:
             at = [i for i, k in enumerate(self.keys) if k in j.rows]
             src = [j.rows[self.keys[i]] for i in at]
-            if len(at) == len(self.keys) and src == at:  # (one job, in order: the common decode step)
+            if len(at) == len(self.keys) == len(j.job.out) and src == at:  # (one job, in order: most steps)
                 out[:] = j.job.out
             elif at:
                 out[at] = j.job.out[src]
