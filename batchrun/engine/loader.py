@@ -237,8 +237,8 @@ def load(spec: ModelSpec, engine: EngineSpec, tokenizer: Any = None) -> LoadedMo
     if engine.threads:
         torch.set_num_threads(engine.threads)
     device = pick_device(engine.device)
-    if device.startswith("cuda"):  # (streams, events and graphs the engine makes go to the model's GPU)
-        torch.cuda.set_device(torch.device(device))
+    if device.startswith("cuda:"):  # (streams, events and graphs the engine makes go to the model's GPU;
+        torch.cuda.set_device(torch.device(device))  # plain "cuda" is the current one already)
     dtype = pick_dtype(spec.dtype, device)
     resolved = resolve(spec)
     tokenizer = tokenizer or load_tokenizer(spec, resolved)
