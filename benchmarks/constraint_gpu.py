@@ -104,6 +104,18 @@ def time_phases() -> None:
     wrap(batch.BatchEngine, "_resolve", "resolve")
 
 
+def pin_main() -> None:
+    """The grammar threads (the mask worker and llguidance's pool, made now, inheriting this affinity) on every
+    CPU but the first; then the main thread alone on the first."""
+    import batchrun.engine.constraints as constraints
+    import batchrun.engine.masks as masks
+
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cpus[1:])
+    masks.worker().submit(constraints._executor).result()
+    os.sched_setaffinity(0, cpus[:1])
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -145,6 +157,8 @@ def main() -> None:
     ap.add_argument("--phases", action="store_true", help="add up the host time of the engine's phases")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (the GIL's)")
     ap.add_argument("--capture-after", type=int, default=None, help="the runner's CAPTURE_AFTER (an experiment)")
+    ap.add_argument("--pin-main", action="store_true",
+                    help="an experiment: the main thread alone on the first CPU, the grammar threads on the others")
     ap.add_argument("--profile", action="store_true",
                     help="one more constrained and replay run each under the torch profiler: GPU busy, launches")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU: check the script runs")
@@ -155,6 +169,8 @@ def main() -> None:
         import batchrun.engine.runner as runner
 
         runner.CAPTURE_AFTER = args.capture_after
+    if args.pin_main:
+        pin_main()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     device = "cpu" if args.tiny else "cuda"
@@ -222,6 +238,8 @@ def main() -> None:
     row["mask_ms_each"] = round(1000 * c["mask_s"] / max(c["masks"], 1), 4)
     row["grammar_threads"] = os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default")
     row["switch_interval_s"] = sys.getswitchinterval()
+    if args.pin_main:
+        row["pinned_main"] = True
     if args.capture_after is not None:
         row["capture_after"] = args.capture_after
     row |= {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
