@@ -216,7 +216,9 @@ def main() -> None:
                      "masks": compiled.stats["masks"] - before["masks"],
                      "mask_s": round(compiled.stats["mask_s"] - before["mask_s"], 3),
                      "mask_pool_s": round(compiled.stats.get("mask_pool_s", 0) - before.get("mask_pool_s", 0), 3),
-                     "mask_wait_s": round(engine.stats["mask_wait_s"], 3)}
+                     "mask_wait_s": round(engine.stats["mask_wait_s"], 3),
+                     "unmasked_draws": engine.stats["unmasked_draws"],
+                     "unmasked_allowed": engine.stats["unmasked_allowed"]}
         if args.phases:
             row[name]["phases_s"] = {k: round(v, 4) for k, v in PHASES.items()}
         if name == "replay":

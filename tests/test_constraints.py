@@ -113,6 +113,31 @@ def test_forced_tokens_are_appended_without_a_sampling_step_each(tiny):
     assert engine.stats["steps"] <= len(got.token_ids) // 2, (engine.stats, len(got.token_ids))
 
 
+REVIEW = {"type": "object", "additionalProperties": False, "required": ["product", "complaints"],
+          "properties": {"product": {"type": "string", "maxLength": 24},
+                         "complaints": {"type": "array", "maxItems": 2, "items": {"type": "string"}}}}
+
+
+def test_rows_drawn_before_their_wide_masks_equal_the_reference_engine(tiny, monkeypatch):
+    """Greedy rows inside free text (a mask allowing most of the vocabulary) are drawn without the mask and
+    their token checked against the grammar after; a token it does not allow is drawn again from the masked
+    logits. Both happen here, and every token equals the reference engine's and the fully masked run's."""
+    compiled = compile_constraint("json_schema", REVIEW, tiny.tokenizer)
+    want = _reference(tiny, _requests(tiny.tokenizer, compiled))
+    reqs = _requests(tiny.tokenizer, compiled)
+    plan = build_plan(TokenTable.from_lists(r.prompt_ids for r in reqs), np.array([r.max_tokens for r in reqs]),
+                      PlanConfig(step_tokens=64, block_size=4))
+    engine = BatchEngine(tiny, SamplingParams(), 100_000, 4, 64)
+    got = {c.key: c for batch in engine.run(reqs, plan) for c in batch}
+    assert 0 < engine.stats["unmasked_allowed"] < engine.stats["unmasked_draws"], engine.stats
+    monkeypatch.setenv("BATCHRUN_LAZY_MASKS", "0")
+    masked = _batchrun(tiny, _requests(tiny.tokenizer, compiled))
+    assert sorted(got) == sorted(want) == sorted(masked) == list(range(6))
+    for k in got:
+        assert got[k].token_ids == want[k].token_ids == masked[k].token_ids, f"row {k}"
+        assert (got[k].text, got[k].finish_reason) == (want[k].text, want[k].finish_reason), f"row {k}"
+
+
 def test_constrained_rows_preempted_and_recomputed_equal_the_reference_engine(tiny):
     """A row's next mask starts as soon as its token is recorded; a row preempted before that step runs keeps
     its grammar where it was and gets its mask when it comes back: the same tokens as the reference engine."""

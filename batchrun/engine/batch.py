@@ -20,7 +20,7 @@ import torch
 
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
-from batchrun.engine.masks import MaskPipeline
+from batchrun.engine.masks import MaskPipeline, Masks
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
 from batchrun.engine.runner import Runner
 from batchrun.engine.sampling import LogprobLog, apply_mask_bits, logprobs_of, row_generator, sample_tensor
@@ -75,9 +75,9 @@ class BatchEngine:
     def _run(self, requests: list[Request], plan: Plan) -> Iterator[list[Completion]]:
         kv = KVManager(plan.prefixes, self.num_blocks, self.block_size)
         sched = Scheduler(plan, requests, kv, self.step_tokens, self.stopper.eos_ids, self.initial_estimate)
+        greedy = all((r.sampling or self.sampling).greedy for r in requests)
         run = _RunState(requests, sched, LogprobLog(self.loaded.tokenizer) if self.sampling.logprobs is not None
-                        else None, all((r.sampling or self.sampling).greedy for r in requests),
-                        MaskPipeline(self.runner.vocab, self.loaded.device != "cpu"))
+                        else None, greedy, MaskPipeline(self.runner.vocab, self.loaded.device != "cpu", greedy))
         overlap = overlaps(requests, self.sampling.logprobs)
         inflight: _Launched | None = None
         peak = launches = 0
@@ -107,7 +107,8 @@ class BatchEngine:
         if failed:
             yield failed
         self.stats = {"steps": launches, "preemptions": sched.preemptions, "prefix_evictions": kv.evictions,
-                      "kv_peak_tokens": peak, "kv_budget_tokens": kv.budget, "mask_wait_s": run.mask_wait}
+                      "kv_peak_tokens": peak, "kv_budget_tokens": kv.budget, "mask_wait_s": run.mask_wait,
+                      "unmasked_draws": run.masks.lazy_rows, "unmasked_allowed": run.masks.settled}
         log.debug("engine: %s", self.stats)
 
     def _launch(self, step: Step, run: _RunState, inflight: _Launched | None) -> _Launched:
@@ -133,7 +134,8 @@ class BatchEngine:
                 if not p.greedy and k not in run.generators:
                     run.generators[k] = row_generator(r.seed, self.loaded.device)
             tokens = sample_tensor(logits, params, [run.generators.get(k) for k in keys])
-        return _Launched(step, tokens, *_to_host(tokens), raw if run.lps is not None else None, scored, forced)
+        return _Launched(step, tokens, *_to_host(tokens), raw if run.lps is not None else None, scored, forced,
+                         masks if masks is not None and masks.lazy else None, logits)
 
     def _resolve(self, launched: _Launched, run: _RunState) -> list[Completion]:
         """Read a launched step's tokens back, record them, and finish the rows that ended."""
@@ -142,6 +144,8 @@ class BatchEngine:
         if launched.forced is not None:
             launched.forced.result()  # (the forced runs ``forced_after`` reads)
         tokens = launched.host.tolist()
+        if launched.masks is not None:  # (rows drawn without their mask: checked, and drawn again if need be)
+            launched.masks.settle(tokens, launched.logits)
         sched, requests, lps = run.sched, run.requests, run.lps
         step = launched.step
         if lps is not None and tokens:
@@ -205,6 +209,8 @@ class _Launched:
     raw: torch.Tensor | None  # the model's logits (for logprobs)
     scored: tuple | None = None  # logits some constraints asked to record (``_scored``)
     forced: Any = None  # the forced runs' lookup, in the mask worker (a Future)
+    masks: Masks | None = None  # the step's masks, when some rows were drawn without theirs
+    logits: torch.Tensor | None = None  # (then: the logits they were drawn from)
 
 
 def _scored(raw: torch.Tensor, constraints: Sequence[Any], generated: Sequence[Sequence[int]]) -> tuple | None:

@@ -127,6 +127,7 @@ class Grammar:
         self.compiled = compiled
         self._matcher = LLMatcher(compiled.tokenizer, compiled.grammar, log_level=0)
         self._consumed = 0
+        self.width = 0  # how many tokens the last mask computed allowed (0: none computed yet)
         self._ff: tuple[int, list[int]] | None = None  # (consumed, the forced tokens there)
 
     def allowed_tokens(self, generated: Sequence[int]) -> np.ndarray:
@@ -146,6 +147,14 @@ class Grammar:
         if ff is not None and ff[0] == self._consumed == len(generated) - 1 and ff[1] and ff[1][0] == generated[-1]:
             return ff[1][1:]
         return []
+
+    def accepts(self, token: int) -> bool:
+        """Does the grammar allow ``token`` next (the mask's bit, without computing the mask)? If so it is
+        consumed: the grammar is then up to date with the row's tokens, ``token`` included."""
+        if self._done() or self._matcher.try_consume_tokens([int(token)]) != 1:
+            return False
+        self._consumed += 1
+        return True
 
     def _done(self) -> bool:
         return self._matcher.is_stopped() or self._matcher.is_error()
@@ -282,6 +291,8 @@ class StepMasks:
             out[rows, n:] = 0
         widths = np.bitwise_count(out[rows].view(np.uint32)).sum(axis=1).tolist()
         self.later = list(zip(self._grammars, widths))
+        for g, w in self.later:
+            g.width = w
         seconds = time.perf_counter() - t
         for stats, n in self._counts.values():
             stats["masks"] += n

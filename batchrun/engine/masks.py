@@ -6,10 +6,19 @@ it. The rows a step adds (prompts whose prefill just ended), and rows with cheap
 the step is launched (``launch``). ``Masks.wait`` gives the step's masks in sampling order, packed in
 page-locked memory (their copy to the device then waits for nothing). All grammar work runs in one worker
 thread, in submission order, so a grammar is never touched by two jobs at once.
+
+Greedy runs skip the expensive masks. A mask that allows much of the vocabulary (free text inside a string)
+costs the most (hundreds of microseconds with a bounded string, against tens elsewhere), and there the
+model's own best token is nearly always allowed. So a row whose last mask allowed at least ``LAZY_SHARE`` of
+the vocabulary is drawn without a mask, and ``Masks.settle`` then asks its grammar whether the token is
+allowed (microseconds). If it is, it is exactly the token the mask would have given: masking only removes
+tokens, and the argmax is the first best one either way. If not, the row's mask is computed there and its
+token drawn again from the masked logits. ``BATCHRUN_LAZY_MASKS=0`` turns this off.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +29,9 @@ import numpy as np
 import torch
 
 from batchrun.engine.constraints import Grammar, StepMasks, narrow
+from batchrun.engine.sampling import apply_mask_bits
 
+LAZY_SHARE = 0.25  # a grammar whose last mask allowed this share of the vocabulary is checked after the draw
 _WORKER: list[ThreadPoolExecutor] = []  # one thread running the grammar work while the GPU runs a step
 
 
@@ -38,17 +49,33 @@ class _Job:
 
 
 class MaskPipeline:
-    """The masks of one engine run's steps (``vocab``: the logits' width; ``pin``: page-locked buffers)."""
+    """The masks of one engine run's steps (``vocab``: the logits' width; ``pin``: page-locked buffers;
+    ``greedy``: every row greedy, so wide masks may be checked after the draw instead)."""
 
-    def __init__(self, vocab: int, pin: bool):
+    def __init__(self, vocab: int, pin: bool, greedy: bool):
         self.words = (vocab + 31) // 32
         self.pin = pin
+        self.lazy_width = vocab * LAZY_SHARE if greedy and os.environ.get("BATCHRUN_LAZY_MASKS", "1") != "0" \
+            else float("inf")
         self._early: _Job | None = None
+        self._lazy: set[Hashable] = set()
+        self.lazy_rows = self.settled = 0  # (rows drawn without a mask; of those, rows whose token was allowed)
 
     def start(self, keys: Sequence[Hashable], constraints: Sequence[Any],
               generated: Sequence[Sequence[int]]) -> None:
-        """Start the next masks of rows that go on decoding (those with a grammar; the others are cheap)."""
-        picked = [i for i, c in enumerate(constraints) if isinstance(c, Grammar)]
+        """Start the next masks of rows that go on decoding (those with a grammar; the others are cheap). A row
+        whose last mask was wide is brought up to date and left for ``Masks.settle`` instead."""
+        picked = []
+        self._lazy = set()
+        for i, c in enumerate(constraints):
+            if not isinstance(c, Grammar):
+                continue
+            if c.width >= self.lazy_width and not c._done():
+                c._sync(generated[i])  # (a token or so: microseconds, here rather than in the worker)
+                if not c._done():
+                    self._lazy.add(keys[i])
+                    continue
+            picked.append(i)
         if picked:
             self._early = self._submit([keys[i] for i in picked], [constraints[i] for i in picked],
                                        [generated[i] for i in picked])
@@ -57,16 +84,16 @@ class MaskPipeline:
                generated: Sequence[Sequence[int]]) -> Masks:
         """The masks of a step about to launch: those started early, and the rest now (in the worker)."""
         early, self._early = self._early, None
-        if early is not None:
-            have = early.rows
-            late = [i for i, k in enumerate(keys) if k not in have]
-        else:
-            late = list(range(len(keys)))
+        lazy_keys, self._lazy = self._lazy, set()
+        have = early.rows if early is not None else {}
+        lazy = [i for i, k in enumerate(keys) if k in lazy_keys]
+        late = [i for i, k in enumerate(keys) if k not in have and k not in lazy_keys]
         jobs = [early] if early is not None else []
         if late:
             jobs.append(self._submit([keys[i] for i in late], [constraints[i] for i in late],
                                      [generated[i] for i in late]))
-        return Masks(list(keys), jobs, self.words, self.pin)
+        self.lazy_rows += len(lazy)
+        return Masks(list(keys), jobs, self.words, self.pin, [(i, constraints[i], generated[i]) for i in lazy], self)
 
     def _submit(self, keys: Sequence[Hashable], constraints: Sequence[Any],
                 generated: Sequence[Sequence[int]]) -> _Job:
@@ -77,8 +104,11 @@ class MaskPipeline:
 class Masks:
     """A launched step's masks on their way."""
 
-    def __init__(self, keys: list[Hashable], jobs: list[_Job], words: int, pin: bool):
+    def __init__(self, keys: list[Hashable], jobs: list[_Job], words: int, pin: bool,
+                 lazy: list[tuple[int, Grammar, Sequence[int]]], pipeline: MaskPipeline):
         self.keys, self.jobs, self.words, self.pin = keys, jobs, words, pin
+        self.lazy = lazy  # (position, grammar, generated) of the rows drawn without a mask
+        self.pipeline = pipeline
 
     def wait(self) -> tuple[torch.Tensor, Future | None, float]:
         """(The masks [len(keys), words] int32 in sampling order, on the host; the forced runs' lookup, started
@@ -90,6 +120,8 @@ class Masks:
         waited = time.perf_counter() - t
         packed = torch.empty((len(self.keys), self.words), dtype=torch.int32, pin_memory=self.pin)
         out = packed.numpy()
+        for i, _, _ in self.lazy:
+            out[i] = -1
         for j in self.jobs:
             at = [i for i, k in enumerate(self.keys) if k in j.rows]
             src = [j.rows[self.keys[i]] for i in at]
@@ -99,3 +131,22 @@ class Masks:
                 out[at] = j.job.out[src]
         later = [x for j in self.jobs for x in j.job.later]
         return packed, worker().submit(narrow, later) if later else None, waited
+
+    def settle(self, tokens: list[int], logits: torch.Tensor) -> None:
+        """Check the tokens of the rows drawn without a mask (``tokens``: the step's, in sampling order;
+        ``logits``: the step's, on the device). A token its grammar allows stays (and is consumed); the others
+        are drawn again from their rows' masked logits, their masks computed now."""
+        if not self.lazy:
+            return
+        failed = [(i, g, gen) for i, g, gen in self.lazy if not g.accepts(tokens[i])]
+        self.pipeline.settled += len(self.lazy) - len(failed)
+        if not failed:
+            return
+        job = StepMasks([g for _, g, _ in failed], [gen for _, _, gen in failed],
+                        np.empty((len(failed), self.words), dtype=np.int32))
+        job.compute()
+        narrow(job.later)
+        rows = [i for i, _, _ in failed]
+        redrawn = apply_mask_bits(logits[rows], torch.from_numpy(job.out)).argmax(-1).tolist()
+        for i, t in zip(rows, redrawn):
+            tokens[i] = t
