@@ -217,8 +217,9 @@ def main() -> None:
                      "mask_s": round(compiled.stats["mask_s"] - before["mask_s"], 3),
                      "mask_pool_s": round(compiled.stats.get("mask_pool_s", 0) - before.get("mask_pool_s", 0), 3),
                      "mask_wait_s": round(engine.stats["mask_wait_s"], 3),
-                     "unmasked_draws": engine.stats["unmasked_draws"],
-                     "unmasked_allowed": engine.stats["unmasked_allowed"]}
+                     "unmasked": compiled.stats.get("unmasked", 0) - before.get("unmasked", 0),
+                     "unmasked_allowed": (compiled.stats.get("unmasked_allowed", 0)
+                                          - before.get("unmasked_allowed", 0))}
         if args.phases:
             row[name]["phases_s"] = {k: round(v, 4) for k, v in PHASES.items()}
         if name == "replay":

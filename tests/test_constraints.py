@@ -129,7 +129,7 @@ def test_rows_drawn_before_their_wide_masks_equal_the_reference_engine(tiny, mon
                       PlanConfig(step_tokens=64, block_size=4))
     engine = BatchEngine(tiny, SamplingParams(), 100_000, 4, 64)
     got = {c.key: c for batch in engine.run(reqs, plan) for c in batch}
-    assert 0 < engine.stats["unmasked_allowed"] < engine.stats["unmasked_draws"], engine.stats
+    assert 0 < compiled.stats["unmasked_allowed"] < compiled.stats["unmasked"], compiled.stats
     monkeypatch.setenv("BATCHRUN_LAZY_MASKS", "0")
     masked = _batchrun(tiny, _requests(tiny.tokenizer, compiled))
     assert sorted(got) == sorted(want) == sorted(masked) == list(range(6))
@@ -362,6 +362,7 @@ def test_plan_and_the_manifest_report_the_constraint(tmp_path, tiny_dir):
     c = manifest["constraint"]
     generated = sum(r["output_tokens"] for r in rows)  # a mask per token chosen (EOS included)
     assert (c["kind"], c["rows"], c["grammars"]) == ("regex", 4, 1) and c["masks"] == generated + len(rows)
+    assert (c["drawn_before_mask"], c["drawn_before_mask_allowed"]) == (0, 0)  # (digits: no wide mask)
     assert c["mask_s"] >= 0 and result.constraint == c
     job = tmp_path / "job.yaml"
     r = CliRunner().invoke(cli, ["plan", str(job), "--json"])

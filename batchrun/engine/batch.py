@@ -107,8 +107,7 @@ class BatchEngine:
         if failed:
             yield failed
         self.stats = {"steps": launches, "preemptions": sched.preemptions, "prefix_evictions": kv.evictions,
-                      "kv_peak_tokens": peak, "kv_budget_tokens": kv.budget, "mask_wait_s": run.mask_wait,
-                      "unmasked_draws": run.masks.lazy_rows, "unmasked_allowed": run.masks.settled}
+                      "kv_peak_tokens": peak, "kv_budget_tokens": kv.budget, "mask_wait_s": run.mask_wait}
         log.debug("engine: %s", self.stats)
 
     def _launch(self, step: Step, run: _RunState, inflight: _Launched | None) -> _Launched:

@@ -59,7 +59,6 @@ class MaskPipeline:
             else float("inf")
         self._early: _Job | None = None
         self._lazy: set[Hashable] = set()
-        self.lazy_rows = self.settled = 0  # (rows drawn without a mask; of those, rows whose token was allowed)
 
     def start(self, keys: Sequence[Hashable], constraints: Sequence[Any],
               generated: Sequence[Sequence[int]]) -> None:
@@ -92,8 +91,7 @@ class MaskPipeline:
         if late:
             jobs.append(self._submit([keys[i] for i in late], [constraints[i] for i in late],
                                      [generated[i] for i in late]))
-        self.lazy_rows += len(lazy)
-        return Masks(list(keys), jobs, self.words, self.pin, [(i, constraints[i], generated[i]) for i in lazy], self)
+        return Masks(list(keys), jobs, self.words, self.pin, [(i, constraints[i], generated[i]) for i in lazy])
 
     def _submit(self, keys: Sequence[Hashable], constraints: Sequence[Any],
                 generated: Sequence[Sequence[int]]) -> _Job:
@@ -105,10 +103,9 @@ class Masks:
     """A launched step's masks on their way."""
 
     def __init__(self, keys: list[Hashable], jobs: list[_Job], words: int, pin: bool,
-                 lazy: list[tuple[int, Grammar, Sequence[int]]], pipeline: MaskPipeline):
+                 lazy: list[tuple[int, Grammar, Sequence[int]]]):
         self.keys, self.jobs, self.words, self.pin = keys, jobs, words, pin
         self.lazy = lazy  # (position, grammar, generated) of the rows drawn without a mask
-        self.pipeline = pipeline
 
     def wait(self) -> tuple[torch.Tensor, Future | None, float]:
         """(The masks [len(keys), words] int32 in sampling order, on the host; the forced runs' lookup, started
@@ -138,8 +135,14 @@ class Masks:
         are drawn again from their rows' masked logits, their masks computed now."""
         if not self.lazy:
             return
-        failed = [(i, g, gen) for i, g, gen in self.lazy if not g.accepts(tokens[i])]
-        self.pipeline.settled += len(self.lazy) - len(failed)
+        failed = []
+        for i, g, gen in self.lazy:
+            allowed = g.accepts(tokens[i])
+            stats = g.compiled.stats  # (the job's report: rows drawn without their mask, and how many stayed)
+            stats["unmasked"] = stats.get("unmasked", 0) + 1
+            stats["unmasked_allowed"] = stats.get("unmasked_allowed", 0) + allowed
+            if not allowed:
+                failed.append((i, g, gen))
         if not failed:
             return
         job = StepMasks([g for _, g, _ in failed], [gen for _, _, gen in failed],

@@ -26,7 +26,8 @@ FIELD = "sampling.constraint"
 @dataclass
 class ConstraintUse:
     """A job's constraint, for ``batchrun plan`` and the manifest: its kind, how many rows use it, the
-    grammars compiled and the time that took, and (after the run) the CPU time spent computing token masks."""
+    grammars compiled and the time that took, and (after the run) the CPU time spent computing token masks, and
+    how many tokens were drawn before their (wide) mask and then found allowed (``engine.masks``)."""
 
     kind: str
     rows: int
@@ -36,9 +37,12 @@ class ConstraintUse:
     def report(self) -> dict[str, Any]:
         masks = sum(c.stats["masks"] for c in self.compiled)
         mask_s = sum(c.stats["mask_s"] for c in self.compiled)
+        unmasked = sum(c.stats.get("unmasked", 0) for c in self.compiled)
+        allowed = sum(c.stats.get("unmasked_allowed", 0) for c in self.compiled)
         return {"kind": self.kind, "rows": self.rows, "grammars": len(self.compiled),
                 "compile_s": round(self.compile_s, 3), "masks": masks, "mask_s": round(mask_s, 3),
-                "mask_ms_each": round(1000 * mask_s / masks, 3) if masks else None}
+                "mask_ms_each": round(1000 * mask_s / masks, 3) if masks else None,
+                "drawn_before_mask": unmasked, "drawn_before_mask_allowed": allowed}
 
 
 def row_constraints(spec: JobSpec, source: Source, tokenizer: Any
