@@ -34,9 +34,9 @@ Rows = list[list[int]]
 
 
 # ------------------------------------------------------------------------------ files and models
-# A small job on a local model: model, data (a path or URL) and out to fill in (object-store tests).
+# A small job on a local model: model, data (a path or URL) and out to fill in.
 SMALL_JOB = """
-name: s3job
+name: small
 model: {{path: "{model}"}}
 input: {{path: "{data}", id: id}}
 prompt: {{template: "Review: {{{{ text }}}}", chat: false}}
@@ -280,3 +280,29 @@ def crash_after_first_batch(monkeypatch, engine_cls) -> list:
 
     monkeypatch.setattr(engine_cls, "run", run)
     return first
+
+
+# ------------------------------------------------------------------------------ constraints
+SENTIMENT = {"type": "object", "additionalProperties": False, "required": ["label", "score"],
+             "properties": {"label": {"enum": ["positive", "negative"]},
+                            "score": {"type": "integer", "minimum": 0, "maximum": 9}}}
+
+
+def valid_against(value, schema) -> bool:
+    """Is ``value`` valid against ``schema`` (only the schema features the constraint tests use)?"""
+    if "enum" in schema:
+        return value in schema["enum"]
+    t = schema["type"]
+    if t == "boolean":
+        return isinstance(value, bool)
+    if t == "integer":
+        return (isinstance(value, int) and not isinstance(value, bool)
+                and schema.get("minimum", value) <= value <= schema.get("maximum", value))
+    if t == "array":
+        return (isinstance(value, list) and len(value) <= schema.get("maxItems", len(value))
+                and all(valid_against(v, schema["items"]) for v in value))
+    if t == "object":
+        props = schema["properties"]
+        return (isinstance(value, dict) and set(schema["required"]) <= set(value) <= set(props)
+                and all(valid_against(v, props[k]) for k, v in value.items()))
+    raise AssertionError(f"unexpected schema {schema}")

@@ -1,41 +1,33 @@
 """Constrained decoding (``sampling.constraint``, llguidance): batchrun's engine equals the reference engine
 token for token under every kind of constraint (fp32, a tiny random model with SmolLM2's tokenizer), every
-output is valid, sampled runs repeat per row seed; through ``submit``: ``output_json``, the error of an output
-cut before its grammar was complete, per-row constraints from a column, and the spec's exact errors."""
+output is valid, sampled runs repeat per row seed, rows drawn before their wide masks and rows preempted
+give the same tokens. Through ``submit``: ``test_constraint_jobs.py``."""
 
 from __future__ import annotations
 
 import json
 import re
 
-import duckdb
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchrun import api
 from batchrun.engine.batch import BatchEngine
 from batchrun.engine.constraints import ConstraintError, compile_constraint
 from batchrun.engine.loader import load
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.engine.requests import Request, SamplingParams, row_seed
-from batchrun.errors import SpecError
 from batchrun.plan.plan import PlanConfig, build_plan
-from batchrun.spec import EngineSpec, ModelSpec, load_spec, validate_dict
+from batchrun.spec import EngineSpec, ModelSpec
 from batchrun.tokens import TokenTable
-from helpers import make_tiny_model, write_job
+from helpers import SENTIMENT, make_tiny_model, valid_against
 
-SENTIMENT = {"type": "object", "additionalProperties": False, "required": ["label", "score"],
-             "properties": {"label": {"enum": ["positive", "negative"]},
-                            "score": {"type": "integer", "minimum": 0, "maximum": 9}}}
 CASES = {
     "regex": ("[0-9]{3}-[a-z]{2,4}", lambda s: re.fullmatch("[0-9]{3}-[a-z]{2,4}", s)),
     "choices": (["yes", "no", "maybe not"], lambda s: s in ("yes", "no", "maybe not")),
-    "json_schema": (SENTIMENT, lambda s: _valid(json.loads(s), SENTIMENT)),
+    "json_schema": (SENTIMENT, lambda s: valid_against(json.loads(s), SENTIMENT)),
     "grammar": ('start: "a" b+ "z"\nb: "x" | "y"', lambda s: re.fullmatch("a[xy]+z", s)),
     "grammar-gbnf": ('root ::= "a" [xy]+ "z"', lambda s: re.fullmatch("a[xy]+z", s)),
 }
@@ -45,26 +37,6 @@ CASES = {
 def tiny(tmp_path_factory, tokenizer_dir):
     path = make_tiny_model(tmp_path_factory.mktemp("llama"), "llama", tokenizer_dir, seed=3)
     return load(ModelSpec(path=path, dtype="float32"), EngineSpec(device="cpu"))
-
-
-def _valid(value, schema) -> bool:
-    """Is ``value`` valid against ``schema`` (only the schema features the generated schemas below use)?"""
-    if "enum" in schema:
-        return value in schema["enum"]
-    t = schema["type"]
-    if t == "boolean":
-        return isinstance(value, bool)
-    if t == "integer":
-        return (isinstance(value, int) and not isinstance(value, bool)
-                and schema.get("minimum", value) <= value <= schema.get("maximum", value))
-    if t == "array":
-        return (isinstance(value, list) and len(value) <= schema.get("maxItems", len(value))
-                and all(_valid(v, schema["items"]) for v in value))
-    if t == "object":
-        props = schema["properties"]
-        return (isinstance(value, dict) and set(schema["required"]) <= set(value) <= set(props)
-                and all(_valid(v, props[k]) for k, v in value.items()))
-    raise AssertionError(f"unexpected schema {schema}")
 
 
 def _requests(tok, compiled, n: int = 6, max_tokens: int = 40, seed: int = 0) -> list[Request]:
@@ -87,7 +59,7 @@ def _reference(loaded, reqs, params=None) -> dict:
 
 
 @pytest.mark.parametrize("kind", sorted(CASES))
-def test_constrained_greedy_equals_the_reference_engine_and_every_output_is_valid(tiny, kind):
+def test_constrained_greedy_equals_the_reference_engine_and_every_output_isvalid_against(tiny, kind):
     value, valid = CASES[kind]
     compiled = compile_constraint(kind.removesuffix("-gbnf"), value, tiny.tokenizer)
     got = _batchrun(tiny, _requests(tiny.tokenizer, compiled))
@@ -158,7 +130,7 @@ def test_constrained_rows_preempted_and_recomputed_equal_the_reference_engine(ti
             assert valid(got[k].text), f"row {k}: {got[k].text!r}"
 
 
-def test_sampled_constrained_rows_repeat_per_row_seed_and_stay_valid(tiny):
+def test_sampled_constrained_rows_repeat_per_row_seed_and_stayvalid_against(tiny):
     value, valid = CASES["json_schema"]
     compiled = compile_constraint("json_schema", value, tiny.tokenizer)
     params = SamplingParams(temperature=1.0)
@@ -216,12 +188,12 @@ _schemas = st.dictionaries(st.sampled_from(["a", "b", "name", "tags"]), _prop, m
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schema=_schemas)
-def test_every_output_under_a_generated_schema_is_valid(tiny, schema):
+def test_every_output_under_a_generated_schema_isvalid_against(tiny, schema):
     compiled = compile_constraint("json_schema", schema, tiny.tokenizer)
     reqs = _requests(tiny.tokenizer, compiled, n=3, max_tokens=60)
     for c in _batchrun(tiny, reqs).values():
         if c.finish_reason == "stop":
-            assert _valid(json.loads(c.text), schema), c.text
+            assert valid_against(json.loads(c.text), schema), c.text
         else:  # cut at max_tokens: must be reported as incomplete
             assert reqs[c.key].constraint.incomplete(c.token_ids)
 
@@ -248,130 +220,6 @@ def test_a_bad_constraint_names_what_is_wrong(tiny):
 
 # ---------------------------------------------------------------------------------------- through submit
 
-JOB = """
-model: {{path: {model}, dtype: float32}}
-input: {{path: {data}}}
-prompt: {{template: "Review: {{{{ text }}}}", chat: false}}
-sampling:
-  max_tokens: {max_tokens}
-  constraint: {constraint}
-output: {{path: {out}}}
-engine: {{device: cpu}}
-"""
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer_dir):
-    return make_tiny_model(tmp_path_factory.mktemp("llama-dir"), "llama", tokenizer_dir, seed=3)
-
-
-def _data(tmp_path, **columns):
-    path = tmp_path / "in.parquet"
-    pq.write_table(pa.table({"id": list(range(len(columns["text"]))), **columns}), path)
-    return path
-
-
-def _submit(tmp_path, tiny_dir, constraint, max_tokens=40, **columns):
-    columns.setdefault("text", ["good", "bad", "fine", "awful"])
-    out = tmp_path / "out"
-    job = write_job(tmp_path, JOB.format(model=tiny_dir, data=_data(tmp_path, **columns), out=out,
-                                         max_tokens=max_tokens, constraint=json.dumps(constraint)))
-    result = api.submit(load_spec(job))
-    rel = duckdb.sql(f"SELECT * FROM '{out}/*.parquet' ORDER BY id")
-    return result, [dict(zip(rel.columns, row)) for row in rel.fetchall()], out
-
-
-def test_submit_with_a_json_schema_writes_output_json(tmp_path, tiny_dir):
-    result, rows, out = _submit(tmp_path, tiny_dir, {"json_schema": SENTIMENT})
-    assert (result.rows_ok, result.rows_error) == (4, 0)
-    cols = duckdb.sql(f"SELECT * FROM '{out}/*.parquet'").columns
-    assert cols[-2:] == ["error", "output_json"]
-    for row in rows:
-        assert (row["finish_reason"], row["error"]) == ("stop", None)
-        parsed = row["output_json"]  # a struct: the schema fixes the types
-        assert parsed == json.loads(row["output"]) and _valid(parsed, SENTIMENT)
-    schema = pq.read_schema(next(out.glob("part-*.parquet")))
-    assert schema.field("output_json").type == pa.struct([("label", pa.string()), ("score", pa.int64())])
-    label = duckdb.sql(f"SELECT output_json.label FROM '{out}/*.parquet' ORDER BY id").fetchall()
-    assert [v for (v,) in label] == [json.loads(r["output"])["label"] for r in rows]
-
-
-def test_a_schema_without_fixed_types_gives_output_json_as_text(tmp_path, tiny_dir):
-    schema = {"type": "object", "properties": {"label": {"enum": ["a", "b"]}}, "required": ["label"]}
-    result, rows, out = _submit(tmp_path, tiny_dir, {"json_schema": schema}, max_tokens=40)
-    assert pq.read_schema(next(out.glob("part-*.parquet"))).field("output_json").type == pa.string()
-    for row in rows:
-        if row["error"] is None:
-            assert json.loads(row["output_json"]) == json.loads(row["output"])
-
-
-def test_an_output_cut_before_its_grammar_is_complete_is_a_row_error(tmp_path, tiny_dir):
-    result, rows, _ = _submit(tmp_path, tiny_dir, {"json_schema": SENTIMENT}, max_tokens=2)
-    assert (result.rows_ok, result.rows_error) == (0, 4)  # (errors, though their finish_reason is "length")
-    for row in rows:
-        assert (row["finish_reason"], row["output_json"], row["output_tokens"]) == ("length", None, 2)
-        assert row["error"] == "the output reached max_tokens before its json_schema constraint was complete"
-
-
-def test_per_row_constraints_come_from_a_column(tmp_path, tiny_dir):
-    rules = [json.dumps({"regex": "[0-9]{4}"}), None, json.dumps({"choices": ["up", "down"]}),
-             json.dumps({"regex": "[0-9"})]
-    result, rows, _ = _submit(tmp_path, tiny_dir, {"column": "rule"}, max_tokens=12, rule=rules)
-    assert (result.rows_ok, result.rows_error) == (3, 1)
-    assert re.fullmatch("[0-9]{4}", rows[0]["output"]) and rows[0]["error"] is None
-    assert rows[1]["error"] is None and rows[1]["output_tokens"] == 12  # null: unconstrained
-    assert rows[2]["output"] in ("up", "down")
-    assert rows[3]["finish_reason"] == "error" and rows[3]["error"].startswith("constraint column 'rule': regex: ")
-    assert "unclosed character class" in rows[3]["error"]
-
-
-@pytest.mark.parametrize("constraint, problem", [
-    ({"regex": "x", "choices": ["a"]},
-     "sampling.constraint: give exactly one of json_schema, regex, choices, grammar or column (got regex, choices)"),
-    ({}, "sampling.constraint: give exactly one of json_schema, regex, choices, grammar or column (got none)"),
-    ({"choices": ["a", "a"]}, "sampling.constraint.choices: choices must be distinct (got [\"a\", \"a\"])"),
-    ({"choices": ["a", ""]}, "sampling.constraint.choices: choices must not be empty strings"),
-])
-def test_constraint_spec_errors(constraint, problem):
-    raw = {"name": "j", "model": {"path": "m"}, "input": {"path": "a.parquet"}, "prompt": {"template": "x"},
-           "sampling": {"constraint": constraint}, "output": {"path": "out"}}
-    with pytest.raises(SpecError) as ei:
-        validate_dict(raw)
-    assert ei.value.problems == [problem]
-
-
-@pytest.mark.parametrize("constraint, message", [
-    ({"regex": "[a-z"}, "sampling.constraint.regex: at 1(8): invalid regex"),
-    ({"json_schema": "missing.json"}, "sampling.constraint.json_schema: no such file 'missing.json'"),
-    ({"json_schema": "{not json"}, "sampling.constraint.json_schema: not valid JSON"),
-])
-def test_a_constraint_that_does_not_compile_stops_the_job_before_any_row(tmp_path, tiny_dir, constraint, message):
-    with pytest.raises(SpecError) as ei:
-        _submit(tmp_path, tiny_dir, constraint)
-    assert ei.value.message.startswith(message)
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("part-*"))
-
-
-def test_plan_and_the_manifest_report_the_constraint(tmp_path, tiny_dir):
-    from click.testing import CliRunner
-
-    from batchrun.cli import cli
-
-    result, rows, out = _submit(tmp_path, tiny_dir, {"regex": "[0-9]{4}"}, max_tokens=8)
-    manifest = json.loads((out / "_manifest.json").read_text())
-    c = manifest["constraint"]
-    generated = sum(r["output_tokens"] for r in rows)  # a mask per token chosen (EOS included)
-    assert (c["kind"], c["rows"], c["grammars"]) == ("regex", 4, 1) and c["masks"] == generated + len(rows)
-    assert (c["drawn_before_mask"], c["drawn_before_mask_allowed"]) == (0, 0)  # (digits: no wide mask)
-    assert c["mask_s"] >= 0 and result.constraint == c
-    job = tmp_path / "job.yaml"
-    r = CliRunner().invoke(cli, ["plan", str(job), "--json"])
-    assert r.exit_code == 0, r.output
-    report = json.loads(r.stdout.strip().splitlines()[-1])
-    assert {k: report["constraint"][k] for k in ("kind", "rows", "grammars")} == {"kind": "regex", "rows": 4,
-                                                                                   "grammars": 1}
-    assert "constraint       regex on 4 rows (1 grammar(s) compiled in" in r.stdout
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["json_schema", "choices", "regex"])
@@ -396,7 +244,7 @@ def test_constrained_greedy_on_smollm2_equals_the_reference_engine(smollm2_dir, 
         assert got[k].token_ids == want[k].token_ids, f"row {k}"
         text = got[k].text
         if kind == "json_schema":
-            assert _valid(json.loads(text), SENTIMENT), text
+            assert valid_against(json.loads(text), SENTIMENT), text
         else:
             assert text in value if kind == "choices" else re.fullmatch(value, text), text
 

@@ -18,17 +18,8 @@ import pytest
 
 from batchrun import api
 from batchrun.errors import BatchrunError
-from helpers import write_job
+from helpers import SMALL_JOB, write_job
 
-JOB = """
-name: od
-model: {{path: "{model}"}}
-input: {{path: "{data}", id: id}}
-prompt: {{template: "Review: {{{{ text }}}}", chat: false}}
-sampling: {{max_tokens: 3, ignore_eos: true}}
-output: {{path: "{out}", part_rows: 2}}
-engine: {{device: cpu, batch_size: 2, threads: 1}}
-"""
 TEXTS = ["Great kettle.", "Broke after a day.", "It is a cable.", "Nice lamp.", "Comfy fit.", "Never again."]
 
 
@@ -38,7 +29,7 @@ def made(tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("made")
     data = base / "data.parquet"
     pq.write_table(pa.table({"id": list(range(6)), "text": TEXTS}), data)
-    job = write_job(base, JOB.format(model=tiny_model_dir, data=data, out=base / "template"))
+    job = write_job(base, SMALL_JOB.format(model=tiny_model_dir, data=data, out=base / "template"))
     api.submit(job)
     return {"job": job, "template": base / "template", "rows": rows(base / "template"), "data": data,
             "model": tiny_model_dir}
@@ -120,7 +111,7 @@ def test_manifest_lists_the_parts_and_each_part_carries_the_results_hash(made):
     assert manifest["results_hash"] == job["results_hash"]
     for p in parts:
         meta = json.loads(pq.read_metadata(out / p).metadata[b"batchrun"])
-        assert meta["results_hash"] == job["results_hash"] and meta["job"] == "od"
+        assert meta["results_hash"] == job["results_hash"] and meta["job"] == "small"
     assert api.status(out)["state"] == "complete"
 
 
@@ -283,7 +274,7 @@ def _damage(out: Path, kind: str) -> str:
         (out / "part-000001.parquet").write_bytes(data[: len(data) // 2])
         return "part-000001.parquet: damaged, not a readable Parquet file"
     if kind == "corrupt manifest":
-        (out / "_manifest.json").write_text('{"job": "od", "compl')
+        (out / "_manifest.json").write_text('{"job": "small", "compl')
         return "_manifest.json: damaged, not readable JSON"
     if kind == "corrupt job file":
         (out / "_batchrun_job.json").write_bytes(b"\x00\x00\x00")
