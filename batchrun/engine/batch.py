@@ -133,8 +133,9 @@ class BatchEngine:
                 if not p.greedy and k not in run.generators:
                     run.generators[k] = row_generator(r.seed, self.loaded.device)
             tokens = sample_tensor(logits, params, [run.generators.get(k) for k in keys])
+        lazy = masks is not None and bool(masks.lazy)  # (rows drawn without their masks: ``Masks.settle``)
         return _Launched(step, tokens, *_to_host(tokens), raw if run.lps is not None else None, scored, forced,
-                         masks if masks is not None and masks.lazy else None, logits)
+                         masks if lazy else None, logits if lazy else None)
 
     def _resolve(self, launched: _Launched, run: _RunState) -> list[Completion]:
         """Read a launched step's tokens back, record them, and finish the rows that ended."""
