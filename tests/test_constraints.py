@@ -102,12 +102,29 @@ def test_rows_drawn_before_their_wide_masks_equal_the_reference_engine(tiny, mon
     engine = BatchEngine(tiny, SamplingParams(), 100_000, 4, 64)
     got = {c.key: c for batch in engine.run(reqs, plan) for c in batch}
     assert 0 < compiled.stats["unmasked_allowed"] < compiled.stats["unmasked"], compiled.stats
+    steps = engine.stats["steps"]
     monkeypatch.setenv("BATCHRUN_LAZY_MASKS", "0")
-    masked = _batchrun(tiny, _requests(tiny.tokenizer, compiled))
+    engine = BatchEngine(tiny, SamplingParams(), 100_000, 4, 64)
+    masked = {c.key: c for batch in engine.run(_requests(tiny.tokenizer, compiled), plan) for c in batch}
+    assert engine.stats["steps"] == steps  # (forced runs found as often: a forced state gets its mask)
     assert sorted(got) == sorted(want) == sorted(masked) == list(range(6))
     for k in got:
         assert got[k].token_ids == want[k].token_ids == masked[k].token_ids, f"row {k}"
         assert (got[k].text, got[k].finish_reason) == (want[k].text, want[k].finish_reason), f"row {k}"
+
+
+def test_a_token_accepted_into_forced_text_sends_the_row_back_to_its_mask(tiny):
+    """After a token drawn without its mask, a grammar that now forces what follows (the next key after a
+    closed string) is marked for a mask, so its forced run is found as it would have been."""
+    tok = tiny.tokenizer
+    g = compile_constraint("json_schema", REVIEW, tok).new()
+    g.allowed_tokens(tok.encode('{"product": "', add_special_tokens=False))
+    g.width = tok.vocab_size  # (as after a wide mask)
+    (word,) = tok.encode(" kettle", add_special_tokens=False)
+    (quote,) = tok.encode('"', add_special_tokens=False)
+    assert g.accepts(word) and g.width == tok.vocab_size  # inside the string: nothing forced
+    assert not g.accepts(tok.eos_token_id)  # (not allowed: not consumed)
+    assert g.accepts(quote) and g.width == 0  # ', "complaints": [' is forced now
 
 
 def test_constrained_rows_preempted_and_recomputed_equal_the_reference_engine(tiny):
