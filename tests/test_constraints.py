@@ -59,7 +59,7 @@ def _reference(loaded, reqs, params=None) -> dict:
 
 
 @pytest.mark.parametrize("kind", sorted(CASES))
-def test_constrained_greedy_equals_the_reference_engine_and_every_output_isvalid_against(tiny, kind):
+def test_constrained_greedy_equals_the_reference_engine_and_every_output_is_valid(tiny, kind):
     value, valid = CASES[kind]
     compiled = compile_constraint(kind.removesuffix("-gbnf"), value, tiny.tokenizer)
     got = _batchrun(tiny, _requests(tiny.tokenizer, compiled))
@@ -150,7 +150,7 @@ def test_constrained_rows_preempted_and_recomputed_equal_the_reference_engine(ti
                 assert valid_against(json.loads(got[k].text), SENTIMENT), f"row {k}: {got[k].text!r}"
 
 
-def test_sampled_constrained_rows_repeat_per_row_seed_and_stayvalid_against(tiny):
+def test_sampled_constrained_rows_repeat_per_row_seed_and_stay_valid(tiny):
     value, valid = CASES["json_schema"]
     compiled = compile_constraint("json_schema", value, tiny.tokenizer)
     params = SamplingParams(temperature=1.0)
@@ -184,6 +184,31 @@ def test_constrained_decoding_on_the_gpu_is_valid_and_repeats(tmp_path, tokenize
     assert all(c.finish_reason == "stop" and valid(c.text) for c in first.values()), first
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rows_drawn_before_their_wide_masks_on_the_gpu_equal_the_fully_masked_run(tmp_path, tokenizer_dir,
+                                                                                  monkeypatch):
+    """On the GPU in bf16, with decode steps from CUDA graphs: rows inside free text drawn before their masks
+    give the same tokens and steps as every mask computed (the same steps run the same kernels)."""
+    from batchrun.engine import runner
+
+    monkeypatch.setattr(runner, "CAPTURE_AFTER", 0)
+    path = make_tiny_model(tmp_path / "llama", "llama", tokenizer_dir, seed=3)
+    gpu = load(ModelSpec(path=path, dtype="bfloat16"), EngineSpec(device="cuda"))
+    compiled = compile_constraint("json_schema", REVIEW, gpu.tokenizer)
+    runs = []
+    for lazy in ("1", "0"):
+        monkeypatch.setenv("BATCHRUN_LAZY_MASKS", lazy)
+        reqs = _requests(gpu.tokenizer, compiled, n=16)
+        plan = build_plan(TokenTable.from_lists(r.prompt_ids for r in reqs),
+                          np.array([r.max_tokens for r in reqs]), PlanConfig(step_tokens=64, block_size=4))
+        engine = BatchEngine(gpu, SamplingParams(), 100_000, 4, 64)
+        runs.append(({c.key: c.token_ids for batch in engine.run(reqs, plan) for c in batch},
+                     engine.stats["steps"]))
+    assert compiled.stats["unmasked_allowed"] > 0, compiled.stats
+    assert runs[0] == runs[1]
+
+
 def test_a_grammar_that_cannot_finish_in_max_tokens_is_cut_at_the_limit(tiny):
     compiled = compile_constraint("regex", "[a-z]{50}", tiny.tokenizer)
     reqs = _requests(tiny.tokenizer, compiled, n=2, max_tokens=3)
@@ -208,7 +233,7 @@ _schemas = st.dictionaries(st.sampled_from(["a", "b", "name", "tags"]), _prop, m
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schema=_schemas)
-def test_every_output_under_a_generated_schema_isvalid_against(tiny, schema):
+def test_every_output_under_a_generated_schema_is_valid(tiny, schema):
     compiled = compile_constraint("json_schema", schema, tiny.tokenizer)
     reqs = _requests(tiny.tokenizer, compiled, n=3, max_tokens=60)
     for c in _batchrun(tiny, reqs).values():
