@@ -10,7 +10,9 @@ work (each step allows the one token the constrained run drew there, and the sam
 appended), so it has the same steps, batches and tokens. ``mask_added_share`` = (constrained - replay) /
 replay wall time (fastest runs; ``mask_added_share_median``: median runs) is what grammar work adds to the
 steps (the issue's target: at most 10%);
-``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hidden behind the GPU.
+``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hidden behind the GPU. ``--masked`` adds a
+fourth kind, the constrained run with every mask computed (``BATCHRUN_LAZY_MASKS=0``: no row drawn before its
+mask), and its ``masked_added_share``.
 """
 
 from __future__ import annotations
@@ -159,6 +161,8 @@ def main() -> None:
     ap.add_argument("--capture-after", type=int, default=None, help="the runner's CAPTURE_AFTER (an experiment)")
     ap.add_argument("--pin-main", action="store_true",
                     help="an experiment: the main thread alone on the first CPU, the grammar threads on the others")
+    ap.add_argument("--masked", action="store_true",
+                    help="also a constrained run with every mask computed (BATCHRUN_LAZY_MASKS=0), interleaved")
     ap.add_argument("--profile", action="store_true",
                     help="one more constrained and replay run each under the torch profiler: GPU busy, launches")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU: check the script runs")
@@ -192,10 +196,13 @@ def main() -> None:
     row = {"bench": "constraint-gpu", "model": "tiny" if args.tiny else args.model, "rows": args.rows,
            "max_tokens": args.max_tokens}
     recorded: dict[int, tuple] = {}
+    lazy = os.environ.get("BATCHRUN_LAZY_MASKS", "1")
     walls: dict[str, list[float]] = {}
-    for name in ("warmup", *[k for _ in range(args.repeat) for k in ("free", "constrained", "replay")]):
+    kinds = ("free", "constrained", "replay", *(("masked",) if args.masked else ()))
+    for name in ("warmup", *[k for _ in range(args.repeat) for k in kinds]):
         reqs = [Request(key=i, prompt_ids=w.tokens.row(i).tolist(), max_tokens=args.max_tokens,
                         constraint=make(name, i)) for i in range(args.rows)]
+        os.environ["BATCHRUN_LAZY_MASKS"] = "0" if name == "masked" else lazy  # (read as the engine runs)
         engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=400_000)
         before = dict(compiled.stats)
         PHASES.clear()
@@ -222,7 +229,7 @@ def main() -> None:
                                           - before.get("unmasked_allowed", 0))}
         if args.phases:
             row[name]["phases_s"] = {k: round(v, 4) for k, v in PHASES.items()}
-        if name == "replay":
+        if name in ("replay", "masked"):
             row[name]["same_tokens"] = all(c.token_ids == recorded[c.key][0] for c in out)
     if args.profile:
         for name in ("constrained", "replay"):
@@ -238,6 +245,10 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in walls.items()}
     row["walls_s"] = walls
     row["mask_added_share_median"] = round((med["constrained"] - med["replay"]) / med["replay"], 4)
+    if args.masked:  # (every mask computed: what drawing inside free text before the mask saves)
+        row["masked_added_share"] = round((row["masked"]["wall_s"] - r["wall_s"]) / r["wall_s"], 4)
+        row["masked_added_share_median"] = round((med["masked"] - med["replay"]) / med["replay"], 4)
+    row["lazy_masks"] = lazy != "0"
     row["mask_ms_each"] = round(1000 * c["mask_s"] / max(c["masks"], 1), 4)
     row["grammar_threads"] = os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default")
     row["switch_interval_s"] = sys.getswitchinterval()
