@@ -160,6 +160,14 @@ class Grammar:
             self.width = 0
         return True
 
+    def skips_mask(self, generated: Sequence[int], min_width: float) -> bool:
+        """May the row's next token be drawn before its mask (its last mask allowed at least ``min_width``
+        tokens, and the grammar is not finished)? If so the grammar is brought up to ``generated`` now."""
+        if self.width < min_width or self._done():
+            return False
+        self._sync(generated)  # (a token or so: microseconds)
+        return not self._done()
+
     def _done(self) -> bool:
         return self._matcher.is_stopped() or self._matcher.is_error()
 
@@ -239,7 +247,7 @@ class StepMasks:
 
     def __init__(self, constraints: Sequence[Any], generated: Sequence[Sequence[int]], out: np.ndarray):
         self.out = out
-        self.later: list[tuple[Grammar, int]] = []  # (each live grammar, its mask's width), once computed
+        self.later: list[Grammar] = []  # the grammars whose masks ``compute`` computed (their ``width`` set)
         grammars, at, ids = [], [], []
         for i, c in enumerate(constraints):
             if c is None:
@@ -293,10 +301,9 @@ class StepMasks:
             n = min(own, out.shape[1])
             out[rows, :n] = target[rows, :n]
             out[rows, n:] = 0
-        widths = np.bitwise_count(out[rows].view(np.uint32)).sum(axis=1).tolist()
-        self.later = list(zip(self._grammars, widths))
-        for g, w in self.later:
+        for g, w in zip(self._grammars, np.bitwise_count(out[rows].view(np.uint32)).sum(axis=1).tolist()):
             g.width = w
+        self.later = self._grammars
         seconds = time.perf_counter() - t
         for stats, n in self._counts.values():
             stats["masks"] += n
@@ -304,11 +311,11 @@ class StepMasks:
             stats["mask_pool_s"] = stats.get("mask_pool_s", 0.0) + t_mask * n / len(self._grammars)
 
 
-def narrow(later: Sequence[tuple[Grammar, int]]) -> None:
-    """The forced runs ``StepMasks`` left (each grammar with its mask's width). A mask of one token allowed
-    exactly the first token of its forced run, so the masks already applied stay right."""
-    for g, width in later:
-        g._narrow(width)
+def narrow(later: Sequence[Grammar]) -> None:
+    """The forced runs ``StepMasks`` left (each grammar after its mask, ``width`` set). A mask of one token
+    allowed exactly the first token of its forced run, so the masks already applied stay right."""
+    for g in later:
+        g._narrow(g.width)
 
 
 def _executor() -> Any:

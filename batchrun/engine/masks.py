@@ -69,12 +69,10 @@ class MaskPipeline:
         for i, c in enumerate(constraints):
             if not isinstance(c, Grammar):
                 continue
-            if c.width >= self.lazy_width and not c._done():
-                c._sync(generated[i])  # (a token or so: microseconds, here rather than in the worker)
-                if not c._done():
-                    self._lazy.add(keys[i])
-                    continue
-            picked.append(i)
+            if c.skips_mask(generated[i], self.lazy_width):
+                self._lazy.add(keys[i])
+            else:
+                picked.append(i)
         if picked:
             self._early = self._submit([keys[i] for i in picked], [constraints[i] for i in picked],
                                        [generated[i] for i in picked])
