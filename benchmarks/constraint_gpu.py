@@ -13,6 +13,13 @@ steps (the issue's target: at most 10%);
 ``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hidden behind the GPU. ``--masked`` adds a
 fourth kind, the constrained run with every mask computed (``BATCHRUN_LAZY_MASKS=0``: no row drawn before its
 mask), and its ``masked_added_share``.
+
+``--job`` runs a job spec's real model, rows and constraint instead, as ``batchrun submit`` prepares them: the
+issue's own case, the extraction example on SmolLM2 (960 distinct rows: four variants of each English review):
+
+    python benchmarks/constraint_gpu.py --job examples/extract.yaml --set engine.device=cuda \
+        --set "input.sql=SELECT review_id || '-' || i AS review_id, product, label, CASE WHEN i = 0 THEN text \
+               ELSE 'Review ' || i || '. ' || text END AS text FROM input CROSS JOIN range(4) t(i) WHERE lang = 'en'"
 """
 
 from __future__ import annotations
@@ -148,6 +155,41 @@ def profiled(loaded, plan, reqs) -> dict:
                                                                       key=lambda kv: -kv[1])[:6]}}
 
 
+def random_inputs(args):
+    """The random-weight model (``--model``; ``--tiny``: 2 layers on CPU) on BENCHMARKS.md's fewshot rows, with
+    the schema above: (loaded model, prompts, max_tokens, plan, compiled constraint, model label)."""
+    from transformers import AutoTokenizer
+
+    device = "cpu" if args.tiny else "cuda"
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    model = random_model("tiny" if args.tiny else args.model, device)
+    loaded = LoadedModel(model, tok, device, "bfloat16", "random", "random", [tok.eos_token_id], 8192)
+    w = workloads.make("fewshot", rows=args.rows, seed=1)
+    plan = build_plan(w.tokens, np.full(args.rows, args.max_tokens), PlanConfig())
+    prompts = [w.tokens.row(i).tolist() for i in range(args.rows)]
+    return (loaded, prompts, [args.max_tokens] * args.rows, plan, compile_constraint("json_schema", SCHEMA, tok),
+            "tiny" if args.tiny else args.model)
+
+
+def job_inputs(args):
+    """A job spec's model (a real one: the example's SmolLM2), rows, prompts, max_tokens and constraint, as
+    ``batchrun submit`` prepares them (the same plan)."""
+    from batchrun.engine.loader import load
+    from batchrun.runtime.prepare import prepare
+    from batchrun.spec import load_spec
+
+    spec = load_spec(Path(args.job), args.overrides)
+    if spec.sampling.constraint is None:
+        raise SystemExit(f"{args.job}: the job has no sampling.constraint")
+    loaded = load(spec.model, spec.engine)
+    job = prepare(spec, loaded.tokenizer, loaded.max_context)
+    compiled = job.constraint.compiled
+    if len(compiled) != 1:
+        raise SystemExit(f"{args.job}: one job-wide constraint expected, found {len(compiled)} grammars")
+    return (loaded, [r.prompt_ids for r in job.requests], [r.max_tokens for r in job.requests], job.plan,
+            compiled[0], str(spec.model.path))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=512)
@@ -166,6 +208,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="one more constrained and replay run each under the torch profiler: GPU busy, launches")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU: check the script runs")
+    ap.add_argument("--job", default=None,
+                    help="a job spec instead of the random-weight model: its model, prompts, max_tokens and "
+                         "constraint (a real model: examples/extract.yaml on SmolLM2; --rows is then ignored)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="with --job: a.b=value")
     args = ap.parse_args()
     if args.phases:
         time_phases()
@@ -177,31 +223,29 @@ def main() -> None:
         pin_main()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
-    device = "cpu" if args.tiny else "cuda"
-    from transformers import AutoTokenizer
+    loaded, prompts, max_tokens, plan, compiled, label = job_inputs(args) if args.job else random_inputs(args)
+    rows, eos = len(prompts), loaded.eos_ids[0]
 
-    tok = AutoTokenizer.from_pretrained(args.tokenizer)
-    model = random_model("tiny" if args.tiny else args.model, device)
-    loaded = LoadedModel(model, tok, device, "bfloat16", "random", "random", [tok.eos_token_id], 8192)
-    w = workloads.make("fewshot", rows=args.rows, seed=1)
-    compiled = compile_constraint("json_schema", SCHEMA, tok)
     def make(name: str, i: int):
         if name == "free":
             return None
         if name == "replay":
-            return Replay(*recorded[i], tok.eos_token_id)
+            return Replay(*recorded[i], eos)
         return Recording(compiled)
 
-    plan = build_plan(w.tokens, np.full(args.rows, args.max_tokens), PlanConfig())
-    row = {"bench": "constraint-gpu", "model": "tiny" if args.tiny else args.model, "rows": args.rows,
-           "max_tokens": args.max_tokens}
+    def requests(name: str) -> list[Request]:
+        return [Request(key=i, prompt_ids=prompts[i], max_tokens=max_tokens[i], constraint=make(name, i))
+                for i in range(rows)]
+
+    row = {"bench": "constraint-gpu", "model": label, "rows": rows, "max_tokens": max(max_tokens)}
+    if args.job:
+        row |= {"job": args.job, "overrides": args.overrides}
     recorded: dict[int, tuple] = {}
     lazy = os.environ.get("BATCHRUN_LAZY_MASKS", "1")
     walls: dict[str, list[float]] = {}
     kinds = ("free", "constrained", "replay", *(("masked",) if args.masked else ()))
     for name in ("warmup", *[k for _ in range(args.repeat) for k in kinds]):
-        reqs = [Request(key=i, prompt_ids=w.tokens.row(i).tolist(), max_tokens=args.max_tokens,
-                        constraint=make(name, i)) for i in range(args.rows)]
+        reqs = requests(name)
         os.environ["BATCHRUN_LAZY_MASKS"] = "0" if name == "masked" else lazy  # (read as the engine runs)
         engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=400_000)
         before = dict(compiled.stats)
@@ -233,9 +277,7 @@ def main() -> None:
             row[name]["same_tokens"] = all(c.token_ids == recorded[c.key][0] for c in out)
     if args.profile:
         for name in ("constrained", "replay"):
-            row[name]["profile"] = profiled(loaded, plan, [Request(key=i, prompt_ids=w.tokens.row(i).tolist(),
-                                                                  max_tokens=args.max_tokens, constraint=make(name, i))
-                                                          for i in range(args.rows)])
+            row[name]["profile"] = profiled(loaded, plan, requests(name))
     c, r = row["constrained"], row["replay"]
     row["replay_same_steps"] = c["steps"] == r["steps"]
     row["mask_cpu_share_of_wall"] = round(c["mask_s"] / c["wall_s"], 4)
@@ -256,8 +298,8 @@ def main() -> None:
         row["pinned_main"] = True
     if args.capture_after is not None:
         row["capture_after"] = args.capture_after
-    row |= {"gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
+    gpu = torch.cuda.get_device_name() if loaded.device.startswith("cuda") else "cpu"
+    row |= {"gpu": gpu, "torch": torch.__version__, "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
     record(row, args.out)
 
 
