@@ -53,8 +53,9 @@ def write_job(tmp_path: Path, body: str, name: str = "job.yaml") -> Path:
 
 
 def make_tiny_model(directory: Path, arch: str = "llama", tokenizer_dir: str | None = None, seed: int = 0,
-                    init: float = 0.5) -> str:
-    """A tiny random-weight causal LM saved as a model directory, with the SmolLM2 tokenizer.
+                    init: float = 0.5, **config) -> str:
+    """A tiny random-weight causal LM saved as a model directory, with the SmolLM2 tokenizer (``config``:
+    settings that replace the defaults below, such as the head counts).
 
     A large init scale makes its logits peaked, so greedy decoding has clear winners (see ../shared/DESIGN.md,
     "Testing exactness honestly").
@@ -68,7 +69,7 @@ def make_tiny_model(directory: Path, arch: str = "llama", tokenizer_dir: str | N
                   tie_word_embeddings=False)
     if arch == "qwen3":
         common["head_dim"] = 16
-    config = AutoConfig.for_model(arch, **common)
+    config = AutoConfig.for_model(arch, **(common | config))
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(directory)

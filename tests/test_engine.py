@@ -219,6 +219,28 @@ def test_paged_backend_equals_the_oracle(tiny, monkeypatch):
         assert got[r.key].token_ids == oracle[r.key].token_ids, f"row {r.key}"
 
 
+def test_paged_backend_on_smollm2s_head_geometry_equals_the_oracle(tmp_path, tokenizer_dir, monkeypatch):
+    """Query heads per KV head and head sizes that are not powers of two (SmolLM2-135M: 9 query heads over 3
+    KV heads; here 6 over 2, and heads of 24), which Triton's tiles cannot take as they are: the paged kernels
+    pad both and give the oracle's tokens exactly in fp32 (on the GPU when there is one, else in Triton's
+    interpreter). Before the padding the kernel did not compile for the example job's model."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and Triton's interpreter is off")
+    model_dir = make_tiny_model(tmp_path / "odd-heads", "llama", tokenizer_dir, hidden_size=144,
+                                num_attention_heads=6, num_key_value_heads=2)
+    odd = load(ModelSpec(path=model_dir, dtype="float32"), EngineSpec(device=device))
+    monkeypatch.setenv("BATCHRUN_ATTENTION", "paged")
+    reqs = _requests(odd.tokenizer)
+    oracle = _oracle(odd, reqs)
+    engine = BatchEngine(odd, SamplingParams(), kv_budget_tokens=100_000, block_size=16, step_tokens=64)
+    assert engine.runner.backend.name == "paged" and engine.runner.backend.group == 3
+    got = _run(engine, reqs, _plan(reqs, 64, 16))
+    for r in reqs:
+        assert got[r.key].token_ids == oracle[r.key].token_ids, f"row {r.key}"
+
+
 def _polls(stop_after: int):
     """An ``interrupt`` callable that says stop from its ``stop_after + 1``-th call on, counting calls."""
     calls = []

@@ -5,10 +5,11 @@ rows of many sequences can be stacked) and one KV level: a block table (pool blo
 is either causal (one sequence's own level: its rows are its last tokens, in order, and row r sees keys
 ``0 .. klen - nrows + r``) or not (a shared prefix level: every row sees every key). Each program takes
 ``BLOCK_M`` rows of one item for one KV head — the ``G`` query heads of that KV head stacked, so a row tile is
-``BLOCK_M * G`` rows of a matrix product — and streams the level's keys in tiles of ``BLOCK_N``, gathering
-them through the block table straight from the pool (no copy of any context). It writes each row's partial
-output and log-sum-exp; rows with several items (a shared prefix, then their own tokens) are merged by
-log-sum-exp afterwards, exactly.
+``BLOCK_M * GP`` rows of a matrix product (``GP``: ``G`` rounded up to a power of two, as Triton's shapes must
+be; so is the head size ``D``, to ``DP``: SmolLM2's 9 query heads over 3 KV heads give G = 3) — and streams
+the level's keys in tiles of ``BLOCK_N``, gathering them through the block table straight from the pool (no
+copy of any context). It writes each row's partial output and log-sum-exp; rows with several items (a shared
+prefix, then their own tokens) are merged by log-sum-exp afterwards, exactly.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ import triton.language as tl
 
 @triton.jit
 def _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale, stride_kt, stride_kh,
-              D: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
+              D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
     """One tile of ``BLOCK_N`` keys from ``n0``, gathered through the block table; online softmax update."""
-    d = tl.arange(0, D)
+    d = tl.arange(0, DP)
     kidx = n0 + tl.arange(0, BLOCK_N)
     k_ok = kidx < kend
     block = tl.load(TABLE + table0 + kidx // PAGE, mask=k_ok, other=0)
     slot = block.to(tl.int64) * PAGE + kidx % PAGE
-    k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=k_ok[:, None], other=0.0)
-    v = tl.load(V + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=k_ok[:, None], other=0.0)
+    kd_ok = k_ok[:, None] & (d < D)[None, :]
+    k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=kd_ok, other=0.0)
+    v = tl.load(V + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=kd_ok, other=0.0)
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     else:
@@ -55,7 +57,8 @@ def paged_attention_kernel(
     TILE_ITEM, TILE_ROW,  # int32 [tiles]: the item of each program and its first row within the item
     scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_lp,
-    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products (the oracle tests), not TF32
     INTERPRET: tl.constexpr,
 ):
@@ -69,46 +72,47 @@ def paged_attention_kernel(
     klen = tl.load(ITEM_KLEN + item)
     causal = tl.load(ITEM_CAUSAL + item)
 
-    offs = tl.arange(0, BLOCK_M * G)
-    r = r0 + offs // G  # row within the item
-    head = kv_head * G + offs % G
-    row_ok = r < nrows
+    offs = tl.arange(0, BLOCK_M * GP)
+    r = r0 + offs // GP  # row within the item
+    g = offs % GP
+    head = kv_head * G + g
+    row_ok = (r < nrows) & (g < G)
     part = row0 + r
     token = tl.load(ROWS + part, mask=row_ok, other=0)
-    d = tl.arange(0, D)
-    q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=row_ok[:, None],
-                other=0.0)
+    d = tl.arange(0, DP)
+    out_ok = row_ok[:, None] & (d < D)[None, :]
+    q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=out_ok, other=0.0)
     # The last key each row sees; a causal tile needs keys only up to its last row's limit.
     last = tl.where(causal != 0, klen - nrows + r, klen - 1)
     excess = nrows - r0 - BLOCK_M  # rows of the item after this tile (if positive)
     kend = klen - causal * (excess + tl.abs(excess)) // 2
 
-    m_i = tl.full([BLOCK_M * G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M * G], tl.float32)
-    acc = tl.zeros([BLOCK_M * G, D], tl.float32)
+    m_i = tl.full([BLOCK_M * GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M * GP], tl.float32)
+    acc = tl.zeros([BLOCK_M * GP, DP], tl.float32)
     if INTERPRET:  # Triton's interpreter (the CPU tests) needs a while loop for a bound loaded from memory
         n0 = 0
         while n0 < kend:
             m_i, l_i, acc = _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale,
-                                      stride_kt, stride_kh, D, BLOCK_N, PAGE, IEEE)
+                                      stride_kt, stride_kh, D, DP, BLOCK_N, PAGE, IEEE)
             n0 += BLOCK_N
     else:
         for n0 in tl.range(0, kend, BLOCK_N):
             m_i, l_i, acc = _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale,
-                                      stride_kt, stride_kh, D, BLOCK_N, PAGE, IEEE)
+                                      stride_kt, stride_kh, D, DP, BLOCK_N, PAGE, IEEE)
     out = acc / l_i[:, None]
-    tl.store(OUT + part[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out, mask=row_ok[:, None])
+    tl.store(OUT + part[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out, mask=out_ok)
     tl.store(LSE + part * stride_lp + head, m_i + tl.log(l_i), mask=row_ok)
 
 
 @triton.jit
 def store_kv_kernel(KEY, VALUE, K, V, SLOTS, stride_kt, stride_kh, stride_vt, stride_vh, stride_pt, stride_ph,
-                    KVH: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr):
+                    KVH: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr):
     """Write one new token's K and V (every KV head) to its pool slot: KEY, VALUE [T, KVH, D] (any strides)."""
     t = tl.program_id(0)
     h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, D)
-    ok = (h < KVH)[:, None]
+    d = tl.arange(0, DP)
+    ok = (h < KVH)[:, None] & (d < D)[None, :]
     slot = tl.load(SLOTS + t).to(tl.int64)
     k = tl.load(KEY + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=ok)
     v = tl.load(VALUE + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=ok)
@@ -119,14 +123,15 @@ def store_kv_kernel(KEY, VALUE, K, V, SLOTS, stride_kt, stride_kh, stride_vt, st
 
 @triton.jit
 def merge_kernel(OUT, LSE, PARTS, FINAL, stride_ot, stride_oh, stride_lp, stride_ft, stride_fh,
-                 H: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, L: tl.constexpr):
+                 H: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, L: tl.constexpr):
     """One token's attention output from its parts, exactly: its own part (part row = the token) and up to
     ``L`` shared-prefix parts (PARTS [T, L], -1 where none), weighted by exp(lse - max lse); cast to FINAL's
     dtype. With ``L == 0`` it only casts."""
     t = tl.program_id(0)
     h = tl.arange(0, BLOCK_H)
-    d = tl.arange(0, D)
+    d = tl.arange(0, DP)
     hm = h < H
+    hd = hm[:, None] & (d < D)[None, :]
     own = tl.load(LSE + t * stride_lp + h, mask=hm, other=0.0)
     top = own
     for j in tl.static_range(L):
@@ -135,7 +140,7 @@ def merge_kernel(OUT, LSE, PARTS, FINAL, stride_ot, stride_oh, stride_lp, stride
         top = tl.maximum(top, lse)
     w = tl.exp(own - top)
     den = w
-    acc = tl.load(OUT + t * stride_ot + h[:, None] * stride_oh + d[None, :], mask=hm[:, None], other=0.0)
+    acc = tl.load(OUT + t * stride_ot + h[:, None] * stride_oh + d[None, :], mask=hd, other=0.0)
     acc = acc * w[:, None]
     for j in tl.static_range(L):
         p = tl.load(PARTS + t * L + j)
@@ -144,8 +149,8 @@ def merge_kernel(OUT, LSE, PARTS, FINAL, stride_ot, stride_oh, stride_lp, stride
         lse = tl.load(LSE + q * stride_lp + h, mask=ok, other=float("-inf"))
         wj = tl.where(ok, tl.exp(lse - top), 0.0)
         den += wj
-        part = tl.load(OUT + q * stride_ot + h[:, None] * stride_oh + d[None, :], mask=ok[:, None], other=0.0)
+        part = tl.load(OUT + q * stride_ot + h[:, None] * stride_oh + d[None, :], mask=ok[:, None] & hd, other=0.0)
         acc += part * wj[:, None]
     out = acc / den[:, None]
     tl.store(FINAL + t * stride_ft + h[:, None] * stride_fh + d[None, :], out.to(FINAL.dtype.element_ty),
-             mask=hm[:, None])
+             mask=hd)
