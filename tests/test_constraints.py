@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun.engine.batch import BatchEngine
-from batchrun.engine.constraints import ConstraintError, compile_constraint
+from batchrun.engine.constraints import ConstraintError, compile_constraint, consume_drawn
 from batchrun.engine.loader import load
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.engine.requests import Request, SamplingParams, row_seed
@@ -125,6 +125,45 @@ def test_a_token_accepted_into_forced_text_sends_the_row_back_to_its_mask(tiny):
     assert g.accepts(word) and g.width == tok.vocab_size  # inside the string: nothing forced
     assert not g.accepts(tok.eos_token_id)  # (not allowed: not consumed)
     assert g.accepts(quote) and g.width == 0  # ', "complaints": [' is forced now
+
+
+def test_tokens_drawn_before_their_masks_are_taken_together_and_a_refused_one_restarts_its_grammar(tiny):
+    """``consume_drawn``: many rows' tokens go to llguidance's pool at once. An allowed token is consumed (and a
+    token into forced text resets the width); a refused one leaves that grammar restarted, and its next mask is
+    exactly a fresh grammar's after the row's tokens."""
+    tok = tiny.tokenizer
+    compiled = compile_constraint("json_schema", REVIEW, tok)
+    prefix = tok.encode('{"product": "', add_special_tokens=False)
+    (word,) = tok.encode(" kettle", add_special_tokens=False)
+    (quote,) = tok.encode('"', add_special_tokens=False)
+    grammars = [compiled.new() for _ in range(5)]
+    for g in grammars:
+        g.allowed_tokens(prefix)
+        g.width = tok.vocab_size
+    drawn = [word, tok.eos_token_id, quote, word, tok.eos_token_id]
+    assert consume_drawn(grammars, drawn) == [True, False, True, True, False]
+    assert [g.width for g in grammars[:4:2]] == [tok.vocab_size, 0]  # (after the quote, a key is forced)
+    for g, t in zip(grammars, drawn):
+        after = prefix + [t] if t != tok.eos_token_id else prefix
+        fresh = compiled.new()
+        assert np.array_equal(g.allowed_tokens(after), fresh.allowed_tokens(after))
+
+
+def test_drawing_before_the_mask_stops_where_the_drawn_tokens_are_often_refused(tiny, monkeypatch):
+    """A constraint draws before its masks only while nearly all such tokens are allowed: of the random model's
+    first ones, more than a tenth are refused, so after the trial (4 tokens here) every row is masked again,
+    with the same tokens. (Without the rule this run draws 85 tokens before their masks.)"""
+    import batchrun.engine.masks as masks
+
+    monkeypatch.setattr(masks, "LAZY_TRIAL", 4)
+    compiled = compile_constraint("json_schema", REVIEW, tiny.tokenizer)
+    got = _batchrun(tiny, _requests(tiny.tokenizer, compiled))
+    want = _reference(tiny, _requests(tiny.tokenizer, compiled))
+    stats = compiled.stats
+    assert stats["unmasked_allowed"] < masks.LAZY_MIN_ALLOWED * stats["unmasked"]
+    assert 4 <= stats["unmasked"] <= 4 + 6  # (the trial, and at most one step of the 6 rows after it)
+    for k in want:
+        assert got[k].token_ids == want[k].token_ids, f"row {k}"
 
 
 @pytest.mark.parametrize("schema", ["sentiment", "review"])

@@ -151,20 +151,37 @@ class Grammar:
     def accepts(self, token: int) -> bool:
         """Does the grammar allow ``token`` next (the mask's bit, without computing the mask)? If so it is
         consumed: the grammar is then up to date with the row's tokens, ``token`` included. Where the grammar
-        now forces what comes next, ``width`` is reset, so that the next mask is computed and a forced run
-        found as usual (about 4 µs to ask inside free text, where nothing is forced)."""
+        now forces what comes next, or is finished, ``width`` is reset, so that the next mask is computed and a
+        forced run found as usual (about 4 µs to ask inside free text, where nothing is forced). Many rows at
+        once: ``consume_drawn``."""
         if self._done() or self._matcher.try_consume_tokens([int(token)]) != 1:
             return False
-        self._consumed += 1
-        if self._matcher.compute_ff_tokens():
-            self.width = 0
+        self._took()
         return True
+
+    def _took(self) -> None:
+        """After the matcher consumed a token drawn before its mask."""
+        self._consumed += 1
+        m = self._matcher
+        if m.is_stopped() or m.compute_ff_tokens():
+            self.width = 0
+
+    def restart(self) -> None:
+        """A new matcher at the start (a refused token leaves llguidance's matcher broken for good); the next
+        mask brings it up to the row's tokens."""
+        from llguidance import LLMatcher
+
+        self._matcher = LLMatcher(self.compiled.tokenizer, self.compiled.grammar, log_level=0)
+        self._consumed = 0
+        self._ff = None
 
     def skips_mask(self, generated: Sequence[int], min_width: float) -> bool:
         """May the row's next token be drawn before its mask (its last mask allowed at least ``min_width``
         tokens, and the grammar is not finished)? If so the grammar is brought up to ``generated`` now."""
-        if self.width < min_width or self._done():
+        if self.width < min_width:
             return False
+        if len(generated) == self._consumed:  # (its last token taken by ``accepts``: finished would reset width)
+            return True
         self._sync(generated)  # (a token or so: microseconds)
         return not self._done()
 
@@ -309,6 +326,26 @@ class StepMasks:
             stats["masks"] += n
             stats["mask_s"] += seconds * n / len(self._grammars)
             stats["mask_pool_s"] = stats.get("mask_pool_s", 0.0) + t_mask * n / len(self._grammars)
+
+
+PAR_MIN = 4  # rows from which llguidance's pool takes the tokens drawn before their masks
+
+
+def consume_drawn(grammars: Sequence[Grammar], tokens: Sequence[int]) -> list[bool]:
+    """Each grammar's row drew ``tokens[i]`` before its mask: is it allowed (``Grammar.accepts``)? Many rows
+    consume their tokens at once in llguidance's pool, without the GIL, instead of a few dozen microseconds
+    each on the thread that launches the steps. A refused token breaks llguidance's matcher there, so that
+    grammar restarts (``Grammar.restart``): a cost that ``engine.masks`` keeps rare by drawing before the mask
+    only while nearly every such token is allowed."""
+    if len(grammars) < PAR_MIN:
+        return [g.accepts(t) for g, t in zip(grammars, tokens)]
+    ok = _executor().consume_token_par([(g._matcher, int(t)) for g, t in zip(grammars, tokens)])
+    for g, allowed in zip(grammars, ok):
+        if allowed:
+            g._took()
+        else:
+            g.restart()
+    return ok
 
 
 def narrow(later: Sequence[Grammar]) -> None:

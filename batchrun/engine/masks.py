@@ -13,7 +13,11 @@ model's own best token is nearly always allowed. So a row whose last mask allowe
 the vocabulary is drawn without a mask, and ``Masks.settle`` then asks its grammar whether the token is
 allowed (microseconds). If it is, it is exactly the token the mask would have given: masking only removes
 tokens, and the argmax is the first best one either way. If not, the row's mask is computed there and its
-token drawn again from the masked logits. ``BATCHRUN_LAZY_MASKS=0`` turns this off.
+token drawn again from the masked logits. The rows' checks run together in llguidance's pool. A refused token
+costs more than its mask would have (the mask computed while the step waits, and a grammar restarted), so a
+constraint draws before its masks only while at least ``LAZY_MIN_ALLOWED`` of such tokens are allowed (judged
+after ``LAZY_TRIAL`` of them; a real model's best token inside free text nearly always is, a random model's
+about half the time). ``BATCHRUN_LAZY_MASKS=0`` turns this off.
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchrun.engine.constraints import Grammar, StepMasks, narrow
+from batchrun.engine.constraints import Grammar, StepMasks, consume_drawn, narrow
 from batchrun.engine.sampling import apply_mask_bits
 
 LAZY_SHARE = 0.25  # a grammar whose last mask allowed this share of the vocabulary is checked after the draw
+LAZY_TRIAL = 256  # tokens drawn before their masks, per constraint, before judging whether that pays
+LAZY_MIN_ALLOWED = 0.9  # the share of them that must be allowed for it to go on
 _WORKER: list[ThreadPoolExecutor] = []  # one thread running the grammar work while the GPU runs a step
 
 
@@ -69,7 +75,7 @@ class MaskPipeline:
         for i, c in enumerate(constraints):
             if not isinstance(c, Grammar):
                 continue
-            if c.skips_mask(generated[i], self.lazy_width):
+            if _pays(c.compiled.stats) and c.skips_mask(generated[i], self.lazy_width):
                 self._lazy.add(keys[i])
             else:
                 picked.append(i)
@@ -133,14 +139,17 @@ class Masks:
         are drawn again from their rows' masked logits, their masks computed now."""
         if not self.lazy:
             return
-        failed = []
-        for i, g, gen in self.lazy:
-            allowed = g.accepts(tokens[i])
-            stats = g.compiled.stats  # (the job's report: rows drawn without their mask, and how many stayed)
-            stats["unmasked"] = stats.get("unmasked", 0) + 1
-            stats["unmasked_allowed"] = stats.get("unmasked_allowed", 0) + allowed
-            if not allowed:
-                failed.append((i, g, gen))
+        grammars = [g for _, g, _ in self.lazy]
+        allowed = consume_drawn(grammars, [tokens[i] for i, _, _ in self.lazy])
+        counts: dict[int, list] = {}  # (the job's report: rows drawn without their mask, and how many stayed)
+        for g, ok in zip(grammars, allowed):
+            c = counts.setdefault(id(g.compiled), [g.compiled.stats, 0, 0])
+            c[1] += 1
+            c[2] += ok
+        for stats, n, ok in counts.values():
+            stats["unmasked"] = stats.get("unmasked", 0) + n
+            stats["unmasked_allowed"] = stats.get("unmasked_allowed", 0) + ok
+        failed = [x for x, ok in zip(self.lazy, allowed) if not ok]
         if not failed:
             return
         job = StepMasks([g for _, g, _ in failed], [gen for _, _, gen in failed],
@@ -151,3 +160,9 @@ class Masks:
         redrawn = apply_mask_bits(logits[rows], torch.from_numpy(job.out)).argmax(-1).tolist()
         for i, t in zip(rows, redrawn):
             tokens[i] = t
+
+
+def _pays(stats: dict) -> bool:
+    """Does drawing before the mask pay for this constraint (``stats``: its compiled grammar's)?"""
+    n = stats.get("unmasked", 0)
+    return n < LAZY_TRIAL or stats.get("unmasked_allowed", 0) >= LAZY_MIN_ALLOWED * n
