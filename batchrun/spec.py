@@ -268,6 +268,13 @@ class SamplingSpec(_Strict):
             raise ValueError("stop strings must not be empty")
         return stop
 
+    @model_validator(mode="after")
+    def _eos_ends_a_constraint(self) -> SamplingSpec:
+        if self.ignore_eos and self.constraint is not None:
+            raise ValueError("ignore_eos cannot be used with a constraint: once the constraint is complete it "
+                             "allows only EOS (remove one of them)")
+        return self
+
     def column(self, name: str) -> str | None:
         """The column ``name`` (temperature, top_p, top_k, seed, stop, max_tokens) is read from, if any."""
         v = getattr(self, name)

@@ -108,6 +108,15 @@ def test_constraint_spec_errors(constraint, problem):
     assert ei.value.problems == [problem]
 
 
+def test_ignore_eos_with_a_constraint_is_a_spec_error():
+    raw = {"name": "j", "model": {"path": "m"}, "input": {"path": "a.parquet"}, "prompt": {"template": "x"},
+           "sampling": {"ignore_eos": True, "constraint": {"choices": ["a", "b"]}}, "output": {"path": "out"}}
+    with pytest.raises(SpecError) as ei:
+        validate_dict(raw)
+    assert ei.value.problems == ["sampling: ignore_eos cannot be used with a constraint: once the constraint is "
+                                 "complete it allows only EOS (remove one of them)"]
+
+
 @pytest.mark.parametrize("constraint, message", [
     ({"regex": "[a-z"}, "sampling.constraint.regex: at 1(8): invalid regex"),
     ({"json_schema": "missing.json"}, "sampling.constraint.json_schema: no such file 'missing.json'"),

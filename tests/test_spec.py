@@ -84,7 +84,7 @@ def test_full_spec_keeps_every_value(tmp_path):
         "prompt": {"template": "{{ text }}", "system": "Be brief.", "chat": True,
                    "fewshot": [{"user": "u1", "assistant": "a1"}]},
         "sampling": {"max_tokens": "budget", "temperature": 0.7, "top_p": 0.9, "top_k": 40, "stop": "END",
-                     "seed": 7, "n": 3, "logprobs": 2, "ignore_eos": True,
+                     "seed": 7, "n": 3, "logprobs": 2, "ignore_eos": False,
                      "constraint": {"json_schema": None, "regex": "[a-z]+", "choices": None, "grammar": None,
                                     "column": None}},
         "output": {"path": "out/x", "columns": ["lang"], "part_rows": 5, "max_error_rate": None},

@@ -285,7 +285,9 @@ class StepMasks:
         self._grammars = [g for g, _, _ in grammars]
         self._one: list[tuple[Any, int]] = []  # (matcher, token): rows one token behind, the common case
         for g, _, gen in grammars:
-            if len(gen) == g._consumed + 1 and not g._done():
+            # (Not asking whether the grammar is done, a few µs a row: a finished grammar that takes one more
+            # token (EOS, with EOS ignored) breaks, and a finished or broken grammar's mask allows only EOS.)
+            if len(gen) == g._consumed + 1:
                 self._one.append((g._matcher, int(gen[-1])))
                 g._consumed += 1
             else:
