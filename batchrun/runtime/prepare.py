@@ -28,7 +28,8 @@ from batchrun.plan.plan import Plan, PlanConfig, build_plan
 from batchrun.runtime.assemble import Assembler, make_assembler
 from batchrun.runtime.row_constraints import ConstraintUse, json_schema_value, row_constraints
 from batchrun.runtime.row_sampling import RowSampling, row_sampling
-from batchrun.spec import ConstraintSpec, JobSpec
+from batchrun.spec import JobSpec
+from batchrun.spec_sampling import ConstraintSpec
 
 log = logging.getLogger("batchrun")
 

@@ -18,7 +18,8 @@ import pyarrow as pa
 from batchrun.engine.constraints import KINDS, CompiledConstraint, ConstraintError, compile_constraint
 from batchrun.errors import InputDataError, SpecError
 from batchrun.io.source import Source, require_columns
-from batchrun.spec import ConstraintSpec, JobSpec
+from batchrun.spec import JobSpec
+from batchrun.spec_sampling import ConstraintSpec
 
 FIELD = "sampling.constraint"
 

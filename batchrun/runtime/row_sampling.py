@@ -18,7 +18,8 @@ import pyarrow as pa
 from batchrun.engine.requests import SamplingParams
 from batchrun.errors import InputDataError
 from batchrun.io.source import Source, require_columns
-from batchrun.spec import MAX_STOP, MIN_TEMPERATURE, JobSpec
+from batchrun.spec import JobSpec
+from batchrun.spec_sampling import MAX_STOP, MIN_TEMPERATURE
 from batchrun.spec_yaml import show
 
 _NUMBER = (lambda t: pa.types.is_integer(t) or pa.types.is_floating(t), "numbers")
