@@ -27,7 +27,9 @@ def _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, sc
     k_ok = kidx < kend
     block = tl.load(TABLE + table0 + kidx // PAGE, mask=k_ok, other=0)
     slot = block.to(tl.int64) * PAGE + kidx % PAGE
-    kd_ok = k_ok[:, None] & (d < D)[None, :]
+    kd_ok = k_ok[:, None]
+    if DP != D:  # (compile time: only a padded head size pays for the mask)
+        kd_ok = kd_ok & (d < D)[None, :]
     k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=kd_ok, other=0.0)
     v = tl.load(V + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=kd_ok, other=0.0)
     if IEEE:
@@ -76,11 +78,15 @@ def paged_attention_kernel(
     r = r0 + offs // GP  # row within the item
     g = offs % GP
     head = kv_head * G + g
-    row_ok = (r < nrows) & (g < G)
+    row_ok = r < nrows
+    if GP != G:  # (compile time, as below: a power-of-two model's kernel is the unpadded one)
+        row_ok = row_ok & (g < G)
     part = row0 + r
     token = tl.load(ROWS + part, mask=row_ok, other=0)
     d = tl.arange(0, DP)
-    out_ok = row_ok[:, None] & (d < D)[None, :]
+    out_ok = row_ok[:, None]
+    if DP != D:
+        out_ok = out_ok & (d < D)[None, :]
     q = tl.load(Q + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :], mask=out_ok, other=0.0)
     # The last key each row sees; a causal tile needs keys only up to its last row's limit.
     last = tl.where(causal != 0, klen - nrows + r, klen - 1)
@@ -112,7 +118,9 @@ def store_kv_kernel(KEY, VALUE, K, V, SLOTS, stride_kt, stride_kh, stride_vt, st
     t = tl.program_id(0)
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, DP)
-    ok = (h < KVH)[:, None] & (d < D)[None, :]
+    ok = (h < KVH)[:, None]
+    if DP != D:
+        ok = ok & (d < D)[None, :]
     slot = tl.load(SLOTS + t).to(tl.int64)
     k = tl.load(KEY + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=ok)
     v = tl.load(VALUE + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=ok)
@@ -131,7 +139,9 @@ def merge_kernel(OUT, LSE, PARTS, FINAL, stride_ot, stride_oh, stride_lp, stride
     h = tl.arange(0, BLOCK_H)
     d = tl.arange(0, DP)
     hm = h < H
-    hd = hm[:, None] & (d < D)[None, :]
+    hd = hm[:, None]
+    if DP != D:
+        hd = hd & (d < D)[None, :]
     own = tl.load(LSE + t * stride_lp + h, mask=hm, other=0.0)
     top = own
     for j in tl.static_range(L):
