@@ -35,6 +35,15 @@ Rows = list[list[int]]
 
 # ------------------------------------------------------------------------------ files and models
 # A small job on a local model: model, data (a path or URL) and out to fill in.
+# The smallest valid job spec (tests of the spec and its YAML).
+MINIMAL_SPEC = """\
+model: {path: some/model}
+input: {path: data.parquet}
+prompt: {template: "Review: {{ text }}"}
+output: {path: out/reviews}
+"""
+
+
 SMALL_JOB = """
 name: small
 model: {{path: "{model}"}}
