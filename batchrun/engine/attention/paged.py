@@ -118,6 +118,7 @@ class PagedBackend(AttentionBackend):
                                  "its Triton kernel in the interpreter, for tests)")
         self.group = self.heads // k_pool.shape[2]
         self.group_p2 = triton_pow2(self.group)  # (the kernel's row tiles: a power of two)
+        self.dim_p2 = max(triton_pow2(k_pool.shape[3]), 16)  # the head size, padded alike (tl.dot: >= 16)
         self.block_m = max(self.TILE_ROWS // self.group_p2, 1)  # tokens per tile
         self.wide_m = max(self.WIDE_ROWS // self.group_p2, self.block_m)
         self.pad_slot = k_pool.shape[1] - 1  # the pool's spare slot (the allocator never hands it out)
@@ -231,7 +232,7 @@ class PagedBackend(AttentionBackend):
         k, v = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, KVH, D], views
         store_kv_kernel[(m.tokens,)](k, v, k_pool, v_pool, m.slots, k.stride(0), k.stride(1), v.stride(0),
                                      v.stride(1), k_pool.stride(0), k_pool.stride(1), KVH=kv_heads,
-                                     BLOCK_H=triton_pow2(kv_heads), D=dim, DP=triton_pow2(dim))
+                                     BLOCK_H=triton_pow2(kv_heads), D=dim, DP=self.dim_p2)
         q = query[0].transpose(0, 1)  # [T, H, D], a view
         out = torch.empty(m.num_parts, heads, dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(m.num_parts, heads, dtype=torch.float32, device=q.device)
@@ -244,14 +245,14 @@ class PagedBackend(AttentionBackend):
                 m.item_causal, m.table, tile_item, tile_row,
                 scaling if scaling is not None else 1.0 / math.sqrt(dim), q.stride(0), q.stride(1),
                 k_pool.stride(0), k_pool.stride(1), out.stride(0), out.stride(1), lse.stride(0), G=self.group,
-                GP=self.group_p2, D=dim, DP=max(triton_pow2(dim), 16), BLOCK_M=block_m, BLOCK_N=self.BLOCK_N,
+                GP=self.group_p2, D=dim, DP=self.dim_p2, BLOCK_M=block_m, BLOCK_N=self.BLOCK_N,
                 PAGE=self.block_size,
                 IEEE=k_pool.dtype == torch.float32, INTERPRET=interpret,
                 num_warps=4 if block_m * self.group_p2 <= 64 else 8)
         final = torch.empty(m.tokens, heads, dim, dtype=query.dtype, device=q.device)
         merge_kernel[(m.tokens,)](out, lse, m.parts, final, out.stride(0), out.stride(1), lse.stride(0),
                                   final.stride(0), final.stride(1), H=heads, BLOCK_H=triton_pow2(heads), D=dim,
-                                  DP=triton_pow2(dim), L=m.depth)
+                                  DP=self.dim_p2, L=m.depth)
         return final.unsqueeze(0)
 
 
