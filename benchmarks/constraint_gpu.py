@@ -159,6 +159,9 @@ def time_phases() -> None:
     wrap(constraints.StepMasks, "__init__", "prepare_masks")
     wrap(masks, "narrow", "worker_narrow")
     wrap(batch.BatchEngine, "_resolve", "resolve")
+    wrap(masks.Masks, "wait", "wait_masks")
+    wrap(masks.Masks, "settle", "settle_drawn")
+    wrap(masks.MaskPipeline, "start", "start_masks")
 
 
 def pin_main() -> None:
@@ -171,6 +174,17 @@ def pin_main() -> None:
     os.sched_setaffinity(0, cpus[1:])
     masks.worker().submit(constraints._executor).result()
     os.sched_setaffinity(0, cpus[:1])
+
+
+def pool_cpus(n: int) -> None:
+    """An experiment: llguidance's pool threads (made now, inheriting this affinity) on the last ``n`` CPUs only;
+    the main thread keeps every CPU."""
+    import batchrun.engine.constraints as constraints
+
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, cpus[-n:])
+    constraints._executor()
+    os.sched_setaffinity(0, cpus)
 
 
 def sync() -> None:
@@ -248,6 +262,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each kind (the fastest is reported)")
     ap.add_argument("--batch", type=int, default=256,
                     help="step_added: what grammar work adds to the steps that sample at least this many rows")
+    ap.add_argument("--pool-cpus", type=int, default=None,
+                    help="an experiment: llguidance's pool threads on the last N CPUs only")
     ap.add_argument("--gc-freeze", action="store_true",
                     help="an experiment: gc.freeze() after loading (the collector then skips the loaded objects)")
     ap.add_argument("--phases", action="store_true", help="add up the host time of the engine's phases")
@@ -274,6 +290,8 @@ def main() -> None:
         runner.CAPTURE_AFTER = args.capture_after
     if args.pin_main:
         pin_main()
+    if args.pool_cpus:
+        pool_cpus(args.pool_cpus)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     loaded, prompts, max_tokens, plan, compiled, label = job_inputs(args) if args.job else random_inputs(args)
@@ -364,6 +382,8 @@ def main() -> None:
         row["pinned_main"] = True
     if args.gc_freeze:
         row["gc_freeze"] = True
+    if args.pool_cpus:
+        row["pool_cpus"] = args.pool_cpus
     if args.capture_after is not None:
         row["capture_after"] = args.capture_after
     gpu = torch.cuda.get_device_name() if loaded.device.startswith("cuda") else "cpu"

@@ -204,6 +204,7 @@ class Grammar:
         if n < self._consumed:  # (never in practice: a row's generated tokens only grow)
             m.rollback(self._consumed - n)
             self._consumed = n
+            self._ff = None
         if n > self._consumed:
             if not self._done():
                 m.consume_tokens([int(t) for t in generated[self._consumed :]])
@@ -264,7 +265,7 @@ class StepMasks:
 
     def __init__(self, constraints: Sequence[Any], generated: Sequence[Sequence[int]], out: np.ndarray):
         self.out = out
-        self.later: list[Grammar] = []  # the grammars whose masks ``compute`` computed (their ``width`` set)
+        self.later: list[Grammar] = []  # the grammars whose masks ``compute`` found allowing one token
         grammars, at, ids = [], [], []
         for i, c in enumerate(constraints):
             if c is None:
@@ -320,9 +321,10 @@ class StepMasks:
             n = min(own, out.shape[1])
             out[rows, :n] = target[rows, :n]
             out[rows, n:] = 0
-        for g, w in zip(self._grammars, np.bitwise_count(out[rows].view(np.uint32)).sum(axis=1).tolist()):
+        widths = np.bitwise_count(out[rows].view(np.uint32)).sum(axis=1)
+        for g, w in zip(self._grammars, widths.tolist()):
             g.width = w
-        self.later = self._grammars
+        self.later = [self._grammars[i] for i in np.flatnonzero(widths == 1).tolist()]
         seconds = time.perf_counter() - t
         for stats, n in self._counts.values():
             stats["masks"] += n
@@ -351,8 +353,9 @@ def consume_drawn(grammars: Sequence[Grammar], tokens: Sequence[int]) -> list[bo
 
 
 def narrow(later: Sequence[Grammar]) -> None:
-    """The forced runs ``StepMasks`` left (each grammar after its mask, ``width`` set). A mask of one token
-    allowed exactly the first token of its forced run, so the masks already applied stay right."""
+    """The forced runs ``StepMasks`` left (``later``: the grammars whose mask allows one token). A mask of one
+    token allowed exactly the first token of its forced run, so the masks already applied stay right. (The
+    other grammars keep their last lookup: made at fewer consumed tokens, ``forced_after`` never reads it.)"""
     for g in later:
         g._narrow(g.width)
 

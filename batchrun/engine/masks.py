@@ -72,13 +72,19 @@ class MaskPipeline:
         whose last mask was wide is brought up to date and left for ``Masks.settle`` instead."""
         picked = []
         self._lazy = set()
+        width = self.lazy_width
+        pays: dict[int, bool] = {}  # (per compiled constraint, judged once a step)
         for i, c in enumerate(constraints):
             if not isinstance(c, Grammar):
                 continue
-            if _pays(c.compiled.stats) and c.skips_mask(generated[i], self.lazy_width):
-                self._lazy.add(keys[i])
-            else:
-                picked.append(i)
+            if c.width >= width:
+                ok = pays.get(id(c.compiled))
+                if ok is None:
+                    ok = pays[id(c.compiled)] = _pays(c.compiled.stats)
+                if ok and c.skips_mask(generated[i], width):
+                    self._lazy.add(keys[i])
+                    continue
+            picked.append(i)
         if picked:
             self._early = self._submit([keys[i] for i in picked], [constraints[i] for i in picked],
                                        [generated[i] for i in picked])
@@ -142,10 +148,13 @@ class Masks:
         grammars = [g for _, g, _ in self.lazy]
         allowed = consume_drawn(grammars, [tokens[i] for i, _, _ in self.lazy])
         counts: dict[int, list] = {}  # (the job's report: rows drawn without their mask, and how many stayed)
-        for g, ok in zip(grammars, allowed):
-            c = counts.setdefault(id(g.compiled), [g.compiled.stats, 0, 0])
-            c[1] += 1
-            c[2] += ok
+        if all(g.compiled is grammars[0].compiled for g in grammars):  # (one constraint: most jobs)
+            counts[0] = [grammars[0].compiled.stats, len(allowed), sum(allowed)]
+        else:
+            for g, ok in zip(grammars, allowed):
+                c = counts.setdefault(id(g.compiled), [g.compiled.stats, 0, 0])
+                c[1] += 1
+                c[2] += ok
         for stats, n, ok in counts.values():
             stats["unmasked"] = stats.get("unmasked", 0) + n
             stats["unmasked_allowed"] = stats.get("unmasked_allowed", 0) + ok

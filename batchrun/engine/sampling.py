@@ -52,9 +52,20 @@ def apply_mask_bits(logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     (32 tokens a word, in one copy: from page-locked memory it waits for nothing) and are unpacked there."""
     vocab = logits.shape[-1]
     words = packed.to(logits.device, non_blocking=True)
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    keep = ((words.unsqueeze(-1) >> shifts) & 1).view(len(words), -1)[:, :vocab]
-    return logits.masked_fill(keep == 0, float("-inf"))
+    banned = ((words.unsqueeze(-1) & _bits(logits.device)) == 0).view(len(words), -1)[:, :vocab]
+    return logits.masked_fill(banned, float("-inf"))
+
+
+_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bits(device: torch.device) -> torch.Tensor:
+    """[32] int32: bit j set in entry j (made once per device: a step's masks then take three launches)."""
+    bits = _BITS.get(device)
+    if bits is None:
+        bits = _BITS[device] = torch.tensor([1 << j for j in range(31)] + [-(1 << 31)], dtype=torch.int32,
+                                            device=device)
+    return bits
 
 
 def sample_tensor(logits: torch.Tensor, params: Sequence[SamplingParams],
