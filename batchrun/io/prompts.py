@@ -24,9 +24,10 @@ import pyarrow as pa
 from jinja2 import StrictUndefined, TemplateSyntaxError
 
 from batchrun.errors import InputDataError, SpecError
-from batchrun.io.sandbox import BoundedEnvironment, TemplateLimitError, check_printed, time_limit
+from batchrun.io.sandbox import BoundedEnvironment, check_printed
 from batchrun.io.source import require_columns
 from batchrun.io.template_columns import Unconvertible, column_values, columns_of, scope_columns
+from batchrun.io.template_limits import TemplateLimitError, time_limit
 from batchrun.spec import PromptSpec
 from batchrun.tokens import TokenTable
 

@@ -1,11 +1,13 @@
 """Jinja's immutable sandbox (no file access, no imports, no calls to arbitrary Python) with bounds on the work
 a template does.
 
-Under ``time_limit(seconds)`` a render may take that long; any render may print MAX_CHARS characters and build
-no string, list or dict over MAX_CHARS characters or items, and no integer over MAX_INT_BITS bits. Past a limit
-it raises ``TemplateLimitError``. The checks sit in the environment's hooks (operators, calls, filters; loops,
-literals and ``~`` through a rewrite of the template's AST; output through ``concat`` and ``check_printed``),
-not in a signal, so rendering may run in any thread.
+The limits are ``batchrun.io.template_limits``'s: under ``time_limit(seconds)`` a render may take that long; any
+render may print MAX_CHARS characters and build no string, list or dict over MAX_CHARS characters or items, and
+no integer over MAX_INT_BITS bits. Past a limit it raises ``TemplateLimitError``. The checks sit in the
+environment's hooks (operators, calls, filters; loops, literals and ``~`` through a rewrite of the template's AST;
+output through ``concat`` and ``check_printed``), not in a signal, so rendering may run in any thread; an
+operation whose result would be past a limit (``"x" * 10**9``, ``center(10**9)``, a format width) is refused
+before it runs.
 This module knows Jinja and Python values, not rows, columns, prompt specs or what a failure means for a job.
 """
 
@@ -13,10 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from string import Formatter
 from typing import Any
 
@@ -25,140 +23,19 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import Namespace, generate_lorem_ipsum
 from jinja2.visitor import NodeTransformer
 
-MAX_CHARS = 4_000_000  # a rendered template, and any value a template builds (characters or items)
-MAX_INT_BITS = 16_384  # integers a template computes (Python prints at most 4,300 digits anyway)
-MAX_COUNT = 100_000  # counts a filter loops over in Python (batch, slice), like Jinja's own range() cap
-MAX_WIDTH = 100_000  # a width or precision in % or str.format formatting
-
-
-class TemplateLimitError(Exception):
-    """A template went past one of batchrun's limits (time, output size, value size, integer size)."""
-
-
-_state = threading.local()  # .deadline: the monotonic time the current render must end by; .seconds: its budget
-
-
-@contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Renders in this block (on this thread) must all end within ``seconds`` of its start."""
-    _state.deadline, _state.seconds = time.monotonic() + seconds, seconds
-    try:
-        yield
-    finally:
-        _state.deadline = None
-
-
-def _tick() -> None:
-    deadline = getattr(_state, "deadline", None)
-    if deadline is not None and time.monotonic() > deadline:
-        raise TemplateLimitError(f"rendering took longer than {_state.seconds:g} s")
-
-
-def _too_big(what: str) -> TemplateLimitError:
-    return TemplateLimitError(f"{what} would be over {MAX_CHARS:,} characters or items")
-
-
-def _children(v: Any) -> list[Any] | None:
-    """The values inside a container (None for a scalar)."""
-    if isinstance(v, (list, tuple)):
-        return v
-    if isinstance(v, (set, frozenset)):
-        return list(v)
-    if isinstance(v, dict):
-        return [*v.keys(), *v.values()]
-    if isinstance(v, Namespace):
-        return [object.__getattribute__(v, "_Namespace__attrs")]
-    return None
-
-
-def _scalar_size(v: Any) -> int:
-    if isinstance(v, (str, bytes, bytearray)):
-        return len(v)
-    return v.bit_length() // 32 + 1 if isinstance(v, int) else 1
-
-
-def _measure(value: Any, limit: int = MAX_CHARS) -> int:
-    """Characters and items in ``value``, counted through containers as printing it would (a list holding one
-    string twice counts it twice), but each container walked once (a list nested in itself 60 times over is
-    measured in 60 steps); returns a number over ``limit`` as soon as it is known to be."""
-    if _children(value) is None:
-        return _scalar_size(value)
-    if type(value) in (list, tuple) and all(type(x) is str for x in value):  # the common case, fast
-        return len(value) + 1 + sum(map(len, value))
-    sizes: dict[int, int] = {}
-    open_ids: set[int] = set()
-    stack: list[tuple[Any, bool]] = [(value, False)]
-    steps = 0
-    while stack:
-        v, done = stack.pop()
-        key, kids = id(v), _children(v)
-        if done:
-            open_ids.discard(key)
-            size = len(kids) + 1
-            for k in kids:
-                size += sizes.get(id(k), 1) if _children(k) is not None else _scalar_size(k)
-                if size > limit:
-                    return size
-            sizes[key] = size
-            continue
-        if key in sizes or key in open_ids:  # walked already, or a namespace holding itself (counted as 1)
-            continue
-        open_ids.add(key)
-        stack.append((v, True))
-        stack.extend((k, False) for k in kids if _children(k) is not None and id(k) not in sizes)
-        steps += 1
-        if not steps & 0xFFF:
-            _tick()
-    return sizes[id(value)]
-
-
-class _BoundedIter:
-    """An iterator that checks the row's deadline at every item (for loops, lazy filter results) and, when
-    ``sized``, that the items it has given total at most MAX_CHARS."""
-
-    def __init__(self, iterable: Any, sized: bool):
-        self._it, self._sized, self._size = iter(iterable), sized, 0
-
-    def __iter__(self) -> _BoundedIter:
-        return self
-
-    def __next__(self) -> Any:
-        _tick()
-        item = next(self._it)
-        if self._sized:
-            self._size += _measure(item)
-            if self._size > MAX_CHARS:
-                raise _too_big("a sequence")
-        return item
-
-
-def _bounded(value: Any) -> Any:
-    """``value`` if it is within the limits (a lazy sequence is wrapped to be checked as it is consumed)."""
-    if isinstance(value, (str, bytes)):
-        if len(value) > MAX_CHARS:
-            raise _too_big("a string")
-    elif isinstance(value, int):
-        if value.bit_length() > MAX_INT_BITS:
-            raise TemplateLimitError(f"an integer would be over {MAX_INT_BITS:,} bits")
-    elif isinstance(value, (list, tuple, dict, set, frozenset, Namespace)):
-        if _measure(value) > MAX_CHARS:
-            raise _too_big("a value")
-    elif isinstance(value, Iterator) and not isinstance(value, _BoundedIter):
-        return _BoundedIter(value, sized=True)
-    return value
-
-
-def _join(pieces: Any, sep: str = "") -> str:
-    """``sep.join`` over the pieces' strings, refused before it allocates more than MAX_CHARS."""
-    out, total = [], 0
-    for piece in pieces:
-        text = piece if isinstance(piece, str) else str(piece)
-        total += len(text) + (len(sep) if out else 0)
-        if total > MAX_CHARS:
-            raise _too_big("the rendered (or joined) text")
-        out.append(text)
-    return sep.join(out)
-
+from batchrun.io.template_limits import (
+    MAX_CHARS,
+    MAX_COUNT,
+    MAX_INT_BITS,
+    MAX_WIDTH,
+    BoundedIter,
+    TemplateLimitError,
+    bounded,
+    bounded_join,
+    measure,
+    tick,
+    too_big,
+)
 
 _PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
 
@@ -203,11 +80,11 @@ def _check_binop(op: str, left: Any, right: Any) -> None:
     elif op == "*":
         seq, n = (left, right) if isinstance(right, int) else (right, left)
         if (isinstance(n, int) and n > 0 and isinstance(seq, (str, bytes, list, tuple))
-                and _measure(seq, MAX_CHARS // n + 1) * n > MAX_CHARS):
-            raise _too_big(f"repeating a {type(seq).__name__} {n} times")
+                and measure(seq, MAX_CHARS // n + 1) * n > MAX_CHARS):
+            raise too_big(f"repeating a {type(seq).__name__} {n} times")
     elif op == "+" and isinstance(left, (str, bytes, list, tuple)) and isinstance(right, (str, bytes, list, tuple)):
-        if _measure(left) + _measure(right) > MAX_CHARS:
-            raise _too_big("a concatenation")
+        if measure(left) + measure(right) > MAX_CHARS:
+            raise too_big("a concatenation")
     elif op == "%":
         _check_percent_format(left)
 
@@ -221,27 +98,27 @@ def _check_call(obj: Any, args: tuple, kwargs: dict) -> tuple[Any, tuple]:
     if isinstance(owner, (str, bytes)):
         width = args[0] if args else kwargs.get("width", kwargs.get("tabsize", 8))
         if name in ("center", "ljust", "rjust", "zfill") and isinstance(width, int) and width > MAX_CHARS:
-            raise _too_big(f"str.{name}({width})")
+            raise too_big(f"str.{name}({width})")
         if name == "expandtabs" and isinstance(width, int) and len(owner) + owner.count("\t") * width > MAX_CHARS:
-            raise _too_big("str.expandtabs()")
+            raise too_big("str.expandtabs()")
         if name == "replace" and len(args) >= 2 and isinstance(args[0], type(owner)):
             count = args[2] if len(args) > 2 else kwargs.get("count")
             if _replaced_size(owner, args[0], args[1], count) > MAX_CHARS:
-                raise _too_big("str.replace()")
+                raise too_big("str.replace()")
         if name == "join" and args and isinstance(owner, str):
-            items = list(_BoundedIter(args[0], sized=True))
-            _join(items, owner)  # refuses before allocating
+            items = list(BoundedIter(args[0], sized=True))
+            bounded_join(items, owner)  # refuses before allocating
             args = (items, *args[1:])
         if name in ("format", "format_map") and isinstance(owner, str):
             _check_brace_format(owner)
         if name == "translate" and args and isinstance(args[0], dict):
-            longest = max((_measure(v) for v in args[0].values()), default=1)
+            longest = max((measure(v) for v in args[0].values()), default=1)
             if len(owner) * max(longest, 1) > MAX_CHARS:
-                raise _too_big("str.translate()")
+                raise too_big("str.translate()")
     elif isinstance(owner, int) and name == "to_bytes":
         length = args[0] if args else kwargs.get("length", 1)
         if isinstance(length, int) and length > MAX_CHARS:
-            raise _too_big(f"int.to_bytes({length})")
+            raise too_big(f"int.to_bytes({length})")
     return obj, args
 
 
@@ -252,7 +129,7 @@ def _arg(args: tuple, kwargs: dict, i: int, key: str, default: Any) -> Any:
 def _pre_center(value: Any, args: tuple, kwargs: dict) -> Any:
     width = _arg(args, kwargs, 0, "width", 80)
     if isinstance(width, int) and width > MAX_CHARS:
-        raise _too_big("center()")
+        raise too_big("center()")
     return value
 
 
@@ -260,7 +137,7 @@ def _pre_indent(value: Any, args: tuple, kwargs: dict) -> Any:
     width = _arg(args, kwargs, 0, "width", 4)
     per_line = width if isinstance(width, int) else len(str(width))
     if isinstance(value, str) and len(value) + (value.count("\n") + 1) * per_line > MAX_CHARS:
-        raise _too_big("indent()")
+        raise too_big("indent()")
     return value
 
 
@@ -269,7 +146,7 @@ def _pre_wordwrap(value: Any, args: tuple, kwargs: dict) -> Any:
     if isinstance(value, str):
         lines = len(value) // max(width, 1) + value.count("\n") + 1 if isinstance(width, int) else len(value)
         if len(value) + lines * len(str(wrap)) > MAX_CHARS:
-            raise _too_big("wordwrap()")
+            raise too_big("wordwrap()")
     return value
 
 
@@ -277,7 +154,7 @@ def _pre_replace(value: Any, args: tuple, kwargs: dict) -> Any:
     old, new = _arg(args, kwargs, 0, "old", None), _arg(args, kwargs, 1, "new", None)
     count = _arg(args, kwargs, 2, "count", None)
     if isinstance(old, str) and isinstance(new, str) and _replaced_size(str(value), old, new, count) > MAX_CHARS:
-        raise _too_big("replace()")
+        raise too_big("replace()")
     return value
 
 
@@ -305,10 +182,10 @@ def _pre_tojson(value: Any, args: tuple, kwargs: dict) -> Any:
 def _pre_join(value: Any, args: tuple, kwargs: dict) -> Any:
     if isinstance(value, str):
         return value
-    items = list(_BoundedIter(value, sized=True))
+    items = list(BoundedIter(value, sized=True))
     sep = _arg(args, kwargs, 0, "d", "")
     if _arg(args, kwargs, 1, "attribute", None) is None:
-        _join(items, sep if isinstance(sep, str) else str(sep))  # refuses before the real join allocates
+        bounded_join(items, sep if isinstance(sep, str) else str(sep))  # refuses before the real join allocates
     return items
 
 
@@ -326,14 +203,14 @@ def _guard_filter(name: str, func: Any) -> Any:
 
     @pass_context
     def guarded(context: Any, value: Any = None, *args: Any, **kwargs: Any) -> Any:
-        _tick()
+        tick()
         if pre is not None:
             value = pre(value, args, kwargs)
         if passes is None:
-            return _bounded(func(value, *args, **kwargs))
+            return bounded(func(value, *args, **kwargs))
         first = (context if passes == "context" else context.eval_ctx if passes == "eval_context"
                  else context.environment)
-        return _bounded(func(first, value, *args, **kwargs))
+        return bounded(func(first, value, *args, **kwargs))
 
     return guarded
 
@@ -381,29 +258,29 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     def __init__(self, **options: Any):
         super().__init__(**options)
         self.filters = {name: _guard_filter(name, f) for name, f in self.filters.items()}
-        self.filters["_bounded_iter"] = pass_context(lambda _c, v: _BoundedIter(v, sized=False))
-        self.filters["_bounded_value"] = pass_context(lambda _c, v: _bounded(v))
-        self.filters["_bounded_concat"] = pass_context(lambda _c, v: _join(v))
+        self.filters["_bounded_iter"] = pass_context(lambda _c, v: BoundedIter(v, sized=False))
+        self.filters["_bounded_value"] = pass_context(lambda _c, v: bounded(v))
+        self.filters["_bounded_concat"] = pass_context(lambda _c, v: bounded_join(v))
         self.globals["lipsum"] = _lipsum
-        self.concat = _join  # joins the output of macros, {% set %} blocks, {% filter %} blocks
+        self.concat = bounded_join  # joins the output of macros, {% set %} blocks, {% filter %} blocks
 
     def _generate(self, source: nodes.Template, name: str | None, filename: str | None,
                   defer_init: bool = False) -> str:
         return super()._generate(_Bounder().visit(source), name, filename, defer_init)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-        _tick()
+        tick()
         _check_binop(operator, left, right)
-        return _bounded(super().call_binop(context, operator, left, right))
+        return bounded(super().call_binop(context, operator, left, right))
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        _tick()
+        tick()
         __obj, args = _check_call(__obj, args, kwargs)
-        return _bounded(super().call(__context, __obj, *args, **kwargs))
+        return bounded(super().call(__context, __obj, *args, **kwargs))
 
 
 def check_printed(value: Any) -> Any:
     """``value`` if printing it stays within the limits (for an environment's ``finalize``)."""
-    if isinstance(value, (list, tuple, dict, set, frozenset, Namespace)) and _measure(value) > MAX_CHARS:
-        raise _too_big("a printed value")
+    if isinstance(value, (list, tuple, dict, set, frozenset, Namespace)) and measure(value) > MAX_CHARS:
+        raise too_big("a printed value")
     return value
