@@ -12,8 +12,8 @@ replay wall time (fastest runs; ``mask_added_share_median``: median runs) is wha
 whole run. ``step_added`` is the issue's own measure (at most 10% at a batch of 256 rows or more): each step
 timed (planned to tokens recorded), the steps that sample at least ``--batch`` rows summed, each at its fastest
 over the repeats (runs of one kind have the same steps; a step's fastest time is robust to the host's noise,
-which moves whole runs by a third), against the replay's same steps. ``main_cpu_s``: the CPU time of the thread that plans and launches
-the steps (what grammar work adds there, or slows there, against the replay's);
+which moves whole runs by a third), against the replay's same steps. ``main_cpu_s``: the CPU time of the
+thread that plans and launches the steps (what grammar work adds there, or slows there, against the replay's);
 ``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hidden behind the GPU. ``--masked`` adds a
 fourth kind, the constrained run with every mask computed (``BATCHRUN_LAZY_MASKS=0``: no row drawn before its
 mask), and its ``masked_added_share``.

@@ -1,7 +1,8 @@
-"""Shared fixtures: small input tables, a tiny random-weight model directory, the real SmolLM2 (slow).
+"""Shared fixtures: small input tables, a tiny random-weight model directory, a finished small job (the output
+directory tests), the real SmolLM2 (slow).
 
-Plain helpers (write_job, REPO, make_tiny_model, plan and simulator helpers) live in helpers.py; test modules
-import them from there, never from this module."""
+Plain helpers (write_job, REPO, make_tiny_model, output directory, prompt, plan and simulator helpers) live in
+helpers.py; test modules import them from there, never from this module."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import make_tiny_model  # imports neither torch nor transformers: the settings below still apply
+# helpers imports neither torch nor transformers: the settings below still apply
+from helpers import SMALL_JOB, make_tiny_model, rows, write_job
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -55,6 +57,22 @@ def tiny_fp32(tiny_model_dir):
     from batchrun.spec import EngineSpec, ModelSpec
 
     return load(ModelSpec(path=tiny_model_dir, dtype="float32"), EngineSpec(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, tiny_model_dir):
+    """One finished job (6 rows, 3 parts); tests copy its output directory and resume or damage the copy
+    (helpers.copy, helpers.refused)."""
+    from batchrun import api
+
+    texts = ["Great kettle.", "Broke after a day.", "It is a cable.", "Nice lamp.", "Comfy fit.", "Never again."]
+    base = tmp_path_factory.mktemp("made")
+    data = base / "data.parquet"
+    pq.write_table(pa.table({"id": list(range(6)), "text": texts}), data)
+    job = write_job(base, SMALL_JOB.format(model=tiny_model_dir, data=data, out=base / "template"))
+    api.submit(job)
+    return {"job": job, "template": base / "template", "rows": rows(base / "template"), "data": data,
+            "model": tiny_model_dir}
 
 
 @pytest.fixture()

@@ -15,14 +15,19 @@ Conventions of the simulator (see batchrun/engine/simulate.py and scheduler.py),
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+import duckdb
 import numpy as np
+import pyarrow as pa
 from hypothesis import strategies as st
 
 from batchrun.engine.simulate import simulate
+from batchrun.errors import BatchrunError
 from batchrun.plan.budget import blocks
 from batchrun.plan.pack import PREFIX, ROW
 from batchrun.plan.plan import PlanConfig, build_plan
@@ -34,7 +39,6 @@ Rows = list[list[int]]
 
 
 # ------------------------------------------------------------------------------ files and models
-# A small job on a local model: model, data (a path or URL) and out to fill in.
 # The smallest valid job spec (tests of the spec and its YAML).
 MINIMAL_SPEC = """\
 model: {path: some/model}
@@ -44,6 +48,7 @@ output: {path: out/reviews}
 """
 
 
+# A small job on a local model: model, data (a path or URL) and out to fill in.
 SMALL_JOB = """
 name: small
 model: {{path: "{model}"}}
@@ -85,6 +90,81 @@ def make_tiny_model(directory: Path, arch: str = "llama", tokenizer_dir: str | N
     if tokenizer_dir:
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(directory)
     return str(directory)
+
+
+# ------------------------------------------------------------------------------ output directories
+# Resuming, damaging and refusing a copy of a finished SMALL_JOB (the ``made`` fixture of conftest.py).
+def rows(out: Path) -> list[tuple]:
+    return duckdb.sql(f"SELECT id, text, output, output_tokens FROM '{out}/*.parquet' ORDER BY id").fetchall()
+
+
+def copy(made, tmp_path: Path, complete: bool = True, name: str = "out") -> Path:
+    """The finished output, or (``complete`` false) as a kill -9 after its first two parts leaves it."""
+    out = tmp_path / name
+    shutil.copytree(made["template"], out, symlinks=True)
+    if not complete:
+        for f in ("_SUCCESS", "_manifest.json", "part-000002.parquet"):
+            (out / f).unlink()
+    return out
+
+
+def submit(made, out: Path, *sets: str, fresh: bool = False):
+    """(exit code, JobResult or error text) of ``batchrun submit`` into ``out``."""
+    from batchrun import api
+
+    try:
+        return 0, api.submit(made["job"], [f"output.path={out}", *sets], fresh=fresh)
+    except BatchrunError as e:
+        return e.exit_code, str(e)
+
+
+def snapshot(directory: Path) -> dict[str, object]:
+    """Every entry, never following a link: a file's bytes, a link's target."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        p = directory / name
+        out[name] = ("link", os.readlink(p)) if p.is_symlink() else p.read_bytes()
+    return out
+
+
+@contextmanager
+def weights_never_load():
+    from batchrun.engine import loader
+
+    real = loader.load
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    loader.load = refuse
+    try:
+        yield
+    finally:
+        loader.load = real
+
+
+def refused(made, out: Path, *sets: str, fresh: bool = False, code: int = 78) -> str:
+    """Submit, expecting exit ``code`` without loading the weights and without changing a byte in ``out``."""
+    before = snapshot(out) if out.is_dir() else None
+    with weights_never_load():
+        got, message = submit(made, out, *sets, fresh=fresh)
+    assert got == code, message
+    if before is not None:
+        assert snapshot(out) == before
+    return message
+
+
+# ------------------------------------------------------------------------------ prompt templates
+PROMPT_TABLE = pa.table({"text": ["hi there", None, "x"], "n": [1, 0, 2], "col name": ["A", "B", "C"],
+                         "blank": [" ", "", " \n"]})
+
+
+def rendered(template: str, table: pa.Table = PROMPT_TABLE, system: str | None = None):
+    """(users, systems, errors) of batchrun.io.prompts.render."""
+    from batchrun.io.prompts import render
+    from batchrun.spec import PromptSpec
+
+    return render(PromptSpec(template=template, system=system), table)
 
 
 # ------------------------------------------------------------------------------ plans
