@@ -262,6 +262,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs of each kind (the fastest is reported)")
     ap.add_argument("--batch", type=int, default=256,
                     help="step_added: what grammar work adds to the steps that sample at least this many rows")
+    ap.add_argument("--cprofile", default=None,
+                    help="profile the thread that launches the steps in the first constrained and replay runs "
+                         "(cProfile: written to PATH.constrained and PATH.replay)")
     ap.add_argument("--pool-cpus", type=int, default=None,
                     help="an experiment: llguidance's pool threads on the last N CPUs only")
     ap.add_argument("--gc-freeze", action="store_true",
@@ -329,10 +332,19 @@ def main() -> None:
         PHASES.clear()
         STEPS.clear()
         sync()
+        prof = None
+        if args.cprofile and name in ("constrained", "replay") and name not in row:  # (each kind's first run)
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         t, cpu = time.perf_counter(), time.thread_time()
         out = [c for batch in engine.run(reqs, plan) for c in batch]
         sync()
         wall, cpu = time.perf_counter() - t, time.thread_time() - cpu
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(f"{args.cprofile}.{name}")
         if name in ("warmup", "constrained"):
             recorded = {c.key: (c.token_ids, reqs[c.key].constraint.runs) for c in out}
         if name == "warmup":
