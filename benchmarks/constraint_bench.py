@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def valid(text: str, schema: dict) -> bool:
-    """Is ``text`` one JSON object valid against the example's schema (its keys, enum, types, lengths)?"""
+    """Is ``text`` one JSON object valid against the example's schema (its keys, enum, types, and lengths where
+    it bounds them)?"""
     try:
         v = json.loads(text)
     except ValueError:
@@ -39,11 +40,12 @@ def valid(text: str, schema: dict) -> bool:
     props = schema["properties"]
     if not isinstance(v, dict) or set(v) != set(schema["required"]):
         return False
-    complaints = v["complaints"]
-    return (isinstance(v["product"], str) and len(v["product"]) <= props["product"]["maxLength"]
+    complaints, inf = v["complaints"], float("inf")
+    return (isinstance(v["product"], str) and len(v["product"]) <= props["product"].get("maxLength", inf)
             and v["sentiment"] in props["sentiment"]["enum"]
-            and isinstance(complaints, list) and len(complaints) <= props["complaints"]["maxItems"]
-            and all(isinstance(c, str) and len(c) <= props["complaints"]["items"]["maxLength"] for c in complaints))
+            and isinstance(complaints, list) and len(complaints) <= props["complaints"].get("maxItems", inf)
+            and all(isinstance(c, str) and len(c) <= props["complaints"]["items"].get("maxLength", inf)
+                    for c in complaints))
 
 
 def run(spec, loaded) -> dict:
