@@ -149,6 +149,29 @@ def test_tokens_drawn_before_their_masks_are_taken_together_and_a_refused_one_re
         assert np.array_equal(g.allowed_tokens(after), fresh.allowed_tokens(after))
 
 
+@pytest.mark.parametrize("cpus_setting", ["half", "all"])
+def test_the_grammar_pool_keeps_to_the_upper_half_of_the_cpus(monkeypatch, cpus_setting):
+    """From ``POOL_SPLIT_MIN`` CPUs, llguidance's pool threads are made on the upper half of the CPUs (the
+    launching thread keeps the rest to itself), and the thread that made them keeps every CPU;
+    ``BATCHRUN_GRAMMAR_CPUS=all`` leaves the pool on every CPU."""
+    import os
+
+    from batchrun.engine import constraints
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    monkeypatch.setattr(constraints, "POOL_SPLIT_MIN", 2)
+    monkeypatch.setattr(constraints, "_EXECUTOR", [])
+    monkeypatch.setenv("BATCHRUN_GRAMMAR_CPUS", cpus_setting)
+    before = set(os.listdir("/proc/self/task"))
+    constraints._executor()
+    made = set(os.listdir("/proc/self/task")) - before
+    expected = set(cpus[len(cpus) // 2 :]) if cpus_setting == "half" else set(cpus)
+    assert made and all(os.sched_getaffinity(int(t)) == expected for t in made)
+    assert os.sched_getaffinity(0) == set(cpus)
+
+
 def test_drawing_before_the_mask_stops_where_the_drawn_tokens_are_often_refused(tiny, monkeypatch):
     """A constraint draws before its masks only while nearly all such tokens are allowed: of the random model's
     first ones, more than a tenth are refused, so after the trial (4 tokens here) every row is masked again,
