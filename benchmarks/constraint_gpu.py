@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads
 from gpu_bench import random_model
 from results_io import git_commit, record
+from step_timing import PHASES, STEPS, pin_grammar_threads, step_shares, time_phases, time_steps
 
 from batchrun.engine.batch import BatchEngine
 from batchrun.engine.constraints import Grammar, compile_constraint
@@ -81,110 +82,6 @@ class Replay:
 
     def forced_after(self, generated):
         return self.runs.get(len(generated), [])
-
-
-PHASES: dict[str, float] = {}
-STEPS: list[tuple[int, float]] = []  # (sampled rows, seconds) of each step of the last run
-_STEP_START = [0.0]
-
-
-def time_steps() -> None:
-    """Time each step of a run that launches one step at a time (a constrained run and its replay): from the
-    scheduler's planning it to its tokens recorded, with the number of rows it samples (``STEPS``)."""
-    import batchrun.engine.batch as batch
-    import batchrun.engine.scheduler as scheduler
-
-    plan, resolve = scheduler.Scheduler.next_step, batch.BatchEngine._resolve
-
-    def planned(self, *a, **k):
-        _STEP_START[0] = time.perf_counter()
-        return plan(self, *a, **k)
-
-    def resolved(self, launched, run):
-        try:
-            return resolve(self, launched, run)
-        finally:
-            STEPS.append((len(launched.step.sample_keys), time.perf_counter() - _STEP_START[0]))
-
-    scheduler.Scheduler.next_step, batch.BatchEngine._resolve = planned, resolved
-
-
-def step_shares(steps: dict[str, list[list[tuple[int, float]]]], batch: int) -> dict:
-    """What grammar work adds to the steps sampling at least ``batch`` rows: each step's fastest time over the
-    repeats (the runs of a kind have the same steps), summed over those steps, against the replay's."""
-    def fastest(runs):
-        return [(runs[0][i][0], min(r[i][1] for r in runs)) for i in range(len(runs[0]))]
-
-    out = {}
-    replay = fastest(steps["replay"])
-    base = sum(s for n, s in replay if n >= batch)
-    for kind in ("constrained", "masked"):
-        if kind not in steps:
-            continue
-        mine = fastest(steps[kind])
-        if [n for n, _ in mine] != [n for n, _ in replay]:
-            continue
-        added = sum(s for n, s in mine if n >= batch) - base
-        out[kind] = {"steps": sum(n >= batch for n, _ in mine), "replay_s": round(base, 4),
-                     "added_s": round(added, 4), "added_share": round(added / base, 4) if base else None}
-    return out
-
-
-def time_phases() -> None:
-    """Wrap the engine's phases to add up their host time per run (``--phases``): planning the step, the
-    forward's launch, waiting for the masks, applying them, reading back and recording the tokens, and the
-    grammar work in the worker thread."""
-    import batchrun.engine.batch as batch
-    import batchrun.engine.constraints as constraints
-    import batchrun.engine.masks as masks
-    import batchrun.engine.runner as runner
-    import batchrun.engine.scheduler as scheduler
-
-    def wrap(owner, name, label):
-        inner = getattr(owner, name)
-
-        def timed(*a, **k):
-            t = time.perf_counter()
-            try:
-                return inner(*a, **k)
-            finally:
-                PHASES[label] = PHASES.get(label, 0.0) + time.perf_counter() - t
-
-        setattr(owner, name, timed)
-
-    wrap(scheduler.Scheduler, "next_step", "plan_step")
-    wrap(runner.Runner, "forward", "launch_forward")
-    wrap(batch, "apply_mask_bits", "apply_masks")
-    wrap(constraints.StepMasks, "compute", "worker_masks")
-    wrap(constraints.StepMasks, "__init__", "prepare_masks")
-    wrap(masks, "narrow", "worker_narrow")
-    wrap(batch.BatchEngine, "_resolve", "resolve")
-    wrap(masks.Masks, "wait", "wait_masks")
-    wrap(masks.Masks, "settle", "settle_drawn")
-    wrap(masks.MaskPipeline, "start", "start_masks")
-
-
-def pin_main() -> None:
-    """The grammar threads (the mask worker and llguidance's pool, made now, inheriting this affinity) on every
-    CPU but the first; then the main thread alone on the first."""
-    import batchrun.engine.constraints as constraints
-    import batchrun.engine.masks as masks
-
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, cpus[1:])
-    masks.worker().submit(constraints._executor).result()
-    os.sched_setaffinity(0, cpus[:1])
-
-
-def pool_cpus(n: int) -> None:
-    """An experiment: llguidance's pool threads (made now, inheriting this affinity) on the last ``n`` CPUs only;
-    the main thread keeps every CPU."""
-    import batchrun.engine.constraints as constraints
-
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, cpus[-n:])
-    constraints._executor()
-    os.sched_setaffinity(0, cpus)
 
 
 def sync() -> None:
@@ -292,9 +189,9 @@ def main() -> None:
 
         runner.CAPTURE_AFTER = args.capture_after
     if args.pin_main:
-        pin_main()
+        pin_grammar_threads(main_alone=True)
     if args.pool_cpus:
-        pool_cpus(args.pool_cpus)
+        pin_grammar_threads(pool_cpus=args.pool_cpus)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     loaded, prompts, max_tokens, plan, compiled, label = job_inputs(args) if args.job else random_inputs(args)

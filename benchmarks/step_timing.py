@@ -1,0 +1,110 @@
+"""Timing batchrun's engine from outside, for the benchmarks (``constraint_gpu.py``): the host time of each phase
+of a step (``time_phases``: planning, launching the forward pass, the masks' work and waits, recording the
+tokens), each step's time with its batch (``time_steps``, ``step_shares``), and placing the grammar threads
+on chosen CPUs (``pin_grammar_threads``, an experiment). The engine's methods are wrapped in place, once per
+process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+PHASES: dict[str, float] = {}
+STEPS: list[tuple[int, float]] = []  # (sampled rows, seconds) of each step of the last run
+_STEP_START = [0.0]
+
+
+def time_steps() -> None:
+    """Time each step of a run that launches one step at a time (a constrained run and its replay): from the
+    scheduler's planning it to its tokens recorded, with the number of rows it samples (``STEPS``)."""
+    import batchrun.engine.batch as batch
+    import batchrun.engine.scheduler as scheduler
+
+    plan, resolve = scheduler.Scheduler.next_step, batch.BatchEngine._resolve
+
+    def planned(self, *a, **k):
+        _STEP_START[0] = time.perf_counter()
+        return plan(self, *a, **k)
+
+    def resolved(self, launched, run):
+        try:
+            return resolve(self, launched, run)
+        finally:
+            STEPS.append((len(launched.step.sample_keys), time.perf_counter() - _STEP_START[0]))
+
+    scheduler.Scheduler.next_step, batch.BatchEngine._resolve = planned, resolved
+
+
+def step_shares(steps: dict[str, list[list[tuple[int, float]]]], batch: int) -> dict:
+    """What grammar work adds to the steps sampling at least ``batch`` rows: each step's fastest time over the
+    repeats (the runs of a kind have the same steps), summed over those steps, against the replay's."""
+    def fastest(runs):
+        return [(runs[0][i][0], min(r[i][1] for r in runs)) for i in range(len(runs[0]))]
+
+    out = {}
+    replay = fastest(steps["replay"])
+    base = sum(s for n, s in replay if n >= batch)
+    for kind in ("constrained", "masked"):
+        if kind not in steps:
+            continue
+        mine = fastest(steps[kind])
+        if [n for n, _ in mine] != [n for n, _ in replay]:
+            continue
+        added = sum(s for n, s in mine if n >= batch) - base
+        out[kind] = {"steps": sum(n >= batch for n, _ in mine), "replay_s": round(base, 4),
+                     "added_s": round(added, 4), "added_share": round(added / base, 4) if base else None}
+    return out
+
+
+def time_phases() -> None:
+    """Wrap the engine's phases to add up their host time per run (``--phases``): planning the step, the
+    forward's launch, waiting for the masks, applying them, reading back and recording the tokens, and the
+    grammar work in the worker thread."""
+    import batchrun.engine.batch as batch
+    import batchrun.engine.constraints as constraints
+    import batchrun.engine.masks as masks
+    import batchrun.engine.runner as runner
+    import batchrun.engine.scheduler as scheduler
+
+    def wrap(owner, name, label):
+        inner = getattr(owner, name)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return inner(*a, **k)
+            finally:
+                PHASES[label] = PHASES.get(label, 0.0) + time.perf_counter() - t
+
+        setattr(owner, name, timed)
+
+    wrap(scheduler.Scheduler, "next_step", "plan_step")
+    wrap(runner.Runner, "forward", "launch_forward")
+    wrap(batch, "apply_mask_bits", "apply_masks")
+    wrap(constraints.StepMasks, "compute", "worker_masks")
+    wrap(constraints.StepMasks, "__init__", "prepare_masks")
+    wrap(masks, "narrow", "worker_narrow")
+    wrap(batch.BatchEngine, "_resolve", "resolve")
+    wrap(masks.Masks, "wait", "wait_masks")
+    wrap(masks.Masks, "settle", "settle_drawn")
+    wrap(masks.MaskPipeline, "start", "start_masks")
+
+
+def pin_grammar_threads(main_alone: bool = False, pool_cpus: int | None = None) -> None:
+    """Experiments, before any grammar work: ``main_alone``: the grammar threads (the mask worker and
+    llguidance's pool, made now, inheriting this affinity) on every CPU but the first, then the main thread
+    alone on the first; ``pool_cpus``: llguidance's pool threads on the last N CPUs only, the main thread on
+    every CPU."""
+    import batchrun.engine.constraints as constraints
+    import batchrun.engine.masks as masks
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if main_alone:
+        os.sched_setaffinity(0, cpus[1:])
+        masks.worker().submit(constraints._executor).result()
+        os.sched_setaffinity(0, cpus[:1])
+    elif pool_cpus:
+        os.sched_setaffinity(0, cpus[-pool_cpus:])
+        constraints._executor()
+        os.sched_setaffinity(0, cpus)
