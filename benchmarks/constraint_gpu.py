@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads
 from gpu_bench import random_model
 from results_io import git_commit, record
-from step_timing import PHASES, STEPS, pin_grammar_threads, step_shares, time_phases, time_steps
+from step_timing import PHASES, STEPS, pin_main, step_shares, time_phases, time_steps
 
 from batchrun.engine.batch import BatchEngine
 from batchrun.engine.constraints import Grammar, compile_constraint
@@ -162,8 +162,6 @@ def main() -> None:
     ap.add_argument("--cprofile", default=None,
                     help="profile the thread that launches the steps in the first constrained and replay runs "
                          "(cProfile: written to PATH.constrained and PATH.replay)")
-    ap.add_argument("--pool-cpus", type=int, default=None,
-                    help="an experiment: llguidance's pool threads on the last N CPUs only")
     ap.add_argument("--gc-freeze", action="store_true",
                     help="an experiment: gc.freeze() after loading (the collector then skips the loaded objects)")
     ap.add_argument("--phases", action="store_true", help="add up the host time of the engine's phases")
@@ -189,9 +187,7 @@ def main() -> None:
 
         runner.CAPTURE_AFTER = args.capture_after
     if args.pin_main:
-        pin_grammar_threads(main_alone=True)
-    if args.pool_cpus:
-        pin_grammar_threads(pool_cpus=args.pool_cpus)
+        pin_main()
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     loaded, prompts, max_tokens, plan, compiled, label = job_inputs(args) if args.job else random_inputs(args)
@@ -291,8 +287,6 @@ def main() -> None:
         row["pinned_main"] = True
     if args.gc_freeze:
         row["gc_freeze"] = True
-    if args.pool_cpus:
-        row["pool_cpus"] = args.pool_cpus
     if args.capture_after is not None:
         row["capture_after"] = args.capture_after
     gpu = torch.cuda.get_device_name() if loaded.device.startswith("cuda") else "cpu"

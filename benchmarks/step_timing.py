@@ -1,7 +1,7 @@
 """Timing batchrun's engine from outside, for the benchmarks (``constraint_gpu.py``): the host time of each phase
 of a step (``time_phases``: planning, launching the forward pass, the masks' work and waits, recording the
-tokens), each step's time with its batch (``time_steps``, ``step_shares``), and placing the grammar threads
-on chosen CPUs (``pin_grammar_threads``, an experiment). The engine's methods are wrapped in place, once per
+tokens), each step's time with its batch (``time_steps``, ``step_shares``), and the main thread alone on
+one CPU (``pin_main``, an experiment). The engine's methods are wrapped in place, once per
 process.
 """
 
@@ -91,20 +91,14 @@ def time_phases() -> None:
     wrap(masks.MaskPipeline, "start", "start_masks")
 
 
-def pin_grammar_threads(main_alone: bool = False, pool_cpus: int | None = None) -> None:
-    """Experiments, before any grammar work: ``main_alone``: the grammar threads (the mask worker and
-    llguidance's pool, made now, inheriting this affinity) on every CPU but the first, then the main thread
-    alone on the first; ``pool_cpus``: llguidance's pool threads on the last N CPUs only, the main thread on
-    every CPU."""
+def pin_main() -> None:
+    """An experiment (rejected: every run 3-6x slower): the grammar threads (the mask worker and llguidance's
+    pool, made now, inheriting this affinity) on every CPU but the first, then the main thread alone on the
+    first. (Keeping the pool to half the CPUs is the engine's own default: ``BATCHRUN_GRAMMAR_CPUS``.)"""
     import batchrun.engine.constraints as constraints
     import batchrun.engine.masks as masks
 
     cpus = sorted(os.sched_getaffinity(0))
-    if main_alone:
-        os.sched_setaffinity(0, cpus[1:])
-        masks.worker().submit(constraints._executor).result()
-        os.sched_setaffinity(0, cpus[:1])
-    elif pool_cpus:
-        os.sched_setaffinity(0, cpus[-pool_cpus:])
-        constraints._executor()
-        os.sched_setaffinity(0, cpus)
+    os.sched_setaffinity(0, cpus[1:])
+    masks.worker().submit(constraints._executor).result()
+    os.sched_setaffinity(0, cpus[:1])
