@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads
 from gpu_bench import random_model
 from results_io import git_commit, record
-from step_timing import PHASES, STEPS, pin_main, step_shares, time_phases, time_steps
+from step_timing import PHASES, STEPS, grammar_load, pin_main, step_shares, time_phases, time_steps
 
 from batchrun.engine.batch import BatchEngine
 from batchrun.engine.constraints import Grammar, compile_constraint
@@ -173,6 +173,9 @@ def main() -> None:
                     help="also a constrained run with every mask computed (BATCHRUN_LAZY_MASKS=0), interleaved")
     ap.add_argument("--profile", action="store_true",
                     help="one more constrained and replay run each under the torch profiler: GPU busy, launches")
+    ap.add_argument("--load", choices=["thread", "process"], default=None,
+                    help="a diagnostic: grammar work with no step behind it (step_timing.grammar_load) during each "
+                         "replay run, in a thread of this process or in a child process")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU: check the script runs")
     ap.add_argument("--job", default=None,
                     help="a job spec instead of the random-weight model: its model, prompts, max_tokens and "
@@ -231,10 +234,13 @@ def main() -> None:
 
             prof = cProfile.Profile()
             prof.enable()
+        unload = grammar_load(compiled, args.load) if args.load and name == "replay" else None
         t, cpu = time.perf_counter(), time.thread_time()
         out = [c for batch in engine.run(reqs, plan) for c in batch]
         sync()
         wall, cpu = time.perf_counter() - t, time.thread_time() - cpu
+        if unload is not None:
+            unload()
         if prof is not None:
             prof.disable()
             prof.dump_stats(f"{args.cprofile}.{name}")
@@ -287,6 +293,8 @@ def main() -> None:
         row["pinned_main"] = True
     if args.gc_freeze:
         row["gc_freeze"] = True
+    if args.load:
+        row["replay_load"] = args.load
     if args.capture_after is not None:
         row["capture_after"] = args.capture_after
     gpu = torch.cuda.get_device_name() if loaded.device.startswith("cuda") else "cpu"

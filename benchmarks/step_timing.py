@@ -102,3 +102,47 @@ def pin_main() -> None:
     os.sched_setaffinity(0, cpus[1:])
     masks.worker().submit(constraints._executor).result()
     os.sched_setaffinity(0, cpus[:1])
+
+
+def grammar_load(compiled, kind: str, rows: int = 256):
+    """A diagnostic: grammar work with no engine step behind it, run while a replay runs, to tell what slows the
+    launches of a constrained run. ``kind`` "thread": a thread of this process computing ``rows`` masks inside
+    free text in llguidance's pool, again and again (the GIL handed back and forth as the mask worker does);
+    "process": the same in a child process on the pool's CPUs (only the CPUs shared). Returns stop()."""
+    import multiprocessing
+    import threading
+
+    stop = multiprocessing.Event() if kind == "process" else threading.Event()
+    if kind == "process":
+        child = multiprocessing.get_context("fork").Process(target=_load_loop, args=(compiled, rows, stop, True))
+        child.start()
+        return lambda: (stop.set(), child.join())
+    thread = threading.Thread(target=_load_loop, args=(compiled, rows, stop, False), daemon=True)
+    thread.start()
+    return lambda: (stop.set(), thread.join())
+
+
+def _load_loop(compiled, rows, stop, own_pool: bool) -> None:
+    import numpy as np
+    from llguidance import LLExecutor
+
+    from batchrun.engine import constraints
+
+    if own_pool:  # (a forked child: the upper half of the CPUs, like the engine's pool)
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) >= constraints.POOL_SPLIT_MIN:
+            os.sched_setaffinity(0, cpus[len(cpus) // 2 :])
+        pool = LLExecutor()
+    else:
+        pool = constraints._executor()
+    text = compiled.tokenizer.tokenize_str('{"product": "a phone case that is nice and')
+    matchers = []
+    for _ in range(rows):
+        g = compiled.new()
+        g._matcher.try_consume_tokens(text)
+        matchers.append(g._matcher)
+    words = (compiled.tokenizer.vocab_size + 31) // 32
+    out = np.zeros((rows, words), dtype=np.int32)
+    pairs = [(m, i) for i, m in enumerate(matchers)]
+    while not stop.is_set():
+        pool.unsafe_compute_mask_ptr(pairs, out.ctypes.data, words * 4, rows)
