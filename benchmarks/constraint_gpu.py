@@ -4,8 +4,8 @@ rows), batchrun's engine with and without the constraint in one process.
     python benchmarks/constraint_gpu.py --rows 512 --tokenizer .tok --out benchmarks/results/constraint-h200.jsonl
 
 Three kinds of run over the same rows, each ``--repeat`` times, interleaved (the fastest of each is kept):
-``free`` (no constraint), ``constrained`` (the JSON schema, llguidance's masks computed in a worker thread
-while the GPU runs each step) and ``replay``: the constrained run's own tokens teacher-forced with no grammar
+``free`` (no constraint), ``constrained`` (the JSON schema, llguidance's masks computed while the GPU runs
+each step) and ``replay``: the constrained run's own tokens teacher-forced with no grammar
 work (each step allows the one token the constrained run drew there, and the same forced runs are
 appended), so it has the same steps, batches and tokens. ``mask_added_share`` = (constrained - replay) /
 replay wall time (fastest runs; ``mask_added_share_median``: median runs) is what grammar work adds to the
@@ -16,7 +16,8 @@ which moves whole runs by a third), against the replay's same steps. ``main_cpu_
 thread that plans and launches the steps (what grammar work adds there, or slows there, against the replay's);
 ``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hidden behind the GPU. ``--masked`` adds a
 fourth kind, the constrained run with every mask computed (``BATCHRUN_LAZY_MASKS=0``: no row drawn before its
-mask), and its ``masked_added_share``.
+mask), and its ``masked_added_share``; ``--worker`` the constrained run with the grammar work in a worker
+thread while the step is launched (``BATCHRUN_MASK_WORKER=1``, the first design), and its ``worker_added_share``.
 
 ``--job`` runs a job spec's real model, rows and constraint instead, as ``batchrun submit`` prepares them: the
 issue's own case, the extraction example on SmolLM2 (960 distinct rows: four variants of each English review):
@@ -171,6 +172,9 @@ def main() -> None:
                     help="an experiment: the main thread alone on the first CPU, the grammar threads on the others")
     ap.add_argument("--masked", action="store_true",
                     help="also a constrained run with every mask computed (BATCHRUN_LAZY_MASKS=0), interleaved")
+    ap.add_argument("--worker", action="store_true",
+                    help="also a constrained run with the grammar work in a worker thread while the step is "
+                         "launched (BATCHRUN_MASK_WORKER=1, the first design), interleaved")
     ap.add_argument("--profile", action="store_true",
                     help="one more constrained and replay run each under the torch profiler: GPU busy, launches")
     ap.add_argument("--load", choices=["thread", "process"], default=None,
@@ -219,10 +223,12 @@ def main() -> None:
     lazy = os.environ.get("BATCHRUN_LAZY_MASKS", "1")
     walls: dict[str, list[float]] = {}
     step_times: dict[str, list] = {}
-    kinds = ("free", "constrained", "replay", *(("masked",) if args.masked else ()))
+    kinds = ("free", "constrained", "replay", *(("masked",) if args.masked else ()),
+             *(("worker",) if args.worker else ()))
     for name in ("warmup", *[k for _ in range(args.repeat) for k in kinds]):
         reqs = requests(name)
         os.environ["BATCHRUN_LAZY_MASKS"] = "0" if name == "masked" else lazy  # (read as the engine runs)
+        os.environ["BATCHRUN_MASK_WORKER"] = "1" if name == "worker" else "0"
         engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=400_000)
         before = dict(compiled.stats)
         PHASES.clear()
@@ -265,7 +271,7 @@ def main() -> None:
                                           - before.get("unmasked_allowed", 0))}
         if args.phases:
             row[name]["phases_s"] = {k: round(v, 4) for k, v in PHASES.items()}
-        if name in ("replay", "masked"):
+        if name in ("replay", "masked", "worker"):
             row[name]["same_tokens"] = all(c.token_ids == recorded[c.key][0] for c in out)
     if args.profile:
         for name in ("constrained", "replay"):
@@ -279,9 +285,10 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in walls.items()}
     row["walls_s"] = walls
     row["mask_added_share_median"] = round((med["constrained"] - med["replay"]) / med["replay"], 4)
-    if args.masked:  # (every mask computed: what drawing inside free text before the mask saves)
-        row["masked_added_share"] = round((row["masked"]["wall_s"] - r["wall_s"]) / r["wall_s"], 4)
-        row["masked_added_share_median"] = round((med["masked"] - med["replay"]) / med["replay"], 4)
+    for kind in ("masked", "worker"):  # (masked: every mask computed; worker: the grammar work in a thread)
+        if kind in row:
+            row[f"{kind}_added_share"] = round((row[kind]["wall_s"] - r["wall_s"]) / r["wall_s"], 4)
+            row[f"{kind}_added_share_median"] = round((med[kind] - med["replay"]) / med["replay"], 4)
     # The measure: the steps at a batch of at least --batch rows, each at its fastest over the repeats.
     row["step_batch"] = args.batch
     row["step_added"] = step_shares(step_times, args.batch)

@@ -45,7 +45,7 @@ def step_shares(steps: dict[str, list[list[tuple[int, float]]]], batch: int) -> 
     out = {}
     replay = fastest(steps["replay"])
     base = sum(s for n, s in replay if n >= batch)
-    for kind in ("constrained", "masked"):
+    for kind in ("constrained", "masked", "worker"):
         if kind not in steps:
             continue
         mine = fastest(steps[kind])

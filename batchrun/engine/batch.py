@@ -2,7 +2,7 @@
 
 Each step: the scheduler describes the work (decodes, then prefill packs in plan order, within the KV
 budget), the runner computes it in one packed forward pass, per-request logits constraints are applied (a
-grammar's masks computed in a worker thread from the moment its row's token is recorded: ``engine.masks``),
+grammar's masks computed on the CPU while the device runs the step: ``engine.masks``),
 the sampler draws each row's next token (under the request's own sampling settings, or the engine's), the
 scheduler records it (ending rows at EOS or their limit), and the engine ends rows whose text reached one of
 their stop strings. Completions stream out as rows finish.
@@ -116,7 +116,7 @@ class BatchEngine:
         reqs = [run.requests[k.row] for k in keys]
         constraints = [r.constraint for r in reqs]
         masks = forced = None
-        if any(c is not None for c in constraints):  # computed on the CPU while the GPU runs the step
+        if any(c is not None for c in constraints):  # computed on the CPU once the GPU runs the step
             masks = run.masks.launch(keys, constraints, [run.sched.generated(k) for k in keys])
         logits = self.runner.forward(step, None if inflight is None else inflight.tokens)
         raw = logits
@@ -139,10 +139,10 @@ class BatchEngine:
 
     def _resolve(self, launched: _Launched, run: _RunState) -> list[Completion]:
         """Read a launched step's tokens back, record them, and finish the rows that ended."""
+        if launched.forced is not None:
+            launched.forced.result()  # (the forced runs ``forced_after`` reads; looked up while the device works)
         if launched.ready is not None:
             launched.ready.synchronize()
-        if launched.forced is not None:
-            launched.forced.result()  # (the forced runs ``forced_after`` reads)
         tokens = launched.host.tolist()
         if launched.masks is not None:  # (rows drawn without their mask: checked, and drawn again if need be)
             launched.masks.settle(tokens, launched.logits)
@@ -160,8 +160,8 @@ class BatchEngine:
             if lps is not None:
                 lps.add(e.key, *drawn[e.key])
             c = requests[e.key.row].constraint
-            # Tokens a constraint forces after the one just drawn (a grammar: found with its mask, in the worker
-            # thread) are appended now and computed in the next step with it. With logprobs asked for, each
+            # Tokens a constraint forces after the one just drawn (a grammar: found with its mask, while the
+            # device ran the step) are appended now and computed in the next step with it. With logprobs asked for, each
             # is drawn instead, to have its logprob.
             if not ended and lps is None and hasattr(c, "forced_after"):
                 forced = c.forced_after(sched.generated(e.key))
@@ -208,7 +208,7 @@ class _Launched:
     ready: Any
     raw: torch.Tensor | None  # the model's logits (for logprobs)
     scored: tuple | None = None  # logits some constraints asked to record (``_scored``)
-    forced: Any = None  # the forced runs' lookup, in the mask worker (a Future)
+    forced: Any = None  # the forced runs' lookup (``masks.Later``, or a Future from the mask worker)
     masks: Masks | None = None  # the step's masks, when some rows were drawn without theirs
     logits: torch.Tensor | None = None  # (then: the logits they were drawn from)
 

@@ -191,8 +191,7 @@ class Grammar:
     def _narrow(self, width: int) -> list[int]:
         """After the mask at the matcher's state allowed ``width`` tokens: the tokens forced there (kept for
         ``forced_after``). Only a mask of one token can start a forced run, so only then is llguidance asked
-        (the ask holds the GIL: skipping it for the other rows keeps the mask worker out of the main thread's
-        way)."""
+        (the ask holds the GIL, about 25 µs)."""
         forced = list(self._matcher.compute_ff_tokens()) if width == 1 and not self._done() else []
         self._ff = (self._consumed, forced)
         return forced
@@ -256,9 +255,8 @@ class StepMasks:
 
     Made on the main thread, which packs every constraint that is not a grammar (a few ids: cheap) and lines
     up the grammars' work. ``compute()`` then does that work: each grammar consumes its row's last token and
-    computes its mask, all in llguidance's thread pool, which runs without the GIL. Hardly any Python runs
-    there, so a worker thread can run it while the main thread launches the step, and neither waits for the
-    other's GIL (at a batch of hundreds of rows, Python in the worker slowed the launches by a fifth).
+    computes its mask, all in llguidance's thread pool, which runs without the GIL (``engine.masks`` runs it
+    once the step's forward pass is launched).
     A finished or broken grammar's mask allows only EOS (llguidance's own rule). The forced runs are looked up
     afterwards, by ``narrow(later)``, only for the grammars whose mask allows one token: a mask of one token is
     right without them, and they are needed only when the step's tokens are recorded."""
@@ -300,7 +298,7 @@ class StepMasks:
             self._counts.setdefault(id(g.compiled), [g.compiled.stats, 0])[1] += 1
 
     def compute(self) -> None:
-        """The grammars' work (safe in a worker thread while the GPU runs the step)."""
+        """The grammars' work (in llguidance's pool; safe in a worker thread too)."""
         if not self._grammars:
             return
         t = time.perf_counter()

@@ -1,11 +1,14 @@
 """A step's token masks, computed on the CPU while the device works (``constraints.StepMasks`` does the work).
 
-A row that goes on decoding has its next mask started as soon as its token is recorded (``start``, at the end
-of the step before), so the grammar work runs while the scheduler plans the next step and the device runs
-it. The rows a step adds (prompts whose prefill just ended), and rows with cheap constraints, are done when
-the step is launched (``launch``). ``Masks.wait`` gives the step's masks in sampling order, packed in
-page-locked memory (their copy to the device then waits for nothing). All grammar work runs in one worker
-thread, in submission order, so a grammar is never touched by two jobs at once.
+The grammar work of a step is lined up as its rows are known (``start``: the rows that go on decoding, at the
+end of the step before; ``launch``: the rows the step adds) and done once the step's forward pass is
+launched (``Masks.wait``), in llguidance's thread pool, without the GIL: the device runs the step meanwhile.
+Done there, on the thread that launches the steps, it never competes with that thread for the GIL. (A worker
+thread doing it while the forward pass was being launched, the first design, slowed those launches by more
+than the grammar work costs: each time the worker needed the GIL back, the launching thread lost it for up to
+the 5 ms switch interval. ``BATCHRUN_MASK_WORKER=1`` brings that design back, for comparison.) ``Masks.wait``
+gives the step's masks in sampling order, packed in page-locked memory (their copy to the device then waits
+for nothing).
 
 Greedy runs skip the expensive masks. A mask that allows much of the vocabulary (free text inside a string)
 costs the most (hundreds of microseconds with a bounded string, against tens elsewhere), and there the
@@ -38,7 +41,7 @@ from batchrun.engine.sampling import apply_mask_bits
 LAZY_SHARE = 0.25  # a grammar whose last mask allowed this share of the vocabulary is checked after the draw
 LAZY_TRIAL = 256  # tokens drawn before their masks, per constraint, before judging whether that pays
 LAZY_MIN_ALLOWED = 0.9  # the share of them that must be allowed for it to go on
-_WORKER: list[ThreadPoolExecutor] = []  # one thread running the grammar work while the GPU runs a step
+_WORKER: list[ThreadPoolExecutor] = []  # (BATCHRUN_MASK_WORKER=1: one thread doing the grammar work)
 
 
 def worker() -> ThreadPoolExecutor:
@@ -47,11 +50,32 @@ def worker() -> ThreadPoolExecutor:
     return _WORKER[0]
 
 
+class Later:
+    """Work done when its result is first asked for, on the asking thread (a Future's ``result`` without a
+    worker thread)."""
+
+    def __init__(self, fn, *args):
+        self._call: tuple | None = (fn, args)
+
+    def result(self) -> None:
+        if self._call is not None:
+            fn, args = self._call
+            self._call = None
+            fn(*args)
+
+
+def _run(fn, *args) -> Any:
+    """``fn(*args)`` in the worker thread (``BATCHRUN_MASK_WORKER=1``), else when its result is asked for."""
+    if os.environ.get("BATCHRUN_MASK_WORKER", "0") == "1":
+        return worker().submit(fn, *args)
+    return Later(fn, *args)
+
+
 @dataclass
 class _Job:
     rows: dict[Hashable, int]  # key -> the row of ``job.out`` with its mask
     job: StepMasks
-    done: Future
+    done: Future | Later
 
 
 class MaskPipeline:
@@ -91,7 +115,7 @@ class MaskPipeline:
 
     def launch(self, keys: Sequence[Hashable], constraints: Sequence[Any],
                generated: Sequence[Sequence[int]]) -> Masks:
-        """The masks of a step about to launch: those started early, and the rest now (in the worker)."""
+        """The masks of a step about to launch: those lined up at the step before, and the rest."""
         early, self._early = self._early, None
         lazy_keys, self._lazy = self._lazy, set()
         have = early.rows if early is not None else {}
@@ -106,7 +130,7 @@ class MaskPipeline:
     def _submit(self, keys: Sequence[Hashable], constraints: Sequence[Any],
                 generated: Sequence[Sequence[int]]) -> _Job:
         job = StepMasks(constraints, generated, np.empty((len(keys), self.words), dtype=np.int32))
-        return _Job({k: i for i, k in enumerate(keys)}, job, worker().submit(job.compute))
+        return _Job({k: i for i, k in enumerate(keys)}, job, _run(job.compute))
 
 
 class Masks:
@@ -117,10 +141,11 @@ class Masks:
         self.keys, self.jobs, self.words, self.pin = keys, jobs, words, pin
         self.lazy = lazy  # (position, grammar, generated) of the rows drawn without a mask
 
-    def wait(self) -> tuple[torch.Tensor, Future | None, float]:
-        """(The masks [len(keys), words] int32 in sampling order, on the host; the forced runs' lookup, started
-        in the worker; the seconds waited.) A row computed early but not in this step (preempted) keeps its
-        grammar caught up: its next mask is computed when it comes back."""
+    def wait(self) -> tuple[torch.Tensor, Future | Later | None, float]:
+        """(The masks [len(keys), words] int32 in sampling order, on the host; the forced runs' lookup, done
+        when its result is asked for; the seconds the grammar work took or was waited for.) A row lined up
+        early but not in this step (preempted) keeps its grammar caught up: its next mask is computed when it
+        comes back."""
         t = time.perf_counter()
         for j in self.jobs:
             j.done.result()
@@ -137,7 +162,7 @@ class Masks:
             elif at:
                 out[at] = j.job.out[src]
         later = [x for j in self.jobs for x in j.job.later]
-        return packed, worker().submit(narrow, later) if later else None, waited
+        return packed, _run(narrow, later) if later else None, waited
 
     def settle(self, tokens: list[int], logits: torch.Tensor) -> None:
         """Check the tokens of the rows drawn without a mask (``tokens``: the step's, in sampling order;
