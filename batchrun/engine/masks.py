@@ -94,6 +94,8 @@ class MaskPipeline:
               generated: Sequence[Sequence[int]]) -> None:
         """Start the next masks of rows that go on decoding (those with a grammar; the others are cheap). A row
         whose last mask was wide is brought up to date and left for ``Masks.settle`` instead."""
+        if self._early is not None:  # (lined up for a step that never came: every row preempted)
+            self._early.done.result()
         picked = []
         self._lazy = set()
         width = self.lazy_width
