@@ -11,8 +11,9 @@ import os
 import time
 
 PHASES: dict[str, float] = {}
-STEPS: list[tuple[int, float]] = []  # (sampled rows, seconds) of each step of the last run
+STEPS: list[tuple[int, float, bool]] = []  # (sampled rows, seconds, replayed from a CUDA graph) of each step
 _STEP_START = [0.0]
+_GRAPHS: dict[int, int] = {}  # id(engine) -> its runner's graph replays so far
 
 
 def time_steps() -> None:
@@ -31,7 +32,10 @@ def time_steps() -> None:
         try:
             return resolve(self, launched, run)
         finally:
-            STEPS.append((len(launched.step.sample_keys), time.perf_counter() - _STEP_START[0]))
+            graphs = self.runner.graph_steps
+            STEPS.append((len(launched.step.sample_keys), time.perf_counter() - _STEP_START[0],
+                          graphs > _GRAPHS.get(id(self), 0)))
+            _GRAPHS[id(self)] = graphs
 
     scheduler.Scheduler.next_step, batch.BatchEngine._resolve = planned, resolved
 
@@ -40,20 +44,25 @@ def step_shares(steps: dict[str, list[list[tuple[int, float]]]], batch: int) -> 
     """What grammar work adds to the steps sampling at least ``batch`` rows: each step's fastest time over the
     repeats (the runs of a kind have the same steps), summed over those steps, against the replay's."""
     def fastest(runs):
-        return [(runs[0][i][0], min(r[i][1] for r in runs)) for i in range(len(runs[0]))]
+        return [(runs[0][i][0], min(r[i][1] for r in runs), runs[0][i][2]) for i in range(len(runs[0]))]
 
     out = {}
     replay = fastest(steps["replay"])
-    base = sum(s for n, s in replay if n >= batch)
+    base = sum(s for n, s, _ in replay if n >= batch)
     for kind in ("constrained", "masked", "worker"):
         if kind not in steps:
             continue
         mine = fastest(steps[kind])
-        if [n for n, _ in mine] != [n for n, _ in replay]:
+        if [n for n, _, _ in mine] != [n for n, _, _ in replay]:
             continue
-        added = sum(s for n, s in mine if n >= batch) - base
-        out[kind] = {"steps": sum(n >= batch for n, _ in mine), "replay_s": round(base, 4),
+        added = sum(s for n, s, _ in mine if n >= batch) - base
+        out[kind] = {"steps": sum(n >= batch for n, _, _ in mine), "replay_s": round(base, 4),
                      "added_s": round(added, 4), "added_share": round(added / base, 4) if base else None}
+        for graph in (True, False):  # (the same split over the steps replayed from a graph, and the eager ones)
+            pairs = [(s, r) for (n, s, _), (_, r, g) in zip(mine, replay) if n >= batch and g == graph]
+            out[kind]["graph" if graph else "eager"] = {
+                "steps": len(pairs), "replay_s": round(sum(r for _, r in pairs), 4),
+                "added_s": round(sum(s - r for s, r in pairs), 4)}
     return out
 
 

@@ -319,7 +319,8 @@ class StepMasks:
             n = min(own, out.shape[1])
             out[rows, :n] = target[rows, :n]
             out[rows, n:] = 0
-        widths = np.bitwise_count(out[rows].view(np.uint32)).sum(axis=1)
+        mine = out if len(rows) == len(out) else out[rows]  # (every row a grammar's: no copy)
+        widths = np.bitwise_count(mine.view(np.uint64) if mine.shape[1] % 2 == 0 else mine.view(np.uint32)).sum(axis=1)
         for g, w in zip(self._grammars, widths.tolist()):
             g.width = w
         self.later = [self._grammars[i] for i in np.flatnonzero(widths == 1).tolist()]

@@ -64,11 +64,14 @@ class Later:
             fn(*args)
 
 
+def _in_worker() -> bool:
+    """Is the grammar work done in the worker thread (``BATCHRUN_MASK_WORKER=1``, for comparison)?"""
+    return os.environ.get("BATCHRUN_MASK_WORKER", "0") == "1"
+
+
 def _run(fn, *args) -> Any:
     """``fn(*args)`` in the worker thread (``BATCHRUN_MASK_WORKER=1``), else when its result is asked for."""
-    if os.environ.get("BATCHRUN_MASK_WORKER", "0") == "1":
-        return worker().submit(fn, *args)
-    return Later(fn, *args)
+    return worker().submit(fn, *args) if _in_worker() else Later(fn, *args)
 
 
 @dataclass
@@ -111,7 +114,7 @@ class MaskPipeline:
                     self._lazy.add(keys[i])
                     continue
             picked.append(i)
-        if picked:
+        if picked and _in_worker():  # (else the grammar work is lined up with the step's other rows: ``launch``)
             self._early = self._submit([keys[i] for i in picked], [constraints[i] for i in picked],
                                        [generated[i] for i in picked])
 
@@ -120,6 +123,12 @@ class MaskPipeline:
         """The masks of a step about to launch: those lined up at the step before, and the rest."""
         early, self._early = self._early, None
         lazy_keys, self._lazy = self._lazy, set()
+        if early is None and not _in_worker():  # (one job over the step's rows, written where the copy reads)
+            packed = torch.empty((len(keys), self.words), dtype=torch.int32, pin_memory=self.pin)
+            job = StepMasks([None if k in lazy_keys else c for k, c in zip(keys, constraints)], generated,
+                            packed.numpy())
+            lazy = [(i, constraints[i], generated[i]) for i, k in enumerate(keys) if k in lazy_keys]
+            return Masks(list(keys), [_Job({}, job, Later(job.compute))], self.words, self.pin, lazy, packed)
         have = early.rows if early is not None else {}
         lazy = [i for i, k in enumerate(keys) if k in lazy_keys]
         late = [i for i, k in enumerate(keys) if k not in have and k not in lazy_keys]
@@ -139,9 +148,10 @@ class Masks:
     """A launched step's masks on their way."""
 
     def __init__(self, keys: list[Hashable], jobs: list[_Job], words: int, pin: bool,
-                 lazy: list[tuple[int, Grammar, Sequence[int]]]):
+                 lazy: list[tuple[int, Grammar, Sequence[int]]], packed: torch.Tensor | None = None):
         self.keys, self.jobs, self.words, self.pin = keys, jobs, words, pin
         self.lazy = lazy  # (position, grammar, generated) of the rows drawn without a mask
+        self.packed = packed  # (one job writing every row's mask in sampling order: the masks, once computed)
 
     def wait(self) -> tuple[torch.Tensor, Future | Later | None, float]:
         """(The masks [len(keys), words] int32 in sampling order, on the host; the forced runs' lookup, done
@@ -152,6 +162,9 @@ class Masks:
         for j in self.jobs:
             j.done.result()
         waited = time.perf_counter() - t
+        if self.packed is not None:
+            later = self.jobs[0].job.later
+            return self.packed, _run(narrow, later) if later else None, waited
         packed = torch.empty((len(self.keys), self.words), dtype=torch.int32, pin_memory=self.pin)
         out = packed.numpy()
         for i, _, _ in self.lazy:
