@@ -53,13 +53,21 @@ def _batchrun(loaded, reqs, params=None) -> dict:
     return {c.key: c for batch in engine.run(reqs, plan) for c in batch}
 
 
+@pytest.fixture(params=["launching-thread", "worker"])
+def mask_thread(request, monkeypatch):
+    """Both places the grammar work runs (``engine.masks.in_worker``): the launching thread (a GPU's
+    default) and the worker thread (the CPU's)."""
+    monkeypatch.setenv("BATCHRUN_MASK_WORKER", "0" if request.param == "launching-thread" else "1")
+    return request.param
+
+
 def _reference(loaded, reqs, params=None) -> dict:
     engine = ReferenceEngine(loaded, params or SamplingParams(), batch_size=4)
     return {c.key: c for batch in engine.run(reqs) for c in batch}
 
 
 @pytest.mark.parametrize("kind", sorted(CASES))
-def test_constrained_greedy_equals_the_reference_engine_and_every_output_is_valid(tiny, kind):
+def test_constrained_greedy_equals_the_reference_engine_and_every_output_is_valid(tiny, kind, mask_thread):
     value, valid = CASES[kind]
     compiled = compile_constraint(kind.removesuffix("-gbnf"), value, tiny.tokenizer)
     got = _batchrun(tiny, _requests(tiny.tokenizer, compiled))
@@ -90,7 +98,7 @@ REVIEW = {"type": "object", "additionalProperties": False, "required": ["product
                          "complaints": {"type": "array", "maxItems": 2, "items": {"type": "string"}}}}
 
 
-def test_rows_drawn_before_their_wide_masks_equal_the_reference_engine(tiny, monkeypatch):
+def test_rows_drawn_before_their_wide_masks_equal_the_reference_engine(tiny, monkeypatch, mask_thread):
     """Greedy rows inside free text (a mask allowing most of the vocabulary) are drawn without the mask and
     their token checked against the grammar after; a token it does not allow is drawn again from the masked
     logits. Both happen here, and every token equals the reference engine's and the fully masked run's."""
@@ -190,7 +198,7 @@ def test_drawing_before_the_mask_stops_where_the_drawn_tokens_are_often_refused(
 
 
 @pytest.mark.parametrize("schema", ["sentiment", "review"])
-def test_constrained_rows_preempted_and_recomputed_equal_the_reference_engine(tiny, schema):
+def test_constrained_rows_preempted_and_recomputed_equal_the_reference_engine(tiny, schema, mask_thread):
     """A row's next mask starts as soon as its token is recorded (or, inside free text, its token is checked
     after the draw); a row preempted before that step runs keeps its grammar where it was and gets its mask
     when it comes back: the same tokens as the reference engine."""

@@ -1,14 +1,14 @@
 """A step's token masks, computed on the CPU while the device works (``constraints.StepMasks`` does the work).
 
-The grammar work of a step is lined up as its rows are known (``start``: the rows that go on decoding, at the
-end of the step before; ``launch``: the rows the step adds) and done once the step's forward pass is
-launched (``Masks.wait``), in llguidance's thread pool, without the GIL: the device runs the step meanwhile.
+On a GPU the grammar work of a step is lined up as its rows are known and done once the step's forward pass
+is launched (``Masks.wait``), in llguidance's thread pool, without the GIL, while the device runs the step.
 Done there, on the thread that launches the steps, it never competes with that thread for the GIL. (A worker
 thread doing it while the forward pass was being launched, the first design, slowed those launches by more
-than the grammar work costs: each time the worker needed the GIL back, the launching thread lost it for up to
-the 5 ms switch interval. ``BATCHRUN_MASK_WORKER=1`` brings that design back, for comparison.) ``Masks.wait``
-gives the step's masks in sampling order, packed in page-locked memory (their copy to the device then waits
-for nothing).
+than the grammar work costs: each time the worker needed the GIL back, the launching thread lost it for up
+to the 5 ms switch interval.) On the CPU the worker thread does it, from the moment a row's token is recorded
+(``start``): the CPU forward pass runs without the GIL, and the worker's grammar work overlaps it
+(``BATCHRUN_MASK_WORKER``: 1, the worker; 0, the launching thread). ``Masks.wait`` gives the step's masks in
+sampling order, packed in page-locked memory (their copy to the device then waits for nothing).
 
 Greedy runs skip the expensive masks. A mask that allows much of the vocabulary (free text inside a string)
 costs the most (hundreds of microseconds with a bounded string, against tens elsewhere), and there the
@@ -64,14 +64,16 @@ class Later:
             fn(*args)
 
 
-def _in_worker() -> bool:
-    """Is the grammar work done in the worker thread (``BATCHRUN_MASK_WORKER=1``, for comparison)?"""
-    return os.environ.get("BATCHRUN_MASK_WORKER", "0") == "1"
+def in_worker(pin: bool) -> bool:
+    """Is the grammar work done in the worker thread? On the CPU (``pin`` False) it is: the forward pass then
+    computes on every CPU without the GIL, and the worker's grammar work overlaps it. On a GPU it is done on
+    the launching thread (``BATCHRUN_MASK_WORKER``: 1, the worker; 0, the launching thread)."""
+    return os.environ.get("BATCHRUN_MASK_WORKER", "0" if pin else "1") == "1"
 
 
-def _run(fn, *args) -> Any:
-    """``fn(*args)`` in the worker thread (``BATCHRUN_MASK_WORKER=1``), else when its result is asked for."""
-    return worker().submit(fn, *args) if _in_worker() else Later(fn, *args)
+def _run(threaded: bool, fn, *args) -> Any:
+    """``fn(*args)``: in the worker thread, or (``threaded`` False) when its result is asked for."""
+    return worker().submit(fn, *args) if threaded else Later(fn, *args)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class MaskPipeline:
         self.pin = pin
         self.lazy_width = vocab * LAZY_SHARE if greedy and os.environ.get("BATCHRUN_LAZY_MASKS", "1") != "0" \
             else float("inf")
+        self.threaded = in_worker(pin)
         self._early: _Job | None = None
         self._lazy: set[Hashable] = set()
 
@@ -114,7 +117,7 @@ class MaskPipeline:
                     self._lazy.add(keys[i])
                     continue
             picked.append(i)
-        if picked and _in_worker():  # (else the grammar work is lined up with the step's other rows: ``launch``)
+        if picked and self.threaded:  # (else the grammar work is lined up with the step's other rows: ``launch``)
             self._early = self._submit([keys[i] for i in picked], [constraints[i] for i in picked],
                                        [generated[i] for i in picked])
 
@@ -123,12 +126,12 @@ class MaskPipeline:
         """The masks of a step about to launch: those lined up at the step before, and the rest."""
         early, self._early = self._early, None
         lazy_keys, self._lazy = self._lazy, set()
-        if early is None and not _in_worker():  # (one job over the step's rows, written where the copy reads)
+        if early is None and not self.threaded:  # (one job over the step's rows, written where the copy reads)
             packed = torch.empty((len(keys), self.words), dtype=torch.int32, pin_memory=self.pin)
             job = StepMasks([None if k in lazy_keys else c for k, c in zip(keys, constraints)], generated,
                             packed.numpy())
             lazy = [(i, constraints[i], generated[i]) for i, k in enumerate(keys) if k in lazy_keys]
-            return Masks(list(keys), [_Job({}, job, Later(job.compute))], self.words, self.pin, lazy, packed)
+            return Masks(list(keys), [_Job({}, job, Later(job.compute))], self.words, self.pin, lazy, False, packed)
         have = early.rows if early is not None else {}
         lazy = [i for i, k in enumerate(keys) if k in lazy_keys]
         late = [i for i, k in enumerate(keys) if k not in have and k not in lazy_keys]
@@ -136,20 +139,21 @@ class MaskPipeline:
         if late:
             jobs.append(self._submit([keys[i] for i in late], [constraints[i] for i in late],
                                      [generated[i] for i in late]))
-        return Masks(list(keys), jobs, self.words, self.pin, [(i, constraints[i], generated[i]) for i in lazy])
+        return Masks(list(keys), jobs, self.words, self.pin, [(i, constraints[i], generated[i]) for i in lazy],
+                     self.threaded)
 
     def _submit(self, keys: Sequence[Hashable], constraints: Sequence[Any],
                 generated: Sequence[Sequence[int]]) -> _Job:
         job = StepMasks(constraints, generated, np.empty((len(keys), self.words), dtype=np.int32))
-        return _Job({k: i for i, k in enumerate(keys)}, job, _run(job.compute))
+        return _Job({k: i for i, k in enumerate(keys)}, job, _run(self.threaded, job.compute))
 
 
 class Masks:
     """A launched step's masks on their way."""
 
     def __init__(self, keys: list[Hashable], jobs: list[_Job], words: int, pin: bool,
-                 lazy: list[tuple[int, Grammar, Sequence[int]]], packed: torch.Tensor | None = None):
-        self.keys, self.jobs, self.words, self.pin = keys, jobs, words, pin
+                 lazy: list[tuple[int, Grammar, Sequence[int]]], threaded: bool, packed: torch.Tensor | None = None):
+        self.keys, self.jobs, self.words, self.pin, self.threaded = keys, jobs, words, pin, threaded
         self.lazy = lazy  # (position, grammar, generated) of the rows drawn without a mask
         self.packed = packed  # (one job writing every row's mask in sampling order: the masks, once computed)
 
@@ -164,7 +168,7 @@ class Masks:
         waited = time.perf_counter() - t
         if self.packed is not None:
             later = self.jobs[0].job.later
-            return self.packed, _run(narrow, later) if later else None, waited
+            return self.packed, _run(False, narrow, later) if later else None, waited
         packed = torch.empty((len(self.keys), self.words), dtype=torch.int32, pin_memory=self.pin)
         out = packed.numpy()
         for i, _, _ in self.lazy:
@@ -177,7 +181,7 @@ class Masks:
             elif at:
                 out[at] = j.job.out[src]
         later = [x for j in self.jobs for x in j.job.later]
-        return packed, _run(narrow, later) if later else None, waited
+        return packed, _run(self.threaded, narrow, later) if later else None, waited
 
     def settle(self, tokens: list[int], logits: torch.Tensor) -> None:
         """Check the tokens of the rows drawn without a mask (``tokens``: the step's, in sampling order;
