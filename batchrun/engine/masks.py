@@ -98,8 +98,9 @@ class MaskPipeline:
 
     def start(self, keys: Sequence[Hashable], constraints: Sequence[Any],
               generated: Sequence[Sequence[int]]) -> None:
-        """Start the next masks of rows that go on decoding (those with a grammar; the others are cheap). A row
-        whose last mask was wide is brought up to date and left for ``Masks.settle`` instead."""
+        """The rows that go on decoding (those with a grammar; the others are cheap): a row whose last mask was
+        wide is brought up to date and left for ``Masks.settle``; the others' next masks start in the worker
+        thread (``threaded``), or are computed with the step's other rows (``launch``)."""
         if self._early is not None:  # (lined up for a step that never came: every row preempted)
             self._early.done.result()
         picked = []
@@ -168,7 +169,7 @@ class Masks:
         waited = time.perf_counter() - t
         if self.packed is not None:
             later = self.jobs[0].job.later
-            return self.packed, _run(False, narrow, later) if later else None, waited
+            return self.packed, _run(self.threaded, narrow, later) if later else None, waited
         packed = torch.empty((len(self.keys), self.words), dtype=torch.int32, pin_memory=self.pin)
         out = packed.numpy()
         for i, _, _ in self.lazy:
