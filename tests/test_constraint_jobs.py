@@ -140,6 +140,7 @@ def test_plan_and_the_manifest_report_the_constraint(tmp_path, tiny_dir):
     generated = sum(r["output_tokens"] for r in rows)  # a mask per token chosen (EOS included)
     assert (c["kind"], c["rows"], c["grammars"]) == ("regex", 4, 1) and c["masks"] == generated + len(rows)
     assert (c["drawn_before_mask"], c["drawn_before_mask_allowed"]) == (0, 0)  # (digits: no wide mask)
+    assert 3 <= c["masks_shared"] < c["masks"]  # (the 4 rows' first masks at least: one computed, 3 copied)
     assert c["mask_s"] >= 0 and result.constraint == c
     job = tmp_path / "job.yaml"
     r = CliRunner().invoke(cli, ["plan", str(job), "--json"])

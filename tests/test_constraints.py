@@ -93,6 +93,22 @@ def test_forced_tokens_are_appended_without_a_sampling_step_each(tiny):
     assert engine.stats["steps"] <= len(got.token_ids) // 2, (engine.stats, len(got.token_ids))
 
 
+def test_rows_in_the_same_grammar_state_share_one_mask_and_forced_run(tiny, mask_thread):
+    """Rows whose outputs so far are equal are in the same grammar state: their first masks (and the forced
+    text that opens the object) are computed once for all of them, and every row still equals the reference
+    engine's. Without sharing, the same run counts no shared masks."""
+    compiled = compile_constraint("json_schema", SENTIMENT, tiny.tokenizer)
+    got = _batchrun(tiny, _requests(tiny.tokenizer, compiled))
+    want = _reference(tiny, _requests(tiny.tokenizer, compiled))
+    assert compiled.stats["masks_shared"] >= 5, compiled.stats  # (6 rows at their first mask: 1 computes it)
+    for k in want:
+        assert got[k].token_ids == want[k].token_ids, f"row {k}"
+    fresh = compile_constraint("json_schema", SENTIMENT, tiny.tokenizer)
+    reqs = _requests(tiny.tokenizer, fresh, n=1)
+    assert _batchrun(tiny, reqs)[0].token_ids == want[0].token_ids
+    assert fresh.stats.get("masks_shared", 0) == 0
+
+
 REVIEW = {"type": "object", "additionalProperties": False, "required": ["product", "complaints"],
           "properties": {"product": {"type": "string", "maxLength": 24},
                          "complaints": {"type": "array", "maxItems": 2, "items": {"type": "string"}}}}

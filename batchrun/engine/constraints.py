@@ -249,6 +249,9 @@ def pack(allowed: Any, words: int) -> np.ndarray:
     return np.packbits(keep, bitorder="little").view(np.int32)
 
 
+SHARED_HISTORY = 16  # rows of one constraint with equal outputs up to this long share a mask (``StepMasks``)
+
+
 class StepMasks:
     """One step's token masks, written into ``out`` ([rows, ceil(vocab / 32)] int32 in ``pack``'s layout; a row
     without a constraint allows every token).
@@ -259,11 +262,18 @@ class StepMasks:
     once the step's forward pass is launched).
     A finished or broken grammar's mask allows only EOS (llguidance's own rule). The forced runs are looked up
     afterwards, by ``narrow(later)``, only for the grammars whose mask allows one token: a mask of one token is
-    right without them, and they are needed only when the step's tokens are recorded."""
+    right without them, and they are needed only when the step's tokens are recorded.
+
+    Rows of one constraint whose outputs so far are equal (and at most ``SHARED_HISTORY`` tokens long) are in
+    the same grammar state: one of them computes the mask and looks up the forced run, and the others copy
+    them. Every row of a job starts so: its first mask, and the forced text that opens a JSON object, are
+    computed once, not once a row."""
 
     def __init__(self, constraints: Sequence[Any], generated: Sequence[Sequence[int]], out: np.ndarray):
         self.out = out
-        self.later: list[Grammar] = []  # the grammars whose masks ``compute`` found allowing one token
+        # The grammars whose masks ``compute`` found allowing one token, each with the grammar whose forced run
+        # it shares (None: its own).
+        self.later: list[tuple[Grammar, Grammar | None]] = []
         grammars, at, ids = [], [], []
         for i, c in enumerate(constraints):
             if c is None:
@@ -292,7 +302,17 @@ class StepMasks:
             else:
                 g._sync(gen)
         self._rows = [i for _, i, _ in grammars]
-        self._matchers = [(g._matcher, i) for g, i, _ in grammars]
+        self._matchers = []  # (matcher, row): the grammars that compute their masks
+        self._twin: dict[int, tuple[int, Grammar]] = {}  # a row -> (the row, grammar) whose mask it copies
+        seen: dict[tuple, tuple[int, Grammar]] = {}
+        for g, i, gen in grammars:
+            first = None
+            if len(gen) <= SHARED_HISTORY:
+                first = seen.setdefault((id(g.compiled), tuple(gen)), (i, g))
+            if first is None or first[0] == i:
+                self._matchers.append((g._matcher, i))
+            else:
+                self._twin[i] = first
         self._counts: dict[int, list] = {}
         for g in self._grammars:
             self._counts.setdefault(id(g.compiled), [g.compiled.stats, 0])[1] += 1
@@ -319,16 +339,22 @@ class StepMasks:
             n = min(own, out.shape[1])
             out[rows, :n] = target[rows, :n]
             out[rows, n:] = 0
+        if self._twin:
+            out[list(self._twin)] = out[[i for i, _ in self._twin.values()]]
         mine = out if len(rows) == len(out) else out[rows]  # (every row a grammar's: no copy)
         widths = np.bitwise_count(mine.view(np.uint64) if mine.shape[1] % 2 == 0 else mine.view(np.uint32)).sum(axis=1)
         for g, w in zip(self._grammars, widths.tolist()):
             g.width = w
-        self.later = [self._grammars[i] for i in np.flatnonzero(widths == 1).tolist()]
+        twin = self._twin
+        self.later = [(g, twin[i][1] if i in twin else None)
+                      for g, i in ((self._grammars[j], self._rows[j]) for j in np.flatnonzero(widths == 1).tolist())]
         seconds = time.perf_counter() - t
         for stats, n in self._counts.values():
             stats["masks"] += n
             stats["mask_s"] += seconds * n / len(self._grammars)
             stats["mask_pool_s"] = stats.get("mask_pool_s", 0.0) + t_mask * n / len(self._grammars)
+        for _, g in twin.values():
+            g.compiled.stats["masks_shared"] = g.compiled.stats.get("masks_shared", 0) + 1
 
 
 PAR_MIN = 4  # rows from which llguidance's pool takes the tokens drawn before their masks
@@ -351,12 +377,17 @@ def consume_drawn(grammars: Sequence[Grammar], tokens: Sequence[int]) -> list[bo
     return ok
 
 
-def narrow(later: Sequence[Grammar]) -> None:
-    """The forced runs ``StepMasks`` left (``later``: the grammars whose mask allows one token). A mask of one
-    token allowed exactly the first token of its forced run, so the masks already applied stay right. (The
-    other grammars keep their last lookup: made at fewer consumed tokens, ``forced_after`` never reads it.)"""
-    for g in later:
-        g._narrow(g.width)
+def narrow(later: Sequence[tuple[Grammar, Grammar | None]]) -> None:
+    """The forced runs ``StepMasks`` left (``later``: the grammars whose mask allows one token, each with the
+    grammar in the same state whose lookup it copies, or None). A mask of one token allowed exactly the first
+    token of its forced run, so the masks already applied stay right. (The other grammars keep their last
+    lookup: made at fewer consumed tokens, ``forced_after`` never reads it.)"""
+    for g, first in later:
+        if first is None:
+            g._narrow(g.width)
+    for g, first in later:
+        if first is not None:
+            g._ff = (g._consumed, list(first._ff[1]) if first._ff is not None else [])
 
 
 POOL_SPLIT_MIN = 8  # CPUs from which llguidance's pool keeps to the upper half of them

@@ -28,7 +28,8 @@ FIELD = "sampling.constraint"
 class ConstraintUse:
     """A job's constraint, for ``batchrun plan`` and the manifest: its kind, how many rows use it, the
     grammars compiled and the time that took, and (after the run) the CPU time spent computing token masks, and
-    how many tokens were drawn before their (wide) mask and then found allowed (``engine.masks``)."""
+    how many masks rows in the same grammar state shared (``constraints.StepMasks``), and how many tokens were
+    drawn before their (wide) mask and then found allowed (``engine.masks``)."""
 
     kind: str
     rows: int
@@ -40,10 +41,11 @@ class ConstraintUse:
         mask_s = sum(c.stats["mask_s"] for c in self.compiled)
         unmasked = sum(c.stats.get("unmasked", 0) for c in self.compiled)
         allowed = sum(c.stats.get("unmasked_allowed", 0) for c in self.compiled)
+        shared = sum(c.stats.get("masks_shared", 0) for c in self.compiled)
         return {"kind": self.kind, "rows": self.rows, "grammars": len(self.compiled),
                 "compile_s": round(self.compile_s, 3), "masks": masks, "mask_s": round(mask_s, 3),
                 "mask_ms_each": round(1000 * mask_s / masks, 3) if masks else None,
-                "drawn_before_mask": unmasked, "drawn_before_mask_allowed": allowed}
+                "masks_shared": shared, "drawn_before_mask": unmasked, "drawn_before_mask_allowed": allowed}
 
 
 def row_constraints(spec: JobSpec, source: Source, tokenizer: Any
