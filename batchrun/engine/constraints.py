@@ -327,6 +327,7 @@ class StepMasks:
                 m.consume_token(tok)
         elif self._one:
             _executor().consume_token_par(self._one)
+        t_take = time.perf_counter() - t
         out = self.out
         own = (self._grammars[0].compiled.tokenizer.vocab_size + 31) // 32  # llguidance writes exactly its width
         direct = own == out.shape[1] and out.flags.c_contiguous
@@ -353,6 +354,7 @@ class StepMasks:
             stats["masks"] += n
             stats["mask_s"] += seconds * n / len(self._grammars)
             stats["mask_pool_s"] = stats.get("mask_pool_s", 0.0) + t_mask * n / len(self._grammars)
+            stats["take_s"] = stats.get("take_s", 0.0) + t_take * n / len(self._grammars)
         for _, g in twin.values():
             g.compiled.stats["masks_shared"] = g.compiled.stats.get("masks_shared", 0) + 1
 
