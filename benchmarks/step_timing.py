@@ -97,6 +97,7 @@ def time_phases() -> None:
     wrap(batch.BatchEngine, "_resolve", "resolve")
     wrap(masks.Masks, "wait", "wait_masks")
     wrap(masks.Masks, "settle", "settle_drawn")
+    wrap(masks, "consume_drawn", "settle_take")
     wrap(masks.MaskPipeline, "start", "start_masks")
 
 
