@@ -17,7 +17,8 @@ thread that plans and launches the steps (what grammar work adds there, or slows
 ``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hidden behind the GPU. ``--masked`` adds a
 fourth kind, the constrained run with every mask computed (``BATCHRUN_LAZY_MASKS=0``: no row drawn before its
 mask), and its ``masked_added_share``; ``--worker`` the constrained run with the grammar work in a worker
-thread while the step is launched (``BATCHRUN_MASK_WORKER=1``, the first design), and its ``worker_added_share``.
+thread while the step is launched (``BATCHRUN_MASK_WORKER=1``), and its ``worker_added_share``; both, a sixth
+(``worker_masked``: every mask computed, in the worker thread).
 
 ``--job`` runs a job spec's real model, rows and constraint instead, as ``batchrun submit`` prepares them: the
 issue's own case, the extraction example on SmolLM2 (960 distinct rows: four variants of each English review):
@@ -224,11 +225,11 @@ def main() -> None:
     walls: dict[str, list[float]] = {}
     step_times: dict[str, list] = {}
     kinds = ("free", "constrained", "replay", *(("masked",) if args.masked else ()),
-             *(("worker",) if args.worker else ()))
+             *(("worker",) if args.worker else ()), *(("worker_masked",) if args.worker and args.masked else ()))
     for name in ("warmup", *[k for _ in range(args.repeat) for k in kinds]):
         reqs = requests(name)
-        os.environ["BATCHRUN_LAZY_MASKS"] = "0" if name == "masked" else lazy  # (read as the engine runs)
-        os.environ["BATCHRUN_MASK_WORKER"] = "1" if name == "worker" else "0"
+        os.environ["BATCHRUN_LAZY_MASKS"] = "0" if name in ("masked", "worker_masked") else lazy  # (read as it runs)
+        os.environ["BATCHRUN_MASK_WORKER"] = "1" if name in ("worker", "worker_masked") else "0"
         engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=400_000)
         before = dict(compiled.stats)
         PHASES.clear()
@@ -272,7 +273,7 @@ def main() -> None:
                                           - before.get("unmasked_allowed", 0))}
         if args.phases:
             row[name]["phases_s"] = {k: round(v, 4) for k, v in PHASES.items()}
-        if name in ("replay", "masked", "worker"):
+        if name in ("replay", "masked", "worker", "worker_masked"):
             row[name]["same_tokens"] = all(c.token_ids == recorded[c.key][0] for c in out)
     if args.profile:
         for name in ("constrained", "replay"):
@@ -286,7 +287,7 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in walls.items()}
     row["walls_s"] = walls
     row["mask_added_share_median"] = round((med["constrained"] - med["replay"]) / med["replay"], 4)
-    for kind in ("masked", "worker"):  # (masked: every mask computed; worker: the grammar work in a thread)
+    for kind in ("masked", "worker", "worker_masked"):  # (masked: every mask computed; worker: in a thread)
         if kind in row:
             row[f"{kind}_added_share"] = round((row[kind]["wall_s"] - r["wall_s"]) / r["wall_s"], 4)
             row[f"{kind}_added_share_median"] = round((med[kind] - med["replay"]) / med["replay"], 4)

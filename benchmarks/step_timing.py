@@ -49,7 +49,7 @@ def step_shares(steps: dict[str, list[list[tuple[int, float]]]], batch: int) -> 
     out = {}
     replay = fastest(steps["replay"])
     base = sum(s for n, s, _ in replay if n >= batch)
-    for kind in ("constrained", "masked", "worker"):
+    for kind in ("constrained", "masked", "worker", "worker_masked"):
         if kind not in steps:
             continue
         mine = fastest(steps[kind])
@@ -92,6 +92,8 @@ def time_phases() -> None:
     wrap(runner.Runner, "forward", "launch_forward")
     wrap(batch, "apply_mask_bits", "apply_masks")
     wrap(constraints.StepMasks, "compute", "worker_masks")
+    wrap(constraints.StepMasks, "take_and_mask", "pool_masks")  # (the part the mask worker runs)
+    wrap(constraints.StepMasks, "finish", "finish_masks")
     wrap(constraints.StepMasks, "__init__", "prepare_masks")
     wrap(masks, "narrow", "worker_narrow")
     wrap(batch.BatchEngine, "_resolve", "resolve")

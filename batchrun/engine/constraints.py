@@ -314,11 +314,20 @@ class StepMasks:
             else:
                 self._twin[i] = first
         self._counts: dict[int, list] = {}
+        self._finished = False
         for g in self._grammars:
             self._counts.setdefault(id(g.compiled), [g.compiled.stats, 0])[1] += 1
 
     def compute(self) -> None:
-        """The grammars' work (in llguidance's pool; safe in a worker thread too)."""
+        """The grammars' work: ``take_and_mask`` then ``finish``."""
+        self.take_and_mask()
+        self.finish()
+
+    def take_and_mask(self) -> None:
+        """The grammars take their rows' last tokens and compute their masks: llguidance's calls alone, in its
+        pool, without the GIL (safe in a worker thread: it holds the GIL only to make the calls, so it hardly
+        slows a thread launching the step meanwhile). ``finish`` does the rest."""
+        self._finished = False
         if not self._grammars:
             return
         t = time.perf_counter()
@@ -327,17 +336,27 @@ class StepMasks:
                 m.consume_token(tok)
         elif self._one:
             _executor().consume_token_par(self._one)
-        t_take = time.perf_counter() - t
+        t_mask = time.perf_counter()
+        self._t_take = t_mask - t
         out = self.out
         own = (self._grammars[0].compiled.tokenizer.vocab_size + 31) // 32  # llguidance writes exactly its width
-        direct = own == out.shape[1] and out.flags.c_contiguous
-        target = out if direct else np.zeros((len(out), own), dtype=np.int32)
-        t_mask = time.perf_counter()
-        _executor().unsafe_compute_mask_ptr(self._matchers, target.ctypes.data, own * 4, len(target))
-        t_mask = time.perf_counter() - t_mask
+        self._target = out if own == out.shape[1] and out.flags.c_contiguous else \
+            np.zeros((len(out), own), dtype=np.int32)
+        _executor().unsafe_compute_mask_ptr(self._matchers, self._target.ctypes.data, own * 4, len(self._target))
+        self._t_mask = time.perf_counter() - t_mask
+        self._t_pool = time.perf_counter() - t
+
+    def finish(self) -> None:
+        """After ``take_and_mask`` (on the thread that uses the masks; once): the masks in ``out``, copied to
+        the rows that share them, each grammar's width, and which grammars need their forced run (``later``)."""
+        if self._finished or not self._grammars:
+            return
+        self._finished = True
+        t = time.perf_counter()
+        out, target = self.out, self._target
         rows = np.asarray(self._rows)
-        if not direct:
-            n = min(own, out.shape[1])
+        if target is not out:
+            n = min(target.shape[1], out.shape[1])
             out[rows, :n] = target[rows, :n]
             out[rows, n:] = 0
         if self._twin:
@@ -349,12 +368,13 @@ class StepMasks:
         twin = self._twin
         self.later = [(g, twin[i][1] if i in twin else None)
                       for g, i in ((self._grammars[j], self._rows[j]) for j in np.flatnonzero(widths == 1).tolist())]
-        seconds = time.perf_counter() - t
+        seconds = self._t_pool + time.perf_counter() - t
         for stats, n in self._counts.values():
+            share = n / len(self._grammars)
             stats["masks"] += n
-            stats["mask_s"] += seconds * n / len(self._grammars)
-            stats["mask_pool_s"] = stats.get("mask_pool_s", 0.0) + t_mask * n / len(self._grammars)
-            stats["take_s"] = stats.get("take_s", 0.0) + t_take * n / len(self._grammars)
+            stats["mask_s"] += seconds * share
+            stats["mask_pool_s"] = stats.get("mask_pool_s", 0.0) + self._t_mask * share
+            stats["take_s"] = stats.get("take_s", 0.0) + self._t_take * share
         for _, g in twin.values():
             g.compiled.stats["masks_shared"] = g.compiled.stats.get("masks_shared", 0) + 1
 

@@ -103,6 +103,7 @@ class MaskPipeline:
         thread (``threaded``), or are computed with the step's other rows (``launch``)."""
         if self._early is not None:  # (lined up for a step that never came: every row preempted)
             self._early.done.result()
+            self._early.job.finish()
         picked = []
         self._lazy = set()
         width = self.lazy_width
@@ -146,7 +147,7 @@ class MaskPipeline:
     def _submit(self, keys: Sequence[Hashable], constraints: Sequence[Any],
                 generated: Sequence[Sequence[int]]) -> _Job:
         job = StepMasks(constraints, generated, np.empty((len(keys), self.words), dtype=np.int32))
-        return _Job({k: i for i, k in enumerate(keys)}, job, _run(self.threaded, job.compute))
+        return _Job({k: i for i, k in enumerate(keys)}, job, _run(self.threaded, job.take_and_mask))
 
 
 class Masks:
@@ -166,10 +167,11 @@ class Masks:
         t = time.perf_counter()
         for j in self.jobs:
             j.done.result()
+            j.job.finish()
         waited = time.perf_counter() - t
         if self.packed is not None:
             later = self.jobs[0].job.later
-            return self.packed, _run(self.threaded, narrow, later) if later else None, waited
+            return self.packed, Later(narrow, later) if later else None, waited
         packed = torch.empty((len(self.keys), self.words), dtype=torch.int32, pin_memory=self.pin)
         out = packed.numpy()
         for i, _, _ in self.lazy:
@@ -182,7 +184,7 @@ class Masks:
             elif at:
                 out[at] = j.job.out[src]
         later = [x for j in self.jobs for x in j.job.later]
-        return packed, _run(self.threaded, narrow, later) if later else None, waited
+        return packed, Later(narrow, later) if later else None, waited
 
     def settle(self, tokens: list[int], logits: torch.Tensor) -> None:
         """Check the tokens of the rows drawn without a mask (``tokens``: the step's, in sampling order;
