@@ -292,31 +292,41 @@ class StepMasks:
             tok = np.asarray(ids, dtype=np.int64)
             np.bitwise_or.at(out.view(np.uint32), (np.asarray(at), tok >> 5), (1 << (tok & 31)).astype(np.uint32))
         self._grammars = [g for g, _, _ in grammars]
-        self._one: list[tuple[Any, int]] = []  # (matcher, token): rows one token behind, the common case
-        for g, _, gen in grammars:
+        self._rows = [i for _, i, _ in grammars]
+        one: list[tuple[Any, int]] = []  # (matcher, token): rows one token behind, the common case
+        behind: list[tuple[Any, list[int]]] = []  # (matcher, tokens): rows further behind (forced runs)
+        self._matchers: list[tuple[Any, int]] = []  # (matcher, row): the grammars that compute their masks
+        src: list[int] = []  # each grammar's mask: which of ``_matchers`` computes it
+        self._twin: dict[int, tuple[int, Grammar]] = {}  # a row -> (the row, grammar) whose mask it copies
+        seen: dict[tuple, tuple[int, Grammar, int]] = {}
+        self._counts: dict[int, list] = {}
+        last = None
+        for g, i, gen in grammars:  # (one pass: this runs on the thread that launches the steps)
+            m, n = g._matcher, len(gen)
             # (Not asking whether the grammar is done, a few µs a row: a finished grammar that takes one more
             # token (EOS, with EOS ignored) breaks, and a finished or broken grammar's mask allows only EOS.)
-            if len(gen) == g._consumed + 1:
-                self._one.append((g._matcher, int(gen[-1])))
-                g._consumed += 1
-            else:
+            k = n - g._consumed
+            if k == 1:
+                one.append((m, int(gen[-1])))
+            elif k > 1:
+                behind.append((m, [int(t) for t in gen[g._consumed :]]))
+            elif k < 0:  # (never in practice: a row's generated tokens only grow)
                 g._sync(gen)
-        self._rows = [i for _, i, _ in grammars]
-        self._matchers = []  # (matcher, row): the grammars that compute their masks
-        self._twin: dict[int, tuple[int, Grammar]] = {}  # a row -> (the row, grammar) whose mask it copies
-        seen: dict[tuple, tuple[int, Grammar]] = {}
-        for g, i, gen in grammars:
-            first = None
-            if len(gen) <= SHARED_HISTORY:
-                first = seen.setdefault((id(g.compiled), tuple(gen)), (i, g))
-            if first is None or first[0] == i:
-                self._matchers.append((g._matcher, i))
-            else:
-                self._twin[i] = first
-        self._counts: dict[int, list] = {}
+            g._consumed = n
+            if g.compiled is not last:
+                last = g.compiled
+                count = self._counts.setdefault(id(last), [last.stats, 0])
+            count[1] += 1
+            if n <= SHARED_HISTORY:
+                first = seen.setdefault((id(last), tuple(gen)), (i, g, len(self._matchers)))
+                if first[0] != i:
+                    self._twin[i] = first[:2]
+                    src.append(first[2])
+                    continue
+            src.append(len(self._matchers))
+            self._matchers.append((m, i))
+        self._one, self._behind, self._src = one, behind, src
         self._finished = False
-        for g in self._grammars:
-            self._counts.setdefault(id(g.compiled), [g.compiled.stats, 0])[1] += 1
 
     def compute(self) -> None:
         """The grammars' work: ``take_and_mask`` then ``finish``."""
@@ -331,19 +341,23 @@ class StepMasks:
         if not self._grammars:
             return
         t = time.perf_counter()
-        if len(self._one) < 4:
-            for m, tok in self._one:
-                m.consume_token(tok)
-        elif self._one:
-            _executor().consume_token_par(self._one)
+        behind = self._behind
+        _take(self._one + [(m, tokens[0]) for m, tokens in behind] if behind else self._one)
+        for k in range(1, max((len(tokens) for _, tokens in behind), default=0)):  # (in order, a token a round)
+            _take([(m, tokens[k]) for m, tokens in behind if len(tokens) > k])
         t_mask = time.perf_counter()
         self._t_take = t_mask - t
         out = self.out
         own = (self._grammars[0].compiled.tokenizer.vocab_size + 31) // 32  # llguidance writes exactly its width
         self._target = out if own == out.shape[1] and out.flags.c_contiguous else \
             np.zeros((len(out), own), dtype=np.int32)
-        _executor().unsafe_compute_mask_ptr(self._matchers, self._target.ctypes.data, own * 4, len(self._target))
+        target = self._target
+        _executor().unsafe_compute_mask_ptr(self._matchers, target.ctypes.data, own * 4, len(target))
         self._t_mask = time.perf_counter() - t_mask
+        if len(self._matchers) < len(target):
+            target = target[[i for _, i in self._matchers]]
+        # How many tokens each mask allows (numpy's loops run without the GIL too).
+        self._widths = np.bitwise_count(target.view(np.uint64) if own % 2 == 0 else target.view(np.uint32)).sum(1)
         self._t_pool = time.perf_counter() - t
 
     def finish(self) -> None:
@@ -354,15 +368,14 @@ class StepMasks:
         self._finished = True
         t = time.perf_counter()
         out, target = self.out, self._target
-        rows = np.asarray(self._rows)
         if target is not out:
+            rows = np.asarray(self._rows)
             n = min(target.shape[1], out.shape[1])
             out[rows, :n] = target[rows, :n]
             out[rows, n:] = 0
         if self._twin:
             out[list(self._twin)] = out[[i for i, _ in self._twin.values()]]
-        mine = out if len(rows) == len(out) else out[rows]  # (every row a grammar's: no copy)
-        widths = np.bitwise_count(mine.view(np.uint64) if mine.shape[1] % 2 == 0 else mine.view(np.uint32)).sum(axis=1)
+        widths = self._widths[self._src]  # (each grammar's: a twin's is its first's)
         for g, w in zip(self._grammars, widths.tolist()):
             g.width = w
         twin = self._twin
@@ -379,7 +392,16 @@ class StepMasks:
             g.compiled.stats["masks_shared"] = g.compiled.stats.get("masks_shared", 0) + 1
 
 
-PAR_MIN = 4  # rows from which llguidance's pool takes the tokens drawn before their masks
+PAR_MIN = 4  # rows from which llguidance's pool takes their tokens (fewer: one by one, on this thread)
+
+
+def _take(pairs: list[tuple[Any, int]]) -> None:
+    """Each (matcher, token) takes its token (a refused one leaves that matcher broken: its mask allows EOS)."""
+    if len(pairs) < PAR_MIN:
+        for m, tok in pairs:
+            m.consume_token(tok)
+    elif pairs:
+        _executor().consume_token_par(pairs)
 
 
 def consume_drawn(grammars: Sequence[Grammar], tokens: Sequence[int]) -> list[bool]:

@@ -81,6 +81,7 @@ class _Job:
     rows: dict[Hashable, int]  # key -> the row of ``job.out`` with its mask
     job: StepMasks
     done: Future | Later
+    packed: torch.Tensor  # (``job.out``'s tensor: page-locked on a GPU)
 
 
 class MaskPipeline:
@@ -133,7 +134,8 @@ class MaskPipeline:
             job = StepMasks([None if k in lazy_keys else c for k, c in zip(keys, constraints)], generated,
                             packed.numpy())
             lazy = [(i, constraints[i], generated[i]) for i, k in enumerate(keys) if k in lazy_keys]
-            return Masks(list(keys), [_Job({}, job, Later(job.compute))], self.words, self.pin, lazy, False, packed)
+            return Masks(list(keys), [_Job({}, job, Later(job.compute), packed)], self.words, self.pin, lazy, False,
+                         packed)
         have = early.rows if early is not None else {}
         lazy = [i for i, k in enumerate(keys) if k in lazy_keys]
         late = [i for i, k in enumerate(keys) if k not in have and k not in lazy_keys]
@@ -146,8 +148,9 @@ class MaskPipeline:
 
     def _submit(self, keys: Sequence[Hashable], constraints: Sequence[Any],
                 generated: Sequence[Sequence[int]]) -> _Job:
-        job = StepMasks(constraints, generated, np.empty((len(keys), self.words), dtype=np.int32))
-        return _Job({k: i for i, k in enumerate(keys)}, job, _run(self.threaded, job.take_and_mask))
+        packed = torch.empty((len(keys), self.words), dtype=torch.int32, pin_memory=self.pin)
+        job = StepMasks(constraints, generated, packed.numpy())
+        return _Job(dict(zip(keys, range(len(keys)))), job, _run(self.threaded, job.take_and_mask), packed)
 
 
 class Masks:
@@ -172,6 +175,9 @@ class Masks:
         if self.packed is not None:
             later = self.jobs[0].job.later
             return self.packed, Later(narrow, later) if later else None, waited
+        if len(self.jobs) == 1 and not self.lazy and list(self.jobs[0].rows) == self.keys:  # (most steps)
+            return self.jobs[0].packed, Later(narrow, self.jobs[0].job.later) if self.jobs[0].job.later else None, \
+                waited
         packed = torch.empty((len(self.keys), self.words), dtype=torch.int32, pin_memory=self.pin)
         out = packed.numpy()
         for i, _, _ in self.lazy:
