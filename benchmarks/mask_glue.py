@@ -133,7 +133,8 @@ def main() -> None:
         total = sum(parts.values())
         glue = total - stats["take_s"] - stats["mask_pool_s"]
         row = {"steps": steps, "total_s": round(total, 4), "glue_s": round(glue, 4),
-               "step_glue_ms": round(1000 * glue / steps, 3), "main_cpu_s": round(main_cpu, 4), "parts_s": {k: round(v, 4) for k, v in parts.items()},
+               "step_glue_ms": round(1000 * glue / steps, 3), "main_cpu_s": round(main_cpu, 4),
+               "parts_s": {k: round(v, 4) for k, v in parts.items()},
                "take_s": round(stats["take_s"], 4), "mask_pool_s": round(stats["mask_pool_s"], 4),
                "masks": stats["masks"], "valid": sum(not g.incomplete(generated[i][:-1] if generated[i][-1] == eos
                                                                         else generated[i])
