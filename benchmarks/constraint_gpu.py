@@ -14,11 +14,12 @@ timed (planned to tokens recorded), the steps that sample at least ``--batch`` r
 over the repeats (runs of one kind have the same steps; a step's fastest time is robust to the host's noise,
 which moves whole runs by a third), against the replay's same steps. ``main_cpu_s``: the CPU time of the
 thread that plans and launches the steps (what grammar work adds there, or slows there, against the replay's);
-``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hidden behind the GPU. ``--masked`` adds a
-fourth kind, the constrained run with every mask computed (``BATCHRUN_LAZY_MASKS=0``: no row drawn before its
-mask), and its ``masked_added_share``; ``--worker`` the constrained run with the grammar work in a worker
-thread while the step is launched (``BATCHRUN_MASK_WORKER=1``), and its ``worker_added_share``; both, a sixth
-(``worker_masked``: every mask computed, in the worker thread).
+``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hidden behind the GPU. More kinds, each
+interleaved with the others and reported with its ``<kind>_added_share`` and ``step_added``: ``--masked``, the
+constrained run with every mask computed (``BATCHRUN_LAZY_MASKS=0``: no row drawn before its mask; on a GPU
+also the default where wide masks are cheap); ``--lazy``, rows drawn before their wide masks whether or not
+these are dear (``BATCHRUN_LAZY_MASKS=1``); ``--worker``, the grammar work in a worker thread while the step
+is launched (``BATCHRUN_MASK_WORKER=1``); ``--worker --masked`` adds ``worker_masked`` too (both).
 
 ``--job`` runs a job spec's real model, rows and constraint instead, as ``batchrun submit`` prepares them: the
 issue's own case, the extraction example on SmolLM2 (960 distinct rows: four variants of each English review):
@@ -51,6 +52,9 @@ from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Request, SamplingParams
 from batchrun.plan.plan import PlanConfig, build_plan
 
+# The kinds of constrained run beside the default one ("constrained"): masked, every mask computed; lazy, rows
+# drawn before their wide masks; worker, the grammar work in a worker thread; worker_masked, both.
+OTHER_KINDS = ("masked", "lazy", "worker", "worker_masked")
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["product", "sentiment", "complaints"],
           "properties": {"product": {"type": "string", "maxLength": 24},
                          "sentiment": {"enum": ["positive", "negative", "mixed"]},
@@ -173,6 +177,8 @@ def main() -> None:
                     help="an experiment: the main thread alone on the first CPU, the grammar threads on the others")
     ap.add_argument("--masked", action="store_true",
                     help="also a constrained run with every mask computed (BATCHRUN_LAZY_MASKS=0), interleaved")
+    ap.add_argument("--lazy", action="store_true",
+                    help="also a constrained run drawing rows before their wide masks (BATCHRUN_LAZY_MASKS=1)")
     ap.add_argument("--worker", action="store_true",
                     help="also a constrained run with the grammar work in a worker thread while the step is "
                          "launched (BATCHRUN_MASK_WORKER=1, the first design), interleaved")
@@ -221,14 +227,15 @@ def main() -> None:
     if args.job:
         row |= {"job": args.job, "overrides": args.overrides}
     recorded: dict[int, tuple] = {}
-    lazy = os.environ.get("BATCHRUN_LAZY_MASKS", "1")
+    lazy = os.environ.get("BATCHRUN_LAZY_MASKS", "auto")
     walls: dict[str, list[float]] = {}
     step_times: dict[str, list] = {}
-    kinds = ("free", "constrained", "replay", *(("masked",) if args.masked else ()),
+    kinds = ("free", "constrained", "replay", *(("masked",) if args.masked else ()), *(("lazy",) if args.lazy else ()),
              *(("worker",) if args.worker else ()), *(("worker_masked",) if args.worker and args.masked else ()))
     for name in ("warmup", *[k for _ in range(args.repeat) for k in kinds]):
         reqs = requests(name)
-        os.environ["BATCHRUN_LAZY_MASKS"] = "0" if name in ("masked", "worker_masked") else lazy  # (read as it runs)
+        os.environ["BATCHRUN_LAZY_MASKS"] = ("0" if name in ("masked", "worker_masked") else "1" if name == "lazy"
+                                             else lazy)  # (read as the engine runs)
         os.environ["BATCHRUN_MASK_WORKER"] = "1" if name in ("worker", "worker_masked") else "0"
         engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=400_000)
         before = dict(compiled.stats)
@@ -273,7 +280,7 @@ def main() -> None:
                                           - before.get("unmasked_allowed", 0))}
         if args.phases:
             row[name]["phases_s"] = {k: round(v, 4) for k, v in PHASES.items()}
-        if name in ("replay", "masked", "worker", "worker_masked"):
+        if name in ("replay", *OTHER_KINDS):
             row[name]["same_tokens"] = all(c.token_ids == recorded[c.key][0] for c in out)
     if args.profile:
         for name in ("constrained", "replay"):
@@ -287,14 +294,14 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in walls.items()}
     row["walls_s"] = walls
     row["mask_added_share_median"] = round((med["constrained"] - med["replay"]) / med["replay"], 4)
-    for kind in ("masked", "worker", "worker_masked"):  # (masked: every mask computed; worker: in a thread)
+    for kind in OTHER_KINDS:
         if kind in row:
             row[f"{kind}_added_share"] = round((row[kind]["wall_s"] - r["wall_s"]) / r["wall_s"], 4)
             row[f"{kind}_added_share_median"] = round((med[kind] - med["replay"]) / med["replay"], 4)
     # The measure: the steps at a batch of at least --batch rows, each at its fastest over the repeats.
     row["step_batch"] = args.batch
     row["step_added"] = step_shares(step_times, args.batch)
-    row["lazy_masks"] = lazy != "0"
+    row["lazy_masks"] = lazy  # (auto: on a GPU, rows drawn before their masks only where wide masks are dear)
     row["mask_ms_each"] = round(1000 * c["mask_s"] / max(c["masks"], 1), 4)
     row["grammar_threads"] = os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default")
     row["switch_interval_s"] = sys.getswitchinterval()

@@ -146,7 +146,7 @@ def main() -> None:
     out = {"bench": "mask-glue", "rows": args.rows, "cpus": len(os.sched_getaffinity(0)),
            "mask_worker": os.environ.get("BATCHRUN_MASK_WORKER", "1") == "1",
            "grammar_threads": os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default"),
-           "lazy_masks": os.environ.get("BATCHRUN_LAZY_MASKS", "1") != "0", **best,
+           "lazy_masks": os.environ.get("BATCHRUN_LAZY_MASKS", "auto"), **best,
            "shared_history": constraints.SHARED_HISTORY, "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
     record(out, args.out)
 

@@ -49,7 +49,7 @@ def step_shares(steps: dict[str, list[list[tuple[int, float]]]], batch: int) -> 
     out = {}
     replay = fastest(steps["replay"])
     base = sum(s for n, s, _ in replay if n >= batch)
-    for kind in ("constrained", "masked", "worker", "worker_masked"):
+    for kind in ("constrained", "masked", "lazy", "worker", "worker_masked"):
         if kind not in steps:
             continue
         mine = fastest(steps[kind])

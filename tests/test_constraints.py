@@ -196,6 +196,35 @@ def test_the_grammar_pool_keeps_to_the_upper_half_of_the_cpus(monkeypatch, cpus_
     assert os.sched_getaffinity(0) == set(cpus)
 
 
+@pytest.mark.parametrize("dear", [True, False])
+def test_on_a_gpu_rows_are_drawn_before_their_masks_only_where_wide_masks_are_dear(tiny, monkeypatch, dear):
+    """A GPU's default (``only_dear``, forced here on the CPU): a constraint draws before its wide masks only once
+    they are found dear (after ``DEAR_TRIAL`` of them, from the pool's time); cheap ones are all computed, in
+    the pool while the device runs the step. Either way the tokens equal the reference engine's."""
+    import batchrun.engine.masks as masks
+
+    made = masks.MaskPipeline.__init__
+
+    def on_a_gpu(self, *a, **k):
+        made(self, *a, **k)
+        self.only_dear = True
+
+    monkeypatch.setattr(masks.MaskPipeline, "__init__", on_a_gpu)
+    monkeypatch.setattr(masks, "DEAR_TRIAL", 3)
+    monkeypatch.setattr(masks, "DEAR_S", 0.0 if dear else 1.0)  # (every wide mask dear, or none)
+    compiled = compile_constraint("json_schema", REVIEW, tiny.tokenizer)
+    got = _batchrun(tiny, _requests(tiny.tokenizer, compiled))
+    want = _reference(tiny, _requests(tiny.tokenizer, compiled))
+    stats = compiled.stats
+    assert stats["wide_masks"] >= 3 and stats["wide_pool_s"] > 0, stats
+    if dear:
+        assert stats["unmasked"] > 0, stats
+    else:
+        assert stats.get("unmasked", 0) == 0, stats
+    for k in want:
+        assert got[k].token_ids == want[k].token_ids, f"row {k}"
+
+
 def test_drawing_before_the_mask_stops_where_the_drawn_tokens_are_often_refused(tiny, monkeypatch):
     """A constraint draws before its masks only while nearly all such tokens are allowed: of the random model's
     first ones, more than a tenth are refused, so after the trial (4 tokens here) every row is masked again,

@@ -20,7 +20,11 @@ token drawn again from the masked logits. The rows' checks run together in llgui
 costs more than its mask would have (the mask computed while the step waits, and a grammar restarted), so a
 constraint draws before its masks only while at least ``LAZY_MIN_ALLOWED`` of such tokens are allowed (judged
 after ``LAZY_TRIAL`` of them; a real model's best token inside free text nearly always is, a random model's
-about half the time). ``BATCHRUN_LAZY_MASKS=0`` turns this off.
+about half the time). On a GPU this is done only for a constraint whose wide masks are dear (``_dear``: from
+the pool's time for them, judged after ``DEAR_TRIAL``): there the masks are computed while the device runs
+the step, but a row drawn before its mask is checked after it, and an unbounded JSON string's wide mask
+costs llguidance's pool about as little as that check (bounded strings' masks cost tens of times more).
+``BATCHRUN_LAZY_MASKS``: 0, never; 1, wherever it pays (on a GPU too); unset, as above.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchrun.engine.constraints import Grammar, StepMasks, consume_drawn, narrow
+from batchrun.engine.constraints import WIDE_SHARE, Grammar, StepMasks, consume_drawn, narrow
 from batchrun.engine.sampling import apply_mask_bits
 
-LAZY_SHARE = 0.25  # a grammar whose last mask allowed this share of the vocabulary is checked after the draw
+LAZY_SHARE = WIDE_SHARE  # a grammar whose last mask allowed this share of the vocabulary is checked after the draw
 LAZY_TRIAL = 256  # tokens drawn before their masks, per constraint, before judging whether that pays
 LAZY_MIN_ALLOWED = 0.9  # the share of them that must be allowed for it to go on
+DEAR_TRIAL = 64  # wide masks computed, per constraint, before judging whether they are dear (on a GPU)
+DEAR_S = 10e-6  # a wide mask is dear from this much of the pool's time (a step's mask time over its wide masks)
 _WORKER: list[ThreadPoolExecutor] = []  # (BATCHRUN_MASK_WORKER=1: one thread doing the grammar work)
 
 
@@ -91,8 +97,9 @@ class MaskPipeline:
     def __init__(self, vocab: int, pin: bool, greedy: bool):
         self.words = (vocab + 31) // 32
         self.pin = pin
-        self.lazy_width = vocab * LAZY_SHARE if greedy and os.environ.get("BATCHRUN_LAZY_MASKS", "1") != "0" \
-            else float("inf")
+        mode = os.environ.get("BATCHRUN_LAZY_MASKS", "auto")
+        self.lazy_width = vocab * LAZY_SHARE if greedy and mode != "0" else float("inf")
+        self.only_dear = pin and mode != "1"  # (on a GPU: only constraints whose wide masks are dear)
         self.threaded = in_worker(pin)
         self._early: _Job | None = None
         self._lazy: set[Hashable] = set()
@@ -115,7 +122,7 @@ class MaskPipeline:
             if c.width >= width:
                 ok = pays.get(id(c.compiled))
                 if ok is None:
-                    ok = pays[id(c.compiled)] = _pays(c.compiled.stats)
+                    ok = pays[id(c.compiled)] = _pays(c.compiled.stats, self.only_dear)
                 if ok and c.skips_mask(generated[i], width):
                     self._lazy.add(keys[i])
                     continue
@@ -224,7 +231,16 @@ class Masks:
             tokens[i] = t
 
 
-def _pays(stats: dict) -> bool:
-    """Does drawing before the mask pay for this constraint (``stats``: its compiled grammar's)?"""
+def _pays(stats: dict, only_dear: bool) -> bool:
+    """Does drawing before the mask pay for this constraint (``stats``: its compiled grammar's; ``only_dear``:
+    only if its wide masks are dear)?"""
+    if only_dear and not _dear(stats):
+        return False
     n = stats.get("unmasked", 0)
     return n < LAZY_TRIAL or stats.get("unmasked_allowed", 0) >= LAZY_MIN_ALLOWED * n
+
+
+def _dear(stats: dict) -> bool:
+    """Are this constraint's wide masks dear (judged after ``DEAR_TRIAL`` of them)?"""
+    wide = stats.get("wide_masks", 0)
+    return wide >= DEAR_TRIAL and stats.get("wide_pool_s", 0.0) >= DEAR_S * wide
