@@ -201,6 +201,7 @@ def test_on_a_gpu_rows_are_drawn_before_their_masks_only_where_wide_masks_are_de
     """A GPU's default (``only_dear``, forced here on the CPU): a constraint draws before its wide masks only once
     they are found dear (after ``DEAR_TRIAL`` of them, from the pool's time); cheap ones are all computed, in
     the pool while the device runs the step. Either way the tokens equal the reference engine's."""
+    import batchrun.engine.constraints as constraints
     import batchrun.engine.masks as masks
 
     made = masks.MaskPipeline.__init__
@@ -211,6 +212,7 @@ def test_on_a_gpu_rows_are_drawn_before_their_masks_only_where_wide_masks_are_de
 
     monkeypatch.setattr(masks.MaskPipeline, "__init__", on_a_gpu)
     monkeypatch.setattr(masks, "DEAR_TRIAL", 3)
+    monkeypatch.setattr(constraints, "WIDE_BATCH", 1)
     monkeypatch.setattr(masks, "DEAR_S", 0.0 if dear else 1.0)  # (every wide mask dear, or none)
     compiled = compile_constraint("json_schema", REVIEW, tiny.tokenizer)
     got = _batchrun(tiny, _requests(tiny.tokenizer, compiled))

@@ -250,6 +250,7 @@ def pack(allowed: Any, words: int) -> np.ndarray:
 
 
 WIDE_SHARE = 0.25  # a mask allowing this share of the vocabulary or more is wide (free text: ``engine.masks``)
+WIDE_BATCH = 64  # wide masks in a step from which their time is recorded (fewer: the pool's overhead would show)
 SHARED_HISTORY = 16  # rows of one constraint with equal outputs up to this long share a mask (``StepMasks``)
 
 
@@ -391,7 +392,7 @@ class StepMasks:
             stats["mask_s"] += seconds * share
             stats["mask_pool_s"] = stats.get("mask_pool_s", 0.0) + self._t_mask * share
             stats["take_s"] = stats.get("take_s", 0.0) + self._t_take * share
-            if wide:  # (the pool's time for the step's masks, all put down to its wide ones: ``engine.masks``)
+            if wide >= WIDE_BATCH:  # (the pool's time for the step's masks, put down to its wide ones)
                 stats["wide_masks"] = stats.get("wide_masks", 0) + wide * share
                 stats["wide_pool_s"] = stats.get("wide_pool_s", 0.0) + self._t_mask * share
         for _, g in twin.values():
