@@ -91,9 +91,21 @@ class CompiledConstraint:
     eos_ids: tuple[int, ...]
     choices: tuple[str, ...] | None = None  # (kind "choices": the strings)
     stats: dict[str, float] = field(default_factory=lambda: {"masks": 0, "mask_s": 0.0}, compare=False)
+    _template: list = field(default_factory=list, compare=False, repr=False)  # (the matcher copied: ``matcher``)
 
     def new(self) -> Grammar:
         return Grammar(self)
+
+    def matcher(self) -> Any:
+        """A new matcher at the grammar's start: a copy of one made once. Copies share what llguidance learns of
+        the grammar's lexer, so a row's first mask inside a string costs as little as the others (60 µs against
+        2 on the CPU, at 960 fresh matchers), and a copy takes 30 µs to make against 300 for a new one."""
+        with _LOCK:
+            if not self._template:
+                from llguidance import LLMatcher
+
+                self._template.append(LLMatcher(self.tokenizer, self.grammar, log_level=0))
+            return self._template[0].deep_copy()
 
 
 def compile_constraint(kind: str, value: Any, tokenizer: Any) -> CompiledConstraint:
@@ -122,10 +134,8 @@ class Grammar:
     and batchrun's engine appends the rest of them at once, without a sampling step each (``forced_after``)."""
 
     def __init__(self, compiled: CompiledConstraint):
-        from llguidance import LLMatcher
-
         self.compiled = compiled
-        self._matcher = LLMatcher(compiled.tokenizer, compiled.grammar, log_level=0)
+        self._matcher = compiled.matcher()
         self._consumed = 0
         self.width = 0  # how many tokens the last mask computed allowed (0: none computed yet)
         self._ff: tuple[int, list[int]] | None = None  # (consumed, the forced tokens there)
@@ -169,9 +179,7 @@ class Grammar:
     def restart(self) -> None:
         """A new matcher at the start (a refused token leaves llguidance's matcher broken for good); the next
         mask brings it up to the row's tokens."""
-        from llguidance import LLMatcher
-
-        self._matcher = LLMatcher(self.compiled.tokenizer, self.compiled.grammar, log_level=0)
+        self._matcher = self.compiled.matcher()
         self._consumed = 0
         self._ff = None
 
@@ -227,9 +235,7 @@ class Grammar:
 
     def incomplete(self, token_ids: Sequence[int]) -> bool:
         """Does the final output ``token_ids`` (EOS excluded) leave the grammar unfinished?"""
-        from llguidance import LLMatcher
-
-        check = LLMatcher(self.compiled.tokenizer, self.compiled.grammar, log_level=0)
+        check = self.compiled.matcher()
         return not check.consume_tokens([int(t) for t in token_ids]) or not check.is_accepting()
 
 
