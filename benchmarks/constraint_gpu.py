@@ -47,7 +47,7 @@ from results_io import git_commit, record
 from step_timing import PHASES, STEPS, grammar_load, pin_main, step_shares, time_phases, time_steps
 
 from batchrun.engine.batch import BatchEngine
-from batchrun.engine.constraints import Grammar, compile_constraint
+from batchrun.engine.constraints import Grammar, compile_constraint, shared_matchers
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Request, SamplingParams
 from batchrun.plan.plan import PlanConfig, build_plan
@@ -304,6 +304,7 @@ def main() -> None:
     row["lazy_masks"] = lazy  # (auto: on a GPU, rows drawn before their masks only where wide masks are dear)
     row["mask_ms_each"] = round(1000 * c["mask_s"] / max(c["masks"], 1), 4)
     row["grammar_threads"] = os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default")
+    row["shared_matchers"] = shared_matchers()  # (copies of one matcher: llguidance's lexer shared)
     row["switch_interval_s"] = sys.getswitchinterval()
     if args.pin_main:
         row["pinned_main"] = True

@@ -109,6 +109,31 @@ def test_rows_in_the_same_grammar_state_share_one_mask_and_forced_run(tiny, mask
     assert fresh.stats.get("masks_shared", 0) == 0
 
 
+@pytest.mark.parametrize("shared", ["1", "0"])
+def test_rows_matchers_copied_from_one_or_each_its_own_give_the_reference_tokens(tiny, monkeypatch, shared):
+    """The rows' matchers are copies of one (sharing llguidance's lexer: small machines) or each its own (many
+    CPUs): ``BATCHRUN_SHARED_MATCHERS`` chooses, and either way every row equals the reference engine's, rows
+    drawn before their masks and restarted grammars included."""
+    from batchrun.engine import constraints
+
+    monkeypatch.setenv("BATCHRUN_SHARED_MATCHERS", shared)
+    assert constraints.shared_matchers() is (shared == "1")
+    compiled = compile_constraint("json_schema", REVIEW, tiny.tokenizer)
+    got = _batchrun(tiny, _requests(tiny.tokenizer, compiled))
+    want = _reference(tiny, _requests(tiny.tokenizer, compiled))
+    assert compiled.stats["unmasked"] > compiled.stats["unmasked_allowed"], compiled.stats  # (some restarted)
+    for k in want:
+        assert got[k].token_ids == want[k].token_ids, f"row {k}"
+    a, b = compiled.new(), compiled.new()
+    assert a._matcher.consume_tokens(tiny.tokenizer.encode('{"product": "x', add_special_tokens=False))
+    assert b._matcher.compute_ff_bytes() == b'{"product": "'  # (a copy's state is its own)
+    monkeypatch.delenv("BATCHRUN_SHARED_MATCHERS")
+    monkeypatch.setattr(constraints.os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
+    assert not constraints.shared_matchers()
+    monkeypatch.setattr(constraints.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
+    assert constraints.shared_matchers()
+
+
 REVIEW = {"type": "object", "additionalProperties": False, "required": ["product", "complaints"],
           "properties": {"product": {"type": "string", "maxLength": 24},
                          "complaints": {"type": "array", "maxItems": 2, "items": {"type": "string"}}}}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -96,16 +97,38 @@ class CompiledConstraint:
     def new(self) -> Grammar:
         return Grammar(self)
 
-    def matcher(self) -> Any:
-        """A new matcher at the grammar's start: a copy of one made once. Copies share what llguidance learns of
-        the grammar's lexer, so a row's first mask inside a string costs as little as the others (60 µs against
-        2 on the CPU, at 960 fresh matchers), and a copy takes 30 µs to make against 300 for a new one."""
+    def matcher(self, own: bool = False) -> Any:
+        """A new matcher at the grammar's start. A copy of one made once (``deep_copy``: 30 µs against 300 for a
+        new one) shares with the other copies what llguidance learns of the grammar's lexer, behind one lock:
+        a row's first mask inside a string then costs ~2 µs instead of ~60 (on the CPU, 960 rows), but the
+        pool's threads wait for each other there. ``own``: a matcher of its own where the pool has many threads
+        (``shared_matchers``)."""
+        from llguidance import LLMatcher
+
+        if own and not shared_matchers():
+            return LLMatcher(self.tokenizer, self.grammar, log_level=0)
         with _LOCK:
             if not self._template:
-                from llguidance import LLMatcher
-
                 self._template.append(LLMatcher(self.tokenizer, self.grammar, log_level=0))
             return self._template[0].deep_copy()
+
+
+SHARE_MAX_CPUS = 4  # machines of at most this many CPUs give rows copies of one matcher (``shared_matchers``)
+
+
+def shared_matchers() -> bool:
+    """Do the rows' matchers share one lexer (copies of one matcher)? On a machine of at most ``SHARE_MAX_CPUS``
+    CPUs they do: there the shared lexer's warm cache wins (the mask pipeline's work at 960 rows on 2 CPUs,
+    ``benchmarks/mask_glue.py``: 0.37 s against 0.66 s). On the H200's 16-CPU host one run of the example at
+    960 rows took 0.106 s for llguidance's masks against 0.052 s, and 0.243 s for taking the tokens against
+    0.197 s: the pool's threads waited on the shared lexer's lock (``BATCHRUN_SHARED_MATCHERS=1|0`` chooses)."""
+    import os
+
+    setting = os.environ.get("BATCHRUN_SHARED_MATCHERS")
+    if setting in ("0", "1"):
+        return setting == "1"
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return len(cpus) <= SHARE_MAX_CPUS
 
 
 def compile_constraint(kind: str, value: Any, tokenizer: Any) -> CompiledConstraint:
@@ -135,7 +158,7 @@ class Grammar:
 
     def __init__(self, compiled: CompiledConstraint):
         self.compiled = compiled
-        self._matcher = compiled.matcher()
+        self._matcher = compiled.matcher(own=True)
         self._consumed = 0
         self.width = 0  # how many tokens the last mask computed allowed (0: none computed yet)
         self._ff: tuple[int, list[int]] | None = None  # (consumed, the forced tokens there)
@@ -179,7 +202,7 @@ class Grammar:
     def restart(self) -> None:
         """A new matcher at the start (a refused token leaves llguidance's matcher broken for good); the next
         mask brings it up to the row's tokens."""
-        self._matcher = self.compiled.matcher()
+        self._matcher = self.compiled.matcher(own=True)
         self._consumed = 0
         self._ff = None
 
@@ -457,8 +480,6 @@ def _executor() -> Any:
     (``BATCHRUN_GRAMMAR_CPUS=all``: every CPU). On the H200 host the split measured within that machine's
     noise (README), with no longer waits for masks."""
     if not _EXECUTOR:
-        import os
-
         from llguidance import LLExecutor
 
         threads = os.environ.get("BATCHRUN_GRAMMAR_THREADS")
