@@ -17,9 +17,9 @@ thread that plans and launches the steps (what grammar work adds there, or slows
 ``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hidden behind the GPU. More kinds, each
 interleaved with the others and reported with its ``<kind>_added_share`` and ``step_added``: ``--masked``, the
 constrained run with every mask computed (``BATCHRUN_LAZY_MASKS=0``: no row drawn before its mask; on a GPU
-also the default where wide masks are cheap); ``--lazy``, rows drawn before their wide masks whether or not
-these are dear (``BATCHRUN_LAZY_MASKS=1``); ``--worker``, the grammar work in a worker thread while the step
-is launched (``BATCHRUN_MASK_WORKER=1``); ``--worker --masked`` adds ``worker_masked`` too (both).
+that is the default now); ``--lazy``, rows drawn before their wide masks (``BATCHRUN_LAZY_MASKS=1``);
+``--worker``, the grammar work in a worker thread while the step is launched (``BATCHRUN_MASK_WORKER=1``);
+``--worker --masked`` adds ``worker_masked`` too (both).
 
 ``--job`` runs a job spec's real model, rows and constraint instead, as ``batchrun submit`` prepares them: the
 issue's own case, the extraction example on SmolLM2 (960 distinct rows: four variants of each English review):
@@ -301,7 +301,7 @@ def main() -> None:
     # The measure: the steps at a batch of at least --batch rows, each at its fastest over the repeats.
     row["step_batch"] = args.batch
     row["step_added"] = step_shares(step_times, args.batch)
-    row["lazy_masks"] = lazy  # (auto: on a GPU, rows drawn before their masks only where wide masks are dear)
+    row["lazy_masks"] = lazy  # (auto: rows drawn before their masks on the CPU only)
     row["mask_ms_each"] = round(1000 * c["mask_s"] / max(c["masks"], 1), 4)
     row["grammar_threads"] = os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default")
     row["shared_matchers"] = shared_matchers()  # (copies of one matcher: llguidance's lexer shared)

@@ -278,8 +278,6 @@ def pack(allowed: Any, words: int) -> np.ndarray:
     return np.packbits(keep, bitorder="little").view(np.int32)
 
 
-WIDE_SHARE = 0.25  # a mask allowing this share of the vocabulary or more is wide (free text: ``engine.masks``)
-WIDE_BATCH = 64  # wide masks in a step from which their time is recorded (fewer: the pool's overhead would show)
 SHARED_HISTORY = 16  # rows of one constraint with equal outputs up to this long share a mask (``StepMasks``)
 
 
@@ -413,17 +411,12 @@ class StepMasks:
         self.later = [(g, twin[i][1] if i in twin else None)
                       for g, i in ((self._grammars[j], self._rows[j]) for j in np.flatnonzero(widths == 1).tolist())]
         seconds = self._t_pool + time.perf_counter() - t
-        vocab = self._grammars[0].compiled.tokenizer.vocab_size
-        wide = int(np.count_nonzero(self._widths >= WIDE_SHARE * vocab))  # (of the masks computed)
         for stats, n in self._counts.values():
             share = n / len(self._grammars)
             stats["masks"] += n
             stats["mask_s"] += seconds * share
             stats["mask_pool_s"] = stats.get("mask_pool_s", 0.0) + self._t_mask * share
             stats["take_s"] = stats.get("take_s", 0.0) + self._t_take * share
-            if wide >= WIDE_BATCH:  # (the pool's time for the step's masks, put down to its wide ones)
-                stats["wide_masks"] = stats.get("wide_masks", 0) + wide * share
-                stats["wide_pool_s"] = stats.get("wide_pool_s", 0.0) + self._t_mask * share
         for _, g in twin.values():
             g.compiled.stats["masks_shared"] = g.compiled.stats.get("masks_shared", 0) + 1
 

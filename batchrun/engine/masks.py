@@ -20,11 +20,11 @@ token drawn again from the masked logits. The rows' checks run together in llgui
 costs more than its mask would have (the mask computed while the step waits, and a grammar restarted), so a
 constraint draws before its masks only while at least ``LAZY_MIN_ALLOWED`` of such tokens are allowed (judged
 after ``LAZY_TRIAL`` of them; a real model's best token inside free text nearly always is, a random model's
-about half the time). On a GPU this is done only for a constraint whose wide masks are dear (``_dear``: from
-the pool's time for them, judged after ``DEAR_TRIAL``): there the masks are computed while the device runs
-the step, but a row drawn before its mask is checked after it, and an unbounded JSON string's wide mask
-costs llguidance's pool about as little as that check (bounded strings' masks cost tens of times more).
-``BATCHRUN_LAZY_MASKS``: 0, never; 1, wherever it pays (on a GPU too); unset, as above.
+about half the time). Only where the forward pass runs on the CPU, by default: on a GPU the masks are computed
+in llguidance's pool while the device runs the step, but a row drawn before its mask is checked after the step,
+on the launching thread, and on the H200 computing every mask added less to the steps in nine of ten paired
+runs of the example, the tenth a tie (``benchmarks/results/constraint-h200.jsonl``). ``BATCHRUN_LAZY_MASKS``: 1, also on
+a GPU; 0, never (``draws_before_masks``).
 """
 
 from __future__ import annotations
@@ -39,16 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchrun.engine.constraints import WIDE_SHARE, Grammar, StepMasks, consume_drawn, narrow
+from batchrun.engine.constraints import Grammar, StepMasks, consume_drawn, narrow
 from batchrun.engine.sampling import apply_mask_bits
 
-LAZY_SHARE = WIDE_SHARE  # a grammar whose last mask allowed this share of the vocabulary is checked after the draw
+LAZY_SHARE = 0.25  # a grammar whose last mask allowed this share of the vocabulary is checked after the draw
 LAZY_TRIAL = 256  # tokens drawn before their masks, per constraint, before judging whether that pays
 LAZY_MIN_ALLOWED = 0.9  # the share of them that must be allowed for it to go on
-DEAR_TRIAL = 128  # wide masks timed, per constraint, before judging whether they are dear (on a GPU; only in
-# steps computing at least ``constraints.WIDE_BATCH`` of them)
-DEAR_S = 10e-6  # a wide mask is dear from this much of the pool's time (the masks' time over the wide masks:
-# about 1 µs inside an unbounded JSON string on the H200's host at 960 rows, tens with ``maxLength``)
 _WORKER: list[ThreadPoolExecutor] = []  # (BATCHRUN_MASK_WORKER=1: one thread doing the grammar work)
 
 
@@ -99,9 +95,7 @@ class MaskPipeline:
     def __init__(self, vocab: int, pin: bool, greedy: bool):
         self.words = (vocab + 31) // 32
         self.pin = pin
-        mode = os.environ.get("BATCHRUN_LAZY_MASKS", "auto")
-        self.lazy_width = vocab * LAZY_SHARE if greedy and mode != "0" else float("inf")
-        self.only_dear = pin and mode != "1"  # (on a GPU: only constraints whose wide masks are dear)
+        self.lazy_width = vocab * LAZY_SHARE if greedy and draws_before_masks(pin) else float("inf")
         self.threaded = in_worker(pin)
         self._early: _Job | None = None
         self._lazy: set[Hashable] = set()
@@ -124,7 +118,7 @@ class MaskPipeline:
             if c.width >= width:
                 ok = pays.get(id(c.compiled))
                 if ok is None:
-                    ok = pays[id(c.compiled)] = _pays(c.compiled.stats, self.only_dear)
+                    ok = pays[id(c.compiled)] = _pays(c.compiled.stats)
                 if ok and c.skips_mask(generated[i], width):
                     self._lazy.add(keys[i])
                     continue
@@ -233,16 +227,14 @@ class Masks:
             tokens[i] = t
 
 
-def _pays(stats: dict, only_dear: bool) -> bool:
-    """Does drawing before the mask pay for this constraint (``stats``: its compiled grammar's; ``only_dear``:
-    only if its wide masks are dear)?"""
-    if only_dear and not _dear(stats):
-        return False
+def _pays(stats: dict) -> bool:
+    """Does drawing before the mask pay for this constraint (``stats``: its compiled grammar's)?"""
     n = stats.get("unmasked", 0)
     return n < LAZY_TRIAL or stats.get("unmasked_allowed", 0) >= LAZY_MIN_ALLOWED * n
 
 
-def _dear(stats: dict) -> bool:
-    """Are this constraint's wide masks dear (judged after ``DEAR_TRIAL`` of them)?"""
-    wide = stats.get("wide_masks", 0)
-    return wide >= DEAR_TRIAL and stats.get("wide_pool_s", 0.0) >= DEAR_S * wide
+def draws_before_masks(pin: bool) -> bool:
+    """Are greedy rows inside free text drawn before their masks? By default only on the CPU (``pin`` False: no
+    GPU); ``BATCHRUN_LAZY_MASKS``: 1, also on a GPU; 0, never."""
+    mode = os.environ.get("BATCHRUN_LAZY_MASKS", "auto")
+    return mode == "1" or (mode != "0" and not pin)
