@@ -173,6 +173,8 @@ def main() -> None:
     ap.add_argument("--phases", action="store_true", help="add up the host time of the engine's phases")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (the GIL's)")
     ap.add_argument("--capture-after", type=int, default=None, help="the runner's CAPTURE_AFTER (an experiment)")
+    ap.add_argument("--main-lower", action="store_true",
+                    help="an experiment: the main thread on the lower half of the CPUs (the pool keeps to the upper)")
     ap.add_argument("--pin-main", action="store_true",
                     help="an experiment: the main thread alone on the first CPU, the grammar threads on the others")
     ap.add_argument("--masked", action="store_true",
@@ -200,8 +202,8 @@ def main() -> None:
         import batchrun.engine.runner as runner
 
         runner.CAPTURE_AFTER = args.capture_after
-    if args.pin_main:
-        pin_main()
+    if args.pin_main or args.main_lower:
+        pin_main("lower" if args.main_lower else "first")
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     loaded, prompts, max_tokens, plan, compiled, label = job_inputs(args) if args.job else random_inputs(args)
@@ -306,8 +308,8 @@ def main() -> None:
     row["grammar_threads"] = os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default")
     row["shared_matchers"] = shared_matchers()  # (copies of one matcher: llguidance's lexer shared)
     row["switch_interval_s"] = sys.getswitchinterval()
-    if args.pin_main:
-        row["pinned_main"] = True
+    if args.pin_main or args.main_lower:
+        row["pinned_main"] = "lower half" if args.main_lower else "first CPU"
     if args.gc_freeze:
         row["gc_freeze"] = True
     if args.load:

@@ -103,14 +103,20 @@ def time_phases() -> None:
     wrap(masks.MaskPipeline, "start", "start_masks")
 
 
-def pin_main() -> None:
-    """An experiment (rejected: every run 3-6x slower): the grammar threads (the mask worker and llguidance's
-    pool, made now, inheriting this affinity) on every CPU but the first, then the main thread alone on the
-    first. (Keeping the pool to half the CPUs is the engine's own default: ``BATCHRUN_GRAMMAR_CPUS``.)"""
+def pin_main(where: str = "first") -> None:
+    """An experiment. ``first`` (rejected: every run 3-6x slower): the grammar threads (the mask worker and
+    llguidance's pool, made now, inheriting this affinity) on every CPU but the first, then the main thread
+    alone on the first. ``lower``: llguidance's pool made as the engine makes it (on the upper half of the
+    CPUs), then the main thread (and the threads it makes later: the mask worker) on the lower half, so that
+    the thread launching the steps never shares a CPU with the pool."""
     import batchrun.engine.constraints as constraints
     import batchrun.engine.masks as masks
 
     cpus = sorted(os.sched_getaffinity(0))
+    if where == "lower":
+        constraints._executor()
+        os.sched_setaffinity(0, cpus[: len(cpus) // 2])
+        return
     os.sched_setaffinity(0, cpus[1:])
     masks.worker().submit(constraints._executor).result()
     os.sched_setaffinity(0, cpus[:1])

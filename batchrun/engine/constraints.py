@@ -354,7 +354,14 @@ class StepMasks:
                     continue
             src.append(len(self._matchers))
             self._matchers.append((m, i))
-        self._one, self._behind, self._src = one, behind, src
+        # The tokens to take, a round each (a matcher at most once a round: the pool takes a round at once): the
+        # rows one token behind and the first of the others' tokens, then the others' next ones in turn. Made
+        # here, so that a worker thread has only llguidance's calls to make (``take_and_mask``).
+        self._rounds = [one + [(m, tokens[0]) for m, tokens in behind] if behind else one]
+        for k in range(1, max((len(tokens) for _, tokens in behind), default=0)):
+            self._rounds.append([(m, tokens[k]) for m, tokens in behind if len(tokens) > k])
+        self._src = src
+        self._mine = None if len(self._matchers) == len(out) else np.asarray([i for _, i in self._matchers])
         self._finished = False
 
     def compute(self) -> None:
@@ -370,10 +377,8 @@ class StepMasks:
         if not self._grammars:
             return
         t = time.perf_counter()
-        behind = self._behind
-        _take(self._one + [(m, tokens[0]) for m, tokens in behind] if behind else self._one)
-        for k in range(1, max((len(tokens) for _, tokens in behind), default=0)):  # (in order, a token a round)
-            _take([(m, tokens[k]) for m, tokens in behind if len(tokens) > k])
+        for pairs in self._rounds:
+            _take(pairs)
         t_mask = time.perf_counter()
         self._t_take = t_mask - t
         out = self.out
@@ -383,8 +388,8 @@ class StepMasks:
         target = self._target
         _executor().unsafe_compute_mask_ptr(self._matchers, target.ctypes.data, own * 4, len(target))
         self._t_mask = time.perf_counter() - t_mask
-        if len(self._matchers) < len(target):
-            target = target[[i for _, i in self._matchers]]
+        if self._mine is not None:
+            target = target[self._mine]
         # How many tokens each mask allows (numpy's loops run without the GIL too).
         self._widths = np.bitwise_count(target.view(np.uint64) if own % 2 == 0 else target.view(np.uint32)).sum(1)
         self._t_pool = time.perf_counter() - t
