@@ -119,11 +119,10 @@ SHARE_MAX_CPUS = 4  # machines of at most this many CPUs give rows copies of one
 def shared_matchers() -> bool:
     """Do the rows' matchers share one lexer (copies of one matcher)? On a machine of at most ``SHARE_MAX_CPUS``
     CPUs they do: there the shared lexer's warm cache wins (the mask pipeline's work at 960 rows on 2 CPUs,
-    ``benchmarks/mask_glue.py``: 0.37 s against 0.66 s). On the H200's 16-CPU host one run of the example at
-    960 rows took 0.106 s for llguidance's masks against 0.052 s, and 0.243 s for taking the tokens against
-    0.197 s: the pool's threads waited on the shared lexer's lock (``BATCHRUN_SHARED_MATCHERS=1|0`` chooses)."""
-    import os
-
+    ``benchmarks/mask_glue.py``: 0.30-0.32 s against 0.60-0.63 s). On the H200's 16-CPU host one run of the
+    example at 960 rows took 0.106 s for llguidance's masks against 0.052 s, and 0.243 s for taking the tokens
+    against 0.197 s, likely the pool's threads waiting on the shared lexer's lock
+    (``BATCHRUN_SHARED_MATCHERS=1|0`` chooses)."""
     setting = os.environ.get("BATCHRUN_SHARED_MATCHERS")
     if setting in ("0", "1"):
         return setting == "1"
@@ -286,9 +285,10 @@ class StepMasks:
     without a constraint allows every token).
 
     Made on the main thread, which packs every constraint that is not a grammar (a few ids: cheap) and lines
-    up the grammars' work. ``compute()`` then does that work: each grammar consumes its row's last token and
-    computes its mask, all in llguidance's thread pool, which runs without the GIL (``engine.masks`` runs it
-    once the step's forward pass is launched).
+    up the grammars' work. ``compute()`` then does that work: ``take_and_mask``, where each grammar takes its
+    row's new tokens (the last one drawn, or a forced run too) and computes its mask, all in llguidance's
+    thread pool, which runs without the GIL (``engine.masks`` runs it once the step's forward pass is launched,
+    or in its worker thread), then ``finish`` (the widths and shared masks, on the launching thread).
     A finished or broken grammar's mask allows only EOS (llguidance's own rule). The forced runs are looked up
     afterwards, by ``narrow(later)``, only for the grammars whose mask allows one token: a mask of one token is
     right without them, and they are needed only when the step's tokens are recorded.
@@ -370,7 +370,7 @@ class StepMasks:
         self.finish()
 
     def take_and_mask(self) -> None:
-        """The grammars take their rows' last tokens and compute their masks: llguidance's calls alone, in its
+        """The grammars take their rows' new tokens and compute their masks: llguidance's calls alone, in its
         pool, without the GIL (safe in a worker thread: it holds the GIL only to make the calls, so it hardly
         slows a thread launching the step meanwhile). ``finish`` does the rest."""
         self._finished = False

@@ -7,8 +7,10 @@ thread doing it while the forward pass was being launched, the first design, slo
 than the grammar work costs: each time the worker needed the GIL back, the launching thread lost it for up
 to the 5 ms switch interval.) On the CPU the worker thread does it, from the moment a row's token is recorded
 (``start``): the CPU forward pass runs without the GIL, and the worker's grammar work overlaps it
-(``BATCHRUN_MASK_WORKER``: 1, the worker; 0, the launching thread). ``Masks.wait`` gives the step's masks in
-sampling order, packed in page-locked memory (their copy to the device then waits for nothing).
+(``BATCHRUN_MASK_WORKER``: 1, the worker; 0, the launching thread). The worker makes only llguidance's calls
+(``StepMasks.take_and_mask``); what needs Python around them (``StepMasks.finish``, the forced-run lookup) is
+done on the launching thread. ``Masks.wait`` gives the step's masks in sampling order, packed in page-locked
+memory (their copy to the device then waits for nothing).
 
 Greedy runs skip the expensive masks. A mask that allows much of the vocabulary (free text inside a string)
 costs the most (hundreds of microseconds with a bounded string, against tens elsewhere), and there the
