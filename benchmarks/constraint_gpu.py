@@ -276,6 +276,7 @@ def main() -> None:
                      "mask_s": round(compiled.stats["mask_s"] - before["mask_s"], 3),
                      "mask_pool_s": round(compiled.stats.get("mask_pool_s", 0) - before.get("mask_pool_s", 0), 3),
                      "take_s": round(compiled.stats.get("take_s", 0) - before.get("take_s", 0), 3),
+                     "take_rounds": round(compiled.stats.get("take_rounds", 0) - before.get("take_rounds", 0)),
                      "mask_wait_s": round(engine.stats["mask_wait_s"], 3),
                      "unmasked": compiled.stats.get("unmasked", 0) - before.get("unmasked", 0),
                      "unmasked_allowed": (compiled.stats.get("unmasked_allowed", 0)

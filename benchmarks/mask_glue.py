@@ -129,13 +129,15 @@ def main() -> None:
                 parts[k] += s
             live = going
             steps += 1
-        stats = {k: compiled.stats.get(k, 0) - before.get(k, 0) for k in ("take_s", "mask_pool_s", "masks")}
+        stats = {k: compiled.stats.get(k, 0) - before.get(k, 0) for k in ("take_s", "mask_pool_s", "masks",
+                                                                          "take_rounds")}
         total = sum(parts.values())
         glue = total - stats["take_s"] - stats["mask_pool_s"]
         row = {"steps": steps, "total_s": round(total, 4), "glue_s": round(glue, 4),
                "step_glue_ms": round(1000 * glue / steps, 3), "main_cpu_s": round(main_cpu, 4),
                "parts_s": {k: round(v, 4) for k, v in parts.items()},
-               "take_s": round(stats["take_s"], 4), "mask_pool_s": round(stats["mask_pool_s"], 4),
+               "take_s": round(stats["take_s"], 4), "take_rounds": round(stats["take_rounds"]),
+               "mask_pool_s": round(stats["mask_pool_s"], 4),
                "masks": stats["masks"], "valid": sum(not g.incomplete(generated[i][:-1] if generated[i][-1] == eos
                                                                         else generated[i])
                                                      for i, g in enumerate(grammars))}

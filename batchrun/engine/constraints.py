@@ -422,6 +422,7 @@ class StepMasks:
             stats["mask_s"] += seconds * share
             stats["mask_pool_s"] = stats.get("mask_pool_s", 0.0) + self._t_mask * share
             stats["take_s"] = stats.get("take_s", 0.0) + self._t_take * share
+            stats["take_rounds"] = stats.get("take_rounds", 0) + len(self._rounds) * share  # (the pool's calls)
         for _, g in twin.values():
             g.compiled.stats["masks_shared"] = g.compiled.stats.get("masks_shared", 0) + 1
 
