@@ -48,7 +48,7 @@ def targets(rows: int) -> list[str]:
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from batchrun.engine import constraints, masks
+    from batchrun.engine import constraints, grammar_pool, masks
     from batchrun.engine.constraints import compile_constraint
 
     ap = argparse.ArgumentParser()
@@ -150,7 +150,7 @@ def main() -> None:
            "shared_matchers": constraints.shared_matchers(),
            "grammar_threads": os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default"),
            "lazy_masks": os.environ.get("BATCHRUN_LAZY_MASKS", "auto"), **best,
-           "shared_history": constraints.SHARED_HISTORY, "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
+           "shared_history": grammar_pool.SHARED_HISTORY, "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
     record(out, args.out)
 
 

@@ -71,7 +71,7 @@ def time_phases() -> None:
     forward's launch, waiting for the masks, applying them, reading back and recording the tokens, and the
     grammar work in the worker thread."""
     import batchrun.engine.batch as batch
-    import batchrun.engine.constraints as constraints
+    import batchrun.engine.grammar_pool as grammar_pool
     import batchrun.engine.masks as masks
     import batchrun.engine.runner as runner
     import batchrun.engine.scheduler as scheduler
@@ -91,10 +91,10 @@ def time_phases() -> None:
     wrap(scheduler.Scheduler, "next_step", "plan_step")
     wrap(runner.Runner, "forward", "launch_forward")
     wrap(batch, "apply_mask_bits", "apply_masks")
-    wrap(constraints.StepMasks, "compute", "worker_masks")
-    wrap(constraints.StepMasks, "take_and_mask", "pool_masks")  # (the part the mask worker runs)
-    wrap(constraints.StepMasks, "finish", "finish_masks")
-    wrap(constraints.StepMasks, "__init__", "prepare_masks")
+    wrap(grammar_pool.StepMasks, "compute", "worker_masks")
+    wrap(grammar_pool.StepMasks, "take_and_mask", "pool_masks")  # (the part the mask worker runs)
+    wrap(grammar_pool.StepMasks, "finish", "finish_masks")
+    wrap(grammar_pool.StepMasks, "__init__", "prepare_masks")
     wrap(masks, "narrow", "worker_narrow")
     wrap(batch.BatchEngine, "_resolve", "resolve")
     wrap(masks.Masks, "wait", "wait_masks")
@@ -109,16 +109,16 @@ def pin_main(where: str = "first") -> None:
     alone on the first. ``lower``: llguidance's pool made as the engine makes it (on the upper half of the
     CPUs), then the main thread (and the threads it makes later: the mask worker) on the lower half, so that
     the thread launching the steps never shares a CPU with the pool."""
-    import batchrun.engine.constraints as constraints
+    import batchrun.engine.grammar_pool as grammar_pool
     import batchrun.engine.masks as masks
 
     cpus = sorted(os.sched_getaffinity(0))
     if where == "lower":
-        constraints._executor()
+        grammar_pool._executor()
         os.sched_setaffinity(0, cpus[: len(cpus) // 2])
         return
     os.sched_setaffinity(0, cpus[1:])
-    masks.worker().submit(constraints._executor).result()
+    masks.worker().submit(grammar_pool._executor).result()
     os.sched_setaffinity(0, cpus[:1])
 
 
@@ -144,15 +144,15 @@ def _load_loop(compiled, rows, stop, own_pool: bool) -> None:
     import numpy as np
     from llguidance import LLExecutor
 
-    from batchrun.engine import constraints
+    from batchrun.engine import grammar_pool
 
     if own_pool:  # (a forked child: the upper half of the CPUs, like the engine's pool)
         cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) >= constraints.POOL_SPLIT_MIN:
+        if len(cpus) >= grammar_pool.POOL_SPLIT_MIN:
             os.sched_setaffinity(0, cpus[len(cpus) // 2 :])
         pool = LLExecutor()
     else:
-        pool = constraints._executor()
+        pool = grammar_pool._executor()
     text = compiled.tokenizer.tokenize_str('{"product": "a phone case that is nice and')
     matchers = []
     for _ in range(rows):

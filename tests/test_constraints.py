@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchrun.engine.batch import BatchEngine
-from batchrun.engine.constraints import ConstraintError, compile_constraint, consume_drawn
+from batchrun.engine.constraints import ConstraintError, compile_constraint
+from batchrun.engine.grammar_pool import consume_drawn
 from batchrun.engine.loader import load
 from batchrun.engine.reference import ReferenceEngine
 from batchrun.engine.requests import Request, SamplingParams, row_seed
@@ -205,16 +206,16 @@ def test_the_grammar_pool_keeps_to_the_upper_half_of_the_cpus(monkeypatch, cpus_
     ``BATCHRUN_GRAMMAR_CPUS=all`` leaves the pool on every CPU."""
     import os
 
-    from batchrun.engine import constraints
+    from batchrun.engine import grammar_pool
 
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         pytest.skip("needs two CPUs")
-    monkeypatch.setattr(constraints, "POOL_SPLIT_MIN", 2)
-    monkeypatch.setattr(constraints, "_EXECUTOR", [])
+    monkeypatch.setattr(grammar_pool, "POOL_SPLIT_MIN", 2)
+    monkeypatch.setattr(grammar_pool, "_EXECUTOR", [])
     monkeypatch.setenv("BATCHRUN_GRAMMAR_CPUS", cpus_setting)
     before = set(os.listdir("/proc/self/task"))
-    constraints._executor()
+    grammar_pool._executor()
     made = set(os.listdir("/proc/self/task")) - before
     expected = set(cpus[len(cpus) // 2 :]) if cpus_setting == "half" else set(cpus)
     assert made and all(os.sched_getaffinity(int(t)) == expected for t in made)

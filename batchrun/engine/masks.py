@@ -1,4 +1,4 @@
-"""A step's token masks, computed on the CPU while the device works (``constraints.StepMasks`` does the work).
+"""A step's token masks, computed on the CPU while the device works (``grammar_pool.StepMasks`` does the work).
 
 On a GPU the grammar work of a step is lined up as its rows are known and done once the step's forward pass
 is launched (``Masks.wait``), in llguidance's thread pool, without the GIL, while the device runs the step.
@@ -41,7 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchrun.engine.constraints import Grammar, StepMasks, consume_drawn, narrow
+from batchrun.engine.constraints import Grammar
+from batchrun.engine.grammar_pool import StepMasks, consume_drawn, narrow
 from batchrun.engine.sampling import apply_mask_bits
 
 LAZY_SHARE = 0.25  # a grammar whose last mask allowed this share of the vocabulary is checked after the draw

@@ -28,7 +28,7 @@ FIELD = "sampling.constraint"
 class ConstraintUse:
     """A job's constraint, for ``batchrun plan`` and the manifest: its kind, how many rows use it, the
     grammars compiled and the time that took, and (after the run) the CPU time spent computing token masks, and
-    how many masks rows in the same grammar state shared (``constraints.StepMasks``), and how many tokens were
+    how many masks rows in the same grammar state shared (``grammar_pool.StepMasks``), and how many tokens were
     drawn before their (wide) mask and then found allowed (``engine.masks``)."""
 
     kind: str
