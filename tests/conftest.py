@@ -123,3 +123,11 @@ def s3():
 @pytest.fixture()
 def url(s3):
     return f"{s3}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["launching-thread", "worker"])
+def mask_thread(request, monkeypatch):
+    """Both places the grammar work runs (``engine.masks.in_worker``): the launching thread (a GPU's default)
+    and the worker thread (the CPU's)."""
+    monkeypatch.setenv("BATCHRUN_MASK_WORKER", "0" if request.param == "launching-thread" else "1")
+    return request.param
