@@ -90,7 +90,8 @@ class CompiledConstraint:
     eos_ids: tuple[int, ...]
     choices: tuple[str, ...] | None = None  # (kind "choices": the strings)
     stats: dict[str, float] = field(default_factory=lambda: {"masks": 0, "mask_s": 0.0}, compare=False)
-    _template: list = field(default_factory=list, compare=False, repr=False)  # (the matcher copied: ``matcher``)
+    # (the matcher copied, and whether rows get copies too: ``matcher``, decided once per constraint)
+    _template: list = field(default_factory=list, compare=False, repr=False)
 
     def new(self) -> Grammar:
         return Grammar(self)
@@ -100,15 +101,14 @@ class CompiledConstraint:
         new one) shares with the other copies what llguidance learns of the grammar's lexer, behind one lock:
         a row's first mask inside a string then costs ~2 µs instead of ~60 (on the CPU, 960 rows), but the
         pool's threads wait for each other there. ``own``: a matcher of its own where the pool has many threads
-        (``shared_matchers``)."""
+        (``shared_matchers``, asked once per constraint)."""
         from llguidance import LLMatcher
 
-        if own and not shared_matchers():
-            return LLMatcher(self.tokenizer, self.grammar, log_level=0)
         with _LOCK:
             if not self._template:
-                self._template.append(LLMatcher(self.tokenizer, self.grammar, log_level=0))
-            return self._template[0].deep_copy()
+                self._template.extend([LLMatcher(self.tokenizer, self.grammar, log_level=0), shared_matchers()])
+            template, shared = self._template
+        return template.deep_copy() if shared or not own else LLMatcher(self.tokenizer, self.grammar, log_level=0)
 
 
 SHARE_MAX_CPUS = 4  # machines of at most this many CPUs give rows copies of one matcher (``shared_matchers``)

@@ -89,6 +89,7 @@ class _Job:
     job: StepMasks
     done: Future | Later
     packed: torch.Tensor  # (``job.out``'s tensor: page-locked on a GPU)
+    whole: bool = False  # (``packed`` is the step's masks as they are: every row, in sampling order)
 
 
 class MaskPipeline:
@@ -140,8 +141,8 @@ class MaskPipeline:
             job = StepMasks([None if k in lazy_keys else c for k, c in zip(keys, constraints)], generated,
                             packed.numpy())
             lazy = [(i, constraints[i], generated[i]) for i, k in enumerate(keys) if k in lazy_keys]
-            return Masks(list(keys), [_Job({}, job, Later(job.compute), packed)], self.words, self.pin, lazy, False,
-                         packed)
+            return Masks(list(keys), [_Job({}, job, Later(job.compute), packed, whole=True)], self.words, self.pin,
+                         lazy, False)
         have = early.rows if early is not None else {}
         lazy = [i for i, k in enumerate(keys) if k in lazy_keys]
         late = [i for i, k in enumerate(keys) if k not in have and k not in lazy_keys]
@@ -163,10 +164,9 @@ class Masks:
     """A launched step's masks on their way."""
 
     def __init__(self, keys: list[Hashable], jobs: list[_Job], words: int, pin: bool,
-                 lazy: list[tuple[int, Grammar, Sequence[int]]], threaded: bool, packed: torch.Tensor | None = None):
+                 lazy: list[tuple[int, Grammar, Sequence[int]]], threaded: bool):
         self.keys, self.jobs, self.words, self.pin, self.threaded = keys, jobs, words, pin, threaded
         self.lazy = lazy  # (position, grammar, generated) of the rows drawn without a mask
-        self.packed = packed  # (one job writing every row's mask in sampling order: the masks, once computed)
 
     def wait(self) -> tuple[torch.Tensor, Future | Later | None, float]:
         """(The masks [len(keys), words] int32 in sampling order, on the host; the forced runs' lookup, done
@@ -178,12 +178,9 @@ class Masks:
             j.done.result()
             j.job.finish()
         waited = time.perf_counter() - t
-        if self.packed is not None:
-            later = self.jobs[0].job.later
-            return self.packed, Later(narrow, later) if later else None, waited
-        if len(self.jobs) == 1 and not self.lazy and list(self.jobs[0].rows) == self.keys:  # (most steps)
-            return self.jobs[0].packed, Later(narrow, self.jobs[0].job.later) if self.jobs[0].job.later else None, \
-                waited
+        lone = self.jobs[0] if len(self.jobs) == 1 else None
+        if lone is not None and (lone.whole or (not self.lazy and list(lone.rows) == self.keys)):  # (most steps)
+            return lone.packed, _forced(lone.job.later), waited
         packed = torch.empty((len(self.keys), self.words), dtype=torch.int32, pin_memory=self.pin)
         out = packed.numpy()
         for i, _, _ in self.lazy:
@@ -195,8 +192,7 @@ class Masks:
                 out[:] = j.job.out
             elif at:
                 out[at] = j.job.out[src]
-        later = [x for j in self.jobs for x in j.job.later]
-        return packed, Later(narrow, later) if later else None, waited
+        return packed, _forced([x for j in self.jobs for x in j.job.later]), waited
 
     def settle(self, tokens: list[int], logits: torch.Tensor) -> None:
         """Check the tokens of the rows drawn without a mask (``tokens``: the step's, in sampling order;
@@ -228,6 +224,11 @@ class Masks:
         redrawn = apply_mask_bits(logits[rows], torch.from_numpy(job.out)).argmax(-1).tolist()
         for i, t in zip(rows, redrawn):
             tokens[i] = t
+
+
+def _forced(later: list) -> Later | None:
+    """The step's forced-run lookup (``narrow``), done on the launching thread when its result is asked for."""
+    return Later(narrow, later) if later else None
 
 
 def _pays(stats: dict) -> bool:
