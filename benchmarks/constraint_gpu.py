@@ -54,7 +54,18 @@ from batchrun.plan.plan import PlanConfig, build_plan
 
 # The kinds of constrained run beside the default one ("constrained"): masked, every mask computed; lazy, rows
 # drawn before their wide masks; worker, the grammar work in a worker thread; worker_masked, both.
-OTHER_KINDS = ("masked", "lazy", "worker", "worker_masked")
+
+
+def custom_kinds(specs: list[str]) -> dict[str, dict[str, str]]:
+    """``--kind NAME:VAR=VALUE,...``: each kind's environment variables."""
+    out = {}
+    for spec in specs:
+        name, _, env = spec.partition(":")
+        pairs = [p.partition("=") for p in env.split(",") if p]
+        if not name or name in ("free", "constrained", "replay", "warmup") or any(not v or not e for v, e, _ in pairs):
+            raise SystemExit(f"--kind {spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE...] with a new NAME")
+        out[name] = {v: x for v, _, x in pairs}
+    return out
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["product", "sentiment", "complaints"],
           "properties": {"product": {"type": "string", "maxLength": 24},
                          "sentiment": {"enum": ["positive", "negative", "mixed"]},
@@ -184,6 +195,9 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true",
                     help="also a constrained run with the grammar work in a worker thread while the step is "
                          "launched (BATCHRUN_MASK_WORKER=1, the first design), interleaved")
+    ap.add_argument("--kind", dest="kinds", action="append", default=[], metavar="NAME:VAR=VALUE,...",
+                    help="also a constrained run under these environment variables (the engine's settings), "
+                         "interleaved; e.g. worker_all:BATCHRUN_MASK_WORKER=1,BATCHRUN_LAUNCHER_CPUS=all")
     ap.add_argument("--profile", action="store_true",
                     help="one more constrained and replay run each under the torch profiler: GPU busy, launches")
     ap.add_argument("--load", choices=["thread", "process"], default=None,
@@ -232,13 +246,25 @@ def main() -> None:
     lazy = os.environ.get("BATCHRUN_LAZY_MASKS", "auto")
     walls: dict[str, list[float]] = {}
     step_times: dict[str, list] = {}
+    custom = custom_kinds(args.kinds)
     kinds = ("free", "constrained", "replay", *(("masked",) if args.masked else ()), *(("lazy",) if args.lazy else ()),
-             *(("worker",) if args.worker else ()), *(("worker_masked",) if args.worker and args.masked else ()))
+             *(("worker",) if args.worker else ()), *(("worker_masked",) if args.worker and args.masked else ()),
+             *custom)
+    others = [k for k in kinds if k not in ("free", "constrained", "replay")]
+    saved = {var: os.environ.get(var) for env in custom.values() for var in env}
     for name in ("warmup", *[k for _ in range(args.repeat) for k in kinds]):
         reqs = requests(name)
         os.environ["BATCHRUN_LAZY_MASKS"] = ("0" if name in ("masked", "worker_masked") else "1" if name == "lazy"
                                              else lazy)  # (read as the engine runs)
         os.environ["BATCHRUN_MASK_WORKER"] = "1" if name in ("worker", "worker_masked") else "0"
+        for var, value in saved.items():  # (a custom kind's variables, and the others' as they were)
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+        if name in custom:
+            os.environ.pop("BATCHRUN_MASK_WORKER", None)
+            os.environ.update(custom[name])
         engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=400_000)
         before = dict(compiled.stats)
         PHASES.clear()
@@ -283,7 +309,7 @@ def main() -> None:
                                           - before.get("unmasked_allowed", 0))}
         if args.phases:
             row[name]["phases_s"] = {k: round(v, 4) for k, v in PHASES.items()}
-        if name in ("replay", *OTHER_KINDS):
+        if name in ("replay", *others):
             row[name]["same_tokens"] = all(c.token_ids == recorded[c.key][0] for c in out)
     if args.profile:
         for name in ("constrained", "replay"):
@@ -297,7 +323,7 @@ def main() -> None:
     med = {k: float(np.median(v)) for k, v in walls.items()}
     row["walls_s"] = walls
     row["mask_added_share_median"] = round((med["constrained"] - med["replay"]) / med["replay"], 4)
-    for kind in OTHER_KINDS:
+    for kind in others:
         if kind in row:
             row[f"{kind}_added_share"] = round((row[kind]["wall_s"] - r["wall_s"]) / r["wall_s"], 4)
             row[f"{kind}_added_share_median"] = round((med[kind] - med["replay"]) / med["replay"], 4)

@@ -11,8 +11,10 @@ import os
 import time
 
 PHASES: dict[str, float] = {}
-STEPS: list[tuple[int, float, bool]] = []  # (sampled rows, seconds, replayed from a CUDA graph) of each step
+STEPS: list[tuple[int, float, bool, dict]] = []  # (sampled rows, seconds, replayed from a CUDA graph, the
+# phases' host time in it (with ``time_phases``)) of each step
 _STEP_START = [0.0]
+_PHASES_AT: list[dict[str, float]] = [{}]  # PHASES when the last step began
 _GRAPHS: dict[int, int] = {}  # id(engine) -> its runner's graph replays so far
 
 
@@ -26,6 +28,7 @@ def time_steps() -> None:
 
     def planned(self, *a, **k):
         _STEP_START[0] = time.perf_counter()
+        _PHASES_AT[0] = dict(PHASES)
         return plan(self, *a, **k)
 
     def resolved(self, launched, run):
@@ -33,8 +36,9 @@ def time_steps() -> None:
             return resolve(self, launched, run)
         finally:
             graphs = self.runner.graph_steps
+            at = _PHASES_AT[0]
             STEPS.append((len(launched.step.sample_keys), time.perf_counter() - _STEP_START[0],
-                          graphs > _GRAPHS.get(id(self), 0)))
+                          graphs > _GRAPHS.get(id(self), 0), {k: v - at.get(k, 0.0) for k, v in PHASES.items()}))
             _GRAPHS[id(self)] = graphs
 
     scheduler.Scheduler.next_step, batch.BatchEngine._resolve = planned, resolved
@@ -43,26 +47,39 @@ def time_steps() -> None:
 def step_shares(steps: dict[str, list[list[tuple[int, float]]]], batch: int) -> dict:
     """What grammar work adds to the steps sampling at least ``batch`` rows: each step's fastest time over the
     repeats (the runs of a kind have the same steps), summed over those steps, against the replay's."""
-    def fastest(runs):
-        return [(runs[0][i][0], min(r[i][1] for r in runs), runs[0][i][2]) for i in range(len(runs[0]))]
+    def fastest(runs):  # (each step's fastest run, with that run's phases in the step)
+        return [min((r[i] for r in runs), key=lambda s: s[1]) for i in range(len(runs[0]))]
+
+    def phases(steps):
+        out: dict[str, float] = {}
+        for n, _, _, ph in steps:
+            if n >= batch:
+                for k, v in ph.items():
+                    out[k] = out.get(k, 0.0) + v
+        return out
 
     out = {}
     replay = fastest(steps["replay"])
-    base = sum(s for n, s, _ in replay if n >= batch)
-    for kind in ("constrained", "masked", "lazy", "worker", "worker_masked"):
-        if kind not in steps:
+    base = sum(s for n, s, _, _ in replay if n >= batch)
+    base_phases = phases(replay)
+    for kind in steps:
+        if kind == "replay":
             continue
         mine = fastest(steps[kind])
-        if [n for n, _, _ in mine] != [n for n, _, _ in replay]:
+        if [n for n, *_ in mine] != [n for n, *_ in replay]:
             continue
-        added = sum(s for n, s, _ in mine if n >= batch) - base
-        out[kind] = {"steps": sum(n >= batch for n, _, _ in mine), "replay_s": round(base, 4),
+        added = sum(s for n, s, _, _ in mine if n >= batch) - base
+        out[kind] = {"steps": sum(n >= batch for n, *_ in mine), "replay_s": round(base, 4),
                      "added_s": round(added, 4), "added_share": round(added / base, 4) if base else None}
         for graph in (True, False):  # (the same split over the steps replayed from a graph, and the eager ones)
-            pairs = [(s, r) for (n, s, _), (_, r, g) in zip(mine, replay) if n >= batch and g == graph]
+            pairs = [(s, r) for (n, s, _, _), (_, r, g, _) in zip(mine, replay) if n >= batch and g == graph]
             out[kind]["graph" if graph else "eager"] = {
                 "steps": len(pairs), "replay_s": round(sum(r for _, r in pairs), 4),
                 "added_s": round(sum(s - r for s, r in pairs), 4)}
+        if base_phases or phases(mine):  # (where the added time went: each phase against the replay's)
+            ph = phases(mine)
+            out[kind]["phases_added_s"] = {k: round(ph.get(k, 0.0) - base_phases.get(k, 0.0), 4)
+                                           for k in sorted(set(ph) | set(base_phases))}
     return out
 
 

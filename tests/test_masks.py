@@ -149,6 +149,38 @@ def test_the_grammar_pool_keeps_to_the_upper_half_of_the_cpus(monkeypatch, cpus_
     assert os.sched_getaffinity(0) == set(cpus)
 
 
+@pytest.mark.parametrize("worker,cpus_setting,gpu", [("1", "other", True), ("0", "other", True),
+                                                     ("1", "all", True), ("1", "other", False)])
+def test_a_gpu_run_keeps_its_launching_thread_off_the_pools_cpus(monkeypatch, worker, cpus_setting, gpu):
+    """Around a GPU run with constraints (``MaskPipeline.launching``) the launching thread keeps to the CPUs
+    the pool leaves it (``BATCHRUN_LAUNCHER_CPUS=all``: every CPU), and with the mask worker the GIL's switch
+    interval is ``SWITCH_S``; both are put back afterwards, and a CPU run changes neither."""
+    import os
+    import sys
+
+    from batchrun.engine import grammar_pool, masks
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    monkeypatch.setattr(grammar_pool, "POOL_SPLIT_MIN", 2)
+    monkeypatch.setattr(grammar_pool, "_EXECUTOR", [])
+    monkeypatch.setattr(grammar_pool, "_OTHER_CPUS", [])
+    monkeypatch.setenv("BATCHRUN_MASK_WORKER", worker)
+    monkeypatch.setenv("BATCHRUN_LAUNCHER_CPUS", cpus_setting)
+    interval = sys.getswitchinterval()
+    pipeline = masks.MaskPipeline(vocab=64, pin=gpu, greedy=True)
+    with pipeline.launching():
+        inside = (os.sched_getaffinity(0), sys.getswitchinterval())
+    kept = set(cpus[: len(cpus) // 2]) if gpu and cpus_setting == "other" else set(cpus)
+    assert inside[0] == kept
+    assert inside[1] == pytest.approx(masks.SWITCH_S if gpu and worker == "1" else interval)
+    assert (os.sched_getaffinity(0), sys.getswitchinterval()) == (set(cpus), interval)
+    with pytest.raises(RuntimeError), pipeline.launching():  # (put back when the run fails too)
+        raise RuntimeError("a step failed")
+    assert (os.sched_getaffinity(0), sys.getswitchinterval()) == (set(cpus), interval)
+
+
 @pytest.mark.parametrize("setting", ["auto", "1", "0"])
 def test_rows_are_drawn_before_their_masks_by_default_only_on_the_cpu(tiny, monkeypatch, setting):
     """By default greedy rows inside free text are drawn before their masks only where the forward pass runs on

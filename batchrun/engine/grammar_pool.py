@@ -16,6 +16,7 @@ import numpy as np
 from batchrun.engine.constraints import Grammar, pack
 
 _EXECUTOR: list[Any] = []  # llguidance's thread pool, made on first use
+_OTHER_CPUS: list[int] = []  # the CPUs the pool leaves to the thread launching the steps (when split)
 
 
 SHARED_HISTORY = 16  # rows of one constraint with equal outputs up to this long share a mask (``StepMasks``)
@@ -235,4 +236,11 @@ def _executor() -> Any:
         finally:
             if split:
                 os.sched_setaffinity(0, cpus)
+                _OTHER_CPUS[:] = cpus[: len(cpus) // 2]
     return _EXECUTOR[0]
+
+
+def launcher_cpus() -> list[int]:
+    """The CPUs llguidance's pool leaves to the thread that launches the steps (none if it is not split)."""
+    _executor()
+    return list(_OTHER_CPUS)

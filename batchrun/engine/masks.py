@@ -32,9 +32,11 @@ a GPU; 0, never (``draws_before_masks``).
 from __future__ import annotations
 
 import os
+import sys
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,12 +44,13 @@ import numpy as np
 import torch
 
 from batchrun.engine.constraints import Grammar
-from batchrun.engine.grammar_pool import StepMasks, consume_drawn, narrow
+from batchrun.engine.grammar_pool import StepMasks, consume_drawn, launcher_cpus, narrow
 from batchrun.engine.sampling import apply_mask_bits
 
 LAZY_SHARE = 0.25  # a grammar whose last mask allowed this share of the vocabulary is checked after the draw
 LAZY_TRIAL = 256  # tokens drawn before their masks, per constraint, before judging whether that pays
 LAZY_MIN_ALLOWED = 0.9  # the share of them that must be allowed for it to go on
+SWITCH_S = 0.0002  # the GIL's switch interval in a GPU run with the mask worker (Python's own: 5 ms)
 _WORKER: list[ThreadPoolExecutor] = []  # (BATCHRUN_MASK_WORKER=1: one thread doing the grammar work)
 
 
@@ -103,6 +106,33 @@ class MaskPipeline:
         self.threaded = in_worker(pin)
         self._early: _Job | None = None
         self._lazy: set[Hashable] = set()
+
+    @contextmanager
+    def launching(self) -> Iterator[None]:
+        """Around a GPU run with constraints, on the thread that launches its steps: that thread kept off the
+        CPUs of llguidance's pool (when the pool keeps to half of them: ``grammar_pool._executor``), and with
+        the mask worker, the GIL handed over every ``SWITCH_S`` instead of every 5 ms, so that the worker's
+        calls into the pool start at once instead of waiting out the launching thread's turn. Both are put
+        back afterwards. ``BATCHRUN_LAUNCHER_CPUS=all`` and ``BATCHRUN_MASK_SWITCH_S`` (seconds) change them."""
+        if not self.pin:
+            yield
+            return
+        cpus = launcher_cpus() if os.environ.get("BATCHRUN_LAUNCHER_CPUS", "other") != "all" else []
+        before = sorted(os.sched_getaffinity(0)) if cpus else []
+        if cpus:
+            try:
+                os.sched_setaffinity(0, cpus)
+            except OSError:  # (a CPU set the process may not use: left as it is)
+                cpus = []
+        interval = sys.getswitchinterval()
+        switch = float(os.environ.get("BATCHRUN_MASK_SWITCH_S", SWITCH_S)) if self.threaded else interval
+        try:
+            sys.setswitchinterval(switch)
+            yield
+        finally:
+            sys.setswitchinterval(interval)
+            if cpus:
+                os.sched_setaffinity(0, before)
 
     def start(self, keys: Sequence[Hashable], constraints: Sequence[Any],
               generated: Sequence[Sequence[int]]) -> None:
