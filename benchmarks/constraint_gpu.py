@@ -16,10 +16,12 @@ which moves whole runs by a third), against the replay's same steps. ``main_cpu_
 thread that plans and launches the steps (what grammar work adds there, or slows there, against the replay's);
 ``mask_cpu_share_of_wall`` is the grammar work's CPU time, mostly hidden behind the GPU. More kinds, each
 interleaved with the others and reported with its ``<kind>_added_share`` and ``step_added``: ``--masked``, the
-constrained run with every mask computed (``BATCHRUN_LAZY_MASKS=0``: no row drawn before its mask; on a GPU
-that is the default now); ``--lazy``, rows drawn before their wide masks (``BATCHRUN_LAZY_MASKS=1``);
-``--worker``, the grammar work in a worker thread while the step is launched (``BATCHRUN_MASK_WORKER=1``);
-``--worker --masked`` adds ``worker_masked`` too (both).
+constrained run with every mask computed (``BATCHRUN_LAZY_MASKS=0``: no row drawn before its mask) on the
+launching thread once the step is launched (``BATCHRUN_MASK_WORKER=0``); ``--lazy``, the same with rows drawn
+before their wide masks (``BATCHRUN_LAZY_MASKS=1``); ``--worker``, that in the worker thread while the step is
+launched (``BATCHRUN_MASK_WORKER=1``); ``--worker --masked`` adds ``worker_masked`` too (every mask, in the
+worker thread: on a GPU, the engine's default and so the ``constrained`` run's). ``--kind NAME:VAR=VALUE,...``
+adds a constrained run under the given environment variables.
 
 ``--job`` runs a job spec's real model, rows and constraint instead, as ``batchrun submit`` prepares them: the
 issue's own case, the extraction example on SmolLM2 (960 distinct rows: four variants of each English review):
@@ -256,7 +258,10 @@ def main() -> None:
         reqs = requests(name)
         os.environ["BATCHRUN_LAZY_MASKS"] = ("0" if name in ("masked", "worker_masked") else "1" if name == "lazy"
                                              else lazy)  # (read as the engine runs)
-        os.environ["BATCHRUN_MASK_WORKER"] = "1" if name in ("worker", "worker_masked") else "0"
+        if name in ("masked", "lazy", "worker", "worker_masked"):
+            os.environ["BATCHRUN_MASK_WORKER"] = "1" if name in ("worker", "worker_masked") else "0"
+        else:  # (free, constrained, replay: the engine's default, the worker)
+            os.environ.pop("BATCHRUN_MASK_WORKER", None)
         for var, value in saved.items():  # (a custom kind's variables, and the others' as they were)
             if value is None:
                 os.environ.pop(var, None)

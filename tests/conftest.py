@@ -127,7 +127,7 @@ def url(s3):
 
 @pytest.fixture(params=["launching-thread", "worker"])
 def mask_thread(request, monkeypatch):
-    """Both places the grammar work runs (``engine.masks.in_worker``): the launching thread (a GPU's default)
-    and the worker thread (the CPU's)."""
+    """Both places the grammar work runs (``engine.masks.in_worker``): the launching thread and the worker
+    thread (the default)."""
     monkeypatch.setenv("BATCHRUN_MASK_WORKER", "0" if request.param == "launching-thread" else "1")
     return request.param

@@ -1,16 +1,18 @@
 """A step's token masks, computed on the CPU while the device works (``grammar_pool.StepMasks`` does the work).
 
-On a GPU the grammar work of a step is lined up as its rows are known and done once the step's forward pass
-is launched (``Masks.wait``), in llguidance's thread pool, without the GIL, while the device runs the step.
-Done there, on the thread that launches the steps, it never competes with that thread for the GIL. (A worker
-thread doing it while the forward pass was being launched, the first design, slowed those launches by more
-than the grammar work costs: each time the worker needed the GIL back, the launching thread lost it for up
-to the 5 ms switch interval.) On the CPU the worker thread does it, from the moment a row's token is recorded
-(``start``): the CPU forward pass runs without the GIL, and the worker's grammar work overlaps it
-(``BATCHRUN_MASK_WORKER``: 1, the worker; 0, the launching thread). The worker makes only llguidance's calls
-(``StepMasks.take_and_mask``); what needs Python around them (``StepMasks.finish``, the forced-run lookup) is
-done on the launching thread. ``Masks.wait`` gives the step's masks in sampling order, packed in page-locked
-memory (their copy to the device then waits for nothing).
+A worker thread does a step's grammar work, from the moment the rows' tokens of the step before are
+recorded (``start``), in llguidance's thread pool, without the GIL, while the launching thread plans the step
+and launches its forward pass (on a GPU) or the forward pass computes (on the CPU, also without the GIL). The
+worker makes only llguidance's calls (``StepMasks.take_and_mask``); what needs Python around them
+(``StepMasks.finish``, the forced-run lookup) is done on the launching thread. On a GPU the steps of a small
+model are bound by the host (the launching thread's Python), so for the worker not to slow it
+(``launching``): the GIL is handed over every ``SWITCH_S`` instead of every 5 ms, so that each of the worker's
+calls starts at once instead of waiting out the launching thread's turn, and the launching thread keeps to
+the CPUs the pool leaves it. On the H200 (SmolLM2, 960 rows) that made the masks add 5% to the large steps,
+against 14% with the 5 ms interval and 16% with the grammar work on the launching thread after the launch
+(``benchmarks/results/constraint-h200.jsonl``). ``BATCHRUN_MASK_WORKER``: 1, the worker (the default); 0,
+the launching thread, once the forward pass is launched. ``Masks.wait`` gives the step's masks in sampling
+order, packed in page-locked memory (their copy to the device then waits for nothing).
 
 Greedy runs skip the expensive masks. A mask that allows much of the vocabulary (free text inside a string)
 costs the most (hundreds of microseconds with a bounded string, against tens elsewhere), and there the
@@ -74,11 +76,10 @@ class Later:
             fn(*args)
 
 
-def in_worker(pin: bool) -> bool:
-    """Is the grammar work done in the worker thread? On the CPU (``pin`` False) it is: the forward pass then
-    computes on every CPU without the GIL, and the worker's grammar work overlaps it. On a GPU it is done on
-    the launching thread (``BATCHRUN_MASK_WORKER``: 1, the worker; 0, the launching thread)."""
-    return os.environ.get("BATCHRUN_MASK_WORKER", "0" if pin else "1") == "1"
+def in_worker() -> bool:
+    """Is the grammar work done in the worker thread (the default), overlapping the launches or the CPU's forward
+    pass? ``BATCHRUN_MASK_WORKER=0``: on the launching thread, once the step's forward pass is launched."""
+    return os.environ.get("BATCHRUN_MASK_WORKER", "1") == "1"
 
 
 def _run(threaded: bool, fn, *args) -> Any:
@@ -103,7 +104,7 @@ class MaskPipeline:
         self.words = (vocab + 31) // 32
         self.pin = pin
         self.lazy_width = vocab * LAZY_SHARE if greedy and draws_before_masks(pin) else float("inf")
-        self.threaded = in_worker(pin)
+        self.threaded = in_worker()
         self._early: _Job | None = None
         self._lazy: set[Hashable] = set()
 
