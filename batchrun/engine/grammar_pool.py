@@ -29,11 +29,12 @@ class StepMasks:
     Made on the main thread, which packs every constraint that is not a grammar (a few ids: cheap) and lines
     up the grammars' work. ``compute()`` then does that work: ``take_and_mask``, where each grammar takes its
     row's new tokens (the last one drawn, or a forced run too) and computes its mask, all in llguidance's
-    thread pool, which runs without the GIL (``engine.masks`` runs it once the step's forward pass is launched,
-    or in its worker thread), then ``finish`` (the widths and shared masks, on the launching thread).
-    A finished or broken grammar's mask allows only EOS (llguidance's own rule). The forced runs are looked up
-    afterwards, by ``narrow(later)``, only for the grammars whose mask allows one token: a mask of one token is
-    right without them, and they are needed only when the step's tokens are recorded.
+    thread pool, which runs without the GIL (``engine.masks`` runs it in its worker thread while the step is
+    launched, or on the launching thread once the step's forward pass is launched), then ``finish`` (the
+    widths and shared masks, on the launching thread). A finished or broken grammar's mask allows only EOS
+    (llguidance's own rule). The forced runs are looked up afterwards, by ``narrow(later)``, only for the
+    grammars whose mask allows one token: a mask of one token is right without them, and they are needed only
+    when the step's tokens are recorded.
 
     Rows of one constraint whose outputs so far are equal (and at most ``SHARED_HISTORY`` tokens long) are in
     the same grammar state: one of them computes the mask and looks up the forced run, and the others copy
