@@ -181,6 +181,32 @@ def test_a_gpu_run_keeps_its_launching_thread_off_the_pools_cpus(monkeypatch, wo
     assert (os.sched_getaffinity(0), sys.getswitchinterval()) == (set(cpus), interval)
 
 
+def test_overlapping_gpu_runs_put_the_switch_interval_back_when_the_last_ends(monkeypatch):
+    """Two GPU runs with the mask worker in threads of one process: the switch interval stays ``SWITCH_S`` until
+    the last of them ends, then is what it was; a bad ``BATCHRUN_MASK_SWITCH_S`` is a clear error."""
+    import sys
+
+    from batchrun.engine import masks
+    from batchrun.errors import RuntimeFailure
+
+    monkeypatch.setenv("BATCHRUN_MASK_WORKER", "1")
+    monkeypatch.setenv("BATCHRUN_LAUNCHER_CPUS", "all")
+    interval = sys.getswitchinterval()
+    first, second = (masks.MaskPipeline(vocab=64, pin=True, greedy=True).launching() for _ in range(2))
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert sys.getswitchinterval() == pytest.approx(masks.SWITCH_S)
+    second.__exit__(None, None, None)
+    assert sys.getswitchinterval() == interval
+    monkeypatch.setenv("BATCHRUN_MASK_SWITCH_S", "fast")
+    bad = masks.MaskPipeline(vocab=64, pin=True, greedy=True)
+    with pytest.raises(RuntimeFailure, match="BATCHRUN_MASK_SWITCH_S='fast': expected a number of seconds"), \
+            bad.launching():
+        pass
+    assert sys.getswitchinterval() == interval
+
+
 @pytest.mark.parametrize("setting", ["auto", "1", "0"])
 def test_rows_are_drawn_before_their_masks_by_default_only_on_the_cpu(tiny, monkeypatch, setting):
     """By default greedy rows inside free text are drawn before their masks only where the forward pass runs on

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +49,7 @@ import torch
 from batchrun.engine.constraints import Grammar
 from batchrun.engine.grammar_pool import StepMasks, consume_drawn, launcher_cpus, narrow
 from batchrun.engine.sampling import apply_mask_bits
+from batchrun.errors import RuntimeFailure
 
 LAZY_SHARE = 0.25  # a grammar whose last mask allowed this share of the vocabulary is checked after the draw
 LAZY_TRIAL = 256  # tokens drawn before their masks, per constraint, before judging whether that pays
@@ -125,13 +127,10 @@ class MaskPipeline:
                 os.sched_setaffinity(0, cpus)
             except OSError:  # (a CPU set the process may not use: left as it is)
                 cpus = []
-        interval = sys.getswitchinterval()
-        switch = float(os.environ.get("BATCHRUN_MASK_SWITCH_S", SWITCH_S)) if self.threaded else interval
         try:
-            sys.setswitchinterval(switch)
-            yield
+            with _switch_interval(self.threaded):
+                yield
         finally:
-            sys.setswitchinterval(interval)
             if cpus:
                 os.sched_setaffinity(0, before)
 
@@ -255,6 +254,41 @@ class Masks:
         redrawn = apply_mask_bits(logits[rows], torch.from_numpy(job.out)).argmax(-1).tolist()
         for i, t in zip(rows, redrawn):
             tokens[i] = t
+
+
+_SWITCH_LOCK = threading.Lock()
+_SWITCHED = {"runs": 0, "before": 0.0}  # GPU runs with the mask worker now going (in this process), and
+# the switch interval before the first of them
+
+
+@contextmanager
+def _switch_interval(threaded: bool) -> Iterator[None]:
+    """The GIL's switch interval at ``SWITCH_S`` (``BATCHRUN_MASK_SWITCH_S``) while the mask worker runs
+    (``threaded``), put back when the last such run of the process ends (runs in several threads at once may
+    overlap)."""
+    if not threaded:
+        yield
+        return
+    raw = os.environ.get("BATCHRUN_MASK_SWITCH_S", str(SWITCH_S))
+    try:
+        switch = float(raw)
+        if not switch > 0:
+            raise ValueError
+    except ValueError:
+        raise RuntimeFailure(f"BATCHRUN_MASK_SWITCH_S={raw!r}: expected a number of seconds above 0, such as "
+                             f"{SWITCH_S}") from None
+    with _SWITCH_LOCK:
+        if _SWITCHED["runs"] == 0:
+            _SWITCHED["before"] = sys.getswitchinterval()
+            sys.setswitchinterval(switch)
+        _SWITCHED["runs"] += 1
+    try:
+        yield
+    finally:
+        with _SWITCH_LOCK:
+            _SWITCHED["runs"] -= 1
+            if _SWITCHED["runs"] == 0:
+                sys.setswitchinterval(_SWITCHED["before"])
 
 
 def _forced(later: list) -> Later | None:
