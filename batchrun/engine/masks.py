@@ -8,11 +8,12 @@ worker makes only llguidance's calls (``StepMasks.take_and_mask``); what needs P
 model are bound by the host (the launching thread's Python), so for the worker not to slow it
 (``launching``): the GIL is handed over every ``SWITCH_S`` instead of every 5 ms, so that each of the worker's
 calls starts at once instead of waiting out the launching thread's turn, and the launching thread keeps to
-the CPUs the pool leaves it. On the H200 (SmolLM2, 960 rows) that made the masks add 5% to the large steps,
-against 14% with the 5 ms interval and 16% with the grammar work on the launching thread after the launch
-(``benchmarks/results/constraint-h200.jsonl``). ``BATCHRUN_MASK_WORKER``: 1, the worker (the default); 0,
-the launching thread, once the forward pass is launched. ``Masks.wait`` gives the step's masks in sampling
-order, packed in page-locked memory (their copy to the device then waits for nothing).
+the CPUs the pool leaves it. On the H200 (SmolLM2, 960 rows) the masks then added 5% to 13% to the large
+steps from process to process, against 16% to 19% with the grammar work on the launching thread after the
+launch in the same processes (``benchmarks/results/constraint-h200.jsonl``). ``BATCHRUN_MASK_WORKER``: 1,
+the worker (the default); 0, the launching thread, once the forward pass is launched. ``Masks.wait`` gives
+the step's masks in sampling order, packed in page-locked memory (their copy to the device then waits for
+nothing).
 
 Greedy runs skip the expensive masks. A mask that allows much of the vocabulary (free text inside a string)
 costs the most (hundreds of microseconds with a bounded string, against tens elsewhere), and there the
