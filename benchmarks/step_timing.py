@@ -12,7 +12,7 @@ import time
 
 PHASES: dict[str, float] = {}
 STEPS: list[tuple[int, float, bool, dict]] = []  # (sampled rows, seconds, replayed from a CUDA graph, the
-# phases' host time in it (with ``time_phases``)) of each step
+# phases' host time in it (with ``time_phases``) and its tokens under "tokens") of each step
 _STEP_START = [0.0]
 _PHASES_AT: list[dict[str, float]] = [{}]  # PHASES when the last step began
 _GRAPHS: dict[int, int] = {}  # id(engine) -> its runner's graph replays so far
@@ -38,7 +38,8 @@ def time_steps() -> None:
             graphs = self.runner.graph_steps
             at = _PHASES_AT[0]
             STEPS.append((len(launched.step.sample_keys), time.perf_counter() - _STEP_START[0],
-                          graphs > _GRAPHS.get(id(self), 0), {k: v - at.get(k, 0.0) for k, v in PHASES.items()}))
+                          graphs > _GRAPHS.get(id(self), 0),
+                          {k: v - at.get(k, 0.0) for k, v in PHASES.items()} | {"tokens": launched.step.num_tokens}))
             _GRAPHS[id(self)] = graphs
 
     scheduler.Scheduler.next_step, batch.BatchEngine._resolve = planned, resolved
@@ -55,7 +56,20 @@ def step_shares(steps: dict[str, list[list[tuple[int, float]]]], batch: int) -> 
         for n, _, _, ph in steps:
             if n >= batch:
                 for k, v in ph.items():
-                    out[k] = out.get(k, 0.0) + v
+                    if k != "tokens":
+                        out[k] = out.get(k, 0.0) + v
+        return out
+
+    def worst(mine, replay, top=6):  # (the steps that add the most, each with its phases against the replay's)
+        added = sorted(((s - r, i) for i, ((n, s, _, _), (_, r, _, _)) in enumerate(zip(mine, replay)) if n >= batch),
+                       reverse=True)[:top]
+        out = []
+        for a, i in added:
+            (n, _, g, ph), (_, r, _, base_ph) = mine[i], replay[i]
+            deltas = {k: round(1000 * (ph.get(k, 0.0) - base_ph.get(k, 0.0)), 2) for k in set(ph) | set(base_ph)
+                      if k != "tokens" and abs(ph.get(k, 0.0) - base_ph.get(k, 0.0)) >= 5e-4}
+            out.append({"step": i, "rows": n, "tokens": ph.get("tokens"), "graph": g, "replay_ms": round(1000 * r, 2),
+                        "added_ms": round(1000 * a, 2), "phases_added_ms": dict(sorted(deltas.items()))})
         return out
 
     out = {}
@@ -80,6 +94,7 @@ def step_shares(steps: dict[str, list[list[tuple[int, float]]]], batch: int) -> 
             ph = phases(mine)
             out[kind]["phases_added_s"] = {k: round(ph.get(k, 0.0) - base_phases.get(k, 0.0), 4)
                                            for k in sorted(set(ph) | set(base_phases))}
+        out[kind]["worst_steps"] = worst(mine, replay)
     return out
 
 
