@@ -149,12 +149,25 @@ def test_the_grammar_pool_keeps_to_the_upper_half_of_the_cpus(monkeypatch, cpus_
     assert os.sched_getaffinity(0) == set(cpus)
 
 
+def _steps(seen: list, n: int = 2, fail: bool = False):
+    """A run's steps, each noting the launching thread's CPUs and the switch interval it ran with."""
+    import os
+    import sys
+
+    for i in range(n):
+        seen.append((os.sched_getaffinity(0), sys.getswitchinterval()))
+        if fail:
+            raise RuntimeError("a step failed")
+        yield i
+
+
 @pytest.mark.parametrize("worker,cpus_setting,gpu", [("1", "other", True), ("0", "other", True),
                                                      ("1", "all", True), ("1", "other", False)])
 def test_a_gpu_run_keeps_its_launching_thread_off_the_pools_cpus(monkeypatch, worker, cpus_setting, gpu):
-    """Around a GPU run with constraints (``MaskPipeline.launching``) the launching thread keeps to the CPUs
-    the pool leaves it (``BATCHRUN_LAUNCHER_CPUS=all``: every CPU), and with the mask worker the GIL's switch
-    interval is ``SWITCH_S``; both are put back afterwards, and a CPU run changes neither."""
+    """A GPU run with constraints (``MaskPipeline.launching``) makes each step on the CPUs the pool leaves
+    (``BATCHRUN_LAUNCHER_CPUS=all``: every CPU), while the code taking its output keeps every CPU; with the
+    mask worker the GIL's switch interval is ``SWITCH_S`` for the run. Both are put back afterwards, also when a
+    step fails, and a CPU run changes neither."""
     import os
     import sys
 
@@ -170,20 +183,22 @@ def test_a_gpu_run_keeps_its_launching_thread_off_the_pools_cpus(monkeypatch, wo
     monkeypatch.setenv("BATCHRUN_LAUNCHER_CPUS", cpus_setting)
     interval = sys.getswitchinterval()
     pipeline = masks.MaskPipeline(vocab=64, pin=gpu, greedy=True)
-    with pipeline.launching():
-        inside = (os.sched_getaffinity(0), sys.getswitchinterval())
+    seen: list = []
+    taken = [(os.sched_getaffinity(0), sys.getswitchinterval()) for _ in pipeline.launching(_steps(seen))]
     kept = set(cpus[: len(cpus) // 2]) if gpu and cpus_setting == "other" else set(cpus)
-    assert inside[0] == kept
-    assert inside[1] == pytest.approx(masks.SWITCH_S if gpu and worker == "1" else interval)
+    switch = masks.SWITCH_S if gpu and worker == "1" else interval
+    assert [c for c, _ in seen] == [kept, kept]
+    assert [s for _, s in seen] == pytest.approx([switch, switch])
+    assert [c for c, _ in taken] == [set(cpus), set(cpus)]
     assert (os.sched_getaffinity(0), sys.getswitchinterval()) == (set(cpus), interval)
-    with pytest.raises(RuntimeError), pipeline.launching():  # (put back when the run fails too)
-        raise RuntimeError("a step failed")
+    with pytest.raises(RuntimeError, match="a step failed"):
+        list(pipeline.launching(_steps([], fail=True)))
     assert (os.sched_getaffinity(0), sys.getswitchinterval()) == (set(cpus), interval)
 
 
 def test_overlapping_gpu_runs_put_the_switch_interval_back_when_the_last_ends(monkeypatch):
-    """Two GPU runs with the mask worker in threads of one process: the switch interval stays ``SWITCH_S`` until
-    the last of them ends, then is what it was; a bad ``BATCHRUN_MASK_SWITCH_S`` is a clear error."""
+    """Two GPU runs with the mask worker in one process: the switch interval stays ``SWITCH_S`` until the last of
+    them ends, then is what it was; a bad ``BATCHRUN_MASK_SWITCH_S`` is a clear error."""
     import sys
 
     from batchrun.engine import masks
@@ -192,18 +207,17 @@ def test_overlapping_gpu_runs_put_the_switch_interval_back_when_the_last_ends(mo
     monkeypatch.setenv("BATCHRUN_MASK_WORKER", "1")
     monkeypatch.setenv("BATCHRUN_LAUNCHER_CPUS", "all")
     interval = sys.getswitchinterval()
-    first, second = (masks.MaskPipeline(vocab=64, pin=True, greedy=True).launching() for _ in range(2))
-    first.__enter__()
-    second.__enter__()
-    first.__exit__(None, None, None)
+    first, second = (masks.MaskPipeline(vocab=64, pin=True, greedy=True).launching(_steps([])) for _ in range(2))
+    next(first)
+    next(second)
+    list(first)
     assert sys.getswitchinterval() == pytest.approx(masks.SWITCH_S)
-    second.__exit__(None, None, None)
+    list(second)
     assert sys.getswitchinterval() == interval
     monkeypatch.setenv("BATCHRUN_MASK_SWITCH_S", "fast")
-    bad = masks.MaskPipeline(vocab=64, pin=True, greedy=True)
-    with pytest.raises(RuntimeFailure, match="BATCHRUN_MASK_SWITCH_S='fast': expected a number of seconds"), \
-            bad.launching():
-        pass
+    bad = masks.MaskPipeline(vocab=64, pin=True, greedy=True).launching(_steps([]))
+    with pytest.raises(RuntimeFailure, match="BATCHRUN_MASK_SWITCH_S='fast': expected a number of seconds"):
+        next(bad)
     assert sys.getswitchinterval() == interval
 
 

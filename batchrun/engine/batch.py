@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +79,8 @@ class BatchEngine:
         run = _RunState(requests, sched, LogprobLog(self.loaded.tokenizer) if self.sampling.logprobs is not None
                         else None, greedy, MaskPipeline(self.runner.vocab, self.loaded.device != "cpu", greedy))
         overlap = overlaps(requests, self.sampling.logprobs)
-        with run.masks.launching() if any(r.constraint is not None for r in requests) else nullcontext():
-            yield from self._steps(run, kv, overlap)
+        steps = self._steps(run, kv, overlap)
+        yield from run.masks.launching(steps) if any(r.constraint is not None for r in requests) else steps
 
     def _steps(self, run: _RunState, kv: KVManager, overlap: bool) -> Iterator[list[Completion]]:
         sched = run.sched

@@ -42,7 +42,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ LAZY_SHARE = 0.25  # a grammar whose last mask allowed this share of the vocabul
 LAZY_TRIAL = 256  # tokens drawn before their masks, per constraint, before judging whether that pays
 LAZY_MIN_ALLOWED = 0.9  # the share of them that must be allowed for it to go on
 SWITCH_S = 0.0002  # the GIL's switch interval in a GPU run with the mask worker (Python's own: 5 ms)
+T = TypeVar("T")
 _WORKER: list[ThreadPoolExecutor] = []  # (BATCHRUN_MASK_WORKER=1: one thread doing the grammar work)
 
 
@@ -111,29 +112,27 @@ class MaskPipeline:
         self._early: _Job | None = None
         self._lazy: set[Hashable] = set()
 
-    @contextmanager
-    def launching(self) -> Iterator[None]:
-        """Around a GPU run with constraints, on the thread that launches its steps: that thread kept off the
-        CPUs of llguidance's pool (when the pool keeps to half of them: ``grammar_pool._executor``), and with
-        the mask worker, the GIL handed over every ``SWITCH_S`` instead of every 5 ms, so that the worker's
-        calls into the pool start at once instead of waiting out the launching thread's turn. Both are put
-        back afterwards. ``BATCHRUN_LAUNCHER_CPUS=all`` and ``BATCHRUN_MASK_SWITCH_S`` (seconds) change them."""
+    def launching(self, steps: Iterator[T]) -> Iterator[T]:
+        """``steps`` (a GPU run's, with constraints), each made with the thread that launches it kept off the
+        CPUs of llguidance's pool (when the pool keeps to half of them: ``grammar_pool._executor``; the code
+        that takes each step's output runs where it ran before), and with the mask worker, the GIL handed over
+        every ``SWITCH_S`` instead of every 5 ms for the whole run, so that the worker's calls into the pool
+        start at once instead of waiting out the launching thread's turn. ``BATCHRUN_LAUNCHER_CPUS=all`` and
+        ``BATCHRUN_MASK_SWITCH_S`` (seconds) change them."""
         if not self.pin:
-            yield
+            yield from steps
             return
         cpus = launcher_cpus() if os.environ.get("BATCHRUN_LAUNCHER_CPUS", "other") != "all" else []
-        before = sorted(os.sched_getaffinity(0)) if cpus else []
-        if cpus:
-            try:
-                os.sched_setaffinity(0, cpus)
-            except OSError:  # (a CPU set the process may not use: left as it is)
-                cpus = []
-        try:
-            with _switch_interval(self.threaded):
-                yield
-        finally:
-            if cpus:
-                os.sched_setaffinity(0, before)
+        with _switch_interval(self.threaded):
+            while True:
+                before = _keep_to(cpus)
+                try:
+                    out = next(steps)
+                except StopIteration:
+                    return
+                finally:
+                    _keep_to(before)
+                yield out
 
     def start(self, keys: Sequence[Hashable], constraints: Sequence[Any],
               generated: Sequence[Sequence[int]]) -> None:
@@ -255,6 +254,18 @@ class Masks:
         redrawn = apply_mask_bits(logits[rows], torch.from_numpy(job.out)).argmax(-1).tolist()
         for i, t in zip(rows, redrawn):
             tokens[i] = t
+
+
+def _keep_to(cpus: list[int]) -> list[int]:
+    """This thread kept to ``cpus`` (none given, or a set it may not use: left as it is); the CPUs it had."""
+    if not cpus:
+        return []
+    before = sorted(os.sched_getaffinity(0))
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError:
+        return []
+    return before
 
 
 _SWITCH_LOCK = threading.Lock()
