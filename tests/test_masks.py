@@ -139,7 +139,7 @@ def test_the_grammar_pool_keeps_to_the_upper_half_of_the_cpus(monkeypatch, cpus_
     if len(cpus) < 2:
         pytest.skip("needs two CPUs")
     monkeypatch.setattr(grammar_pool, "POOL_SPLIT_MIN", 2)
-    monkeypatch.setattr(grammar_pool, "_EXECUTOR", [])
+    monkeypatch.setattr(grammar_pool, "_POOLS", {})
     monkeypatch.setenv("BATCHRUN_GRAMMAR_CPUS", cpus_setting)
     before = set(os.listdir("/proc/self/task"))
     grammar_pool._executor()
@@ -147,6 +147,26 @@ def test_the_grammar_pool_keeps_to_the_upper_half_of_the_cpus(monkeypatch, cpus_
     expected = set(cpus[len(cpus) // 2 :]) if cpus_setting == "half" else set(cpus)
     assert made and all(os.sched_getaffinity(int(t)) == expected for t in made)
     assert os.sched_getaffinity(0) == set(cpus)
+    assert grammar_pool.launcher_cpus() == (cpus[: len(cpus) // 2] if cpus_setting == "half" else [])
+
+
+def test_each_pool_setting_has_its_own_pool_and_a_bad_thread_count_is_a_clear_error(monkeypatch):
+    """``BATCHRUN_GRAMMAR_THREADS`` picks the pool's size: each setting gets its own pool, made once (so that a
+    benchmark can interleave them in one process), and a bad value is an error naming the variable."""
+    from batchrun.engine import grammar_pool
+    from batchrun.errors import RuntimeFailure
+
+    monkeypatch.setattr(grammar_pool, "_POOLS", {})
+    monkeypatch.setenv("BATCHRUN_GRAMMAR_THREADS", "1")
+    one = grammar_pool._executor()
+    monkeypatch.setenv("BATCHRUN_GRAMMAR_THREADS", "2")
+    two = grammar_pool._executor()
+    assert one is not two and grammar_pool._executor() is two
+    monkeypatch.setenv("BATCHRUN_GRAMMAR_THREADS", "1")
+    assert grammar_pool._executor() is one
+    monkeypatch.setenv("BATCHRUN_GRAMMAR_THREADS", "many")
+    with pytest.raises(RuntimeFailure, match="BATCHRUN_GRAMMAR_THREADS='many': expected a number of threads"):
+        grammar_pool._executor()
 
 
 def _steps(seen: list, n: int = 2, fail: bool = False):
@@ -177,8 +197,7 @@ def test_a_gpu_run_keeps_its_launching_thread_off_the_pools_cpus(monkeypatch, wo
     if len(cpus) < 2:
         pytest.skip("needs two CPUs")
     monkeypatch.setattr(grammar_pool, "POOL_SPLIT_MIN", 2)
-    monkeypatch.setattr(grammar_pool, "_EXECUTOR", [])
-    monkeypatch.setattr(grammar_pool, "_OTHER_CPUS", [])
+    monkeypatch.setattr(grammar_pool, "_POOLS", {})
     monkeypatch.setenv("BATCHRUN_MASK_WORKER", worker)
     monkeypatch.setenv("BATCHRUN_LAUNCHER_CPUS", cpus_setting)
     interval = sys.getswitchinterval()

@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 
 from batchrun.engine.constraints import Grammar, pack
+from batchrun.errors import RuntimeFailure
 
-_EXECUTOR: list[Any] = []  # llguidance's thread pool, made on first use
-_OTHER_CPUS: list[int] = []  # the CPUs the pool leaves to the thread launching the steps (when split)
+# llguidance's thread pool, made on first use, with the CPUs it leaves to the thread launching the steps (none if
+# it is not split); one per setting of BATCHRUN_GRAMMAR_THREADS and BATCHRUN_GRAMMAR_CPUS (a job has one).
+_POOLS: dict[tuple[str, str], tuple[Any, list[int]]] = {}
 
 
 SHARED_HISTORY = 16  # rows of one constraint with equal outputs up to this long share a mask (``StepMasks``)
@@ -216,32 +218,40 @@ POOL_SPLIT_MIN = 8  # CPUs from which llguidance's pool keeps to the upper half 
 
 
 def _executor() -> Any:
-    """llguidance's pool (``BATCHRUN_GRAMMAR_THREADS`` threads; default: llguidance's, 80% of the CPUs it may
-    use). On a machine of ``POOL_SPLIT_MIN`` CPUs or more its threads may use only the upper half of them,
-    leaving the lower half to the thread that launches the steps, which grammar work on other CPUs slows
-    (``BATCHRUN_GRAMMAR_CPUS=all``: every CPU). On the H200 host the split measured within that machine's
-    noise (README), with no longer waits for masks."""
-    if not _EXECUTOR:
-        from llguidance import LLExecutor
-
-        threads = os.environ.get("BATCHRUN_GRAMMAR_THREADS")
-        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-        split = len(cpus) >= POOL_SPLIT_MIN and os.environ.get("BATCHRUN_GRAMMAR_CPUS", "half") != "all"
-        if split:  # (threads inherit the affinity of the thread that makes them: this one, for a moment)
-            try:
-                os.sched_setaffinity(0, cpus[len(cpus) // 2 :])
-            except OSError:
-                split = False
-        try:
-            _EXECUTOR.append(LLExecutor(int(threads)) if threads else LLExecutor())
-        finally:
-            if split:
-                os.sched_setaffinity(0, cpus)
-                _OTHER_CPUS[:] = cpus[: len(cpus) // 2]
-    return _EXECUTOR[0]
+    """llguidance's pool (``_pool``)."""
+    return _pool()[0]
 
 
 def launcher_cpus() -> list[int]:
     """The CPUs llguidance's pool leaves to the thread that launches the steps (none if it is not split)."""
-    _executor()
-    return list(_OTHER_CPUS)
+    return list(_pool()[1])
+
+
+def _pool() -> tuple[Any, list[int]]:
+    """llguidance's pool (``BATCHRUN_GRAMMAR_THREADS`` threads; default: llguidance's, 80% of the CPUs it may
+    use) and the CPUs it leaves. On a machine of ``POOL_SPLIT_MIN`` CPUs or more its threads may use only the
+    upper half of them, leaving the lower half to the thread that launches the steps, which grammar work on
+    its CPUs slows (``BATCHRUN_GRAMMAR_CPUS=all``: every CPU)."""
+    threads = os.environ.get("BATCHRUN_GRAMMAR_THREADS", "")
+    where = os.environ.get("BATCHRUN_GRAMMAR_CPUS", "half")
+    pool = _POOLS.get((threads, where))
+    if pool is not None:
+        return pool
+    from llguidance import LLExecutor
+
+    if threads and not (threads.isdigit() and int(threads) > 0):
+        raise RuntimeFailure(f"BATCHRUN_GRAMMAR_THREADS={threads!r}: expected a number of threads above 0")
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    split = len(cpus) >= POOL_SPLIT_MIN and where != "all"
+    if split:  # (threads inherit the affinity of the thread that makes them: this one, for a moment)
+        try:
+            os.sched_setaffinity(0, cpus[len(cpus) // 2 :])
+        except OSError:
+            split = False
+    try:
+        executor = LLExecutor(int(threads)) if threads else LLExecutor()
+    finally:
+        if split:
+            os.sched_setaffinity(0, cpus)
+    pool = _POOLS[(threads, where)] = (executor, cpus[: len(cpus) // 2] if split else [])
+    return pool
