@@ -256,20 +256,18 @@ def main() -> None:
     saved = {var: os.environ.get(var) for env in custom.values() for var in env}
     for name in ("warmup", *[k for _ in range(args.repeat) for k in kinds]):
         reqs = requests(name)
-        os.environ["BATCHRUN_LAZY_MASKS"] = ("0" if name in ("masked", "worker_masked") else "1" if name == "lazy"
-                                             else lazy)  # (read as the engine runs)
-        if name in ("masked", "lazy", "worker", "worker_masked"):
-            os.environ["BATCHRUN_MASK_WORKER"] = "1" if name in ("worker", "worker_masked") else "0"
-        else:  # (free, constrained, replay: the engine's default, the worker)
-            os.environ.pop("BATCHRUN_MASK_WORKER", None)
-        for var, value in saved.items():  # (a custom kind's variables, and the others' as they were)
+        for var, value in saved.items():  # (the custom kinds' variables as they were, then this kind's settings)
             if value is None:
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = value
-        if name in custom:
+        os.environ["BATCHRUN_LAZY_MASKS"] = ("0" if name in ("masked", "worker_masked") else "1" if name == "lazy"
+                                             else lazy)  # (read as the engine runs)
+        if name in ("masked", "lazy", "worker", "worker_masked"):
+            os.environ["BATCHRUN_MASK_WORKER"] = "1" if name in ("worker", "worker_masked") else "0"
+        else:  # (free, constrained, replay and custom kinds: the engine's default, the worker)
             os.environ.pop("BATCHRUN_MASK_WORKER", None)
-            os.environ.update(custom[name])
+        os.environ.update(custom.get(name, {}))
         engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=400_000)
         before = dict(compiled.stats)
         PHASES.clear()
