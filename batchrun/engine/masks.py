@@ -158,8 +158,11 @@ class MaskPipeline:
                     continue
             picked.append(i)
         if picked and self.threaded:  # (else the grammar work is lined up with the step's other rows: ``launch``)
-            self._early = self._submit([keys[i] for i in picked], [constraints[i] for i in picked],
-                                       [generated[i] for i in picked])
+            if len(picked) == len(keys):  # (every row: the common case)
+                self._early = self._submit(keys, constraints, generated)
+            else:
+                self._early = self._submit([keys[i] for i in picked], [constraints[i] for i in picked],
+                                           [generated[i] for i in picked])
 
     def launch(self, keys: Sequence[Hashable], constraints: Sequence[Any],
                generated: Sequence[Sequence[int]]) -> Masks:
