@@ -126,11 +126,9 @@ def test_tokens_drawn_before_their_masks_are_taken_together_and_a_refused_one_re
         assert np.array_equal(g.allowed_tokens(after), fresh.allowed_tokens(after))
 
 
-@pytest.mark.parametrize("cpus_setting", ["half", "all"])
-def test_the_grammar_pool_keeps_to_the_upper_half_of_the_cpus(monkeypatch, cpus_setting):
-    """From ``POOL_SPLIT_MIN`` CPUs, llguidance's pool threads are made on the upper half of the CPUs (the
-    launching thread keeps the rest to itself), and the thread that made them keeps every CPU;
-    ``BATCHRUN_GRAMMAR_CPUS=all`` leaves the pool on every CPU."""
+@pytest.fixture
+def split_pool(monkeypatch):
+    """A fresh llguidance pool that splits the CPUs from 2 of them on: this process's CPUs."""
     import os
 
     from batchrun.engine import grammar_pool
@@ -140,6 +138,19 @@ def test_the_grammar_pool_keeps_to_the_upper_half_of_the_cpus(monkeypatch, cpus_
         pytest.skip("needs two CPUs")
     monkeypatch.setattr(grammar_pool, "POOL_SPLIT_MIN", 2)
     monkeypatch.setattr(grammar_pool, "_POOLS", {})
+    return cpus
+
+
+@pytest.mark.parametrize("cpus_setting", ["half", "all"])
+def test_the_grammar_pool_keeps_to_the_upper_half_of_the_cpus(monkeypatch, split_pool, cpus_setting):
+    """From ``POOL_SPLIT_MIN`` CPUs, llguidance's pool threads are made on the upper half of the CPUs (the
+    launching thread keeps the rest to itself), and the thread that made them keeps every CPU;
+    ``BATCHRUN_GRAMMAR_CPUS=all`` leaves the pool on every CPU."""
+    import os
+
+    from batchrun.engine import grammar_pool
+
+    cpus = split_pool
     monkeypatch.setenv("BATCHRUN_GRAMMAR_CPUS", cpus_setting)
     before = set(os.listdir("/proc/self/task"))
     grammar_pool._executor()
@@ -183,7 +194,8 @@ def _steps(seen: list, n: int = 2, fail: bool = False):
 
 @pytest.mark.parametrize("worker,cpus_setting,gpu", [("1", "other", True), ("0", "other", True),
                                                      ("1", "all", True), ("1", "other", False)])
-def test_a_gpu_run_keeps_its_launching_thread_off_the_pools_cpus(monkeypatch, worker, cpus_setting, gpu):
+def test_a_gpu_run_keeps_its_launching_thread_off_the_pools_cpus(monkeypatch, split_pool, worker, cpus_setting,
+                                                                  gpu):
     """A GPU run with constraints (``MaskPipeline.launching``) makes each step on the CPUs the pool leaves
     (``BATCHRUN_LAUNCHER_CPUS=all``: every CPU), while the code taking its output keeps every CPU; with the
     mask worker the GIL's switch interval is ``SWITCH_S`` for the run. Both are put back afterwards, also when a
@@ -191,13 +203,9 @@ def test_a_gpu_run_keeps_its_launching_thread_off_the_pools_cpus(monkeypatch, wo
     import os
     import sys
 
-    from batchrun.engine import grammar_pool, masks
+    from batchrun.engine import masks
 
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        pytest.skip("needs two CPUs")
-    monkeypatch.setattr(grammar_pool, "POOL_SPLIT_MIN", 2)
-    monkeypatch.setattr(grammar_pool, "_POOLS", {})
+    cpus = split_pool
     monkeypatch.setenv("BATCHRUN_MASK_WORKER", worker)
     monkeypatch.setenv("BATCHRUN_LAUNCHER_CPUS", cpus_setting)
     interval = sys.getswitchinterval()
