@@ -114,7 +114,7 @@ class MaskPipeline:
 
     def launching(self, steps: Iterator[T]) -> Iterator[T]:
         """``steps`` (a GPU run's, with constraints), each made with the thread that launches it kept off the
-        CPUs of llguidance's pool (when the pool keeps to half of them: ``grammar_pool._executor``; the code
+        CPUs of llguidance's pool (when the pool keeps to half of them: ``grammar_pool._pool``; the code
         that takes each step's output runs where it ran before), and with the mask worker, the GIL handed over
         every ``SWITCH_S`` instead of every 5 ms for the whole run, so that the worker's calls into the pool
         start at once instead of waiting out the launching thread's turn. ``BATCHRUN_LAUNCHER_CPUS=all`` and
