@@ -45,9 +45,11 @@ def time_steps() -> None:
     scheduler.Scheduler.next_step, batch.BatchEngine._resolve = planned, resolved
 
 
-def step_shares(steps: dict[str, list[list[tuple[int, float]]]], batch: int) -> dict:
+def step_shares(steps: dict[str, list[list[tuple]]], batch: int) -> dict:
     """What grammar work adds to the steps sampling at least ``batch`` rows: each step's fastest time over the
-    repeats (the runs of a kind have the same steps), summed over those steps, against the replay's."""
+    repeats (the runs of a kind have the same steps), summed over those steps, against the replay's; split
+    into the steps replayed from a graph and the eager ones, by phase (``phases_added_s``, with
+    ``time_phases``), and the steps that add the most (``worst_steps``)."""
     def fastest(runs):  # (each step's fastest run, with that run's phases in the step)
         return [min((r[i] for r in runs), key=lambda s: s[1]) for i in range(len(runs[0]))]
 
