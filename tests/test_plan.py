@@ -1,6 +1,6 @@
 """batchrun.plan: shared prefix groups, row order, prefix lifetimes and prefill packs, checked against brute
 force on small random jobs (few base sequences + random tails over a tiny vocabulary, so sharing nests) and on
-hand-made jobs with exact expected results. Random jobs come from helpers.jobs. The simulator, budget and
+hand-made jobs with exact expected results. Random jobs come from plan_helpers.jobs. The simulator, budget and
 estimator are tested in test_plan_sim.py and test_sim_cases.py."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from plan_helpers import Rows, build, chain, jobs
 
 from batchrun.plan.pack import PREFIX, ROW, pack_window, packs
 from batchrun.plan.plan import PlanConfig
-from helpers import Rows, build, chain, jobs
 
 
 def check_groups(rows: Rows, plan) -> None:

@@ -2,8 +2,8 @@
 simulated run that hold whatever the exact schedule (every row finishes or is reported too big, and a row is
 too big exactly when it cannot fit alone; KV stays within the budget's whole blocks; prefill and decode token
 counts add up; no preemption while the estimates hold; the KV peak lies between what one row needs at its
-end and everything live at once). Random jobs come from helpers.jobs; the simulator's conventions are
-described in helpers.py. Hand-made runs (a few exact golden runs, the former bugs): test_sim_cases.py.
+end and everything live at once). Random jobs come from plan_helpers.jobs; the simulator's conventions are
+described in plan_helpers.py. Hand-made runs (a few exact golden runs, the former bugs): test_sim_cases.py.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from helpers import (
+from plan_helpers import (
     at_once,
     build,
     check_run,

@@ -1,7 +1,7 @@
 """The engine's scheduler run on paper (batchrun.engine.simulate) on hand-made jobs: four golden runs with exact
 results (each worked out by hand in a ``# golden:`` comment), then cases that pin behaviours and former bugs by
 their invariants rather than by step counts, and the Past-Future budget arithmetic and output estimator.
-Random-job properties: test_plan_sim.py; the simulator's conventions: helpers.py."""
+Random-job properties: test_plan_sim.py; the simulator's conventions: plan_helpers.py."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from plan_helpers import at_once, build, check_run, least, pool, prefix_kv, sim
 
 from batchrun.plan.budget import blocks, fits, projected_peak
 from batchrun.plan.order import OutputEstimator
 from batchrun.plan.pack import PREFIX, ROW
 from batchrun.plan.plan import PlanConfig
-from helpers import at_once, build, check_run, least, pool, prefix_kv, sim
 
 
 # ------------------------------------------------------------------------------ golden runs (exact results)
