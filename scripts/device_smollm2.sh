@@ -6,7 +6,9 @@
 #
 #   call 1 (carry .whl .tok .gg/p0):  bash scripts/device_smollm2.sh 1
 #   call 2 (carry .gg/p1 .gg/p3):     bash scripts/device_smollm2.sh 2
-#   call 3 (carry .gg/p2 .whl .tok):  bash scripts/device_smollm2.sh 3 && . /tmp/gg/env.sh && CMD
+#   call 3 (carry .gg/p2 .whl .tok):  BATCHRUN_COMMIT=<hash> bash scripts/device_smollm2.sh 3 && . /tmp/gg/env.sh && CMD
+#
+# (The machine's copy of the repo has no .git: BATCHRUN_COMMIT names the commit in the result files.)
 #
 # /tmp/gg/env.sh sets GGUF (the model file), PYTHONPATH (the wheels and the repo), BATCHRUN_TEST_TOKENIZER,
 # BATCHRUN_COMMIT, and Q960, Q512, Q256: the example's 960 rows (four variants of each English review) and
