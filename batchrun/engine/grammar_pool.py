@@ -122,8 +122,9 @@ class StepMasks:
         if not self._grammars:
             return
         t = time.perf_counter()
+        pool = _executor()  # (once a step: it reads the pool's settings)
         for pairs in self._rounds:
-            _take(pairs)
+            _take(pairs, pool)
         t_mask = time.perf_counter()
         self._t_take = t_mask - t
         out = self.out
@@ -131,7 +132,7 @@ class StepMasks:
         self._target = out if own == out.shape[1] and out.flags.c_contiguous else \
             np.zeros((len(out), own), dtype=np.int32)
         target = self._target
-        _executor().unsafe_compute_mask_ptr(self._matchers, target.ctypes.data, own * 4, len(target))
+        pool.unsafe_compute_mask_ptr(self._matchers, target.ctypes.data, own * 4, len(target))
         self._t_mask = time.perf_counter() - t_mask
         if self._mine is not None:
             target = target[self._mine]
@@ -175,13 +176,13 @@ class StepMasks:
 PAR_MIN = 4  # rows from which llguidance's pool takes their tokens (fewer: one by one, on this thread)
 
 
-def _take(pairs: list[tuple[Any, int]]) -> None:
+def _take(pairs: list[tuple[Any, int]], pool: Any) -> None:
     """Each (matcher, token) takes its token (a refused one leaves that matcher broken: its mask allows EOS)."""
     if len(pairs) < PAR_MIN:
         for m, tok in pairs:
             m.consume_token(tok)
     elif pairs:
-        _executor().consume_token_par(pairs)
+        pool.consume_token_par(pairs)
 
 
 def consume_drawn(grammars: Sequence[Grammar], tokens: Sequence[int]) -> list[bool]:

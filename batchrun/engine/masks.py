@@ -123,15 +123,17 @@ class MaskPipeline:
             yield from steps
             return
         cpus = launcher_cpus() if os.environ.get("BATCHRUN_LAUNCHER_CPUS", "other") != "all" else []
+        before = sorted(os.sched_getaffinity(0)) if cpus else []
         with _switch_interval(self.threaded):
             while True:
-                before = _keep_to(cpus)
+                pinned = bool(cpus) and _keep_to(cpus)
                 try:
                     out = next(steps)
                 except StopIteration:
                     return
                 finally:
-                    _keep_to(before)
+                    if pinned:
+                        _keep_to(before)
                 yield out
 
     def start(self, keys: Sequence[Hashable], constraints: Sequence[Any],
@@ -259,16 +261,13 @@ class Masks:
             tokens[i] = t
 
 
-def _keep_to(cpus: list[int]) -> list[int]:
-    """This thread kept to ``cpus`` (none given, or a set it may not use: left as it is); the CPUs it had."""
-    if not cpus:
-        return []
-    before = sorted(os.sched_getaffinity(0))
+def _keep_to(cpus: list[int]) -> bool:
+    """This thread kept to ``cpus``; False (left as it is) if it may not use them."""
     try:
         os.sched_setaffinity(0, cpus)
     except OSError:
-        return []
-    return before
+        return False
+    return True
 
 
 _SWITCH_LOCK = threading.Lock()
