@@ -58,13 +58,16 @@ from batchrun.plan.plan import PlanConfig, build_plan
 # drawn before their wide masks; worker, the grammar work in a worker thread; worker_masked, both.
 
 
+BUILT_IN = ("warmup", "free", "constrained", "replay", "masked", "lazy", "worker", "worker_masked")
+
+
 def custom_kinds(specs: list[str]) -> dict[str, dict[str, str]]:
     """``--kind NAME:VAR=VALUE,...``: each kind's environment variables."""
     out = {}
     for spec in specs:
         name, _, env = spec.partition(":")
         pairs = [p.partition("=") for p in env.split(",") if p]
-        if not name or name in ("free", "constrained", "replay", "warmup") or any(not v or not e for v, e, _ in pairs):
+        if not name or name in BUILT_IN or any(not v or not e for v, e, _ in pairs):
             raise SystemExit(f"--kind {spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE...] with a new NAME")
         out[name] = {v: x for v, _, x in pairs}
     return out
