@@ -185,7 +185,8 @@ def main() -> None:
                     help="profile the thread that launches the steps in the first constrained and replay runs "
                          "(cProfile: written to PATH.constrained and PATH.replay)")
     ap.add_argument("--gc-freeze", action="store_true",
-                    help="an experiment: gc.freeze() after loading (the collector then skips the loaded objects)")
+                    help="an experiment (rejected at 5ee3ef0): gc.freeze() after loading, for good (the engine now "
+                         "freezes the objects alive before each run while it goes on: engine.collector)")
     ap.add_argument("--phases", action="store_true", help="add up the host time of the engine's phases")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (the GIL's)")
     ap.add_argument("--capture-after", type=int, default=None, help="the runner's CAPTURE_AFTER (an experiment)")

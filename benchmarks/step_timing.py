@@ -1,12 +1,13 @@
 """Timing batchrun's engine from outside, for the benchmarks (``constraint_gpu.py``): the host time of each phase
 of a step (``time_phases``: planning, launching the forward pass, the masks' work and waits, recording the
-tokens), each step's time with its batch (``time_steps``, ``step_shares``), and the main thread alone on
+tokens, the garbage collector's pauses), each step's time with its batch (``time_steps``, ``step_shares``), and the main thread alone on
 one CPU (``pin_main``, an experiment). The engine's methods are wrapped in place, once per
 process.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -135,6 +136,23 @@ def time_phases() -> None:
     wrap(masks.Masks, "settle", "settle_drawn")
     wrap(masks, "consume_drawn", "settle_take")
     wrap(masks.MaskPipeline, "start", "start_masks")
+    gc.callbacks.append(_collections)
+
+
+_GC_START = [0.0]
+
+
+def _collections(phase: str, info: dict) -> None:
+    """The garbage collector's pauses, as phases: ``gc`` (every collection) and ``gc_full`` (the oldest
+    generation's; ``engine.collector`` freezes the objects alive before a run, which such a collection walks
+    otherwise)."""
+    if phase == "start":
+        _GC_START[0] = time.perf_counter()
+        return
+    took = time.perf_counter() - _GC_START[0]
+    PHASES["gc"] = PHASES.get("gc", 0.0) + took
+    if info.get("generation") == 2:
+        PHASES["gc_full"] = PHASES.get("gc_full", 0.0) + took
 
 
 def pin_main(where: str = "first") -> None:

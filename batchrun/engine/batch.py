@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from batchrun.engine.collector import frozen
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.masks import MaskPipeline, Masks
@@ -66,7 +67,8 @@ class BatchEngine:
             return
         self.runner.interrupt = interrupt
         try:
-            yield from self._run(requests, plan)
+            with frozen():  # (the objects alive before the run, out of the collector's way: ``engine.collector``)
+                yield from self._run(requests, plan)
         except Interrupted:
             log.info("stopped in the middle of a step; rows in flight are recomputed on resume")
         finally:
