@@ -1,8 +1,8 @@
 """Timing batchrun's engine from outside, for the benchmarks (``constraint_gpu.py``): the host time of each phase
 of a step (``time_phases``: planning, launching the forward pass, the masks' work and waits, recording the
-tokens, the garbage collector's pauses), each step's time with its batch (``time_steps``, ``step_shares``), and the main thread alone on
-one CPU (``pin_main``, an experiment). The engine's methods are wrapped in place, once per
-process.
+tokens, the garbage collector's pauses), each step's time with its batch (``time_steps``, ``step_shares``),
+and the main thread alone on one CPU (``pin_main``, an experiment). The engine's methods are wrapped in
+place, once per process.
 """
 
 from __future__ import annotations
