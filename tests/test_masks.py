@@ -308,3 +308,20 @@ def test_rows_drawn_before_their_wide_masks_on_the_gpu_equal_the_fully_masked_ru
                      engine.stats["steps"]))
     assert compiled.stats["unmasked_allowed"] > 0, compiled.stats
     assert runs[0] == runs[1]
+
+
+def test_only_runs_with_a_grammar_make_their_steps_under_the_pools_settings(tokenizer_dir):
+    """A GPU run's steps are made under ``MaskPipeline.launching`` (the launching thread off the pool's CPUs, the
+    switch interval) only when some row has a grammar: BatchPrompt's label slots alone make no pool work."""
+    from transformers import AutoTokenizer
+
+    from batchrun.engine.masks import uses_pool
+    from batchrun.engine.slots import LabelSlots
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    slots = LabelSlots([10, 11], [[5], []], [0])
+    grammar = compile_constraint("regex", "[ab]{1,3}", tok).new()
+    assert not uses_pool([None, None])
+    assert not uses_pool([slots, None, slots])
+    assert uses_pool([slots, None, grammar])
+    assert uses_pool(iter([grammar]))

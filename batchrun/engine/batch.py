@@ -21,7 +21,7 @@ import torch
 from batchrun.engine.collector import frozen
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
-from batchrun.engine.masks import MaskPipeline, Masks
+from batchrun.engine.masks import MaskPipeline, Masks, uses_pool
 from batchrun.engine.requests import Completion, Interrupted, Request, SamplingParams
 from batchrun.engine.runner import Runner
 from batchrun.engine.sampling import LogprobLog, apply_mask_bits, logprobs_of, row_generator, sample_tensor
@@ -82,7 +82,7 @@ class BatchEngine:
                         else None, greedy, MaskPipeline(self.runner.vocab, self.loaded.device != "cpu", greedy))
         overlap = overlaps(requests, self.sampling.logprobs)
         steps = self._steps(run, kv, overlap)
-        yield from run.masks.launching(steps) if any(r.constraint is not None for r in requests) else steps
+        yield from run.masks.launching(steps) if uses_pool(r.constraint for r in requests) else steps
 
     def _steps(self, run: _RunState, kv: KVManager, overlap: bool) -> Iterator[list[Completion]]:
         sched = run.sched

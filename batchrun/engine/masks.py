@@ -38,7 +38,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -78,6 +78,13 @@ class Later:
             fn, args = self._call
             self._call = None
             fn(*args)
+
+
+def uses_pool(constraints: Iterable[Any]) -> bool:
+    """Does a run with these constraints do grammar work (masks from llguidance's pool), and so want its steps
+    made under ``MaskPipeline.launching``? Not with only BatchPrompt's label slots or none: their masks are a
+    few ids, packed on the launching thread."""
+    return any(isinstance(c, Grammar) for c in constraints)
 
 
 def in_worker() -> bool:
