@@ -12,7 +12,8 @@ directory of safetensors (``--submit-model dir``) or building it from the spec (
 — on the workload's text; its row carries load and total times). EOS is ignored: every row generates exactly
 max_tokens. Roofline time = max(2 N (unique prompt + output tokens) / peak FLOP/s, longest max_tokens *
 weight bytes / HBM bandwidth), both peaks measured in the same run. ``--profile`` adds a profiled batchrun
-run: the fraction of time the GPU was busy and the host launches per engine step.
+run: the fraction of time the GPU was busy and the host launches per engine step. Each system's row also has
+the garbage collector's pauses in its timed run (``gc_s``; ``gc_full_s`` and ``gc_full``: full collections).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads
 from gpu_trace import summarize
 from results_io import git_commit, record
+from step_timing import gc_pauses
 
 from batchrun.engine import attention
 from batchrun.engine.batch import BatchEngine
@@ -108,14 +110,15 @@ def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan, 
         run = lambda: engine.run(requests, plan)
     _sync()
     graphs0 = getattr(getattr(engine, "runner", None), "graph_steps", 0)
-    t = time.perf_counter()
-    n = sum(len(batch) for batch in run())
-    _sync()
-    wall = time.perf_counter() - t
+    with gc_pauses() as pauses:  # (the garbage collector's pauses in the timed run)
+        t = time.perf_counter()
+        n = sum(len(batch) for batch in run())
+        _sync()
+        wall = time.perf_counter() - t
     assert n == len(requests)
     if system == "hf_padded":
-        return wall, {}
-    extra = {"steps": engine.stats["steps"], "graph_steps": engine.runner.graph_steps - graphs0}
+        return wall, dict(pauses)
+    extra = {"steps": engine.stats["steps"], "graph_steps": engine.runner.graph_steps - graphs0, **pauses}
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile

@@ -10,6 +10,8 @@ from __future__ import annotations
 import gc
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 PHASES: dict[str, float] = {}
 STEPS: list[tuple[int, float, bool, dict]] = []  # (sampled rows, seconds, replayed from a CUDA graph, the
@@ -153,6 +155,31 @@ def _collections(phase: str, info: dict) -> None:
     PHASES["gc"] = PHASES.get("gc", 0.0) + took
     if info.get("generation") == 2:
         PHASES["gc_full"] = PHASES.get("gc_full", 0.0) + took
+
+
+@contextmanager
+def gc_pauses() -> Iterator[dict]:
+    """The garbage collector's pauses while the block runs (any thread): ``gc_s`` (every collection),
+    ``gc_full_s`` and ``gc_full`` (the oldest generation's: their seconds and number)."""
+    out = {"gc_s": 0.0, "gc_full_s": 0.0, "gc_full": 0}
+    began = [0.0]
+
+    def pause(phase: str, info: dict) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+            return
+        took = time.perf_counter() - began[0]
+        out["gc_s"] += took
+        if info.get("generation") == 2:
+            out["gc_full_s"] += took
+            out["gc_full"] += 1
+
+    gc.callbacks.append(pause)
+    try:
+        yield out
+    finally:
+        gc.callbacks.remove(pause)
+        out["gc_s"], out["gc_full_s"] = round(out["gc_s"], 4), round(out["gc_full_s"], 4)
 
 
 def pin_main(where: str = "first") -> None:
