@@ -223,6 +223,27 @@ def test_a_gpu_run_keeps_its_launching_thread_off_the_pools_cpus(monkeypatch, sp
     assert (os.sched_getaffinity(0), sys.getswitchinterval()) == (set(cpus), interval)
 
 
+def test_the_mask_worker_is_made_on_every_cpu_not_on_a_steps(monkeypatch, split_pool):
+    """The mask worker's thread is made before the first step is pinned: it does not keep the launching
+    thread's CPUs of that step."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from batchrun.engine import masks
+
+    cpus = split_pool
+    monkeypatch.setenv("BATCHRUN_MASK_WORKER", "1")
+    monkeypatch.delenv("BATCHRUN_LAUNCHER_CPUS", raising=False)
+    fresh: list[ThreadPoolExecutor] = []
+    monkeypatch.setattr(masks, "_WORKER", fresh)
+
+    def steps():
+        yield masks.worker().submit(os.sched_getaffinity, 0).result()  # (the worker's first use: in a step)
+
+    assert list(masks.MaskPipeline(vocab=64, pin=True, greedy=True).launching(steps())) == [set(cpus)]
+    fresh[0].shutdown()
+
+
 def test_overlapping_gpu_runs_put_the_switch_interval_back_when_the_last_ends(monkeypatch):
     """Two GPU runs with the mask worker in one process: the switch interval stays ``SWITCH_S`` until the last of
     them ends, then is what it was; a bad ``BATCHRUN_MASK_SWITCH_S`` is a clear error."""

@@ -125,10 +125,13 @@ class MaskPipeline:
         that takes each step's output runs where it ran before), and with the mask worker, the GIL handed over
         every ``SWITCH_S`` instead of every 5 ms for the whole run, so that the worker's calls into the pool
         start at once instead of waiting out the launching thread's turn. ``BATCHRUN_LAUNCHER_CPUS=all`` and
-        ``BATCHRUN_MASK_SWITCH_S`` (seconds) change them."""
+        ``BATCHRUN_MASK_SWITCH_S`` (seconds) change them. The mask worker's thread is made first, so that it
+        does not keep the CPUs of the step that first uses it."""
         if not self.pin:
             yield from steps
             return
+        if self.threaded:
+            worker().submit(int).result()  # (a no-op: the executor makes its thread at the first call)
         cpus = launcher_cpus() if os.environ.get("BATCHRUN_LAUNCHER_CPUS", "other") != "all" else []
         before = sorted(os.sched_getaffinity(0)) if cpus else []
         with _switch_interval(self.threaded):
