@@ -184,9 +184,6 @@ def main() -> None:
     ap.add_argument("--cprofile", default=None,
                     help="profile the thread that launches the steps in the first constrained and replay runs "
                          "(cProfile: written to PATH.constrained and PATH.replay)")
-    ap.add_argument("--gc-freeze", action="store_true",
-                    help="an experiment (rejected at 5ee3ef0): gc.freeze() after loading, for good (the engine now "
-                         "freezes the objects alive before each run while it goes on: engine.collector)")
     ap.add_argument("--phases", action="store_true", help="add up the host time of the engine's phases")
     ap.add_argument("--switch-interval", type=float, default=None, help="sys.setswitchinterval (the GIL's)")
     ap.add_argument("--capture-after", type=int, default=None, help="the runner's CAPTURE_AFTER (an experiment)")
@@ -228,11 +225,6 @@ def main() -> None:
         sys.setswitchinterval(args.switch_interval)
     loaded, prompts, max_tokens, plan, compiled, label = job_inputs(args) if args.job else random_inputs(args)
     rows, eos = len(prompts), loaded.eos_ids[0]
-    if args.gc_freeze:
-        import gc
-
-        gc.collect()
-        gc.freeze()
 
     def make(name: str, i: int):
         if name == "free":
@@ -344,8 +336,6 @@ def main() -> None:
     row["switch_interval_s"] = sys.getswitchinterval()
     if args.pin_main or args.main_lower:
         row["pinned_main"] = "lower half" if args.main_lower else "first CPU"
-    if args.gc_freeze:
-        row["gc_freeze"] = True
     if args.load:
         row["replay_load"] = args.load
     if args.capture_after is not None:

@@ -6,11 +6,12 @@ tracks: the model's modules, the tokenizer, the libraries loaded, several hundre
 loaded that took 180 ms on a CPU, against steps of 20 to 100 ms on the H200. So while engine runs go on, the
 objects alive when the first of them began are frozen (``gc.freeze``: a full collection then walks only what
 was made since) and put back when the last one ends (runs in several threads may overlap). On the H200
-(the random-weight 1b model, 512 constrained rows) full collections inside the runs took 200 to 285 ms each. Garbage is
-still freed as it was: by reference counts at once, and cycles among the objects made during the runs by the
-collector. A process that had frozen objects before (its own, or its interpreter's: the H200 machine's Python
-starts with a few hundred frozen) keeps everything frozen after the runs too, since Python cannot put back
-only some of them: ``gc.unfreeze`` is its to call. ``BATCHRUN_GC_FREEZE=0`` leaves the collector as it is.
+(the random-weight 1b model, 512 constrained rows) full collections inside the runs took 200 to 285 ms each.
+Garbage is still freed as it was: by reference counts at once, and cycles among the objects made during the
+runs by the collector. Python cannot put back only some frozen objects, so objects a process froze itself
+before a run are put back too when the last run ends (the H200 machine's Python starts with a few hundred
+frozen): leaving everything frozen instead would keep, for good, any garbage cycle alive at a run's start.
+``BATCHRUN_GC_FREEZE=0`` leaves the collector as it is.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from contextlib import contextmanager
 from batchrun.errors import RuntimeFailure
 
 _LOCK = threading.Lock()
-_STATE = {"runs": 0, "ours": False}  # engine runs going on in this process; whether they put the objects back
+_RUNS = [0]  # engine runs going on in this process
 
 
 @contextmanager
@@ -38,15 +39,12 @@ def frozen() -> Iterator[None]:
         yield
         return
     with _LOCK:
-        if _STATE["runs"] == 0:
-            _STATE["ours"] = gc.get_freeze_count() == 0
         gc.freeze()  # (a run starting while another goes on freezes what that one made so far, too)
-        _STATE["runs"] += 1
+        _RUNS[0] += 1
     try:
         yield
     finally:
         with _LOCK:
-            _STATE["runs"] -= 1
-            if _STATE["runs"] == 0 and _STATE["ours"]:
-                _STATE["ours"] = False
+            _RUNS[0] -= 1
+            if _RUNS[0] == 0:
                 gc.unfreeze()
