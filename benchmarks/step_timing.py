@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 PHASES: dict[str, float] = {}
@@ -138,22 +138,27 @@ def time_phases() -> None:
     wrap(masks.Masks, "settle", "settle_drawn")
     wrap(masks, "consume_drawn", "settle_take")
     wrap(masks.MaskPipeline, "start", "start_masks")
-    gc.callbacks.append(_collections)
+    gc.callbacks.append(_pause_timer(_pause_phases))
 
 
-_GC_START = [0.0]
+def _pause_timer(add: Callable[[float, bool], None]) -> Callable[[str, dict], None]:
+    """A ``gc.callbacks`` entry that calls ``add(seconds, full)`` after each of the garbage collector's pauses
+    (``full``: a collection of the oldest generation, which ``engine.collector`` keeps short)."""
+    began = [0.0]
+
+    def pause(phase: str, info: dict) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+        else:
+            add(time.perf_counter() - began[0], info.get("generation") == 2)
+
+    return pause
 
 
-def _collections(phase: str, info: dict) -> None:
-    """The garbage collector's pauses, as phases: ``gc`` (every collection) and ``gc_full`` (the oldest
-    generation's; ``engine.collector`` freezes the objects alive before a run, which such a collection walks
-    otherwise)."""
-    if phase == "start":
-        _GC_START[0] = time.perf_counter()
-        return
-    took = time.perf_counter() - _GC_START[0]
+def _pause_phases(took: float, full: bool) -> None:
+    """The collector's pauses as phases: ``gc`` (every collection) and ``gc_full``."""
     PHASES["gc"] = PHASES.get("gc", 0.0) + took
-    if info.get("generation") == 2:
+    if full:
         PHASES["gc_full"] = PHASES.get("gc_full", 0.0) + took
 
 
@@ -162,18 +167,14 @@ def gc_pauses() -> Iterator[dict]:
     """The garbage collector's pauses while the block runs (any thread): ``gc_s`` (every collection),
     ``gc_full_s`` and ``gc_full`` (the oldest generation's: their seconds and number)."""
     out = {"gc_s": 0.0, "gc_full_s": 0.0, "gc_full": 0}
-    began = [0.0]
 
-    def pause(phase: str, info: dict) -> None:
-        if phase == "start":
-            began[0] = time.perf_counter()
-            return
-        took = time.perf_counter() - began[0]
+    def add(took: float, full: bool) -> None:
         out["gc_s"] += took
-        if info.get("generation") == 2:
+        if full:
             out["gc_full_s"] += took
             out["gc_full"] += 1
 
+    pause = _pause_timer(add)
     gc.callbacks.append(pause)
     try:
         yield out
