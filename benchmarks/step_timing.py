@@ -52,7 +52,8 @@ def step_shares(steps: dict[str, list[list[tuple]]], batch: int) -> dict:
     """What grammar work adds to the steps sampling at least ``batch`` rows: each step's fastest time over the
     repeats (the runs of a kind have the same steps), summed over those steps, against the replay's; split
     into the steps replayed from a graph and the eager ones, by phase (``phases_added_s``, with
-    ``time_phases``), and the steps that add the most (``worst_steps``)."""
+    ``time_phases``), and the steps that add the most (``worst_steps``); ``run_shares``: each repeat's own
+    share against the replay's repeat of the same number (interleaved, so run at nearly the same time)."""
     def fastest(runs):  # (each step's fastest run, with that run's phases in the step)
         return [min((r[i] for r in runs), key=lambda s: s[1]) for i in range(len(runs[0]))]
 
@@ -77,6 +78,11 @@ def step_shares(steps: dict[str, list[list[tuple]]], batch: int) -> dict:
                         "added_ms": round(1000 * a, 2), "phases_added_ms": dict(sorted(deltas.items()))})
         return out
 
+    def paired(runs, replays):  # (each repeat against the replay's same repeat: how much the figure moves)
+        large = [sum(s for n, s, _, _ in run if n >= batch) for run in runs]
+        base = [sum(s for n, s, _, _ in run if n >= batch) for run in replays]
+        return [round((a - b) / b, 4) if b else None for a, b in zip(large, base)]
+
     out = {}
     replay = fastest(steps["replay"])
     base = sum(s for n, s, _, _ in replay if n >= batch)
@@ -89,7 +95,8 @@ def step_shares(steps: dict[str, list[list[tuple]]], batch: int) -> dict:
             continue
         added = sum(s for n, s, _, _ in mine if n >= batch) - base
         out[kind] = {"steps": sum(n >= batch for n, *_ in mine), "replay_s": round(base, 4),
-                     "added_s": round(added, 4), "added_share": round(added / base, 4) if base else None}
+                     "added_s": round(added, 4), "added_share": round(added / base, 4) if base else None,
+                     "run_shares": paired(steps[kind], steps["replay"])}
         for graph in (True, False):  # (the same split over the steps replayed from a graph, and the eager ones)
             pairs = [(s, r) for (n, s, _, _), (_, r, g, _) in zip(mine, replay) if n >= batch and g == graph]
             out[kind]["graph" if graph else "eager"] = {
