@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import gc
 import os
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from batchrun.engine.held import WhileRuns
 from batchrun.errors import RuntimeFailure
 
-_LOCK = threading.Lock()
-_RUNS = [0]  # engine runs going on in this process
+_FROZEN = WhileRuns()
 
 
 @contextmanager
 def frozen() -> Iterator[None]:
-    """An engine run, with the objects alive before it frozen (see the module's docstring)."""
+    """An engine run, with the objects alive when the first run going on began frozen (the module's
+    docstring)."""
     raw = os.environ.get("BATCHRUN_GC_FREEZE", "1")
     if raw not in ("0", "1"):
         raise RuntimeFailure(f"BATCHRUN_GC_FREEZE={raw!r}: expected 1 (freeze the objects alive when an engine "
@@ -38,13 +38,10 @@ def frozen() -> Iterator[None]:
     if raw == "0":
         yield
         return
-    with _LOCK:
-        gc.freeze()  # (a run starting while another goes on freezes what that one made so far, too)
-        _RUNS[0] += 1
-    try:
+    with _FROZEN.held(_freeze):
         yield
-    finally:
-        with _LOCK:
-            _RUNS[0] -= 1
-            if _RUNS[0] == 0:
-                gc.unfreeze()
+
+
+def _freeze() -> Callable[[], None]:
+    gc.freeze()
+    return gc.unfreeze

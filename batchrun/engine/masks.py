@@ -37,9 +37,8 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ import torch
 
 from batchrun.engine.constraints import Grammar
 from batchrun.engine.grammar_pool import StepMasks, consume_drawn, launcher_cpus, narrow
+from batchrun.engine.held import WhileRuns
 from batchrun.engine.sampling import apply_mask_bits
 from batchrun.errors import RuntimeFailure
 
@@ -281,16 +281,13 @@ def _keep_to(cpus: list[int]) -> bool:
     return True
 
 
-_SWITCH_LOCK = threading.Lock()
-_SWITCHED = {"runs": 0, "before": 0.0}  # GPU runs with the mask worker now going (in this process), and
-# the switch interval before the first of them
+_SWITCHED = WhileRuns()  # (GPU runs with the mask worker going in this process)
 
 
 @contextmanager
 def _switch_interval(threaded: bool) -> Iterator[None]:
     """The GIL's switch interval at ``SWITCH_S`` (``BATCHRUN_MASK_SWITCH_S``) while the mask worker runs
-    (``threaded``), put back when the last such run of the process ends (runs in several threads at once may
-    overlap)."""
+    (``threaded``), put back when the last such run of the process ends (``engine.held``)."""
     if not threaded:
         yield
         return
@@ -302,18 +299,14 @@ def _switch_interval(threaded: bool) -> Iterator[None]:
     except ValueError:
         raise RuntimeFailure(f"BATCHRUN_MASK_SWITCH_S={raw!r}: expected a number of seconds above 0, such as "
                              f"{SWITCH_S}") from None
-    with _SWITCH_LOCK:
-        if _SWITCHED["runs"] == 0:
-            _SWITCHED["before"] = sys.getswitchinterval()
-            sys.setswitchinterval(switch)
-        _SWITCHED["runs"] += 1
-    try:
+
+    def make() -> Callable[[], None]:
+        before = sys.getswitchinterval()
+        sys.setswitchinterval(switch)
+        return lambda: sys.setswitchinterval(before)
+
+    with _SWITCHED.held(make):
         yield
-    finally:
-        with _SWITCH_LOCK:
-            _SWITCHED["runs"] -= 1
-            if _SWITCHED["runs"] == 0:
-                sys.setswitchinterval(_SWITCHED["before"])
 
 
 def _forced(later: list) -> Later | None:
