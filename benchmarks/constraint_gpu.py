@@ -54,10 +54,9 @@ from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Request, SamplingParams
 from batchrun.plan.plan import PlanConfig, build_plan
 
-# The kinds of constrained run beside the default one ("constrained"): masked, every mask computed; lazy, rows
-# drawn before their wide masks; worker, the grammar work in a worker thread; worker_masked, both.
-
-
+# The kinds of run the script makes itself (a --kind may not take their names): the unconstrained, the
+# constrained (the engine's default) and its replay, then masked, every mask computed on the launching thread;
+# lazy, rows drawn before their wide masks; worker, the grammar work in a worker thread; worker_masked, both.
 BUILT_IN = ("warmup", "free", "constrained", "replay", "masked", "lazy", "worker", "worker_masked")
 
 
@@ -71,6 +70,8 @@ def custom_kinds(specs: list[str]) -> dict[str, dict[str, str]]:
             raise SystemExit(f"--kind {spec!r}: expected NAME:VAR=VALUE[,VAR=VALUE...] with a new NAME")
         out[name] = {v: x for v, _, x in pairs}
     return out
+
+
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["product", "sentiment", "complaints"],
           "properties": {"product": {"type": "string", "maxLength": 24},
                          "sentiment": {"enum": ["positive", "negative", "mixed"]},
