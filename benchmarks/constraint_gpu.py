@@ -49,7 +49,7 @@ from results_io import git_commit, record
 from step_timing import PHASES, STEPS, grammar_load, pin_main, step_shares, time_phases, time_steps
 
 from batchrun.engine.batch import BatchEngine
-from batchrun.engine.constraints import Grammar, compile_constraint, shared_matchers
+from batchrun.engine.constraints import Grammar, compile_constraint, matcher_group
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Request, SamplingParams
 from batchrun.plan.plan import PlanConfig, build_plan
@@ -252,7 +252,6 @@ def main() -> None:
     others = [k for k in kinds if k not in ("free", "constrained", "replay")]
     saved = {var: os.environ.get(var) for env in custom.values() for var in env}
     for name in ("warmup", *[k for _ in range(args.repeat) for k in kinds]):
-        reqs = requests(name)
         for var, value in saved.items():  # (the custom kinds' variables as they were, then this kind's settings)
             if value is None:
                 os.environ.pop(var, None)
@@ -265,6 +264,8 @@ def main() -> None:
         else:  # (free, constrained, replay and custom kinds: the engine's default, the worker)
             os.environ.pop("BATCHRUN_MASK_WORKER", None)
         os.environ.update(custom.get(name, {}))
+        compiled._template.clear()  # (the rows' matchers made anew, under this kind's BATCHRUN_SHARED_MATCHERS)
+        reqs = requests(name)
         engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=400_000)
         before = dict(compiled.stats)
         PHASES.clear()
@@ -333,7 +334,8 @@ def main() -> None:
     row["lazy_masks"] = lazy  # (auto: rows drawn before their masks on the CPU only)
     row["mask_ms_each"] = round(1000 * c["mask_s"] / max(c["masks"], 1), 4)
     row["grammar_threads"] = os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default")
-    row["shared_matchers"] = shared_matchers()  # (copies of one matcher: llguidance's lexer shared)
+    group = matcher_group()  # (rows per copied matcher, sharing llguidance's lexer)
+    row["matcher_group"] = "all" if group is None else group
     row["switch_interval_s"] = sys.getswitchinterval()
     if args.pin_main or args.main_lower:
         row["pinned_main"] = "lower half" if args.main_lower else "first CPU"

@@ -147,7 +147,7 @@ def main() -> None:
             prof.dump_stats(args.cprofile)
     out = {"bench": "mask-glue", "rows": args.rows, "cpus": len(os.sched_getaffinity(0)),
            "mask_worker": os.environ.get("BATCHRUN_MASK_WORKER", "1") == "1",
-           "shared_matchers": constraints.shared_matchers(),
+           "matcher_group": "all" if constraints.matcher_group() is None else constraints.matcher_group(),
            "grammar_threads": os.environ.get("BATCHRUN_GRAMMAR_THREADS", "default"),
            "lazy_masks": os.environ.get("BATCHRUN_LAZY_MASKS", "auto"), **best,
            "shared_history": grammar_pool.SHARED_HISTORY, "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}

@@ -15,6 +15,7 @@ from batchrun.engine.constraints import compile_constraint
 from batchrun.engine.grammar_pool import consume_drawn
 from batchrun.engine.loader import load
 from batchrun.engine.requests import SamplingParams
+from batchrun.errors import RuntimeFailure
 from batchrun.plan.plan import PlanConfig, build_plan
 from batchrun.spec import EngineSpec, ModelSpec
 from batchrun.tokens import TokenTable
@@ -42,15 +43,15 @@ def test_rows_in_the_same_grammar_state_share_one_mask_and_forced_run(tiny, mask
     assert fresh.stats.get("masks_shared", 0) == 0
 
 
-@pytest.mark.parametrize("shared", ["1", "0"])
+@pytest.mark.parametrize("shared", ["1", "0", "3"])
 def test_rows_matchers_copied_from_one_or_each_its_own_give_the_reference_tokens(tiny, monkeypatch, shared):
-    """The rows' matchers are copies of one (sharing llguidance's lexer: small machines) or each its own (many
-    CPUs): ``BATCHRUN_SHARED_MATCHERS`` chooses, and either way every row equals the reference engine's, rows
-    drawn before their masks and restarted grammars included."""
+    """The rows' matchers are copies of one (sharing llguidance's lexer: small machines), each its own, or
+    copies of one per group of rows (many CPUs): ``BATCHRUN_SHARED_MATCHERS`` chooses, and either way every row
+    equals the reference engine's, rows drawn before their masks and restarted grammars included."""
     from batchrun.engine import constraints
 
     monkeypatch.setenv("BATCHRUN_SHARED_MATCHERS", shared)
-    assert constraints.shared_matchers() is (shared == "1")
+    assert constraints.matcher_group() == {"1": None, "0": 0, "3": 3}[shared]
     compiled = compile_constraint("json_schema", REVIEW, tiny.tokenizer)
     got = run_batchrun(tiny, requests_for(tiny.tokenizer, compiled))
     want = run_reference(tiny, requests_for(tiny.tokenizer, compiled))
@@ -62,9 +63,27 @@ def test_rows_matchers_copied_from_one_or_each_its_own_give_the_reference_tokens
     assert b._matcher.compute_ff_bytes() == b'{"product": "'  # (a copy's state is its own)
     monkeypatch.delenv("BATCHRUN_SHARED_MATCHERS")
     monkeypatch.setattr(constraints.os, "sched_getaffinity", lambda _: set(range(16)), raising=False)
-    assert not constraints.shared_matchers()
+    assert constraints.matcher_group() == constraints.GROUP_ROWS
     monkeypatch.setattr(constraints.os, "sched_getaffinity", lambda _: {0, 1}, raising=False)
-    assert constraints.shared_matchers()
+    assert constraints.matcher_group() is None
+
+
+def test_rows_share_a_template_per_group_of_rows(tiny, monkeypatch):
+    """``BATCHRUN_SHARED_MATCHERS=3``: every third row's matcher starts a new template (a lexer of its own);
+    checking an output copies the current one without starting a group; a bad value is a clear error."""
+    from batchrun.engine import constraints
+
+    monkeypatch.setenv("BATCHRUN_SHARED_MATCHERS", "3")
+    compiled = compile_constraint("json_schema", REVIEW, tiny.tokenizer)
+    templates = []
+    for _ in range(7):
+        compiled.new()
+        templates.append(compiled._template[0])
+        compiled.matcher()  # (an output's check)
+    assert [len({id(t) for t in templates[:i]}) for i in (3, 4, 6, 7)] == [1, 2, 2, 3]
+    monkeypatch.setenv("BATCHRUN_SHARED_MATCHERS", "some")
+    with pytest.raises(RuntimeFailure, match="BATCHRUN_SHARED_MATCHERS='some': expected 1"):
+        compile_constraint("json_schema", REVIEW, tiny.tokenizer).new()
 
 
 def test_rows_drawn_before_their_wide_masks_equal_the_reference_engine(tiny, monkeypatch, mask_thread):

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from batchrun.errors import RuntimeFailure
+
 KINDS = ("json_schema", "regex", "choices", "grammar")
 # JSON as models usually write it, on one line: a small model let free between tokens can pad an object with
 # whitespace until max_tokens.
@@ -90,42 +92,58 @@ class CompiledConstraint:
     eos_ids: tuple[int, ...]
     choices: tuple[str, ...] | None = None  # (kind "choices": the strings)
     stats: dict[str, float] = field(default_factory=lambda: {"masks": 0, "mask_s": 0.0}, compare=False)
-    # (the matcher copied, and whether rows get copies too: ``matcher``, decided once per constraint)
+    # (the matcher rows copy, how many rows share its lexer, how many copied it so far: ``matcher``)
     _template: list = field(default_factory=list, compare=False, repr=False)
 
     def new(self) -> Grammar:
         return Grammar(self)
 
     def matcher(self, own: bool = False) -> Any:
-        """A new matcher at the grammar's start. A copy of one made once (``deep_copy``: 30 µs against 300 for a
-        new one) shares with the other copies what llguidance learns of the grammar's lexer, behind one lock:
-        a row's first mask inside a string then costs ~2 µs instead of ~60 (on the CPU, 960 rows), but the
-        pool's threads wait for each other there. ``own``: a matcher of its own where the pool has many threads
-        (``shared_matchers``, asked once per constraint)."""
+        """A new matcher at the grammar's start: a copy (``deep_copy``: 30 µs against 300 for a new one) of a
+        template made once per group of rows. Copies of one template share what llguidance learns of the
+        grammar's lexer, behind one lock: a row's first mask in a lexer state then costs a few µs instead of
+        tens, but the pool's threads wait for each other there. ``own``: a row's matcher, in groups of
+        ``matcher_group()`` rows (each group a template of its own); else (checking an output) a copy of the
+        current template."""
         from llguidance import LLMatcher
 
         with _LOCK:
             if not self._template:
-                self._template.extend([LLMatcher(self.tokenizer, self.grammar, log_level=0), shared_matchers()])
-            template, shared = self._template
+                self._template.extend([LLMatcher(self.tokenizer, self.grammar, log_level=0), matcher_group(), 0])
+            template, group, made = self._template
+            if own:
+                if group and made >= group:  # (a new group: a lexer of its own)
+                    template = self._template[0] = LLMatcher(self.tokenizer, self.grammar, log_level=0)
+                    made = 0
+                self._template[2] = made + 1
+        shared = group is None or group > 0
         return template.deep_copy() if shared or not own else LLMatcher(self.tokenizer, self.grammar, log_level=0)
 
 
-SHARE_MAX_CPUS = 4  # machines of at most this many CPUs give rows copies of one matcher (``shared_matchers``)
+SHARE_MAX_CPUS = 4  # machines of at most this many CPUs give every row a copy of one matcher (``matcher_group``)
+GROUP_ROWS = 64  # elsewhere, rows share a matcher's lexer in groups of this many
 
 
-def shared_matchers() -> bool:
-    """Do the rows' matchers share one lexer (copies of one matcher)? On a machine of at most ``SHARE_MAX_CPUS``
-    CPUs they do: there the shared lexer's warm cache wins (the mask pipeline's work at 960 rows on 2 CPUs,
-    ``benchmarks/mask_glue.py``: 0.30-0.32 s against 0.60-0.63 s). On the H200's 16-CPU host one run of the
-    example at 960 rows took 0.106 s for llguidance's masks against 0.052 s, and 0.243 s for taking the tokens
-    against 0.197 s, likely the pool's threads waiting on the shared lexer's lock
-    (``BATCHRUN_SHARED_MATCHERS=1|0`` chooses)."""
-    setting = os.environ.get("BATCHRUN_SHARED_MATCHERS")
-    if setting in ("0", "1"):
-        return setting == "1"
+def matcher_group() -> int | None:
+    """How many rows of a constraint share one lexer (copies of one matcher; None: all of them, 0: none).
+
+    On a machine of at most ``SHARE_MAX_CPUS`` CPUs all of them: there the shared lexer's warm cache wins
+    (the mask pipeline's work at 960 rows on 2 CPUs, ``benchmarks/mask_glue.py``: 0.30-0.32 s against
+    0.60-0.63 s). With more CPUs llguidance's pool has more threads, which would wait on one lexer's lock (on
+    the H200's 16-CPU host one run of the example at 960 rows took 0.106 s for llguidance's masks with one
+    lexer against 0.052 s with a lexer per row), so rows share a lexer in groups of ``GROUP_ROWS``: a lock
+    for few rows, while the lexer's states are still learnt once per group instead of once per row (a row's
+    mask took 18 µs on average with a lexer of its own against 10 shared, on the CPU over the example's
+    outputs). ``BATCHRUN_SHARED_MATCHERS``: 1, all rows; 0, none; N (2 or more), groups of N rows."""
+    setting = os.environ.get("BATCHRUN_SHARED_MATCHERS", "")
+    if setting:
+        if not setting.isdigit():
+            raise RuntimeFailure(f"BATCHRUN_SHARED_MATCHERS={setting!r}: expected 1 (all rows share one lexer), 0 "
+                             "(none) or a number of rows per shared lexer")
+        n = int(setting)
+        return None if n == 1 else n
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
-    return len(cpus) <= SHARE_MAX_CPUS
+    return None if len(cpus) <= SHARE_MAX_CPUS else GROUP_ROWS
 
 
 def compile_constraint(kind: str, value: Any, tokenizer: Any) -> CompiledConstraint:
