@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import thread_cpu
 import workloads
 from gpu_bench import random_model
 from results_io import git_commit, record
@@ -278,10 +279,12 @@ def main() -> None:
             prof = cProfile.Profile()
             prof.enable()
         unload = grammar_load(compiled, args.load) if args.load and name == "replay" else None
+        threads = thread_cpu.snapshot()
         t, cpu, every = time.perf_counter(), time.thread_time(), time.process_time()
         out = [c for batch in engine.run(reqs, plan) for c in batch]
         sync()
         wall, cpu, every = time.perf_counter() - t, time.thread_time() - cpu, time.process_time() - every
+        threads = thread_cpu.busiest(threads, thread_cpu.snapshot())
         if unload is not None:
             unload()
         if prof is not None:
@@ -298,6 +301,7 @@ def main() -> None:
             continue
         # (process_cpu_s: every thread's CPU time, llguidance's pool and the mask worker included)
         row[name] = {"wall_s": round(wall, 3), "main_cpu_s": round(cpu, 3), "process_cpu_s": round(every, 3),
+                     "thread_cpu": threads,
                      "steps": engine.stats["steps"], "graph_steps": engine.runner.graph_steps,
                      "output_tokens": sum(len(c.token_ids) for c in out),
                      "masks": compiled.stats["masks"] - before["masks"],
