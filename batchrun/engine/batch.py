@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from batchrun.engine.collector import frozen
+from batchrun.engine.cpu_threads import few
 from batchrun.engine.kv import KVManager
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.masks import MaskPipeline, Masks, uses_pool
@@ -67,7 +68,9 @@ class BatchEngine:
             return
         self.runner.interrupt = interrupt
         try:
-            with frozen():  # (the objects alive before the run, out of the collector's way: ``engine.collector``)
+            # (The objects alive before the run out of the collector's way, ``engine.collector``; on a GPU, one
+            # torch CPU thread, ``engine.cpu_threads``.)
+            with frozen(), few(self.loaded.device):
                 yield from self._run(requests, plan)
         except Interrupted:
             log.info("stopped in the middle of a step; rows in flight are recomputed on resume")

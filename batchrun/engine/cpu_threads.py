@@ -1,0 +1,47 @@
+"""torch's CPU threads during GPU engine runs.
+
+A GPU run computes on the device; on the host it needs one thread, the one that launches the steps (and the
+mask worker's and llguidance's threads with a constraint). torch keeps a pool of intra-op threads, one per
+CPU, for its CPU operators: the few it runs in a GPU step (ids and positions made into tensors, masks packed)
+are small, but a parallel one wakes the whole pool, whose threads then wait for more work spinning. On the
+H200 machine (16 CPUs) a run of 512 rows without constraints used 4.1 CPU-seconds in 15 of these threads
+over its 1.1 s, against 1.1 in the launching thread (``benchmarks/thread_cpu.py``), and CPUs busy elsewhere
+slow the launching thread on that virtual machine (``benchmarks/pool_contention.py``). So while GPU runs go
+on, torch uses ``GPU_THREADS`` intra-op thread (``torch.set_num_threads``), put back when the last run ends
+(``engine.held``). ``BATCHRUN_GPU_TORCH_THREADS``: another number, or 0 to leave torch's setting as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from batchrun.engine.held import WhileRuns
+from batchrun.errors import RuntimeFailure
+
+GPU_THREADS = 1
+_HELD = WhileRuns()
+
+
+@contextmanager
+def few(device: str) -> Iterator[None]:
+    """An engine run on ``device``: on a GPU, with torch's intra-op threads set as the module's docstring says."""
+    raw = os.environ.get("BATCHRUN_GPU_TORCH_THREADS", str(GPU_THREADS))
+    if not raw.isdigit():
+        raise RuntimeFailure(f"BATCHRUN_GPU_TORCH_THREADS={raw!r}: expected a number of torch's CPU threads "
+                             f"during GPU runs ({GPU_THREADS}: the default), or 0 to leave torch's setting")
+    threads = int(raw)
+    if device == "cpu" or threads == 0:
+        yield
+        return
+
+    def make() -> Callable[[], None]:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        return lambda: torch.set_num_threads(before)
+
+    with _HELD.held(make):
+        yield
