@@ -79,7 +79,7 @@ def main() -> None:
             os.sched_setaffinity(0, lower if where == "split" else cpus)
             pairs = [(m, i) for i, m in enumerate(matchers)]
 
-            def grammar_step() -> float:
+            def grammar_step(pool=pool, matchers=matchers, pairs=pairs) -> float:
                 t0 = time.perf_counter()
                 pool.consume_token_par([(m, word) for m in matchers])
                 pool.unsafe_compute_mask_ptr(pairs, out.ctypes.data, words * 4, args.rows)
@@ -97,7 +97,7 @@ def main() -> None:
                 time.sleep(args.gap_ms / 1000)
                 res["pool_after_gap"].append(grammar_step())
                 took: list[float] = []
-                th = threading.Thread(target=lambda: took.append(grammar_step()))
+                th = threading.Thread(target=lambda took=took, step=grammar_step: took.append(step()))
                 t0 = time.perf_counter()
                 th.start()
                 spin(n)

@@ -71,7 +71,6 @@ def test_rows_matchers_copied_from_one_or_each_its_own_give_the_reference_tokens
 def test_rows_share_a_template_per_group_of_rows(tiny, monkeypatch):
     """``BATCHRUN_SHARED_MATCHERS=3``: every third row's matcher starts a new template (a lexer of its own);
     checking an output copies the current one without starting a group; a bad value is a clear error."""
-    from batchrun.engine import constraints
 
     monkeypatch.setenv("BATCHRUN_SHARED_MATCHERS", "3")
     compiled = compile_constraint("json_schema", REVIEW, tiny.tokenizer)
