@@ -127,19 +127,19 @@ GROUP_ROWS = 64  # elsewhere, rows share a matcher's lexer in groups of this man
 def matcher_group() -> int | None:
     """How many rows of a constraint share one lexer (copies of one matcher; None: all of them, 0: none).
 
-    On a machine of at most ``SHARE_MAX_CPUS`` CPUs all of them: there the shared lexer's warm cache wins
-    (the mask pipeline's work at 960 rows on 2 CPUs, ``benchmarks/mask_glue.py``: 0.30-0.32 s against
-    0.60-0.63 s). With more CPUs llguidance's pool has more threads, which would wait on one lexer's lock (on
-    the H200's 16-CPU host one run of the example at 960 rows took 0.106 s for llguidance's masks with one
-    lexer against 0.052 s with a lexer per row), so rows share a lexer in groups of ``GROUP_ROWS``: a lock
-    for few rows, while the lexer's states are still learnt once per group instead of once per row (a row's
-    mask took 18 µs on average with a lexer of its own against 10 shared, on the CPU over the example's
-    outputs). ``BATCHRUN_SHARED_MATCHERS``: 1, all rows; 0, none; N (2 or more), groups of N rows."""
+    On a machine of at most ``SHARE_MAX_CPUS`` CPUs all of them: there the shared lexer's warm cache wins (the
+    mask pipeline's llguidance work at 960 rows on 2 CPUs, ``benchmarks/mask_glue.py``: 0.27 s with one lexer,
+    0.32 s in groups of 64, 0.62 s with a lexer per row). With more CPUs llguidance's pool has more threads,
+    which would wait on one lexer's lock, so rows share a lexer in groups of ``GROUP_ROWS``: a lock for few
+    rows, while the lexer's states are still learnt once per group instead of once per row. In a run of the
+    example on the H200 (960 rows, 6 pool threads) the pool's work took 0.24 s in groups of 64, 0.25 s in
+    groups of 16, 0.28 s with a lexer per row and 0.32 s with one lexer (``constraint-h200.jsonl``).
+    ``BATCHRUN_SHARED_MATCHERS``: 1, all rows; 0, none; N (2 or more), groups of N rows."""
     setting = os.environ.get("BATCHRUN_SHARED_MATCHERS", "")
     if setting:
         if not setting.isdigit():
-            raise RuntimeFailure(f"BATCHRUN_SHARED_MATCHERS={setting!r}: expected 1 (all rows share one lexer), 0 "
-                             "(none) or a number of rows per shared lexer")
+            raise RuntimeFailure(f"BATCHRUN_SHARED_MATCHERS={setting!r}: expected 1 (all rows share one lexer), "
+                                 "0 (none) or a number of rows per shared lexer")
         n = int(setting)
         return None if n == 1 else n
     cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)

@@ -1,7 +1,6 @@
 """A process-wide setting held while engine runs go on (``WhileRuns``): made when the first run of the process
 starts and put back when the last one ends, however the runs overlap (several threads may run engines at once).
-``engine.masks`` holds the GIL's switch interval so, ``engine.collector`` the frozen objects, ``engine.cpu_threads``
-torch's CPU threads.
+``engine.masks`` holds the GIL's switch interval so, ``engine.collector`` the frozen objects.
 """
 
 from __future__ import annotations
