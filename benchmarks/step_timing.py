@@ -53,7 +53,8 @@ def step_shares(steps: dict[str, list[list[tuple]]], batch: int) -> dict:
     repeats (the runs of a kind have the same steps), summed over those steps, against the replay's; split
     into the steps replayed from a graph and the eager ones, by phase (``phases_added_s``, with
     ``time_phases``), and the steps that add the most (``worst_steps``); ``run_shares``: each repeat's own
-    share against the replay's repeat of the same number (interleaved, so run at nearly the same time)."""
+    share against the replay's repeat of the same number (interleaved, so run at nearly the same time), and
+    their median (``run_share_median``)."""
     def fastest(runs):  # (each step's fastest run, with that run's phases in the step)
         return [min((r[i] for r in runs), key=lambda s: s[1]) for i in range(len(runs[0]))]
 
@@ -97,6 +98,9 @@ def step_shares(steps: dict[str, list[list[tuple]]], batch: int) -> dict:
         out[kind] = {"steps": sum(n >= batch for n, *_ in mine), "replay_s": round(base, 4),
                      "added_s": round(added, 4), "added_share": round(added / base, 4) if base else None,
                      "run_shares": paired(steps[kind], steps["replay"])}
+        shares = sorted(x for x in out[kind]["run_shares"] if x is not None)
+        out[kind]["run_share_median"] = shares[len(shares) // 2] if len(shares) % 2 else \
+            (round((shares[len(shares) // 2 - 1] + shares[len(shares) // 2]) / 2, 4) if shares else None)
         for graph in (True, False):  # (the same split over the steps replayed from a graph, and the eager ones)
             pairs = [(s, r) for (n, s, _, _), (_, r, g, _) in zip(mine, replay) if n >= batch and g == graph]
             out[kind]["graph" if graph else "eager"] = {
