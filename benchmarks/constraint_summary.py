@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_timing import share_median
 
 
 def rows(path: str) -> list[dict]:
@@ -31,10 +36,8 @@ def table(lines: list[dict]) -> list[str]:
                 return f"{1000 * sum(ph.get(x, 0.0) for x in names) / n:+.1f}"
 
             runs = v.get("run_share_median")
-            if runs is None and v.get("run_shares"):  # (lines written before the median was)
-                shares = sorted(x for x in v["run_shares"] if x is not None)
-                mid = len(shares) // 2
-                runs = shares[mid] if len(shares) % 2 else (shares[mid - 1] + shares[mid]) / 2
+            if runs is None:  # (lines written before the median was)
+                runs = share_median(v.get("run_shares") or [])
             out.append(f"| {d.get('commit', '?')} | {d['rows']} | {kind} | {100 * v['added_share']:+.1f}% | "
                        + (f"{100 * runs:+.1f}%" if runs is not None else "—")
                        + f" | {ms('pool_masks')} | {ms('launch_forward')} | {ms('wait_masks')} | {ms('resolve')} | "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -98,9 +99,7 @@ def step_shares(steps: dict[str, list[list[tuple]]], batch: int) -> dict:
         out[kind] = {"steps": sum(n >= batch for n, *_ in mine), "replay_s": round(base, 4),
                      "added_s": round(added, 4), "added_share": round(added / base, 4) if base else None,
                      "run_shares": paired(steps[kind], steps["replay"])}
-        shares = sorted(x for x in out[kind]["run_shares"] if x is not None)
-        out[kind]["run_share_median"] = shares[len(shares) // 2] if len(shares) % 2 else \
-            (round((shares[len(shares) // 2 - 1] + shares[len(shares) // 2]) / 2, 4) if shares else None)
+        out[kind]["run_share_median"] = share_median(out[kind]["run_shares"])
         for graph in (True, False):  # (the same split over the steps replayed from a graph, and the eager ones)
             pairs = [(s, r) for (n, s, _, _), (_, r, g, _) in zip(mine, replay) if n >= batch and g == graph]
             out[kind]["graph" if graph else "eager"] = {
@@ -112,6 +111,12 @@ def step_shares(steps: dict[str, list[list[tuple]]], batch: int) -> dict:
                                            for k in sorted(set(ph) | set(base_phases))}
         out[kind]["worst_steps"] = worst(mine, replay)
     return out
+
+
+def share_median(shares: list) -> float | None:
+    """The median of the per-repeat figures (``run_shares``), None where there are none."""
+    known = [x for x in shares if x is not None]
+    return round(statistics.median(known), 4) if known else None
 
 
 def time_phases() -> None:
