@@ -265,7 +265,7 @@ def main() -> None:
         else:  # (free, constrained, replay and custom kinds: the engine's default, the worker)
             os.environ.pop("BATCHRUN_MASK_WORKER", None)
         os.environ.update(custom.get(name, {}))
-        compiled._template.clear()  # (the rows' matchers made anew, under this kind's BATCHRUN_SHARED_MATCHERS)
+        compiled.renew()  # (the rows' matchers made anew, under this kind's BATCHRUN_SHARED_MATCHERS)
         reqs = requests(name)
         engine = BatchEngine(loaded, SamplingParams(), kv_budget_tokens=400_000)
         before = dict(compiled.stats)

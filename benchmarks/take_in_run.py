@@ -44,7 +44,7 @@ def replay(seqs: list[list[int]], compiled, threads: int) -> tuple[float, float]
     from llguidance import LLExecutor
 
     pool = LLExecutor(threads) if threads else None
-    compiled._template.clear()  # (the matchers made anew, as for a new job)
+    compiled.renew()  # (the matchers made anew, as for a new job)
     ms = [compiled.matcher(own=True) for _ in seqs]
     words = (compiled.tokenizer.vocab_size + 31) // 32
     out = np.zeros((len(seqs), words), dtype=np.int32)

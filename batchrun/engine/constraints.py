@@ -98,6 +98,12 @@ class CompiledConstraint:
     def new(self) -> Grammar:
         return Grammar(self)
 
+    def renew(self) -> None:
+        """The next matchers made start from a new template, grouped as ``matcher_group()`` says then (a benchmark
+        comparing settings in one process)."""
+        with _LOCK:
+            self._template.clear()
+
     def matcher(self, own: bool = False) -> Any:
         """A new matcher at the grammar's start: a copy (``deep_copy``: 30 µs against 300 for a new one) of a
         template made once per group of rows. Copies of one template share what llguidance learns of the
