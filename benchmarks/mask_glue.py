@@ -102,9 +102,10 @@ def main() -> None:
             t0 = time.perf_counter()
             m = pipe.launch(live, [grammars[i] for i in live], [generated[i] for i in live])
             t1 = time.perf_counter()
-            packed, forced, _ = m.wait()
+            packed, rows, forced, _ = m.wait()
             t2 = time.perf_counter()
-            allowed = ((packed.numpy()[np.arange(len(live)), np.asarray(draws) >> 5] >> (np.asarray(draws) & 31)) & 1)
+            at = np.arange(len(live)) if rows is None else rows.numpy()  # (each row's mask)
+            allowed = ((packed.numpy()[at, np.asarray(draws) >> 5] >> (np.asarray(draws) & 31)) & 1)
             tokens = [d if ok else eos for d, ok in zip(draws, allowed.tolist())]
             m.settle(tokens, step_logits)
             t3 = time.perf_counter()

@@ -12,9 +12,10 @@ from constraint_runs import REVIEW, requests_for, run_batchrun, run_reference, t
 
 from batchrun.engine.batch import BatchEngine
 from batchrun.engine.constraints import compile_constraint
-from batchrun.engine.grammar_pool import consume_drawn
+from batchrun.engine.grammar_pool import StepMasks, consume_drawn
 from batchrun.engine.loader import load
 from batchrun.engine.requests import SamplingParams
+from batchrun.engine.sampling import apply_mask_bits
 from batchrun.errors import RuntimeFailure
 from batchrun.plan.plan import PlanConfig, build_plan
 from batchrun.spec import EngineSpec, ModelSpec
@@ -41,6 +42,30 @@ def test_rows_in_the_same_grammar_state_share_one_mask_and_forced_run(tiny, mask
     reqs = requests_for(tiny.tokenizer, fresh, n=1)
     assert run_batchrun(tiny, reqs)[0].token_ids == want[0].token_ids
     assert fresh.stats.get("masks_shared", 0) == 0
+
+
+def test_rows_sharing_a_mask_get_it_where_it_is_applied_as_if_copied(tiny):
+    """A row in the same grammar state as a row before it has that row's mask gathered where the masks are
+    applied (``shared_rows``): the same masked logits as with the mask copied into its own row on the host."""
+    compiled = compile_constraint("json_schema", SENTIMENT, tiny.tokenizer)
+    opened = tiny.tokenizer.encode('{"label": "', add_special_tokens=False)
+    generated = [[], opened, [], list(opened)]
+    words = (tiny.tokenizer.vocab_size + 31) // 32
+    job = StepMasks([compiled.new() for _ in generated], generated, np.zeros((4, words), dtype=np.int32))
+    job.take_and_mask()
+    job.finish()
+    rows = job.shared_rows()
+    assert rows.tolist() == [0, 1, 0, 1]
+    assert not job.out[2].any() and not job.out[3].any()  # (left to the gather)
+    logits = torch.randn(4, tiny.tokenizer.vocab_size)
+    gathered = apply_mask_bits(logits, torch.from_numpy(job.out), torch.from_numpy(rows))
+    job.fill_shared()
+    assert np.array_equal(job.out[2], job.out[0]) and np.array_equal(job.out[3], job.out[1])
+    assert not np.array_equal(job.out[0], job.out[1])
+    assert torch.equal(gathered, apply_mask_bits(logits, torch.from_numpy(job.out)))
+    alone = StepMasks([compiled.new()], [[]], np.zeros((1, words), dtype=np.int32))
+    alone.compute()
+    assert alone.shared_rows() is None and np.array_equal(alone.out[0], job.out[0])
 
 
 @pytest.mark.parametrize("shared", ["1", "0", "3"])

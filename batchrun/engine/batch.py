@@ -132,9 +132,9 @@ class BatchEngine:
         raw = logits
         scored = _scored(raw, constraints, [run.sched.generated(k) for k in keys]) if masks is not None else None
         if masks is not None:
-            packed, forced, waited = masks.wait()  # (forced: the forced runs' lookup, while the step finishes)
+            packed, rows, forced, waited = masks.wait()  # (forced: the forced runs' lookup, while the step finishes)
             run.mask_wait += waited  # (what the masks add to the step)
-            logits = apply_mask_bits(logits, packed)
+            logits = apply_mask_bits(logits, packed, rows)
         if run.greedy:  # (every row greedy: the common case, kept cheap)
             tokens = logits.argmax(-1)
         else:

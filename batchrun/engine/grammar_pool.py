@@ -33,7 +33,8 @@ class StepMasks:
     row's new tokens (the last one drawn, or a forced run too) and computes its mask, all in llguidance's
     thread pool, which runs without the GIL (``engine.masks`` runs it in its worker thread while the step is
     launched, or on the launching thread once the step's forward pass is launched), then ``finish`` (the
-    widths and shared masks, on the launching thread). A finished or broken grammar's mask allows only EOS
+    widths, on the launching thread; a row sharing another's mask gets it where the masks are applied,
+    ``shared_rows``, or copied, ``fill_shared``). A finished or broken grammar's mask allows only EOS
     (llguidance's own rule). The forced runs are looked up afterwards, by ``narrow(later)``, only for the
     grammars whose mask allows one token: a mask of one token is right without them, and they are needed only
     when the step's tokens are recorded.
@@ -48,25 +49,10 @@ class StepMasks:
         # The grammars whose masks ``compute`` found allowing one token, each with the grammar whose forced run
         # it shares (None: its own).
         self.later: list[tuple[Grammar, Grammar | None]] = []
-        grammars, at, ids = [], [], []
-        for i, c in enumerate(constraints):
-            if c is None:
-                out[i] = -1
-            elif isinstance(c, Grammar):
-                grammars.append((c, i, generated[i]))
-            else:
-                allowed = c.allowed_tokens(generated[i])
-                out[i] = 0
-                if isinstance(allowed, list | tuple):  # a few ids (forced text, label slots): set below
-                    at += [i] * len(allowed)
-                    ids += allowed
-                else:
-                    out[i] = pack(allowed, out.shape[1])
-        if ids:
-            tok = np.asarray(ids, dtype=np.int64)
-            np.bitwise_or.at(out.view(np.uint32), (np.asarray(at), tok >> 5), (1 << (tok & 31)).astype(np.uint32))
-        self._grammars = [g for g, _, _ in grammars]
-        self._rows = [i for _, i, _ in grammars]
+        at: list[int] = []
+        ids: list[int] = []
+        self._grammars: list[Grammar] = []
+        self._rows: list[int] = []
         one: list[tuple[Any, int]] = []  # (matcher, token): rows one token behind, the common case
         behind: list[tuple[Any, list[int]]] = []  # (matcher, tokens): rows further behind (forced runs)
         self._matchers: list[tuple[Any, int]] = []  # (matcher, row): the grammars that compute their masks
@@ -74,31 +60,53 @@ class StepMasks:
         self._twin: dict[int, tuple[int, Grammar]] = {}  # a row -> (the row, grammar) whose mask it copies
         seen: dict[tuple, tuple[int, Grammar, int]] = {}
         self._counts: dict[int, list] = {}
-        last = None
-        for g, i, gen in grammars:  # (one pass: this runs on the thread that launches the steps)
-            m, n = g._matcher, len(gen)
+        last = count = None
+        # One pass, with the list methods looked up once: this runs on the thread that launches the steps, about
+        # a microsecond a row.
+        add_grammar, add_row, add_one, add_src, add_matcher = (self._grammars.append, self._rows.append, one.append,
+                                                               src.append, self._matchers.append)
+        for i, c in enumerate(constraints):
+            if not isinstance(c, Grammar):
+                if c is None:
+                    out[i] = -1
+                    continue
+                allowed = c.allowed_tokens(generated[i])
+                out[i] = 0
+                if isinstance(allowed, list | tuple):  # a few ids (forced text, label slots): set below
+                    at += [i] * len(allowed)
+                    ids += allowed
+                else:
+                    out[i] = pack(allowed, out.shape[1])
+                continue
+            gen = generated[i]
+            add_grammar(c)
+            add_row(i)
+            m, n = c._matcher, len(gen)
             # (Not asking whether the grammar is done, a few µs a row: a finished grammar that takes one more
             # token (EOS, with EOS ignored) breaks, and a finished or broken grammar's mask allows only EOS.)
-            k = n - g._consumed
+            k = n - c._consumed
             if k == 1:
-                one.append((m, int(gen[-1])))
+                add_one((m, int(gen[-1])))
             elif k > 1:
-                behind.append((m, [int(t) for t in gen[g._consumed :]]))
+                behind.append((m, [int(t) for t in gen[c._consumed :]]))
             elif k < 0:  # (never in practice: a row's generated tokens only grow)
-                g._sync(gen)
-            g._consumed = n
-            if g.compiled is not last:
-                last = g.compiled
+                c._sync(gen)
+            c._consumed = n
+            if c.compiled is not last:
+                last = c.compiled
                 count = self._counts.setdefault(id(last), [last.stats, 0])
             count[1] += 1
             if n <= SHARED_HISTORY:
-                first = seen.setdefault((id(last), tuple(gen)), (i, g, len(self._matchers)))
+                first = seen.setdefault((id(last), tuple(gen)), (i, c, len(self._matchers)))
                 if first[0] != i:
                     self._twin[i] = first[:2]
-                    src.append(first[2])
+                    add_src(first[2])
                     continue
-            src.append(len(self._matchers))
-            self._matchers.append((m, i))
+            add_src(len(self._matchers))
+            add_matcher((m, i))
+        if ids:
+            tok = np.asarray(ids, dtype=np.int64)
+            np.bitwise_or.at(out.view(np.uint32), (np.asarray(at), tok >> 5), (1 << (tok & 31)).astype(np.uint32))
         # The tokens to take, a round each (a matcher at most once a round: the pool takes a round at once): the
         # rows one token behind and the first of the others' tokens, then the others' next ones in turn. Made
         # here, so that a worker thread has only llguidance's calls to make (``take_and_mask``).
@@ -110,9 +118,26 @@ class StepMasks:
         self._finished = False
 
     def compute(self) -> None:
-        """The grammars' work: ``take_and_mask`` then ``finish``."""
+        """The grammars' work: ``take_and_mask``, ``finish``, and the shared masks copied (``fill_shared``)."""
         self.take_and_mask()
         self.finish()
+        self.fill_shared()
+
+    def shared_rows(self) -> np.ndarray | None:
+        """After ``finish``: the row of ``out`` that holds each row's mask ([rows] int64; a row sharing the mask
+        of a row before it has that row's, and ``finish`` left its own row of ``out`` unwritten), or None where
+        every row has its own. Gathering them where the masks are applied (on the device) spares copying them
+        on the host: several megabytes a step in the first steps, where most rows share."""
+        if not self._twin:
+            return None
+        src = np.arange(len(self.out), dtype=np.int64)
+        src[list(self._twin)] = [i for i, _ in self._twin.values()]
+        return src
+
+    def fill_shared(self) -> None:
+        """After ``finish``: the shared masks copied into ``out`` too, which then holds every row's mask."""
+        if self._twin:
+            self.out[list(self._twin)] = self.out[[i for i, _ in self._twin.values()]]
 
     def take_and_mask(self) -> None:
         """The grammars take their rows' new tokens and compute their masks: llguidance's calls alone, in its
@@ -141,8 +166,9 @@ class StepMasks:
         self._t_pool = time.perf_counter() - t
 
     def finish(self) -> None:
-        """After ``take_and_mask`` (on the thread that uses the masks; once): the masks in ``out``, copied to
-        the rows that share them, each grammar's width, and which grammars need their forced run (``later``)."""
+        """After ``take_and_mask`` (on the thread that uses the masks; once): the masks in ``out`` (but for
+        the rows that share another's: ``shared_rows``), each grammar's width, and which grammars need their
+        forced run (``later``)."""
         if self._finished or not self._grammars:
             return
         self._finished = True
@@ -153,8 +179,6 @@ class StepMasks:
             n = min(target.shape[1], out.shape[1])
             out[rows, :n] = target[rows, :n]
             out[rows, n:] = 0
-        if self._twin:
-            out[list(self._twin)] = out[[i for i, _ in self._twin.values()]]
         widths = self._widths[self._src]  # (each grammar's: a twin's is its first's)
         for g, w in zip(self._grammars, widths.tolist()):
             g.width = w

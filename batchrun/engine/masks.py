@@ -214,11 +214,12 @@ class Masks:
         self.keys, self.jobs, self.words, self.pin, self.threaded = keys, jobs, words, pin, threaded
         self.lazy = lazy  # (position, grammar, generated) of the rows drawn without a mask
 
-    def wait(self) -> tuple[torch.Tensor, Future | Later | None, float]:
-        """(The masks [len(keys), words] int32 in sampling order, on the host; the forced runs' lookup, done
-        when its result is asked for; the seconds the grammar work took or was waited for.) A row lined up
-        early but not in this step (preempted) keeps its grammar caught up: its next mask is computed when it
-        comes back."""
+    def wait(self) -> tuple[torch.Tensor, torch.Tensor | None, Future | Later | None, float]:
+        """(The masks [m, words] int32 on the host; which of them each row has, in sampling order ([len(keys)]
+        int64 on the host, page-locked on a GPU; None: row i has mask i); the forced runs' lookup, done when its
+        result is asked for; the seconds the grammar work took or was waited for.) ``apply_mask_bits`` takes
+        the first two. A row lined up early but not in this step (preempted) keeps its grammar caught up: its
+        next mask is computed when it comes back."""
         t = time.perf_counter()
         for j in self.jobs:
             j.done.result()
@@ -226,19 +227,23 @@ class Masks:
         waited = time.perf_counter() - t
         lone = self.jobs[0] if len(self.jobs) == 1 else None
         if lone is not None and (lone.whole or (not self.lazy and list(lone.rows) == self.keys)):  # (most steps)
-            return lone.packed, _forced(lone.job.later), waited
+            shared = lone.job.shared_rows()
+            rows = None if shared is None else torch.from_numpy(shared)
+            return lone.packed, rows.pin_memory() if rows is not None and self.pin else rows, \
+                _forced(lone.job.later), waited
         packed = torch.empty((len(self.keys), self.words), dtype=torch.int32, pin_memory=self.pin)
         out = packed.numpy()
         for i, _, _ in self.lazy:
             out[i] = -1
         for j in self.jobs:
+            j.job.fill_shared()
             at = [i for i, k in enumerate(self.keys) if k in j.rows]
             src = [j.rows[self.keys[i]] for i in at]
             if len(at) == len(self.keys) == len(j.job.out) and src == at:  # (one job, in order: most steps)
                 out[:] = j.job.out
             elif at:
                 out[at] = j.job.out[src]
-        return packed, _forced([x for j in self.jobs for x in j.job.later]), waited
+        return packed, None, _forced([x for j in self.jobs for x in j.job.later]), waited
 
     def settle(self, tokens: list[int], logits: torch.Tensor) -> None:
         """Check the tokens of the rows drawn without a mask (``tokens``: the step's, in sampling order;

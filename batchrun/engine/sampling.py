@@ -46,12 +46,15 @@ def constrain(logits: torch.Tensor, allowed: list[Sequence[int] | np.ndarray | N
     return apply_mask_bits(logits, packed)
 
 
-def apply_mask_bits(logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+def apply_mask_bits(logits: torch.Tensor, packed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [n, vocab] with the tokens that row i's packed mask ``packed[i]`` ([n, ceil(vocab / 32)] int32
-    on the host, ``constraints.pack``'s layout) does not allow set to -inf. The masks go to the device packed
+    on the host, ``constraints.pack``'s layout) does not allow set to -inf; with ``rows`` ([n] int64 on the
+    host), row i's mask is ``packed[rows[i]]`` instead (rows sharing a mask). The masks go to the device packed
     (32 tokens a word, in one copy: from page-locked memory it waits for nothing) and are unpacked there."""
     vocab = logits.shape[-1]
     words = packed.to(logits.device, non_blocking=True)
+    if rows is not None:
+        words = words.index_select(0, rows.to(logits.device, non_blocking=True))
     banned = ((words.unsqueeze(-1) & _bits(logits.device)) == 0).view(len(words), -1)[:, :vocab]
     return logits.masked_fill(banned, float("-inf"))
 
