@@ -56,7 +56,6 @@ class StepMasks:
         one: list[tuple[Any, int]] = []  # (matcher, token): rows one token behind, the common case
         behind: list[tuple[Any, list[int]]] = []  # (matcher, tokens): rows further behind (forced runs)
         self._matchers: list[tuple[Any, int]] = []  # (matcher, row): the grammars that compute their masks
-        self._owners: list[Grammar] = []  # (their grammars)
         src: list[int] = []  # each grammar's mask: which of ``_matchers`` computes it
         self._twin: dict[int, tuple[int, Grammar]] = {}  # a row -> (the row, grammar) whose mask it copies
         seen: dict[tuple, tuple[int, Grammar, int]] = {}
@@ -64,9 +63,8 @@ class StepMasks:
         last = count = None
         # One pass, with the list methods looked up once: this runs on the thread that launches the steps, about
         # a microsecond a row.
-        add_grammar, add_row, add_one, add_src, add_matcher, add_owner = (
-            self._grammars.append, self._rows.append, one.append, src.append, self._matchers.append,
-            self._owners.append)
+        add_grammar, add_row, add_one, add_src, add_matcher = (self._grammars.append, self._rows.append, one.append,
+                                                               src.append, self._matchers.append)
         for i, c in enumerate(constraints):
             if not isinstance(c, Grammar):
                 if c is None:
@@ -106,7 +104,6 @@ class StepMasks:
                     continue
             add_src(len(self._matchers))
             add_matcher((m, i))
-            add_owner(c)
         if ids:
             tok = np.asarray(ids, dtype=np.int64)
             np.bitwise_or.at(out.view(np.uint32), (np.asarray(at), tok >> 5), (1 << (tok & 31)).astype(np.uint32))
@@ -119,7 +116,6 @@ class StepMasks:
         self._src = src
         self._mine = None if len(self._matchers) == len(out) else np.asarray([i for _, i in self._matchers])
         self._finished = False
-        self._narrowed = False
 
     def compute(self) -> None:
         """The grammars' work: ``take_and_mask``, ``finish``, and the shared masks copied (``fill_shared``)."""
@@ -147,7 +143,7 @@ class StepMasks:
         """The grammars take their rows' new tokens and compute their masks: llguidance's calls alone, in its
         pool, without the GIL (safe in a worker thread: it holds the GIL only to make the calls, so it hardly
         slows a thread launching the step meanwhile). ``finish`` does the rest."""
-        self._finished = self._narrowed = False
+        self._finished = False
         if not self._grammars:
             return
         t = time.perf_counter()
@@ -169,18 +165,6 @@ class StepMasks:
         self._widths = np.bitwise_count(target.view(np.uint64) if own % 2 == 0 else target.view(np.uint32)).sum(1)
         self._t_pool = time.perf_counter() - t
 
-    def narrow_own(self) -> None:
-        """After ``take_and_mask``, in the same thread: the forced runs of the grammars that computed a mask of
-        one token (``narrow``'s work but for the rows sharing their state, which ``finish`` leaves in ``later``
-        to copy). Done here, in the mask worker, it runs while the step is launched instead of between steps
-        (``BATCHRUN_EARLY_FORCED``)."""
-        if not self._grammars:
-            return
-        owners = self._owners
-        for j in np.flatnonzero(self._widths == 1).tolist():
-            owners[j]._narrow(1)
-        self._narrowed = True
-
     def finish(self) -> None:
         """After ``take_and_mask`` (on the thread that uses the masks; once): the masks in ``out`` (but for
         the rows that share another's: ``shared_rows``), each grammar's width, and which grammars need their
@@ -200,8 +184,7 @@ class StepMasks:
             g.width = w
         twin = self._twin
         self.later = [(g, twin[i][1] if i in twin else None)
-                      for g, i in ((self._grammars[j], self._rows[j]) for j in np.flatnonzero(widths == 1).tolist())
-                      if not self._narrowed or i in twin]  # (``narrow_own`` looked up the others')
+                      for g, i in ((self._grammars[j], self._rows[j]) for j in np.flatnonzero(widths == 1).tolist())]
         seconds = self._t_pool + time.perf_counter() - t
         for stats, n in self._counts.values():
             share = n / len(self._grammars)

@@ -102,7 +102,7 @@ def _run(threaded: bool, fn, *args) -> Any:
 @dataclass
 class _Job:
     rows: dict[Hashable, int]  # key -> the row of ``job.out`` with its mask
-    job: StepMasks | None  # (None until the worker has made it, with ``BATCHRUN_EARLY_PREP``: read it after ``done``)
+    job: StepMasks
     done: Future | Later
     packed: torch.Tensor  # (``job.out``'s tensor: page-locked on a GPU)
     whole: bool = False  # (``packed`` is the step's masks as they are: every row, in sampling order)
@@ -117,8 +117,6 @@ class MaskPipeline:
         self.pin = pin
         self.lazy_width = vocab * LAZY_SHARE if greedy and draws_before_masks(pin) else float("inf")
         self.threaded = in_worker()
-        self.early_forced = self.threaded and _flag("BATCHRUN_EARLY_FORCED", "0")
-        self.early_prep = self.threaded and _flag("BATCHRUN_EARLY_PREP", "0")
         self._early: _Job | None = None
         self._lazy: set[Hashable] = set()
 
@@ -189,8 +187,8 @@ class MaskPipeline:
             job = StepMasks([None if k in lazy_keys else c for k, c in zip(keys, constraints)], generated,
                             packed.numpy())
             lazy = [(i, constraints[i], generated[i]) for i, k in enumerate(keys) if k in lazy_keys]
-            return Masks(list(keys), [_Job({}, job, Later(job.take_and_mask), packed, whole=True)], self.words,
-                         self.pin, lazy, False)
+            return Masks(list(keys), [_Job({}, job, Later(job.compute), packed, whole=True)], self.words, self.pin,
+                         lazy, False)
         have = early.rows if early is not None else {}
         lazy = [i for i, k in enumerate(keys) if k in lazy_keys]
         late = [i for i, k in enumerate(keys) if k not in have and k not in lazy_keys]
@@ -204,13 +202,8 @@ class MaskPipeline:
     def _submit(self, keys: Sequence[Hashable], constraints: Sequence[Any],
                 generated: Sequence[Sequence[int]]) -> _Job:
         packed = torch.empty((len(keys), self.words), dtype=torch.int32, pin_memory=self.pin)
-        rows = dict(zip(keys, range(len(keys))))
-        if self.early_prep:  # (the job made in the worker too)
-            held = _Job(rows, None, None, packed)
-            held.done = worker().submit(_prepare, held, constraints, generated, self.early_forced)
-            return held
         job = StepMasks(constraints, generated, packed.numpy())
-        return _Job(rows, job, _run(self.threaded, _masks_of, job, self.early_forced), packed)
+        return _Job(dict(zip(keys, range(len(keys)))), job, _run(self.threaded, job.take_and_mask), packed)
 
 
 class Masks:
@@ -282,27 +275,6 @@ class Masks:
         redrawn = apply_mask_bits(logits[rows], torch.from_numpy(job.out)).argmax(-1).tolist()
         for i, t in zip(rows, redrawn):
             tokens[i] = t
-
-
-def _masks_of(job: StepMasks, forced: bool) -> None:
-    """The mask worker's part of a step's grammar work (``StepMasks.take_and_mask``), and with ``forced``
-    (``BATCHRUN_EARLY_FORCED``) the forced runs' lookup (``StepMasks.narrow_own``)."""
-    job.take_and_mask()
-    if forced:
-        job.narrow_own()
-
-
-def _prepare(held: _Job, constraints: Sequence[Any], generated: Sequence[Sequence[int]], forced: bool) -> None:
-    """``BATCHRUN_EARLY_PREP``: the step's grammar work made (``StepMasks``) in the mask worker too, then done."""
-    held.job = StepMasks(constraints, generated, held.packed.numpy())
-    _masks_of(held.job, forced)
-
-
-def _flag(name: str, default: str) -> bool:
-    raw = os.environ.get(name, default)
-    if raw not in ("0", "1"):
-        raise RuntimeFailure(f"{name}={raw!r}: expected 1 or 0")
-    return raw == "1"
 
 
 def _keep_to(cpus: list[int]) -> bool:
