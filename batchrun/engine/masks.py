@@ -10,8 +10,9 @@ model are bound by the host (the launching thread's Python), so for the worker n
 calls starts at once instead of waiting out the launching thread's turn, and the launching thread keeps to
 the CPUs the pool leaves it. On the H200 (SmolLM2, 960 rows) the masks then added 5% to 13% to the large
 steps from process to process, against 16% to 19% with the grammar work on the launching thread after the
-launch in the same processes (``benchmarks/results/constraint-h200.jsonl``; -4% to +19% at 256 to 960
-rows in the later processes: the machine's CPUs move the figure more than the masks do). ``BATCHRUN_MASK_WORKER``: 1,
+launch in the same processes (``benchmarks/results/constraint-h200.jsonl``; the machine's CPUs move the
+figure more than the masks do; with one torch CPU thread and the shared masks gathered on the device, +2.8%
+to +10.0% at 256 to 960 rows in three processes). ``BATCHRUN_MASK_WORKER``: 1,
 the worker (the default); 0, the launching thread, once the forward pass is launched. ``Masks.wait`` gives
 the step's masks in sampling order, packed in page-locked memory (their copy to the device then waits for
 nothing).
