@@ -22,12 +22,13 @@ import os
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from batchrun.engine import attention
+from batchrun.engine import attention, fused
 from batchrun.engine.loader import LoadedModel
 from batchrun.engine.requests import Interrupted
 from batchrun.engine.step import Step
@@ -76,6 +77,8 @@ class Runner:
         model = loaded.model
         check_supported(model)
         model.set_attn_implementation(attention.register())
+        # Fused RMSNorm and SwiGLU kernels in this engine's forward passes on a GPU (``engine.fused``).
+        self.fused = loaded.device.startswith("cuda") and fused.install(model) > 0
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -152,7 +155,7 @@ class Runner:
 
     def _hidden(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden states [1, T, hidden] over the packed row, attention by the backend."""
-        with attention.use_backend(self.backend):
+        with attention.use_backend(self.backend), fused.active() if self.fused else nullcontext():
             return self.decoder(input_ids=ids[None], position_ids=pos[None], use_cache=False).last_hidden_state
 
     def _replay(self, step: Step, key: tuple[int, int, int], previous: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,178 @@
+"""Fused GPU kernels for the model's own layers: RMSNorm in one kernel, and the SwiGLU MLP's gate and up
+projections in one matrix product followed by one kernel for ``silu(gate) * up``.
+
+transformers' Llama-family layers compute these with plain torch operators: an RMSNorm is six elementwise
+kernels over the hidden states with float32 intermediates (cast, square, mean, rsqrt, multiply, cast and
+multiply by the weight), and the MLP is two projections, ``silu`` and a product. On the H200 those
+elementwise kernels and copies were about 20% of 1b fewshot's GPU time, and each is a launch in a step that is
+not replayed from a CUDA graph. ``install(model)`` gives the supported modules a fused forward (Triton), used
+only while a batchrun engine runs on a GPU (``active``): the reference engine and every CPU run keep
+transformers' own code, which stays the oracle.
+
+The fused RMSNorm computes as transformers does (float32 sum of squares, ``rsqrt``, cast to the input's
+dtype, then the weight's product rounded to it), but its reduction runs in another order, so a value can
+differ from transformers' by one unit in the last place; the GPU tests compare batchrun's tokens with the
+reference engine's tie-aware, as for attention. The MLP's one projection reads the gate's and the up
+projection's weights from one tensor (the two modules' weights become views of it: no extra memory).
+``BATCHRUN_FUSED=1`` turns them on; the default (0) leaves the model's modules as they are until the kernels
+have been measured on the H200 (not yet: written and tested on the CPU, in Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x / rms(x), x's dtype
+SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")  # down(act(gate(x)) * up(x))
+_STATE = threading.local()  # (``active``: this thread runs a batchrun engine step)
+
+
+def wanted() -> bool:
+    """Are fused kernels wanted (``BATCHRUN_FUSED``; default 0 until measured on the H200)?"""
+    raw = os.environ.get("BATCHRUN_FUSED", "0")
+    if raw not in ("0", "1"):
+        from batchrun.errors import RuntimeFailure
+
+        raise RuntimeFailure(f"BATCHRUN_FUSED={raw!r}: expected 1 (fused RMSNorm and SwiGLU kernels on a GPU) or 0 "
+                             "(transformers' own layers: the default)")
+    return raw == "1"
+
+
+def available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextmanager
+def active(anywhere: bool = False) -> Iterator[None]:
+    """The block's forward passes in this thread use the fused forward of the modules ``install`` changed, on
+    a GPU (``anywhere``: on the CPU too, in Triton's interpreter: the tests)."""
+    before = getattr(_STATE, "on", 0)
+    _STATE.on = 2 if anywhere else 1
+    try:
+        yield
+    finally:
+        _STATE.on = before
+
+
+def install(model: Any) -> int:
+    """Give ``model``'s supported RMSNorm and SwiGLU MLP modules a fused forward (used inside ``active``);
+    the number of modules changed (0 if fused kernels are not wanted or Triton is missing). Idempotent."""
+    if not wanted() or not available():
+        return 0
+    changed = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if getattr(module, "_batchrun_fused", False):
+            changed += 1
+        elif name in RMS_NORMS and hasattr(module, "variance_epsilon"):
+            _wrap(module, _rms_norm_forward)
+            changed += 1
+        elif name in SWIGLU_MLPS and _is_swiglu(module):
+            _join_gate_up(module)
+            _wrap(module, _swiglu_forward)
+            changed += 1
+    return changed
+
+
+def _wrap(module: Any, fused) -> None:
+    plain = module.forward
+
+    def forward(self, *args, **kwargs):
+        on = getattr(_STATE, "on", 0)
+        if on and args and not kwargs and (on == 2 or args[0].is_cuda):
+            return fused(self, args[0])
+        return plain(*args, **kwargs)
+
+    module.forward = types.MethodType(forward, module)
+    module._batchrun_fused = True
+
+
+def _is_swiglu(mlp: Any) -> bool:
+    act = getattr(mlp, "act_fn", None)
+    ok = isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
+    return ok and all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _join_gate_up(mlp: Any) -> None:
+    """The gate's and the up projection's weights (and biases) in one tensor, the two modules' parameters
+    becoming views of its halves."""
+    gate, up = mlp.gate_proj, mlp.up_proj
+    with torch.inference_mode(False), torch.no_grad():  # (plain tensors, whatever mode the caller is in)
+        joined = torch.cat([gate.weight, up.weight])
+        n = gate.weight.shape[0]
+        gate.weight = torch.nn.Parameter(joined[:n], requires_grad=False)
+        up.weight = torch.nn.Parameter(joined[n:], requires_grad=False)
+        mlp._batchrun_gate_up = joined
+        mlp._batchrun_gate_up_bias = None
+        if gate.bias is not None and up.bias is not None:
+            bias = torch.cat([gate.bias, up.bias])
+            gate.bias = torch.nn.Parameter(bias[:n], requires_grad=False)
+            up.bias = torch.nn.Parameter(bias[n:], requires_grad=False)
+            mlp._batchrun_gate_up_bias = bias
+
+
+def _rms_norm_forward(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    w = norm.weight
+    if w.dtype != x.dtype or x.shape[-1] != w.shape[0]:  # (transformers' type promotion: not fused)
+        return _plain_rms_norm(norm, x)
+    return rms_norm(x, w, norm.variance_epsilon)
+
+
+def _plain_rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * h.to(x.dtype)
+
+
+def _swiglu_forward(mlp: Any, x: torch.Tensor) -> torch.Tensor:
+    gate_up = F.linear(x, mlp._batchrun_gate_up, mlp._batchrun_gate_up_bias)
+    return mlp.down_proj(silu_mul(gate_up))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x / sqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dimension, in one kernel."""
+    from batchrun.engine import fused_kernels as k
+
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty((rows.shape[0], n), dtype=x.dtype, device=x.device)
+    if rows.shape[0]:
+        k.rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), n, float(eps),
+                                            BLOCK=_pow2(n))
+    return out.view(x.shape)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` where ``gate_up`` holds the gate in the first half of its last dimension and up in
+    the second, each rounded to its dtype as transformers' two operators round, in one kernel."""
+    from batchrun.engine import fused_kernels as k
+
+    two = gate_up.shape[-1]
+    half = two // 2
+    rows = gate_up.reshape(-1, two)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty((rows.shape[0], half), dtype=gate_up.dtype, device=gate_up.device)
+    if rows.shape[0]:
+        block = min(_pow2(half), 1024)
+        k.silu_mul_kernel[(rows.shape[0], -(-half // block))](rows, out, rows.stride(0), out.stride(0), half,
+                                                              BLOCK=block)
+    return out.view(*gate_up.shape[:-1], half)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
