@@ -19,6 +19,7 @@ the garbage collector's pauses in its timed run (``gc_s``; ``gc_full_s`` and ``g
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -101,8 +102,13 @@ def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan, 
     else:
         cfg = EngineSpec(block_size=plan.config.block_size, step_tokens=plan.config.step_tokens)
         budget = kv_budget(cfg, loaded_facts(loaded), requests)  # the job's rule: weights loaded, 90% of free
-        engine = BatchEngine(loaded, params, kv_budget_tokens=budget, block_size=cfg.block_size,
-                             step_tokens=cfg.step_tokens)
+        before = os.environ.get("BATCHRUN_FUSED")
+        os.environ["BATCHRUN_FUSED"] = "1" if system == "batchrun_fused" else "0"  # (read as the engine is made)
+        try:
+            engine = BatchEngine(loaded, params, kv_budget_tokens=budget, block_size=cfg.block_size,
+                                 step_tokens=cfg.step_tokens)
+        finally:
+            os.environ.pop("BATCHRUN_FUSED") if before is None else os.environ.update(BATCHRUN_FUSED=before)
         # Warm-up outside the timer: Triton compiles the attention kernels once per process (a few seconds).
         few = requests[:16]
         sum(len(b) for b in engine.run(few, build_plan(plan.tokens.take(np.arange(len(few))),
@@ -176,7 +182,9 @@ def main() -> None:
     ap.add_argument("--workloads", default="all", help="comma-separated, or all: " + ", ".join(workloads.NAMES))
     ap.add_argument("--scale", type=float, default=None, help="every workload at this scale (default: SCALES)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--systems", default="hf_padded,batchrun", help="comma-separated: hf_padded, batchrun, submit")
+    ap.add_argument("--systems", default="hf_padded,batchrun",
+                    help="comma-separated: hf_padded, batchrun, batchrun_fused (the engine with BATCHRUN_FUSED=1: "
+                         "engine.fused), submit")
     ap.add_argument("--profile", action="store_true", help="also a profiled batchrun run: GPU busy, launches")
     ap.add_argument("--submit-model", default="dir", choices=["dir", "random"])
     ap.add_argument("--tokenizer", default=".tok", help="tokenizer directory for submit (SmolLM2's)")
@@ -225,7 +233,7 @@ def main() -> None:
                                                  workdir, devices)
                     else:
                         wall, extra = run_system(system, loaded, requests, plan,
-                                                 args.profile and system == "batchrun")
+                                                 args.profile and system.startswith("batchrun"))
                     row = {"bench": "gpu", "model": name, "workload": wname, "scale": scale, "seed": args.seed,
                            "system": system, "gpus": 1 if device == "cuda" else 0, "rows": len(requests),
                            "prompt_tokens": w.tokens.num_tokens, "unique_tokens": unique, "output_tokens": output,
