@@ -4,6 +4,8 @@ checked on a GPU only), and what ``install`` changes in a model."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -42,12 +44,33 @@ def test_the_kernels_compute_what_transformers_layers_compute(dtype):
     assert fused.rms_norm(x[:, :0], norm.weight, 1e-5).shape == (3, 0, 576)  # (no rows: no launch)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_rotary_kernel_equals_transformers_rotary_embedding(dtype):
+    """Queries and keys laid out as transformers' attention has them (transposed views), 4 query heads over 2
+    key heads: exactly transformers' values, in its memory layout."""
+    torch.manual_seed(2)
+    q = torch.randn(2, 7, 4, 64, dtype=dtype).transpose(1, 2)
+    k = torch.randn(2, 7, 2, 64, dtype=dtype).transpose(1, 2)
+    cos, sin = torch.randn(2, 7, 64, dtype=dtype), torch.randn(2, 7, 64, dtype=dtype)
+    plain = getattr(modeling_llama.apply_rotary_pos_emb, "__wrapped__", modeling_llama.apply_rotary_pos_emb)
+    want_q, want_k = plain(q, k, cos, sin)
+    got_q, got_k = fused.rotary(q, k, cos, sin)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert got_q.stride() == want_q.stride() and got_k.stride() == want_k.stride()
+    got_q, got_k = fused.rotary(q, k, cos[:1], sin[:1])  # (one row of cos and sin for all: position ids [1, T])
+    want_q, want_k = plain(q, k, cos[:1], sin[:1])
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_install_fuses_the_norms_and_mlps_only_where_asked(arch, monkeypatch):
-    """With ``BATCHRUN_FUSED=1``, ``install`` changes every RMSNorm (Qwen3's per-head q/k norms too) and every
-    SwiGLU MLP, whose gate and up weights become views of one tensor. Outside ``active`` the model computes
-    exactly as before; inside, its logits agree with transformers' to float32 rounding."""
+    """With ``BATCHRUN_FUSED=1``, ``install`` changes every RMSNorm (Qwen3's per-head q/k norms too), every
+    SwiGLU MLP, whose gate and up weights become views of one tensor, and the family's rotary embedding.
+    Outside ``active`` the model computes exactly as before; inside, its logits agree with transformers' to
+    float32 rounding."""
     monkeypatch.setenv("BATCHRUN_FUSED", "1")
+    family = importlib.import_module(f"transformers.models.{arch}.modeling_{arch}")
+    monkeypatch.setattr(family, "apply_rotary_pos_emb", family.apply_rotary_pos_emb)  # (put back afterwards)
     config = AutoConfig.for_model(arch, vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                   max_position_embeddings=128, tie_word_embeddings=False)
@@ -58,8 +81,8 @@ def test_install_fuses_the_norms_and_mlps_only_where_asked(arch, monkeypatch):
         plain = model(ids).logits
     norms = 2 * 2 + 1 + (2 * 2 if arch == "qwen3" else 0)
     with torch.inference_mode():  # (where an engine may be made: the joined weights are plain tensors still)
-        assert fused.install(model) == norms + 2
-    assert fused.install(model) == norms + 2  # (idempotent)
+        assert fused.install(model) == norms + 2 + 1
+    assert fused.install(model) == norms + 2 + 1  # (idempotent)
     assert torch.equal(model(ids).logits.detach(), plain)  # (with autograd on: no inference tensors inside)
     with torch.no_grad():
         mlp = model.model.layers[0].mlp
@@ -69,15 +92,15 @@ def test_install_fuses_the_norms_and_mlps_only_where_asked(arch, monkeypatch):
         assert mlp.up_proj.weight.data_ptr() == joined.data_ptr() + 96 * 64 * joined.element_size()
         assert torch.equal(model(ids).logits, plain)
         calls = []
-        for name in ("rms_norm", "silu_mul"):
+        for name in ("rms_norm", "silu_mul", "rotary"):
             kernel = getattr(fused, name)
             monkeypatch.setattr(fused, name, lambda *a, k=kernel, n=name: calls.append(n) or k(*a))
         with fused.active(anywhere=True):
             got = model(ids).logits
-        assert calls.count("rms_norm") == norms and calls.count("silu_mul") == 2
+        assert calls.count("rms_norm") == norms and calls.count("silu_mul") == 2 and calls.count("rotary") == 2
         with fused.active():  # (a GPU's only: these tensors are on the CPU)
             assert torch.equal(model(ids).logits, plain)
-        assert len(calls) == norms + 2
+        assert len(calls) == norms + 2 + 2
     assert torch.allclose(got, plain, rtol=1e-4, atol=1e-4), (got - plain).abs().max()
 
 
@@ -92,6 +115,7 @@ def test_fused_kernels_are_off_by_default_and_a_bad_setting_is_a_clear_error(mon
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_the_kernels_round_bfloat16_as_transformers_does_on_the_gpu():
+    """bfloat16 on the GPU: RMSNorm and silu-mul within a unit or two in the last place, rotary exact."""
     torch.manual_seed(0)
     norm = modeling_llama.LlamaRMSNorm(2048, eps=1e-5).to("cuda", torch.bfloat16)
     with torch.no_grad():
@@ -100,6 +124,11 @@ def test_the_kernels_round_bfloat16_as_transformers_does_on_the_gpu():
     with torch.no_grad():
         off = _ulps(fused.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
     assert off.max() <= 2 and (off > 0).float().mean() < 0.01
+    q = torch.randn(1, 300, 32, 64, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    k = torch.randn(1, 300, 8, 64, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    cos, sin = (torch.randn(1, 300, 64, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    plain = getattr(modeling_llama.apply_rotary_pos_emb, "__wrapped__", modeling_llama.apply_rotary_pos_emb)
+    assert all(torch.equal(a, b) for a, b in zip(fused.rotary(q, k, cos, sin), plain(q, k, cos, sin)))
     gate_up = torch.randn(300, 2 * 8192, dtype=torch.bfloat16, device="cuda") * 4
     want = torch.nn.functional.silu(gate_up[:, :8192]) * gate_up[:, 8192:]
     off = _ulps(fused.silu_mul(gate_up), want)

@@ -1,15 +1,19 @@
-"""Fused GPU kernels for the model's own layers: RMSNorm in one kernel, and the SwiGLU MLP's gate and up
-projections in one matrix product followed by one kernel for ``silu(gate) * up``.
+"""Fused GPU kernels for the model's own layers: RMSNorm in one kernel, the SwiGLU MLP's gate and up
+projections in one matrix product followed by one kernel for ``silu(gate) * up``, and the rotary embedding of
+a layer's queries and keys in one kernel.
 
 transformers' Llama-family layers compute these with plain torch operators: an RMSNorm is six elementwise
 kernels over the hidden states with float32 intermediates (cast, square, mean, rsqrt, multiply, cast and
-multiply by the weight), and the MLP is two projections, ``silu`` and a product. On the H200 those
+multiply by the weight), the MLP is two projections, ``silu`` and a product, and the rotary embedding is
+about six operators each for the queries and the keys (products, ``rotate_half``'s slices, negation and
+concatenation, the sum). On the H200 those
 elementwise kernels and copies were about 20% of 1b fewshot's GPU time, and each is a launch in a step that is
 not replayed from a CUDA graph. ``install(model)`` gives the supported modules a fused forward (Triton), used
 only while a batchrun engine runs on a GPU (``active``): the reference engine and every CPU run keep
 transformers' own code, which stays the oracle.
 
-The fused RMSNorm computes as transformers does (float32 sum of squares, ``rsqrt``, cast to the input's
+The rotary kernel rounds where transformers' operators round and gives exactly its values. The fused
+RMSNorm computes as transformers does (float32 sum of squares, ``rsqrt``, cast to the input's
 dtype, then the weight's product rounded to it), but its reduction runs in another order, so a value can
 differ from transformers' by one unit in the last place; the GPU tests compare batchrun's tokens with the
 reference engine's tie-aware, as for attention. The MLP's one projection reads the gate's and the up
@@ -21,6 +25,7 @@ have been measured on the H200 (not yet: written and tested on the CPU, in Trito
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import types
 from collections.abc import Iterator
@@ -30,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+ROTARY_MODULES = ("llama", "mistral", "qwen2", "qwen3")  # transformers.models.X.modeling_X.apply_rotary_pos_emb
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x / rms(x), x's dtype
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")  # down(act(gate(x)) * up(x))
 _STATE = threading.local()  # (``active``: this thread runs a batchrun engine step)
@@ -71,7 +77,7 @@ def install(model: Any) -> int:
     the number of modules changed (0 if fused kernels are not wanted or Triton is missing). Idempotent."""
     if not wanted() or not available():
         return 0
-    changed = 0
+    changed = sum(_patch_rotary(where) for where in {type(m).__module__ for m in model.modules()})
     for module in model.modules():
         name = type(module).__name__
         if getattr(module, "_batchrun_fused", False):
@@ -84,6 +90,34 @@ def install(model: Any) -> int:
             _wrap(module, _swiglu_forward)
             changed += 1
     return changed
+
+
+def _patch_rotary(where: str) -> int:
+    """The rotary embedding of a supported model family's module (``transformers.models.llama.modeling_llama``,
+    ...), fused (inside ``active``): 1 if it is (patched now or before), else 0."""
+    family = where.rsplit(".", 2)
+    if len(family) < 3 or family[-2] not in ROTARY_MODULES or family[-1] != f"modeling_{family[-2]}":
+        return 0
+    module = sys.modules.get(where)
+    plain = getattr(module, "apply_rotary_pos_emb", None)
+    if plain is None:
+        return 0
+    if getattr(plain, "_batchrun_fused", False):
+        return 1
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        on = getattr(_STATE, "on", 0)
+        if (on and (on == 2 or q.is_cuda) and unsqueeze_dim == 1 and q.dim() == k.dim() == 4 and cos.dim() == 3
+                and q.dtype == k.dtype == cos.dtype == sin.dtype and q.shape[-1] % 2 == 0
+                and cos.shape == sin.shape and cos.shape[0] in (1, q.shape[0])
+                and cos.shape[1:] == (q.shape[2], q.shape[3])):
+            return rotary(q, k, cos, sin)
+        return plain(q, k, cos, sin, unsqueeze_dim)
+
+    apply_rotary_pos_emb._batchrun_fused = True
+    apply_rotary_pos_emb.__wrapped__ = plain
+    module.apply_rotary_pos_emb = apply_rotary_pos_emb
+    return 1
 
 
 def _wrap(module: Any, fused) -> None:
@@ -172,6 +206,26 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         k.silu_mul_kernel[(rows.shape[0], -(-half // block))](rows, out, rows.stride(0), out.stride(0), half,
                                                               BLOCK=block)
     return out.view(*gate_up.shape[:-1], half)
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """transformers' ``apply_rotary_pos_emb`` (``q`` [B, HQ, T, D], ``k`` [B, HK, T, D], ``cos`` and ``sin``
+    [B or 1, T, D]) in one kernel for both; the outputs keep the inputs' memory layout."""
+    from batchrun.engine import fused_kernels as kern
+
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    b, hq, t, d = q.shape
+    c_b, c_t, c_d = cos.stride()
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+        c_b, c_t, c_d = cos.stride()
+    if cos.shape[0] == 1:  # (one batch row of cos and sin for every row of q and k)
+        c_b = 0
+    if b * t:
+        kern.rotary_kernel[(b * t, hq + k.shape[1])](q, k, qo, ko, cos, sin, t, hq, *q.stride(), *k.stride(),
+                                                    *qo.stride(), *ko.stride(), c_b, c_t, c_d, d // 2,
+                                                    BLOCK=_pow2(d // 2))
+    return qo, ko
 
 
 def _pow2(n: int) -> int:

@@ -35,3 +35,43 @@ def silu_mul_kernel(GU, OUT, stride_gu, stride_out, HALF, BLOCK: tl.constexpr):
     s = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty)
     y = s.to(tl.float32) * u.to(tl.float32)
     tl.store(OUT + row * stride_out + cols, y.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rotate(X, OUT, C, S, x_off, out_off, c_off, stride_xd, stride_od, stride_cd, HALF, BLOCK: tl.constexpr):
+    """One head's vector of one token: ``x * cos + rotate_half(x) * sin``, each product and the sum rounded
+    to the dtype (transformers' operators)."""
+    d = tl.arange(0, BLOCK)
+    ok = d < HALF
+    x1 = tl.load(X + x_off + d * stride_xd, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_off + (d + HALF) * stride_xd, mask=ok, other=0.0).to(tl.float32)
+    c1 = tl.load(C + c_off + d * stride_cd, mask=ok, other=0.0).to(tl.float32)
+    c2 = tl.load(C + c_off + (d + HALF) * stride_cd, mask=ok, other=0.0).to(tl.float32)
+    s1 = tl.load(S + c_off + d * stride_cd, mask=ok, other=0.0).to(tl.float32)
+    s2 = tl.load(S + c_off + (d + HALF) * stride_cd, mask=ok, other=0.0).to(tl.float32)
+    ty = OUT.dtype.element_ty
+    y1 = (x1 * c1).to(ty).to(tl.float32) + (-x2 * s1).to(ty).to(tl.float32)
+    y2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
+    tl.store(OUT + out_off + d * stride_od, y1.to(ty), mask=ok)
+    tl.store(OUT + out_off + (d + HALF) * stride_od, y2.to(ty), mask=ok)
+
+
+@triton.jit
+def rotary_kernel(Q, K, QO, KO, C, S, T, HQ,
+                  sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
+                  sqo_b, sqo_h, sqo_t, sqo_d, sko_b, sko_h, sko_t, sko_d,
+                  sc_b, sc_t, sc_d, HALF, BLOCK: tl.constexpr):
+    """Program (token, head): the rotary embedding of one query head (``head < HQ``) or key head of one token
+    of ``Q`` [B, HQ, T, D] and ``K`` [B, HK, T, D] (any strides), with ``C``/``S`` [B, T, D] (cos, sin)."""
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    b = tok // T
+    t = tok % T
+    c_off = b * sc_b + t * sc_t
+    if head < HQ:
+        _rotate(Q, QO, C, S, b * sq_b + head * sq_h + t * sq_t, b * sqo_b + head * sqo_h + t * sqo_t, c_off,
+                sq_d, sqo_d, sc_d, HALF, BLOCK)
+    else:
+        h = head - HQ
+        _rotate(K, KO, C, S, b * sk_b + h * sk_h + t * sk_t, b * sko_b + h * sko_h + t * sko_t, c_off,
+                sk_d, sko_d, sc_d, HALF, BLOCK)
