@@ -6,20 +6,20 @@ transformers' Llama-family layers compute these with plain torch operators: an R
 kernels over the hidden states with float32 intermediates (cast, square, mean, rsqrt, multiply, cast and
 multiply by the weight), the MLP is two projections, ``silu`` and a product, and the rotary embedding is
 about six operators each for the queries and the keys (products, ``rotate_half``'s slices, negation and
-concatenation, the sum). On the H200 those
-elementwise kernels and copies were about 20% of 1b fewshot's GPU time, and each is a launch in a step that is
-not replayed from a CUDA graph. ``install(model)`` gives the supported modules a fused forward (Triton), used
-only while a batchrun engine runs on a GPU (``active``): the reference engine and every CPU run keep
-transformers' own code, which stays the oracle.
+concatenation, the sum). On the H200 those elementwise kernels and copies were about 20% of 1b fewshot's GPU
+time, and each is a launch in a step that is not replayed from a CUDA graph. ``install(model)`` gives the
+supported modules a fused forward (Triton), used only while a batchrun engine runs on a GPU (``active``):
+the reference engine and every CPU run keep transformers' own code, which stays the oracle.
 
-The rotary kernel rounds where transformers' operators round and gives exactly its values. The fused
-RMSNorm computes as transformers does (float32 sum of squares, ``rsqrt``, cast to the input's
-dtype, then the weight's product rounded to it), but its reduction runs in another order, so a value can
-differ from transformers' by one unit in the last place; the GPU tests compare batchrun's tokens with the
-reference engine's tie-aware, as for attention. The MLP's one projection reads the gate's and the up
-projection's weights from one tensor (the two modules' weights become views of it: no extra memory).
-``BATCHRUN_FUSED=1`` turns them on; the default (0) leaves the model's modules as they are until the kernels
-have been measured on the H200 (not yet: written and tested on the CPU, in Triton's interpreter).
+The rotary kernel rounds where transformers' operators round and gives exactly its values. The fused RMSNorm
+computes as transformers does (float32 sum of squares, ``rsqrt``, cast to the input's dtype, then the
+weight's product rounded to it), but its reduction runs in another order, so a value can differ from
+transformers' by one unit in the last place; so can ``silu`` (``exp``). batchrun's tokens are then to be
+compared with the reference engine's tie-aware, as for attention (the GPU tests, run with
+``BATCHRUN_FUSED=1``). The MLP's one projection reads the gate's and the up projection's weights from one
+tensor (the two modules' weights become views of it: no extra memory). ``BATCHRUN_FUSED=1`` turns the kernels
+on; the default (0) leaves the model's modules as they are until they have been measured on the H200 (not
+yet: written and tested on the CPU, in Triton's interpreter).
 """
 
 from __future__ import annotations
