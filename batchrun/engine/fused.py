@@ -38,7 +38,7 @@ import torch.nn.functional as F
 ROTARY_MODULES = ("llama", "mistral", "qwen2", "qwen3")  # transformers.models.X.modeling_X.apply_rotary_pos_emb
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x / rms(x), x's dtype
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")  # down(act(gate(x)) * up(x))
-_STATE = threading.local()  # (``active``: this thread runs a batchrun engine step)
+_STATE = threading.local()  # (``active``, ``on``: 0 not in this thread, 1 on a GPU, 2 anywhere)
 
 
 def wanted() -> bool:
@@ -47,8 +47,8 @@ def wanted() -> bool:
     if raw not in ("0", "1"):
         from batchrun.errors import RuntimeFailure
 
-        raise RuntimeFailure(f"BATCHRUN_FUSED={raw!r}: expected 1 (fused RMSNorm and SwiGLU kernels on a GPU) or 0 "
-                             "(transformers' own layers: the default)")
+        raise RuntimeFailure(f"BATCHRUN_FUSED={raw!r}: expected 1 (fused RMSNorm, SwiGLU and rotary kernels on "
+                             "a GPU) or 0 (transformers' own layers: the default)")
     return raw == "1"
 
 
@@ -73,8 +73,9 @@ def active(anywhere: bool = False) -> Iterator[None]:
 
 
 def install(model: Any) -> int:
-    """Give ``model``'s supported RMSNorm and SwiGLU MLP modules a fused forward (used inside ``active``);
-    the number of modules changed (0 if fused kernels are not wanted or Triton is missing). Idempotent."""
+    """Give ``model``'s supported RMSNorm and SwiGLU MLP modules a fused forward, and its family's rotary
+    embedding a fused one (used inside ``active``); the number of modules and families changed (0 if fused
+    kernels are not wanted or Triton is missing). Idempotent."""
     if not wanted() or not available():
         return 0
     changed = sum(_patch_rotary(where) for where in {type(m).__module__ for m in model.modules()})

@@ -131,13 +131,19 @@ class StepMasks:
         if not self._twin:
             return None
         src = np.arange(len(self.out), dtype=np.int64)
-        src[list(self._twin)] = [i for i, _ in self._twin.values()]
+        rows, firsts = self._shared()
+        src[rows] = firsts
         return src
 
     def fill_shared(self) -> None:
         """After ``finish``: the shared masks copied into ``out`` too, which then holds every row's mask."""
         if self._twin:
-            self.out[list(self._twin)] = self.out[[i for i, _ in self._twin.values()]]
+            rows, firsts = self._shared()
+            self.out[rows] = self.out[firsts]
+
+    def _shared(self) -> tuple[list[int], list[int]]:
+        """(The rows sharing another row's mask, the rows whose masks they share.)"""
+        return list(self._twin), [i for i, _ in self._twin.values()]
 
     def take_and_mask(self) -> None:
         """The grammars take their rows' new tokens and compute their masks: llguidance's calls alone, in its

@@ -188,8 +188,8 @@ class MaskPipeline:
             job = StepMasks([None if k in lazy_keys else c for k, c in zip(keys, constraints)], generated,
                             packed.numpy())
             lazy = [(i, constraints[i], generated[i]) for i, k in enumerate(keys) if k in lazy_keys]
-            return Masks(list(keys), [_Job({}, job, Later(job.compute), packed, whole=True)], self.words, self.pin,
-                         lazy, False)
+            return Masks(list(keys), [_Job({}, job, Later(job.take_and_mask), packed, whole=True)], self.words,
+                         self.pin, lazy, False)  # (``Masks.wait`` finishes it; shared masks gathered on the device)
         have = early.rows if early is not None else {}
         lazy = [i for i, k in enumerate(keys) if k in lazy_keys]
         late = [i for i, k in enumerate(keys) if k not in have and k not in lazy_keys]
