@@ -108,7 +108,10 @@ def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan, 
             engine = BatchEngine(loaded, params, kv_budget_tokens=budget, block_size=cfg.block_size,
                                  step_tokens=cfg.step_tokens)
         finally:
-            os.environ.pop("BATCHRUN_FUSED") if before is None else os.environ.update(BATCHRUN_FUSED=before)
+            if before is None:
+                del os.environ["BATCHRUN_FUSED"]
+            else:
+                os.environ["BATCHRUN_FUSED"] = before
         # Warm-up outside the timer: Triton compiles the attention kernels once per process (a few seconds).
         few = requests[:16]
         sum(len(b) for b in engine.run(few, build_plan(plan.tokens.take(np.arange(len(few))),

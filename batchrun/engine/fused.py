@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from batchrun.engine.attention.paged import available as triton_available
+
 ROTARY_MODULES = ("llama", "mistral", "qwen2", "qwen3")  # transformers.models.X.modeling_X.apply_rotary_pos_emb
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # weight * x / rms(x), x's dtype
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")  # down(act(gate(x)) * up(x))
@@ -50,14 +52,6 @@ def wanted() -> bool:
         raise RuntimeFailure(f"BATCHRUN_FUSED={raw!r}: expected 1 (fused RMSNorm, SwiGLU and rotary kernels on "
                              "a GPU) or 0 (transformers' own layers: the default)")
     return raw == "1"
-
-
-def available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @contextmanager
@@ -76,7 +70,7 @@ def install(model: Any) -> int:
     """Give ``model``'s supported RMSNorm and SwiGLU MLP modules a fused forward, and its family's rotary
     embedding a fused one (used inside ``active``); the number of modules and families changed (0 if fused
     kernels are not wanted or Triton is missing). Idempotent."""
-    if not wanted() or not available():
+    if not wanted() or not triton_available():
         return 0
     changed = sum(_patch_rotary(where) for where in {type(m).__module__ for m in model.modules()})
     for module in model.modules():
@@ -161,14 +155,8 @@ def _join_gate_up(mlp: Any) -> None:
 def _rms_norm_forward(norm: Any, x: torch.Tensor) -> torch.Tensor:
     w = norm.weight
     if w.dtype != x.dtype or x.shape[-1] != w.shape[0]:  # (transformers' type promotion: not fused)
-        return _plain_rms_norm(norm, x)
+        return type(norm).forward(norm, x)  # (transformers' own)
     return rms_norm(x, w, norm.variance_epsilon)
-
-
-def _plain_rms_norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * h.to(x.dtype)
 
 
 def _swiglu_forward(mlp: Any, x: torch.Tensor) -> torch.Tensor:
