@@ -5,6 +5,7 @@ checked on a GPU only), and what ``install`` changes in a model."""
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ from transformers.models.llama import modeling_llama
 
 from batchrun.engine import fused
 from batchrun.errors import RuntimeFailure
+
+# Triton's interpreter on the CPU (conftest sets it where there is no GPU); on a GPU machine, the GPU.
+DEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def _ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
@@ -26,17 +30,17 @@ def test_the_kernels_compute_what_transformers_layers_compute(dtype):
     """RMSNorm (transformers' LlamaRMSNorm) and ``silu(gate) * up`` (its MLP's product): the same values but
     for a unit in the last place here and there (another order of the sum; ``exp``)."""
     torch.manual_seed(0)
-    norm = modeling_llama.LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    norm = modeling_llama.LlamaRMSNorm(576, eps=1e-5).to(DEV, dtype)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(576))
-    x = torch.randn(3, 37, 576, dtype=dtype) * 3
+    x = torch.randn(3, 37, 576, dtype=dtype).to(DEV) * 3
     with torch.no_grad():
         want, got = norm(x), fused.rms_norm(x, norm.weight, norm.variance_epsilon)
     assert got.shape == want.shape and got.dtype == want.dtype
     off = _ulps(got, want)
-    assert off.max() <= (4 if dtype == torch.float32 else 1)
+    assert off.max() <= (4 if dtype == torch.float32 else 1 if DEV == "cpu" else 2)  # (GPU: rsqrt.approx)
     assert (off > 0).float().mean() < (0.5 if dtype == torch.float32 else 0.01)
-    gate_up = torch.randn(5, 7, 2 * 1536, dtype=dtype) * 4
+    gate_up = torch.randn(5, 7, 2 * 1536, dtype=dtype).to(DEV) * 4
     want = torch.nn.functional.silu(gate_up[..., :1536]) * gate_up[..., 1536:]
     got = fused.silu_mul(gate_up)
     assert got.shape == want.shape == (5, 7, 1536)
@@ -49,9 +53,9 @@ def test_the_rotary_kernel_equals_transformers_rotary_embedding(dtype):
     """Queries and keys laid out as transformers' attention has them (transposed views), 4 query heads over 2
     key heads: exactly transformers' values, in its memory layout."""
     torch.manual_seed(2)
-    q = torch.randn(2, 7, 4, 64, dtype=dtype).transpose(1, 2)
-    k = torch.randn(2, 7, 2, 64, dtype=dtype).transpose(1, 2)
-    cos, sin = torch.randn(2, 7, 64, dtype=dtype), torch.randn(2, 7, 64, dtype=dtype)
+    q = torch.randn(2, 7, 4, 64, dtype=dtype).to(DEV).transpose(1, 2)
+    k = torch.randn(2, 7, 2, 64, dtype=dtype).to(DEV).transpose(1, 2)
+    cos, sin = torch.randn(2, 7, 64, dtype=dtype).to(DEV), torch.randn(2, 7, 64, dtype=dtype).to(DEV)
     plain = getattr(modeling_llama.apply_rotary_pos_emb, "__wrapped__", modeling_llama.apply_rotary_pos_emb)
     want_q, want_k = plain(q, k, cos, sin)
     got_q, got_k = fused.rotary(q, k, cos, sin)
@@ -75,8 +79,8 @@ def test_install_fuses_the_norms_and_mlps_only_where_asked(arch, monkeypatch):
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                   max_position_embeddings=128, tie_word_embeddings=False)
     torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    ids = torch.randint(0, 256, (2, 11))
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(DEV).eval()
+    ids = torch.randint(0, 256, (2, 11)).to(DEV)
     with torch.no_grad():
         plain = model(ids).logits
     norms = 2 * 2 + 1 + (2 * 2 if arch == "qwen3" else 0)
@@ -98,9 +102,10 @@ def test_install_fuses_the_norms_and_mlps_only_where_asked(arch, monkeypatch):
         with fused.active(anywhere=True):
             got = model(ids).logits
         assert calls.count("rms_norm") == norms and calls.count("silu_mul") == 2 and calls.count("rotary") == 2
-        with fused.active():  # (a GPU's only: these tensors are on the CPU)
-            assert torch.equal(model(ids).logits, plain)
-        assert len(calls) == norms + 2 + 2
+        if DEV == "cpu":
+            with fused.active():  # (a GPU's only: these tensors are on the CPU)
+                assert torch.equal(model(ids).logits, plain)
+            assert len(calls) == norms + 2 + 2
     assert torch.allclose(got, plain, rtol=1e-4, atol=1e-4), (got - plain).abs().max()
 
 

@@ -175,7 +175,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty((rows.shape[0], n), dtype=x.dtype, device=x.device)
     if rows.shape[0]:
         k.rms_norm_kernel[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), n, float(eps),
-                                            BLOCK=_pow2(n))
+                                            BLOCK=_pow2(n), enable_fp_fusion=False)
     return out.view(x.shape)
 
 
@@ -193,7 +193,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if rows.shape[0]:
         block = min(_pow2(half), 1024)
         k.silu_mul_kernel[(rows.shape[0], -(-half // block))](rows, out, rows.stride(0), out.stride(0), half,
-                                                              BLOCK=block)
+                                                              BLOCK=block, enable_fp_fusion=False)
     return out.view(*gate_up.shape[:-1], half)
 
 
@@ -213,7 +213,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if b * t:
         kern.rotary_kernel[(b * t, hq + k.shape[1])](q, k, qo, ko, cos, sin, t, hq, *q.stride(), *k.stride(),
                                                     *qo.stride(), *ko.stride(), c_b, c_t, c_d, d // 2,
-                                                    BLOCK=_pow2(d // 2))
+                                                    BLOCK=_pow2(d // 2), enable_fp_fusion=False)
     return qo, ko
 
 
