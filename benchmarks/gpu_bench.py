@@ -103,7 +103,7 @@ def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan, 
         cfg = EngineSpec(block_size=plan.config.block_size, step_tokens=plan.config.step_tokens)
         budget = kv_budget(cfg, loaded_facts(loaded), requests)  # the job's rule: weights loaded, 90% of free
         before = os.environ.get("BATCHRUN_FUSED")
-        os.environ["BATCHRUN_FUSED"] = "1" if system == "batchrun_fused" else "0"  # (read as the engine is made)
+        os.environ["BATCHRUN_FUSED"] = "0" if system == "batchrun_unfused" else "1"  # (read as the engine is made)
         try:
             engine = BatchEngine(loaded, params, kv_budget_tokens=budget, block_size=cfg.block_size,
                                  step_tokens=cfg.step_tokens)
@@ -186,8 +186,8 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=None, help="every workload at this scale (default: SCALES)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--systems", default="hf_padded,batchrun",
-                    help="comma-separated: hf_padded, batchrun, batchrun_fused (the engine with BATCHRUN_FUSED=1: "
-                         "engine.fused), submit")
+                    help="comma-separated: hf_padded, batchrun, batchrun_unfused (the engine with "
+                         "BATCHRUN_FUSED=0: transformers' own norms, MLPs and rotary), submit")
     ap.add_argument("--profile", action="store_true", help="also a profiled batchrun run: GPU busy, launches")
     ap.add_argument("--submit-model", default="dir", choices=["dir", "random"])
     ap.add_argument("--tokenizer", default=".tok", help="tokenizer directory for submit (SmolLM2's)")

@@ -109,10 +109,13 @@ def test_install_fuses_the_norms_and_mlps_only_where_asked(arch, monkeypatch):
     assert torch.allclose(got, plain, rtol=1e-4, atol=1e-4), (got - plain).abs().max()
 
 
-def test_fused_kernels_are_off_by_default_and_a_bad_setting_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("BATCHRUN_FUSED", raising=False)
+def test_fused_kernels_are_on_by_default_off_with_0_and_a_bad_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("BATCHRUN_FUSED", "0")
     model = torch.nn.Sequential(modeling_llama.LlamaRMSNorm(8))
     assert fused.install(model) == 0 and not hasattr(model[0], "_batchrun_fused")
+    monkeypatch.delenv("BATCHRUN_FUSED")
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    assert fused.install(model) == 2 and hasattr(model[0], "_batchrun_fused")  # (the norm; Llama's rotary)
     monkeypatch.setenv("BATCHRUN_FUSED", "yes")
     with pytest.raises(RuntimeFailure, match=r"BATCHRUN_FUSED='yes': expected 1 \(fused .* or 0"):
         fused.install(model)
