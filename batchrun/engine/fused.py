@@ -214,9 +214,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     if cos.shape[0] == 1:  # (one batch row of cos and sin for every row of q and k)
         c_b = 0
     if b * t:
-        kern.rotary_kernel[(b * t, hq + k.shape[1])](q, k, qo, ko, cos, sin, t, hq, *q.stride(), *k.stride(),
-                                                    *qo.stride(), *ko.stride(), c_b, c_t, c_d, d // 2,
-                                                    BLOCK=_pow2(d // 2), enable_fp_fusion=False)
+        kern.rotary_kernel[(b * t, 2)](q, k, qo, ko, cos, sin, t, hq, k.shape[1], *q.stride(), *k.stride(),
+                                       *qo.stride(), *ko.stride(), c_b, c_t, c_d, d // 2, BLOCK_HQ=_pow2(hq),
+                                       BLOCK_HK=_pow2(k.shape[1]), BLOCK=_pow2(d // 2), enable_fp_fusion=False)
     return qo, ko
 
 

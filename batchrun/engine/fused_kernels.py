@@ -38,40 +38,41 @@ def silu_mul_kernel(GU, OUT, stride_gu, stride_out, HALF, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _rotate(X, OUT, C, S, x_off, out_off, c_off, stride_xd, stride_od, stride_cd, HALF, BLOCK: tl.constexpr):
-    """One head's vector of one token: ``x * cos + rotate_half(x) * sin``, each product and the sum rounded
-    to the dtype (transformers' operators)."""
-    d = tl.arange(0, BLOCK)
-    ok = d < HALF
-    x1 = tl.load(X + x_off + d * stride_xd, mask=ok, other=0.0).to(tl.float32)
-    x2 = tl.load(X + x_off + (d + HALF) * stride_xd, mask=ok, other=0.0).to(tl.float32)
-    c1 = tl.load(C + c_off + d * stride_cd, mask=ok, other=0.0).to(tl.float32)
-    c2 = tl.load(C + c_off + (d + HALF) * stride_cd, mask=ok, other=0.0).to(tl.float32)
-    s1 = tl.load(S + c_off + d * stride_cd, mask=ok, other=0.0).to(tl.float32)
-    s2 = tl.load(S + c_off + (d + HALF) * stride_cd, mask=ok, other=0.0).to(tl.float32)
+def _rotate(X, OUT, C, S, x_off, out_off, c_off, H, stride_xh, stride_xd, stride_oh, stride_od, stride_cd, HALF,
+            BLOCK_H: tl.constexpr, BLOCK: tl.constexpr):
+    """All ``H`` heads of one token: ``x * cos + rotate_half(x) * sin``, each product and the sum rounded to
+    the dtype (transformers' operators); the token's cos and sin read once for every head."""
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK)[None, :]
+    ok = (h < H) & (d < HALF)
+    c1 = tl.load(C + c_off + d * stride_cd, mask=d < HALF, other=0.0).to(tl.float32)
+    c2 = tl.load(C + c_off + (d + HALF) * stride_cd, mask=d < HALF, other=0.0).to(tl.float32)
+    s1 = tl.load(S + c_off + d * stride_cd, mask=d < HALF, other=0.0).to(tl.float32)
+    s2 = tl.load(S + c_off + (d + HALF) * stride_cd, mask=d < HALF, other=0.0).to(tl.float32)
+    x1 = tl.load(X + x_off + h * stride_xh + d * stride_xd, mask=ok, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_off + h * stride_xh + (d + HALF) * stride_xd, mask=ok, other=0.0).to(tl.float32)
     ty = OUT.dtype.element_ty
     y1 = (x1 * c1).to(ty).to(tl.float32) + (-x2 * s1).to(ty).to(tl.float32)
     y2 = (x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)
-    tl.store(OUT + out_off + d * stride_od, y1.to(ty), mask=ok)
-    tl.store(OUT + out_off + (d + HALF) * stride_od, y2.to(ty), mask=ok)
+    tl.store(OUT + out_off + h * stride_oh + d * stride_od, y1.to(ty), mask=ok)
+    tl.store(OUT + out_off + h * stride_oh + (d + HALF) * stride_od, y2.to(ty), mask=ok)
 
 
 @triton.jit
-def rotary_kernel(Q, K, QO, KO, C, S, T, HQ,
+def rotary_kernel(Q, K, QO, KO, C, S, T, HQ, HK,
                   sq_b, sq_h, sq_t, sq_d, sk_b, sk_h, sk_t, sk_d,
                   sqo_b, sqo_h, sqo_t, sqo_d, sko_b, sko_h, sko_t, sko_d,
-                  sc_b, sc_t, sc_d, HALF, BLOCK: tl.constexpr):
-    """Program (token, head): the rotary embedding of one query head (``head < HQ``) or key head of one token
-    of ``Q`` [B, HQ, T, D] and ``K`` [B, HK, T, D] (any strides), with ``C``/``S`` [B, T, D] (cos, sin)."""
+                  sc_b, sc_t, sc_d, HALF, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (token, 0 or 1): the rotary embedding of every query head (0) or every key head (1) of one
+    token of ``Q`` [B, HQ, T, D] and ``K`` [B, HK, T, D] (any strides), with ``C``/``S`` [B, T, D] (cos,
+    sin)."""
     tok = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
     b = tok // T
     t = tok % T
     c_off = b * sc_b + t * sc_t
-    if head < HQ:
-        _rotate(Q, QO, C, S, b * sq_b + head * sq_h + t * sq_t, b * sqo_b + head * sqo_h + t * sqo_t, c_off,
-                sq_d, sqo_d, sc_d, HALF, BLOCK)
+    if tl.program_id(1) == 0:
+        _rotate(Q, QO, C, S, b * sq_b + t * sq_t, b * sqo_b + t * sqo_t, c_off, HQ, sq_h, sq_d, sqo_h, sqo_d,
+                sc_d, HALF, BLOCK_HQ, BLOCK)
     else:
-        h = head - HQ
-        _rotate(K, KO, C, S, b * sk_b + h * sk_h + t * sk_t, b * sko_b + h * sko_h + t * sko_t, c_off,
-                sk_d, sko_d, sc_d, HALF, BLOCK)
+        _rotate(K, KO, C, S, b * sk_b + t * sk_t, b * sko_b + t * sko_t, c_off, HK, sk_h, sk_d, sko_h, sko_d,
+                sc_d, HALF, BLOCK_HK, BLOCK)
