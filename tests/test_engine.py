@@ -203,20 +203,37 @@ def test_logits_constraints_are_honoured_by_both_engines(tiny, temperature):
                 assert got[r.key].token_ids != free[r.key].token_ids  # the constraint changed something
 
 
-def test_paged_backend_equals_the_oracle(tiny, monkeypatch):
+@pytest.mark.parametrize("tiles", ["default", "wide causal"])
+def test_paged_backend_equals_the_oracle(tiny, monkeypatch, tiles):
     """The paged (cascade) backend — pool read in place, shared prefixes once per step, parts merged by
-    log-sum-exp — gives the oracle's tokens exactly in fp32 (on CPU through Triton's interpreter)."""
+    log-sum-exp — gives the oracle's tokens exactly in fp32 (on CPU through Triton's interpreter). Also with
+    a sequence's own rows in wide tiles where they fill one (``WIDE_CAUSAL``, small wide tiles here so that
+    prefill chunks of 64 tokens take both wide and narrow tiles)."""
     pytest.importorskip("triton")  # (on a machine without a GPU, conftest runs it in Triton's interpreter)
     if tiny.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("a CPU model with a GPU present: the kernel runs on the GPU (the cuda cases)")
     monkeypatch.setenv("BATCHRUN_ATTENTION", "paged")
+    from batchrun.engine.attention.paged import PagedBackend
+
+    if tiles == "wide causal":
+        monkeypatch.setattr(PagedBackend, "WIDE_CAUSAL", True)
+        monkeypatch.setattr(PagedBackend, "WIDE_ROWS", 2 * PagedBackend.TILE_ROWS)
     reqs = _requests(tiny.tokenizer)
     oracle = _oracle(tiny, reqs)
     engine = BatchEngine(tiny, SamplingParams(), kv_budget_tokens=100_000, block_size=16, step_tokens=64)
-    assert engine.runner.backend.name == "paged"
+    backend = engine.runner.backend
+    assert backend.name == "paged"
+    if tiles == "wide causal":  # (some own rows do go to wide tiles, and some to narrow ones after them)
+        laid = []
+        prepare = backend.prepare
+        monkeypatch.setattr(backend, "prepare", lambda step: laid.append(backend._layout(step, True)) or
+                            prepare(step))
     got = _run(engine, reqs, _plan(reqs, 64, 16))
     for r in reqs:
         assert got[r.key].token_ids == oracle[r.key].token_ids, f"row {r.key}"
+    if tiles == "wide causal":
+        causal_wide = [lay for lay in laid if lay.wide.shape[1] and lay.items[4][lay.wide[0]].any()]
+        assert causal_wide and any((lay.tiles[1] > 0).any() for lay in causal_wide)
 
 
 def test_paged_backend_on_smollm2s_head_geometry_equals_the_oracle(tmp_path, tokenizer_dir, monkeypatch):

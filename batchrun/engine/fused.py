@@ -22,7 +22,7 @@ fused multiply-add would round once where transformers' operators round twice. T
 the gate's and the up projection's weights from one tensor (the two modules' weights become views of it: no
 extra memory). On by default; ``BATCHRUN_FUSED=0`` leaves the model's modules as they are. On the H200
 (``benchmarks/results/suite-h200.jsonl``, 2026-12-01, seed 4) they took 1b fewshot (0.25) from 1.91 to 1.28 s
-and from 511 to 212 launches a step, and every other workload 25–30% faster.
+and from 511 to 212 launches a step, and every other workload 25-30% faster.
 """
 
 from __future__ import annotations

@@ -110,6 +110,12 @@ class PagedBackend(AttentionBackend):
     # benchmarks/results/suite-h200.jsonl): 128 gave fewshot 2.30 s against 2.76 s with 16 (no wide tiles).
     TILE_ROWS = 16
     WIDE_ROWS = int(os.environ.get("BATCHRUN_PAGED_WIDE_ROWS", 128))
+    # Knobs not yet measured on the H200 (benchmarks/paged_tiles.py sweeps them): a sequence's own (causal)
+    # level over at least a wide tile's rows in wide tiles too, the rest of its rows in narrow ones; software
+    # pipelining stages of the key loop (None: Triton's default); warps of a wide tile.
+    WIDE_CAUSAL = os.environ.get("BATCHRUN_PAGED_WIDE_CAUSAL", "0") == "1"
+    NUM_STAGES: int | None = None
+    WIDE_WARPS = 8
 
     def __init__(self, k_pool: torch.Tensor, v_pool: torch.Tensor, heads: int | None = None):
         super().__init__(k_pool, v_pool, heads)
@@ -128,7 +134,7 @@ class PagedBackend(AttentionBackend):
 
     # -- describing a step ---------------------------------------------------------------------------------
 
-    def _layout(self, step: Step) -> _Layout:
+    def _layout(self, step: Step, wide_causal: bool = False) -> _Layout:
         bs, qs = step.block_size, step.query_start
         self.block_size = bs
         tokens = qs[-1]
@@ -167,14 +173,20 @@ class PagedBackend(AttentionBackend):
             causal.append(0)
             parts[rows[first:], j] = np.arange(first, len(rows), dtype=np.int32)
         items = np.asarray([row0, nrows, table0, klen, causal], dtype=np.int32)
-        wide = (items[4] == 0) & (items[1] >= self.wide_m) if self.wide_m > self.block_m else np.zeros(0, bool)
+        # Each item's rows [0, wide_rows) in wide tiles, the rest in narrow ones: a shared level under at least
+        # a wide tile's rows all in wide tiles; a causal one (``wide_causal``) its whole wide tiles' worth.
+        nrows = items[1]
+        wide_rows = np.zeros_like(nrows)
+        if self.wide_m > self.block_m:
+            wide_rows = np.where((items[4] == 0) & (nrows >= self.wide_m), nrows, wide_rows)
+            if wide_causal:
+                wide_rows = np.where(items[4] != 0, nrows // self.wide_m * self.wide_m, wide_rows)
         return _Layout(tokens, depth, np.asarray(rows, dtype=np.int32), items, np.asarray(table, dtype=np.int32),
-                       _tiles(items[1], np.nonzero(~wide)[0] if len(wide) else None, self.block_m),
-                       _tiles(items[1], np.nonzero(wide)[0], self.wide_m), parts,
-                       np.asarray(step.slot_mapping, dtype=np.int32))
+                       _tiles(wide_rows, nrows, self.block_m), _tiles(np.zeros_like(nrows), wide_rows, self.wide_m),
+                       parts, np.asarray(step.slot_mapping, dtype=np.int32))
 
     def prepare(self, step: Step) -> None:
-        lay = self._layout(step)
+        lay = self._layout(step, self.WIDE_CAUSAL)
         shapes = [(1, len(lay.rows)), lay.items.shape, (1, len(lay.table)), lay.tiles.shape, lay.wide.shape,
                   (1, lay.parts.size), (1, lay.tokens)]
         host = self._host_buffer(_Meta.size(shapes))
@@ -248,7 +260,8 @@ class PagedBackend(AttentionBackend):
                 GP=self.group_p2, D=dim, DP=self.dim_p2, BLOCK_M=block_m, BLOCK_N=self.BLOCK_N,
                 PAGE=self.block_size,
                 IEEE=k_pool.dtype == torch.float32, INTERPRET=interpret,
-                num_warps=4 if block_m * self.group_p2 <= 64 else 8)
+                num_warps=4 if block_m * self.group_p2 <= 64 else self.WIDE_WARPS,
+                **({} if self.NUM_STAGES is None else {"num_stages": self.NUM_STAGES}))
         final = torch.empty(m.tokens, heads, dim, dtype=query.dtype, device=q.device)
         merge_kernel[(m.tokens,)](out, lse, m.parts, final, out.stride(0), out.stride(1), lse.stride(0),
                                   final.stride(0), final.stride(1), H=heads, BLOCK_H=triton_pow2(heads), D=dim,
@@ -260,12 +273,11 @@ def triton_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _tiles(nrows: np.ndarray, items: np.ndarray | None, block_m: int) -> np.ndarray:
-    """[2, tiles]: for each program, its item and its first row in the item (``items``: which ones; None:
-    all), ``block_m`` rows a tile."""
-    if items is None:
-        items = np.arange(len(nrows))
-    counts = -(-nrows[items].astype(np.int64) // block_m)
-    item = np.repeat(items, counts)
-    first = (np.arange(len(item)) - np.repeat(np.cumsum(counts) - counts, counts)) * block_m
+def _tiles(start: np.ndarray, end: np.ndarray, block_m: int) -> np.ndarray:
+    """[2, tiles]: for each program, its item and its first row in the item — item i's rows [start[i], end[i])
+    in tiles of ``block_m`` rows (none where end <= start)."""
+    counts = np.maximum(-(-(end.astype(np.int64) - start) // block_m), 0)
+    item = np.repeat(np.arange(len(end)), counts)
+    first = np.repeat(start.astype(np.int64), counts) + (
+        np.arange(len(item)) - np.repeat(np.cumsum(counts) - counts, counts)) * block_m
     return np.stack([item, first]).astype(np.int32)
