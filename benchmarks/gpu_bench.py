@@ -45,6 +45,12 @@ from batchrun.spec import EngineSpec
 
 MODELS = SIZES  # (batchrun.engine.random_weights: 1b, 8b, tiny)
 SCALES = {"fewshot": 0.25, "rag": 0.25, "templates": 0.0625, "noshare": 0.125}  # the engine issue's table
+SYSTEMS = {  # batchrun's engine under settings read as it is made (the variants to compare with the default)
+    "batchrun": {},
+    "batchrun_unfused": {"BATCHRUN_FUSED": "0"},  # transformers' own norms, MLPs and rotary
+    "batchrun_buckets": {"BATCHRUN_STEP_BUCKETS": "1"},  # eager steps padded to shape buckets
+    "batchrun_widecausal": {"BATCHRUN_PAGED_WIDE_CAUSAL": "1"},  # sequences' own rows in wide tiles too
+}
 
 
 class _Ids:
@@ -102,16 +108,18 @@ def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan, 
     else:
         cfg = EngineSpec(block_size=plan.config.block_size, step_tokens=plan.config.step_tokens)
         budget = kv_budget(cfg, loaded_facts(loaded), requests)  # the job's rule: weights loaded, 90% of free
-        before = os.environ.get("BATCHRUN_FUSED")
-        os.environ["BATCHRUN_FUSED"] = "0" if system == "batchrun_unfused" else "1"  # (read as the engine is made)
+        settings = {"BATCHRUN_FUSED": "1", **SYSTEMS[system]}  # (read as the engine is made)
+        before = {k: os.environ.get(k) for k in settings}
+        os.environ.update(settings)
         try:
             engine = BatchEngine(loaded, params, kv_budget_tokens=budget, block_size=cfg.block_size,
                                  step_tokens=cfg.step_tokens)
         finally:
-            if before is None:
-                del os.environ["BATCHRUN_FUSED"]
-            else:
-                os.environ["BATCHRUN_FUSED"] = before
+            for k, v in before.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
         # Warm-up outside the timer: Triton compiles the attention kernels once per process (a few seconds).
         few = requests[:16]
         sum(len(b) for b in engine.run(few, build_plan(plan.tokens.take(np.arange(len(few))),
@@ -186,8 +194,8 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=None, help="every workload at this scale (default: SCALES)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--systems", default="hf_padded,batchrun",
-                    help="comma-separated: hf_padded, batchrun, batchrun_unfused (the engine with "
-                         "BATCHRUN_FUSED=0: transformers' own norms, MLPs and rotary), submit")
+                    help="comma-separated: hf_padded, submit, " + ", ".join(SYSTEMS) + " (batchrun's engine "
+                         "with settings: see SYSTEMS)")
     ap.add_argument("--profile", action="store_true", help="also a profiled batchrun run: GPU busy, launches")
     ap.add_argument("--submit-model", default="dir", choices=["dir", "random"])
     ap.add_argument("--tokenizer", default=".tok", help="tokenizer directory for submit (SmolLM2's)")
@@ -200,6 +208,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=None, help="override the row count (a smoke test)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU: check the script runs")
     args = ap.parse_args()
+    unknown = set(args.systems.split(",")) - {"hf_padded", "submit", *SYSTEMS}
+    if unknown:
+        ap.error(f"--systems: unknown {', '.join(sorted(unknown))}")
     torch.backends.cuda.matmul.allow_tf32 = True
     device = "cpu" if args.tiny else "cuda"
     models = ["tiny"] if args.tiny else args.models.split(",")

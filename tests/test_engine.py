@@ -203,12 +203,13 @@ def test_logits_constraints_are_honoured_by_both_engines(tiny, temperature):
                 assert got[r.key].token_ids != free[r.key].token_ids  # the constraint changed something
 
 
-@pytest.mark.parametrize("tiles", ["default", "wide causal"])
+@pytest.mark.parametrize("tiles", ["default", "wide causal", "padded steps"])
 def test_paged_backend_equals_the_oracle(tiny, monkeypatch, tiles):
     """The paged (cascade) backend — pool read in place, shared prefixes once per step, parts merged by
     log-sum-exp — gives the oracle's tokens exactly in fp32 (on CPU through Triton's interpreter). Also with
     a sequence's own rows in wide tiles where they fill one (``WIDE_CAUSAL``, small wide tiles here so that
-    prefill chunks of 64 tokens take both wide and narrow tiles)."""
+    prefill chunks of 64 tokens take both wide and narrow tiles), and with eager steps padded to token and row
+    buckets (``BATCHRUN_STEP_BUCKETS=1``: spare tokens write to the spare slot)."""
     pytest.importorskip("triton")  # (on a machine without a GPU, conftest runs it in Triton's interpreter)
     if tiny.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("a CPU model with a GPU present: the kernel runs on the GPU (the cuda cases)")
@@ -218,6 +219,7 @@ def test_paged_backend_equals_the_oracle(tiny, monkeypatch, tiles):
     if tiles == "wide causal":
         monkeypatch.setattr(PagedBackend, "WIDE_CAUSAL", True)
         monkeypatch.setattr(PagedBackend, "WIDE_ROWS", 2 * PagedBackend.TILE_ROWS)
+    monkeypatch.setenv("BATCHRUN_STEP_BUCKETS", "1" if tiles == "padded steps" else "0")
     reqs = _requests(tiny.tokenizer)
     oracle = _oracle(tiny, reqs)
     engine = BatchEngine(tiny, SamplingParams(), kv_budget_tokens=100_000, block_size=16, step_tokens=64)
@@ -234,6 +236,7 @@ def test_paged_backend_equals_the_oracle(tiny, monkeypatch, tiles):
     if tiles == "wide causal":
         causal_wide = [lay for lay in laid if lay.wide.shape[1] and lay.items[4][lay.wide[0]].any()]
         assert causal_wide and any((lay.tiles[1] > 0).any() for lay in causal_wide)
+    assert (engine.runner.padded_steps > 0) == (tiles == "padded steps")
 
 
 def test_paged_backend_on_smollm2s_head_geometry_equals_the_oracle(tmp_path, tokenizer_dir, monkeypatch):
@@ -346,7 +349,7 @@ def _top2_margin(loaded, prompt: list[int], generated: list[int]) -> tuple[float
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("backend", ["varlen", "paged", "paged+graphs"])
+@pytest.mark.parametrize("backend", ["varlen", "paged", "paged+graphs", "paged+buckets", "paged+widecausal"])
 def test_gpu_backends_match_the_torch_path(tmp_path, tokenizer_dir, monkeypatch, dtype, backend):
     """On the GPU in half precision the engine uses a fast backend (flash varlen, or the paged Triton kernel);
     it must pick the same tokens as the plain-torch path, tie-aware (../shared/DESIGN.md): rows may part only
@@ -354,9 +357,15 @@ def test_gpu_backends_match_the_torch_path(tmp_path, tokenizer_dir, monkeypatch,
     path = make_tiny_model(tmp_path / "llama", "llama", tokenizer_dir, seed=3)
     loaded = load(ModelSpec(path=path, dtype=dtype), EngineSpec(device="cuda"))
     reqs = _requests(loaded.tokenizer)
-    backend, graphs = backend.removesuffix("+graphs"), backend.endswith("+graphs")
+    backend, variant = backend.partition("+")[::2]
+    graphs = variant == "graphs"
     monkeypatch.setenv("BATCHRUN_ATTENTION", backend)
     monkeypatch.setenv("BATCHRUN_CUDA_GRAPHS", "1" if graphs else "0")
+    monkeypatch.setenv("BATCHRUN_STEP_BUCKETS", "1" if variant == "buckets" else "0")  # (eager steps padded)
+    if variant == "widecausal":
+        from batchrun.engine.attention.paged import PagedBackend
+
+        monkeypatch.setattr(PagedBackend, "WIDE_CAUSAL", True)  # (sequences' own rows in wide tiles)
     from batchrun.engine import runner
 
     monkeypatch.setattr(runner, "CAPTURE_AFTER", 0)  # decode steps replay from graphs from their first use
@@ -364,6 +373,7 @@ def test_gpu_backends_match_the_torch_path(tmp_path, tokenizer_dir, monkeypatch,
     assert fast.runner.backend.name == backend
     got = _run(fast, reqs, _plan(reqs, 64, 16))
     assert (fast.runner.graph_steps > 0) == graphs
+    assert (fast.runner.padded_steps > 0) == (variant == "buckets")
     monkeypatch.setenv("BATCHRUN_ATTENTION", "torch")
     plain = BatchEngine(loaded, SamplingParams(), 100_000, 16, 64)
     assert plain.runner.backend.name == "torch"

@@ -12,6 +12,12 @@ text a constraint appends, BatchPrompt's items). The step is padded to the next 
 captured once it has come up ``CAPTURE_AFTER`` times (capturing costs a few eager steps, so shapes seen once
 or twice — the end of a run — stay eager). A replay is one launch instead of the hundreds of the model's
 Python code. ``BATCHRUN_CUDA_GRAPHS=0`` turns them off.
+
+``BATCHRUN_STEP_BUCKETS=1`` (off by default: not yet measured on the H200) pads the eager steps too: tokens
+to the next token bucket (beyond 2048: the next multiple of ``PAD_TOKENS``), sampled positions to the next
+row bucket (or multiple), so that a run has few matrix-product shapes, each seen again, instead of one per
+step (the first run of a process was 0.23 s slower than the next on 1b fewshot, for costs tied to its step
+shapes). Spare tokens write their K/V to the pool's spare slot, as in graph steps.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ def check_supported(model) -> None:
 LONG_STEP_LOG_S = 10.0  # a step running longer than this logs its progress, layer by layer, this often
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # sampled rows
 GRAPH_TOKENS = (*GRAPH_BUCKETS, 1536, 2048)  # tokens in a step replayed from a graph
+PAD_TOKENS = 256  # eager steps beyond the largest token bucket, padded to a multiple of this (STEP_BUCKETS)
 GRAPH_SEQ_TOKENS = 64  # the longest sequence chunk a graph step may carry (longer: a prefill step, eager)
 CAPTURE_AFTER = 2  # a decode shape is captured on its next use after this many
 
@@ -90,6 +97,8 @@ class Runner:
         self.backend = attention.choose_backend(loaded.device, dtype)(k_pool, v_pool, heads)
         self.use_graphs = (loaded.device.startswith("cuda") and self.backend.graphs
                            and os.environ.get("BATCHRUN_CUDA_GRAPHS", "1") != "0")
+        self.pad_steps = self.backend.graphs and os.environ.get("BATCHRUN_STEP_BUCKETS", "0") == "1"
+        self.padded_steps = 0
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._seen: dict[tuple[int, int, int], int] = {}
         self._graph_pool = None
@@ -131,16 +140,25 @@ class Runner:
             self._seen[key] = seen = self._seen.get(key, 0) + 1
             if (key in self._graphs or seen > CAPTURE_AFTER) and self.backend.prepare_graph(step, key[0], key[2]):
                 return self._replay(step, key, previous)
-        # One host-to-device copy for the packed row's ids and positions and the sampled positions.
-        ints = _to_device(step.token_ids + step.positions + step.sample_index, self.device)
-        ids, pos, last = ints[:t], ints[t : 2 * t], ints[2 * t :]
+        rows = len(step.sample_index)
+        tokens, sampled = (_bucket(t, GRAPH_TOKENS), _bucket(rows, GRAPH_BUCKETS)) if self.pad_steps else (t, rows)
+        # One host-to-device copy for the packed row's ids and positions and the sampled positions (padded:
+        # spare tokens are token 0 at position 0; spare sampled positions read token 0's hidden state).
+        pad = [0] * (tokens - t)
+        ints = _to_device(step.token_ids + pad + step.positions + pad + step.sample_index + [0] * (sampled - rows),
+                          self.device)
+        ids, pos, last = ints[:tokens], ints[tokens : 2 * tokens], ints[2 * tokens :]
         if step.waits:
             ids = _fill_placeholders(ids, previous)
-        self.backend.prepare(step)
+        if tokens != t:
+            self.backend.prepare(step, tokens)
+            self.padded_steps += 1
+        else:
+            self.backend.prepare(step)
         hidden = self._hidden(ids, pos)
-        if not step.sample_index:
+        if not rows:
             return hidden.new_empty(0, self.head.weight.shape[0])
-        return self.head(hidden[0, last]).float()
+        return self.head(hidden[0, last]).float()[:rows]
 
     @staticmethod
     def _graph_key(step: Step) -> tuple[int, int, int] | None:
@@ -207,6 +225,13 @@ class Runner:
         finally:
             self.interrupt = interrupt
         return _Graph(graph, ints, logits)
+
+
+def _bucket(n: int, buckets: tuple[int, ...]) -> int:
+    """``n`` padded: the next of ``buckets``, beyond the largest the next multiple of ``PAD_TOKENS``."""
+    if n > buckets[-1]:
+        return -(-n // PAD_TOKENS) * PAD_TOKENS
+    return next(b for b in buckets if b >= n) if n else 0
 
 
 def _to_device(values: list[int], device: str) -> torch.Tensor:

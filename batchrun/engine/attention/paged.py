@@ -113,7 +113,7 @@ class PagedBackend(AttentionBackend):
     # Knobs not yet measured on the H200 (benchmarks/paged_tiles.py sweeps them): a sequence's own (causal)
     # level over at least a wide tile's rows in wide tiles too, the rest of its rows in narrow ones; software
     # pipelining stages of the key loop (None: Triton's default); warps of a wide tile.
-    WIDE_CAUSAL = os.environ.get("BATCHRUN_PAGED_WIDE_CAUSAL", "0") == "1"
+    WIDE_CAUSAL = False  # (or BATCHRUN_PAGED_WIDE_CAUSAL=1, read as a backend is made)
     NUM_STAGES: int | None = None
     WIDE_WARPS = 8
 
@@ -127,6 +127,7 @@ class PagedBackend(AttentionBackend):
         self.dim_p2 = max(triton_pow2(k_pool.shape[3]), 16)  # the head size, padded alike (tl.dot: >= 16)
         self.block_m = max(self.TILE_ROWS // self.group_p2, 1)  # tokens per tile
         self.wide_m = max(self.WIDE_ROWS // self.group_p2, self.block_m)
+        self.wide_causal = self.WIDE_CAUSAL or os.environ.get("BATCHRUN_PAGED_WIDE_CAUSAL", "0") == "1"
         self.pad_slot = k_pool.shape[1] - 1  # the pool's spare slot (the allocator never hands it out)
         self.block_size = 16  # (the step's: set by prepare)
         self._static: dict[tuple[int, int], tuple[list, torch.Tensor, _Meta]] = {}
@@ -185,13 +186,17 @@ class PagedBackend(AttentionBackend):
                        _tiles(wide_rows, nrows, self.block_m), _tiles(np.zeros_like(nrows), wide_rows, self.wide_m),
                        parts, np.asarray(step.slot_mapping, dtype=np.int32))
 
-    def prepare(self, step: Step) -> None:
-        lay = self._layout(step, self.WIDE_CAUSAL)
-        shapes = [(1, len(lay.rows)), lay.items.shape, (1, len(lay.table)), lay.tiles.shape, lay.wide.shape,
-                  (1, lay.parts.size), (1, lay.tokens)]
+    def prepare(self, step: Step, tokens: int | None = None) -> None:
+        """``tokens``: the step padded to this many tokens. A spare token writes its K/V to the spare slot and
+        has no shared parts; the merge reads its own part row (another token's shared part, or a row never
+        written) and writes only the spare token's output, which nothing reads."""
+        lay = self._layout(step, self.wide_causal)
+        n = max(tokens or 0, lay.tokens)
+        shapes = [(1, max(len(lay.rows), n)), lay.items.shape, (1, len(lay.table)), lay.tiles.shape,
+                  lay.wide.shape, (1, n * lay.depth), (1, n)]
         host = self._host_buffer(_Meta.size(shapes))
-        _Meta(host, shapes, lay.tokens, lay.depth).fill(lay, self.pad_slot)
-        self.meta = _Meta(host.to(self.device, non_blocking=True), shapes, lay.tokens, lay.depth)
+        _Meta(host, shapes, n, lay.depth).fill(lay, self.pad_slot)
+        self.meta = _Meta(host.to(self.device, non_blocking=True), shapes, n, lay.depth)
 
     def _host_buffer(self, size: int) -> torch.Tensor:
         """A host buffer for one step's metadata: pinned on a GPU (copied without waiting; the caching host
