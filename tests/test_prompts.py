@@ -109,6 +109,27 @@ def test_chat_text_and_tokens_match_the_tokenizer(tok):
     assert p.num_tokens == len(p.tokens.row(0).tolist()) + len(p.tokens.row(2).tolist())
 
 
+@pytest.mark.parametrize("special", [True, False])
+def test_tokenizing_straight_through_the_rust_encoder_gives_transformers_ids(tok, special):
+    """``tokenize`` calls the fast tokenizer's Rust encoder itself (no offsets, no per-text Python): the same
+    ids as transformers' call, special tokens written in the text included; with truncation set on the
+    encoder it goes through transformers' call (which clears it) and still gives every token."""
+    from batchrun.io.prompts import _encoder, tokenize
+
+    texts = ["hi there", "<|im_start|>user\nQ?<|im_end|>\n", "  spaces  and\ttabs\n", "ünïcödé — 東京 🚀",
+             "x " * 300, "<|endoftext|>"]
+    want = tok(texts, add_special_tokens=special, return_attention_mask=False)["input_ids"]
+    assert _encoder(tok, special)(texts) == want
+    table = tokenize(tok, [None, *texts], add_special_tokens=special)
+    assert [table.row(i).tolist() for i in range(len(texts) + 1)] == [[], *want]
+    backend = tok.backend_tokenizer
+    backend.enable_truncation(5)
+    try:
+        assert _encoder(tok, special)(texts) == want
+    finally:
+        backend.no_truncation()
+
+
 def test_chat_without_system_uses_the_tokenizers_default(tok):
     p = build_prompts(PromptSpec(template="{{ text }}", chat=True), TABLE.slice(0, 1), tok)
     expected = tok.apply_chat_template([{"role": "user", "content": "hi there"}], tokenize=False,

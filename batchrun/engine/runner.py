@@ -168,8 +168,7 @@ class Runner:
             return None
         if any(len(s.tokens) > GRAPH_SEQ_TOKENS for s in step.seqs):
             return None
-        return (next(b for b in GRAPH_TOKENS if b >= t), next(b for b in GRAPH_BUCKETS if b >= rows),
-                max(len(s.levels) for s in step.seqs) - 1)
+        return _bucket(t, GRAPH_TOKENS), _bucket(rows, GRAPH_BUCKETS), max(len(s.levels) for s in step.seqs) - 1
 
     def _hidden(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden states [1, T, hidden] over the packed row, attention by the backend."""

@@ -17,6 +17,7 @@ This module knows the tokenizer's interface, not the model, nor how the limits a
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,20 +233,34 @@ def tokenize(tokenizer: Any, texts: list[str | None], errors: list[str | None] |
     ``errors``. The chat template already writes special tokens, so chat prompts pass
     ``add_special_tokens=False``; a plain prompt gets the tokenizer's own (BOS).
     """
+    encode = _encoder(tokenizer, add_special_tokens)
     parts = []
     for start in range(0, len(texts), _TOKENIZE_CHUNK):
         idx = [i for i in range(start, min(start + _TOKENIZE_CHUNK, len(texts))) if texts[i] is not None]
         rows: dict[int, list[int]] = {}
         if idx:
-            enc = tokenizer([texts[i] for i in idx], add_special_tokens=add_special_tokens,
-                            return_attention_mask=False)["input_ids"]
-            rows = dict(zip(idx, enc))
+            rows = dict(zip(idx, encode([texts[i] for i in idx])))
         for i in idx:
             if not rows[i] and errors is not None:
                 errors[i], texts[i] = "prompt is empty after tokenization", None
         end = min(start + _TOKENIZE_CHUNK, len(texts))
         parts.append(TokenTable.from_lists(rows.get(i, ()) for i in range(start, end)))
     return TokenTable.concat(parts)
+
+
+def _encoder(tokenizer: Any, add_special_tokens: bool) -> Callable[[list[str]], list[list[int]]]:
+    """texts -> their token ids. A fast tokenizer's Rust encoder is called straight (``encode_batch_fast``: no
+    character offsets, none of transformers' per-text Python) where that gives exactly transformers' ids: no
+    truncation or padding set on it (transformers' call would clear them first) and special tokens in the
+    text read as transformers would read them. Otherwise, and for any other tokenizer, transformers' call."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (backend is None or not hasattr(backend, "encode_batch_fast") or backend.truncation is not None
+            or backend.padding is not None
+            or getattr(backend, "encode_special_tokens", False) != bool(getattr(tokenizer, "split_special_tokens",
+                                                                                  False))):
+        return lambda texts: tokenizer(texts, add_special_tokens=add_special_tokens,
+                                       return_attention_mask=False)["input_ids"]
+    return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
 
 
 def _chat_text(tokenizer: Any, spec: PromptSpec, user: str, system: str | None) -> str:
