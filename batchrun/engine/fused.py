@@ -15,14 +15,16 @@ The rotary kernel rounds where transformers' operators round and gives exactly i
 computes as transformers does (float32 sum of squares, ``rsqrt``, cast to the input's dtype, then the
 weight's product rounded to it), but its reduction runs in another order, so a value can differ from
 transformers' by a unit in the last place (two in float16 on a GPU, whose ``rsqrt`` is approximate); so can
-``silu`` (``exp``). batchrun's tokens are then to be
-compared with the reference engine's tie-aware, as for attention (the GPU tests, which run with the kernels
-on the GPU). The kernels are launched without floating-point contraction (``enable_fp_fusion=False``): a
-fused multiply-add would round once where transformers' operators round twice. The MLP's one projection reads
-the gate's and the up projection's weights from one tensor (the two modules' weights become views of it: no
-extra memory). On by default; ``BATCHRUN_FUSED=0`` leaves the model's modules as they are. On the H200
-(``benchmarks/results/suite-h200.jsonl``, 2026-12-01, seed 4) they took 1b fewshot (0.25) from 1.91 to 1.28 s
-and from 511 to 212 launches a step, and every other workload 25-30% faster.
+``silu`` (``exp``). batchrun's tokens are then compared with the reference engine's tie-aware, as for
+attention (the GPU tests, which run with the kernels on the GPU). The kernels are launched without
+floating-point contraction (``enable_fp_fusion=False``): a fused multiply-add would round once where
+transformers' operators round twice. The MLP's one projection reads the gate's and the up projection's
+weights from one tensor (the two modules' weights become views of it: no extra memory). On by default;
+``BATCHRUN_FUSED=0`` leaves the model's modules as they are. On the H200
+(``benchmarks/results/suite-h200.jsonl``, 2026-12-01, seed 4) they took 1b fewshot (0.25) from 1.91 s to
+1.41-1.42 s, each the first run of its process, and from 511 to 212 launches a step; run second in the process
+after the unfused engine, 1.28 s, and 27-31% off the other 1b workloads' times (the first run of a process
+is the slower one: see the README).
 """
 
 from __future__ import annotations
