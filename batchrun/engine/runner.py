@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from batchrun.engine import attention, fused
-from batchrun.engine.loader import LoadedModel
+from batchrun.engine.loader import LoadedModel, cache_dir
 from batchrun.engine.requests import Interrupted
 from batchrun.engine.step import Step
 from batchrun.errors import RuntimeFailure
@@ -83,6 +83,8 @@ class Runner:
     def __init__(self, loaded: LoadedModel, num_slots: int):
         model = loaded.model
         check_supported(model)
+        # Triton's compiled kernels kept with batchrun's cache (a container that keeps it compiles them once).
+        os.environ.setdefault("TRITON_CACHE_DIR", str(cache_dir() / "triton"))
         model.set_attn_implementation(attention.register())
         # Fused RMSNorm and SwiGLU kernels in this engine's forward passes on a GPU (``engine.fused``).
         self.fused = loaded.device.startswith("cuda") and fused.install(model) > 0
