@@ -135,7 +135,10 @@ def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan, 
     assert n == len(requests)
     if system == "hf_padded":
         return wall, dict(pauses)
-    extra = {"steps": engine.stats["steps"], "graph_steps": engine.runner.graph_steps - graphs0, **pauses}
+    extra = {"steps": engine.stats["steps"], "graph_steps": engine.runner.graph_steps - graphs0,
+             "kv_budget_tokens": budget, **pauses}
+    if torch.cuda.is_available():  # (the device's memory, against which peak_gpu_mem_gb is read)
+        extra["gpu_total_gb"] = round(torch.cuda.mem_get_info()[1] / 1e9, 2)
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
