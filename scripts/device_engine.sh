@@ -42,5 +42,7 @@ case "${1:-}" in
         timeout 120 python3 benchmarks/gpu_bench.py --models 1b --workloads fewshot --scale 0.25 --seed $seed \
           --systems $system --out "$OUT/ab.jsonl" | grep '^{' | cut -c 150-420
       done
-    done ;;
+    done
+    timeout 120 python3 benchmarks/gpu_bench.py --models 1b --workloads fewshot --scale 0.25 --seed 5 \
+      --systems hf_padded --out "$OUT/ab.jsonl" | grep '^{' | cut -c 150-420 ;;
 esac
