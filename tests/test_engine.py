@@ -323,19 +323,6 @@ def test_greedy_equals_the_oracle_on_smollm2(smollm2_dir):
             assert got[r.key].token_ids == oracle[r.key].token_ids, f"row {r.key} (budget {budget})"
 
 
-def test_triton_keeps_its_compiled_kernels_in_batchruns_cache(tiny, tmp_path, monkeypatch):
-    """An engine points Triton's kernel cache into $BATCHRUN_CACHE (kept by a container that keeps batchrun's
-    cache), unless TRITON_CACHE_DIR is set already."""
-    monkeypatch.setenv("BATCHRUN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("TRITON_CACHE_DIR", "")  # (so that monkeypatch puts back what was there before)
-    monkeypatch.delenv("TRITON_CACHE_DIR")
-    BatchEngine(tiny, SamplingParams(), kv_budget_tokens=1_000, block_size=16, step_tokens=64)
-    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
-    BatchEngine(tiny, SamplingParams(), kv_budget_tokens=1_000, block_size=16, step_tokens=64)
-    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
-
-
 def test_unsupported_attention_is_refused(tmp_path, tokenizer_dir):
     from transformers import AutoConfig, AutoModelForCausalLM
 
