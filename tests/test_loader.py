@@ -126,14 +126,14 @@ def test_unloadable_model_directory_is_a_runtime_failure(tmp_path):
         loader.load(ModelSpec(path=str(tmp_path)), EngineSpec(device="cpu"))
 
 
-def test_triton_keeps_its_compiled_kernels_in_batchruns_cache(tiny, tmp_path, monkeypatch):
+def test_triton_keeps_its_compiled_kernels_in_batchruns_cache(tiny_fp32, tmp_path, monkeypatch):
     """An engine points Triton's kernel cache into $BATCHRUN_CACHE (kept by a container that keeps batchrun's
     cache), unless TRITON_CACHE_DIR is set already."""
     monkeypatch.setenv("BATCHRUN_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("TRITON_CACHE_DIR", "")  # (so that monkeypatch puts back what was there before)
     monkeypatch.delenv("TRITON_CACHE_DIR")
-    BatchEngine(tiny, SamplingParams(), kv_budget_tokens=1_000, block_size=16, step_tokens=64)
+    BatchEngine(tiny_fp32, SamplingParams(), kv_budget_tokens=1_000, block_size=16, step_tokens=64)
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "cache" / "triton")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
-    BatchEngine(tiny, SamplingParams(), kv_budget_tokens=1_000, block_size=16, step_tokens=64)
+    BatchEngine(tiny_fp32, SamplingParams(), kv_budget_tokens=1_000, block_size=16, step_tokens=64)
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
