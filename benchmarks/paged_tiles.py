@@ -108,47 +108,59 @@ def main() -> None:
     for setting in sweep(args):
         for k, v in setting.items():
             setattr(PagedBackend, k, v)
-        backend = PagedBackend(k_pool, v_pool, heads)
-        spent = {"prefill": 0.0, "decode": 0.0}
-        steps, worst = 0, 0.0
         t0 = time.perf_counter()
-        for i, step in enumerate(steps_of(w, pool_tokens)):
-            t = step.num_tokens
-            gen.manual_seed(i)
-            q = torch.randn(1, heads, t, dim, dtype=dtype, device=device, generator=gen)
-            kv = torch.randn(2, 1, kv_heads, t, dim, dtype=dtype, device=device, generator=gen)
-            backend.prepare(step)
-            best = float("inf")
-            for rep in range(1 if args.tiny else args.reps + 1):  # (the first run compiles: not kept)
-                if device == "cuda":
-                    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    a.record()
-                    out = backend.forward(q, kv[0], kv[1], 0, None)
-                    b.record()
-                    b.synchronize()
-                    if rep:
-                        best = min(best, a.elapsed_time(b) / 1000)
-                else:
-                    s = time.perf_counter()
-                    out = backend.forward(q, kv[0], kv[1], 0, None)
-                    best = time.perf_counter() - s
-            kind = "decode" if all(len(s.tokens) == 1 for s in step.seqs) else "prefill"
-            spent[kind] += best
-            steps += 1
-            if i in reference:
-                worst = max(worst, (out.float() - reference[i]).abs().max().item())
-            elif len(reference) < 64:  # (the first setting's outputs of the first 64 steps)
-                reference[i] = out.float()
-        row = {"bench": "paged-tiles", "model": args.model if not args.tiny else "tiny",
-               "workload": args.workload, "scale": args.scale, "seed": args.seed, "rows": len(w.max_tokens),
-               "steps": steps, **{k.lower(): v for k, v in setting.items()},
-               "attention_s": round(layers * (spent["prefill"] + spent["decode"]), 4),
-               "prefill_s": round(layers * spent["prefill"], 4), "decode_s": round(layers * spent["decode"], 4),
-               "max_abs_diff_vs_default": worst, "sweep_s": round(time.perf_counter() - t0, 1),
-               "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-               "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}
-        record(row, args.out)
+        try:
+            got = time_setting(PagedBackend(k_pool, v_pool, heads), steps_of(w, pool_tokens), gen, reference,
+                               1 if args.tiny else args.reps)
+        except Exception as e:  # (a setting Triton cannot compile, e.g. out of shared memory: the sweep goes on)
+            got = {"error": f"{type(e).__name__}: {e}"[:300]}
+        if "error" not in got:
+            got = {"attention_s": round(layers * (got["prefill"] + got["decode"]), 4),
+                   "prefill_s": round(layers * got["prefill"], 4), "decode_s": round(layers * got["decode"], 4),
+                   "steps": got["steps"], "max_abs_diff_vs_default": got["worst"]}
+        record({"bench": "paged-tiles", "model": args.model if not args.tiny else "tiny",
+                "workload": args.workload, "scale": args.scale, "seed": args.seed, "rows": len(w.max_tokens),
+                **{k.lower(): v for k, v in setting.items()}, **got, "sweep_s": round(time.perf_counter() - t0, 1),
+                "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+                "commit": git_commit(), "date": time.strftime("%Y-%m-%d")}, args.out)
 
+
+def time_setting(backend: PagedBackend, steps, gen: torch.Generator, reference: dict[int, torch.Tensor],
+                 reps: int) -> dict:
+    """One layer's attention time over ``steps`` (best of ``reps`` after a first, compiling run; one run on
+    the CPU), by prefill and decode steps, and the largest difference from ``reference``'s outputs (filled
+    by the first setting: its first 64 steps)."""
+    pool = backend.k_pool  # [layers, slots, kv_heads, head_dim]
+    heads, kv_heads, dim, device, dtype = backend.heads, pool.shape[2], pool.shape[3], pool.device, pool.dtype
+    spent = {"prefill": 0.0, "decode": 0.0}
+    steps_run, worst = 0, 0.0
+    for i, step in enumerate(steps):
+        t = step.num_tokens
+        gen.manual_seed(i)
+        q = torch.randn(1, heads, t, dim, dtype=dtype, device=device, generator=gen)
+        kv = torch.randn(2, 1, kv_heads, t, dim, dtype=dtype, device=device, generator=gen)
+        backend.prepare(step)
+        best = float("inf")
+        for rep in range(reps + 1 if device.type == "cuda" else 1):
+            if device.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                out = backend.forward(q, kv[0], kv[1], 0, None)
+                b.record()
+                b.synchronize()
+                if rep:
+                    best = min(best, a.elapsed_time(b) / 1000)
+            else:
+                s = time.perf_counter()
+                out = backend.forward(q, kv[0], kv[1], 0, None)
+                best = time.perf_counter() - s
+        spent["decode" if all(len(s.tokens) == 1 for s in step.seqs) else "prefill"] += best
+        steps_run += 1
+        if i in reference:
+            worst = max(worst, (out.float() - reference[i]).abs().max().item())
+        elif len(reference) < 64:
+            reference[i] = out.float()
+    return {**spent, "steps": steps_run, "worst": worst}
 
 if __name__ == "__main__":
     main()
