@@ -21,22 +21,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads
-from gpu_bench import MODELS, _Ids, random_model
+from gpu_bench import MODELS, _Ids, random_model, warmed_engine
 from gpu_trace import summarize
 from results_io import git_commit, record
 
-from batchrun.engine.batch import BatchEngine
-from batchrun.engine.factory import kv_budget
-from batchrun.engine.loader import LoadedModel, loaded_facts
-from batchrun.engine.requests import Request, SamplingParams
+from batchrun.engine.loader import LoadedModel
+from batchrun.engine.requests import Request
 from batchrun.plan.plan import PlanConfig, build_plan
-from batchrun.spec import EngineSpec
 
 TOP = 25
 
@@ -56,12 +52,7 @@ def host_time(prof) -> tuple[dict[str, float], list[tuple[str, float]]]:
 
 
 def one_run(loaded: LoadedModel, reqs: list[Request], plan, device: str) -> dict:
-    cfg = EngineSpec(block_size=plan.config.block_size, step_tokens=plan.config.step_tokens)
-    engine = BatchEngine(loaded, SamplingParams(ignore_eos=True), kv_budget(cfg, loaded_facts(loaded), reqs),
-                         cfg.block_size, cfg.step_tokens)
-    few = reqs[:16]
-    sum(len(b) for b in engine.run(few, build_plan(plan.tokens.take(np.arange(len(few))),
-                                                   plan.max_tokens[: len(few)], plan.config)))
+    engine, _ = warmed_engine(loaded, reqs, plan)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     sync()
     forward, spent = engine.runner.forward, []

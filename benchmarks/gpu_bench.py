@@ -100,30 +100,38 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def warmed_engine(loaded: LoadedModel, requests: list[Request], plan,
+                  settings: dict[str, str] | None = None) -> tuple[BatchEngine, int]:
+    """batchrun's engine for ``requests`` under ``settings`` (environment variables read as it is made, put
+    back afterwards), with the job's KV budget, warmed up on 16 of the rows; and that budget (tokens)."""
+    cfg = EngineSpec(block_size=plan.config.block_size, step_tokens=plan.config.step_tokens)
+    budget = kv_budget(cfg, loaded_facts(loaded), requests)  # the job's rule: weights loaded, 90% of free
+    settings = settings or {}
+    before = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        engine = BatchEngine(loaded, SamplingParams(ignore_eos=True), kv_budget_tokens=budget,
+                             block_size=cfg.block_size, step_tokens=cfg.step_tokens)
+    finally:
+        for k, v in before.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+    # Warm-up outside the timer: Triton compiles the attention kernels once per process (a few seconds).
+    few = requests[:16]
+    sum(len(b) for b in engine.run(few, build_plan(plan.tokens.take(np.arange(len(few))),
+                                                   plan.max_tokens[: len(few)], plan.config)))
+    return engine, budget
+
+
 def run_system(system: str, loaded: LoadedModel, requests: list[Request], plan, profile: bool) -> tuple[float, dict]:
     params = SamplingParams(ignore_eos=True)
     if system == "hf_padded":
         engine = ReferenceEngine(loaded, params, batch_size=64)
         run = lambda: engine.run(requests)
     else:
-        cfg = EngineSpec(block_size=plan.config.block_size, step_tokens=plan.config.step_tokens)
-        budget = kv_budget(cfg, loaded_facts(loaded), requests)  # the job's rule: weights loaded, 90% of free
-        settings = {"BATCHRUN_FUSED": "1", **SYSTEMS[system]}  # (read as the engine is made)
-        before = {k: os.environ.get(k) for k in settings}
-        os.environ.update(settings)
-        try:
-            engine = BatchEngine(loaded, params, kv_budget_tokens=budget, block_size=cfg.block_size,
-                                 step_tokens=cfg.step_tokens)
-        finally:
-            for k, v in before.items():
-                if v is None:
-                    del os.environ[k]
-                else:
-                    os.environ[k] = v
-        # Warm-up outside the timer: Triton compiles the attention kernels once per process (a few seconds).
-        few = requests[:16]
-        sum(len(b) for b in engine.run(few, build_plan(plan.tokens.take(np.arange(len(few))),
-                                                       plan.max_tokens[: len(few)], plan.config)))
+        engine, budget = warmed_engine(loaded, requests, plan, {"BATCHRUN_FUSED": "1", **SYSTEMS[system]})
         run = lambda: engine.run(requests, plan)
     _sync()
     graphs0 = getattr(getattr(engine, "runner", None), "graph_steps", 0)

@@ -14,23 +14,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import workloads
-from gpu_bench import MODELS, _Ids, random_model
+from gpu_bench import MODELS, _Ids, random_model, warmed_engine
 from gpu_trace import summarize
 from results_io import git_commit, record
 
 from batchrun.engine import attention
-from batchrun.engine.batch import BatchEngine
-from batchrun.engine.factory import kv_budget
-from batchrun.engine.loader import LoadedModel, loaded_facts
-from batchrun.engine.requests import Request, SamplingParams
+from batchrun.engine.loader import LoadedModel
+from batchrun.engine.requests import Request
 from batchrun.plan.plan import PlanConfig, build_plan
-from batchrun.spec import EngineSpec
 
 
 def main() -> None:
@@ -48,11 +44,7 @@ def main() -> None:
     reqs = [Request(key=i, prompt_ids=w.tokens.row(i).tolist(), max_tokens=int(w.max_tokens[i]))
             for i in range(len(w.tokens))]
     plan = build_plan(w.tokens, w.max_tokens, PlanConfig())
-    cfg = EngineSpec()
-    engine = BatchEngine(loaded, SamplingParams(ignore_eos=True), kv_budget(cfg, loaded_facts(loaded), reqs),
-                         cfg.block_size, cfg.step_tokens)
-    few = reqs[:16]
-    sum(len(b) for b in engine.run(few, build_plan(w.tokens.take(np.arange(16)), w.max_tokens[:16], PlanConfig())))
+    engine, _ = warmed_engine(loaded, reqs, plan)
     torch.cuda.synchronize()
     if args.python:
         import cProfile
