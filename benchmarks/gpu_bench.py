@@ -48,7 +48,9 @@ SCALES = {"fewshot": 0.25, "rag": 0.25, "templates": 0.0625, "noshare": 0.125}  
 SYSTEMS = {  # batchrun's engine under settings read as it is made (the variants to compare with the default)
     "batchrun": {},
     "batchrun_unfused": {"BATCHRUN_FUSED": "0"},  # transformers' own norms, MLPs and rotary
-    "batchrun_buckets": {"BATCHRUN_STEP_BUCKETS": "1"},  # eager steps padded to shape buckets
+    "batchrun_nobuckets": {"BATCHRUN_STEP_BUCKETS": "0"},  # eager steps unpadded (one shape per step)
+    "batchrun_capture2": {"BATCHRUN_CAPTURE_AFTER": "2"},  # a decode shape captured on its third use
+    "batchrun_previous": {"BATCHRUN_STEP_BUCKETS": "0", "BATCHRUN_CAPTURE_AFTER": "2"},  # before 2026-12-01
     "batchrun_widecausal": {"BATCHRUN_PAGED_WIDE_CAUSAL": "1"},  # sequences' own rows in wide tiles too
 }
 

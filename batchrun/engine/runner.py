@@ -64,7 +64,7 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1
 GRAPH_TOKENS = (*GRAPH_BUCKETS, 1536, 2048)  # tokens in a step replayed from a graph
 PAD_TOKENS = 256  # eager steps beyond the largest token bucket, padded to a multiple of this (STEP_BUCKETS)
 GRAPH_SEQ_TOKENS = 64  # the longest sequence chunk a graph step may carry (longer: a prefill step, eager)
-CAPTURE_AFTER = 2  # a decode shape is captured on its next use after this many
+CAPTURE_AFTER = 0  # a decode shape is captured on its next use after this many (BATCHRUN_CAPTURE_AFTER)
 
 
 @dataclass
@@ -99,7 +99,8 @@ class Runner:
         self.backend = attention.choose_backend(loaded.device, dtype)(k_pool, v_pool, heads)
         self.use_graphs = (loaded.device.startswith("cuda") and self.backend.graphs
                            and os.environ.get("BATCHRUN_CUDA_GRAPHS", "1") != "0")
-        self.pad_steps = self.backend.graphs and os.environ.get("BATCHRUN_STEP_BUCKETS", "0") == "1"
+        self.pad_steps = self.backend.graphs and os.environ.get("BATCHRUN_STEP_BUCKETS", "1") == "1"
+        self.capture_after = int(os.environ.get("BATCHRUN_CAPTURE_AFTER", CAPTURE_AFTER))
         self.padded_steps = 0
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._seen: dict[tuple[int, int, int], int] = {}
@@ -140,7 +141,7 @@ class Runner:
         key = self._graph_key(step) if self.use_graphs else None
         if key is not None:
             self._seen[key] = seen = self._seen.get(key, 0) + 1
-            if (key in self._graphs or seen > CAPTURE_AFTER) and self.backend.prepare_graph(step, key[0], key[2]):
+            if (key in self._graphs or seen > self.capture_after) and self.backend.prepare_graph(step, key[0], key[2]):
                 return self._replay(step, key, previous)
         rows = len(step.sample_index)
         tokens, sampled = (_bucket(t, GRAPH_TOKENS), _bucket(rows, GRAPH_BUCKETS)) if self.pad_steps else (t, rows)
