@@ -26,8 +26,9 @@ case "${1:-}" in
     log="$OUT/gpu-tests-engine-${BATCHRUN_COMMIT:-unknown}.log"
     echo "python3 -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_engine.py tests/test_constraints.py" \
       "# commit ${BATCHRUN_COMMIT:-unknown}, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" > "$log"
-    timeout 540 python3 -m pytest -q -p no:cacheprovider -rs tests/test_fused.py tests/test_engine.py \
-      tests/test_constraints.py 2>&1 | tail -25 | tee -a "$log" ;;
+    timeout 540 python3 -m pytest -q -p no:cacheprovider -rfEs tests/test_fused.py tests/test_engine.py \
+      tests/test_constraints.py >> "$log" 2>&1 || true
+    tail -25 "$log" ;;
   first)
     timeout 250 python3 benchmarks/first_run.py --model 1b --workload fewshot --scale 0.25 --seed 4 --runs 3 \
       --out "$OUT/first-run.jsonl" | grep -v '^{'
