@@ -9,15 +9,17 @@ Steps of short sequences are replayed from CUDA graphs where the backend support
 token per sequence) and steps that also carry short chunks (at most ``GRAPH_SEQ_TOKENS`` tokens: the forced
 text a constraint appends, BatchPrompt's items). The step is padded to the next of a few token bucket sizes
 (its sampled positions to the next row bucket), and a shape (tokens, sampled rows, shared levels) is
-captured once it has come up ``CAPTURE_AFTER`` times (capturing costs a few eager steps, so shapes seen once
-or twice — the end of a run — stay eager). A replay is one launch instead of the hundreds of the model's
-Python code. ``BATCHRUN_CUDA_GRAPHS=0`` turns them off.
+captured on its first use (``CAPTURE_AFTER``; ``BATCHRUN_CAPTURE_AFTER=2`` waits for a third use, as before
+2026-12-01). A capture costs about one eager step, and a replay is one launch instead of the hundreds of the
+model's Python code. ``BATCHRUN_CUDA_GRAPHS=0`` turns them off.
 
-``BATCHRUN_STEP_BUCKETS=1`` (off by default: not yet measured on the H200) pads the eager steps too: tokens
-to the next token bucket (beyond 2048: the next multiple of ``PAD_TOKENS``), sampled positions to the next
-row bucket (or multiple), so that a run has few matrix-product shapes, each seen again, instead of one per
-step (the first run of a process was 0.23 s slower than the next on 1b fewshot, for costs tied to its step
-shapes). Spare tokens write their K/V to the pool's spare slot, as in graph steps.
+Eager steps are padded too (``BATCHRUN_STEP_BUCKETS=0`` turns it off): tokens to the next token bucket
+(beyond 2048: the next multiple of ``PAD_TOKENS``), sampled positions to the next row bucket (or multiple),
+so that a run has few matrix-product shapes, each seen again, instead of one per step: cuBLAS spends
+milliseconds on its first call for each shape (on 1b fewshot, 0.5 s of host time in the first run of a
+process, profiled). Spare tokens write their K/V to the pool's spare slot, as in graph steps. Measured on the
+H200, 1b fewshot 0.25, the first run of a process (``benchmarks/results/gpu-variants-h200.jsonl``): 1.23-1.27
+s with both against 1.43-1.87 s before.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ def check_supported(model) -> None:
 
 
 LONG_STEP_LOG_S = 10.0  # a step running longer than this logs its progress, layer by layer, this often
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)  # sampled rows
+# Sampled rows: powers of two. Each bucket a run meets costs one capture (about an eager step); on 1b fewshot
+# these gave 1.13 / 1.33 s against 1.36 / 1.50 s with 16 buckets (48, 96, ... too), seeds 5 / 7 (gpu-variants-h200.jsonl).
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 GRAPH_TOKENS = (*GRAPH_BUCKETS, 1536, 2048)  # tokens in a step replayed from a graph
 PAD_TOKENS = 256  # eager steps beyond the largest token bucket, padded to a multiple of this (STEP_BUCKETS)
 GRAPH_SEQ_TOKENS = 64  # the longest sequence chunk a graph step may carry (longer: a prefill step, eager)
