@@ -32,14 +32,14 @@ case "${1:-}" in
   first)
     timeout 250 python3 benchmarks/first_run.py --model 1b --workload fewshot --scale 0.25 --seed 4 --runs 3 \
       --out "$OUT/first-run.jsonl" | grep -v '^{'
-    BATCHRUN_STEP_BUCKETS=1 timeout 250 python3 benchmarks/first_run.py --model 1b --workload fewshot \
-      --scale 0.25 --seed 4 --runs 2 --out "$OUT/first-run-buckets.jsonl" | grep -v '^{' ;;
+    BATCHRUN_STEP_BUCKETS=0 BATCHRUN_CAPTURE_AFTER=2 timeout 250 python3 benchmarks/first_run.py --model 1b \
+      --workload fewshot --scale 0.25 --seed 4 --runs 2 --out "$OUT/first-run-previous.jsonl" | grep -v '^{' ;;
   tiles)
     timeout 540 python3 benchmarks/paged_tiles.py --model 1b --workload fewshot --scale 0.25 --seed 4 \
       --out "$OUT/paged-tiles.jsonl" | cut -c 1-400 ;;
-  ab)  # (a process each: the first run of a process is what a job gets, and what buckets are meant to speed up)
-    for seed in 4 5; do
-      for system in batchrun batchrun_buckets batchrun_widecausal; do
+  ab)  # (a process each: the first run of a process is what a job gets)
+    for seed in 4 5 7; do
+      for system in batchrun batchrun_previous batchrun_widecausal; do
         timeout 120 python3 benchmarks/gpu_bench.py --models 1b --workloads fewshot --scale 0.25 --seed $seed \
           --systems $system --out "$OUT/ab.jsonl" | grep '^{' | cut -c 150-420
       done

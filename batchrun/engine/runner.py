@@ -18,8 +18,8 @@ Eager steps are padded too (``BATCHRUN_STEP_BUCKETS=0`` turns it off): tokens to
 so that a run has few matrix-product shapes, each seen again, instead of one per step: cuBLAS spends
 milliseconds on its first call for each shape (on 1b fewshot, 0.5 s of host time in the first run of a
 process, profiled). Spare tokens write their K/V to the pool's spare slot, as in graph steps. Measured on the
-H200, 1b fewshot 0.25, the first run of a process (``benchmarks/results/gpu-variants-h200.jsonl``): 1.23-1.27
-s with both against 1.43-1.87 s before.
+H200, 1b fewshot 0.25, each the first run of its process (``benchmarks/results/gpu-variants-h200.jsonl``):
+with both, 1.23-1.50 s over seeds 4-7, against 1.43-1.87 s before.
 """
 
 from __future__ import annotations
