@@ -137,3 +137,15 @@ def test_triton_keeps_its_compiled_kernels_in_batchruns_cache(tiny_fp32, tmp_pat
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "mine"))
     BatchEngine(tiny_fp32, SamplingParams(), kv_budget_tokens=1_000, block_size=16, step_tokens=64)
     assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "1.5"])
+def test_a_bad_capture_count_is_a_clear_error(tiny_fp32, monkeypatch, value):
+    """``BATCHRUN_CAPTURE_AFTER`` (uses of a decode shape before its CUDA graph is captured) must be a whole
+    number; anything else is refused with the variable's name, before any work starts."""
+    monkeypatch.setenv("BATCHRUN_CAPTURE_AFTER", value)
+    with pytest.raises(RuntimeFailure, match=f"BATCHRUN_CAPTURE_AFTER='{value}': expected a whole number >= 0"):
+        BatchEngine(tiny_fp32, SamplingParams(), kv_budget_tokens=1_000, block_size=16, step_tokens=64)
+    monkeypatch.setenv("BATCHRUN_CAPTURE_AFTER", "3")
+    engine = BatchEngine(tiny_fp32, SamplingParams(), kv_budget_tokens=1_000, block_size=16, step_tokens=64)
+    assert engine.runner.capture_after == 3

@@ -63,7 +63,8 @@ def check_supported(model) -> None:
 
 LONG_STEP_LOG_S = 10.0  # a step running longer than this logs its progress, layer by layer, this often
 # Sampled rows: powers of two. Each bucket a run meets costs one capture (about an eager step); on 1b fewshot
-# these gave 1.13 / 1.33 s against 1.36 / 1.50 s with 16 buckets (48, 96, ... too), seeds 5 / 7 (gpu-variants-h200.jsonl).
+# these gave 1.13 / 1.33 s against 1.36 / 1.50 s with 16 buckets (48, 96, ... too), seeds 5 / 7
+# (benchmarks/results/gpu-variants-h200.jsonl).
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 GRAPH_TOKENS = (*GRAPH_BUCKETS, 1536, 2048)  # tokens in a step replayed from a graph
 PAD_TOKENS = 256  # eager steps beyond the largest token bucket, padded to a multiple of this (STEP_BUCKETS)
@@ -104,7 +105,7 @@ class Runner:
         self.use_graphs = (loaded.device.startswith("cuda") and self.backend.graphs
                            and os.environ.get("BATCHRUN_CUDA_GRAPHS", "1") != "0")
         self.pad_steps = self.backend.graphs and os.environ.get("BATCHRUN_STEP_BUCKETS", "1") == "1"
-        self.capture_after = int(os.environ.get("BATCHRUN_CAPTURE_AFTER", CAPTURE_AFTER))
+        self.capture_after = _env_count("BATCHRUN_CAPTURE_AFTER", CAPTURE_AFTER)
         self.padded_steps = 0
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._seen: dict[tuple[int, int, int], int] = {}
@@ -238,6 +239,16 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int:
     if n > buckets[-1]:
         return -(-n // PAD_TOKENS) * PAD_TOKENS
     return next(b for b in buckets if b >= n) if n else 0
+
+
+def _env_count(name: str, default: int) -> int:
+    """The environment variable ``name`` as a count (>= 0), else ``default``; anything else is refused."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise RuntimeFailure(f"{name}={raw!r}: expected a whole number >= 0")
+    return int(raw)
 
 
 def _to_device(values: list[int], device: str) -> torch.Tensor:
