@@ -41,7 +41,8 @@ def check_groups(rows: Rows, plan) -> None:
 
 
 def expected_order(rows: Rows, est, trie_pos, group: list[int], depth: int) -> list[int]:
-    """Brute-force DFS: rows ending here first, then child subtrees by decode/prefill ratio, ties trie order."""
+    """Brute-force DFS: rows ending here first, then child subtrees by their longest output, then by
+    decode/prefill ratio, ties trie order."""
     out = sorted((r for r in group if len(rows[r]) == depth), key=lambda r: trie_pos[r])
     kids = defaultdict(list)
     for r in group:
@@ -54,8 +55,8 @@ def expected_order(rows: Rows, est, trie_pos, group: list[int], depth: int) -> l
             lcp += 1
         uniq = len({tuple(rows[r][:k]) for r in kid for k in range(depth + 1, len(rows[r]) + 1)})
         ratio = Fraction(int(sum(est[r] for r in kid)), uniq)
-        keyed.append((-ratio, min(trie_pos[r] for r in kid), kid, lcp))
-    for _, _, kid, lcp in sorted(keyed, key=lambda k: k[:2]):
+        keyed.append((-max(est[r] for r in kid), -ratio, min(trie_pos[r] for r in kid), kid, lcp))
+    for *_, kid, lcp in sorted(keyed, key=lambda k: k[:3]):
         out += expected_order(rows, est, trie_pos, kid, lcp)
     return out
 
@@ -147,12 +148,14 @@ def test_system_documents_questions():
     assert plan.stats()["prefix_levels"] == 2 and plan.stats()["packs"] == 5
 
 
-def test_no_sharing_orders_by_ratio():
+def test_no_sharing_orders_longest_output_first_then_by_ratio():
     rows = [[5] * 10, [3] * 4, [9] * 2, [1] * 8]
     plan = build(rows, [20, 4, 10, 8], PlanConfig(overhead_tokens=0))
     assert len(plan.prefixes) == 0 and plan.prefixes.row_prefix.tolist() == [-1] * 4
-    assert plan.order.tolist() == [2, 0, 3, 1]  # ratios 5, 2, then 1 and 1 in trie order
+    assert plan.order.tolist() == [0, 2, 3, 1]  # outputs 20, 10, 8, 4
     assert plan.prefill_tokens() == 24 and plan.prefix_first.tolist() == []
+    same = build(rows, [10] * 4, PlanConfig(overhead_tokens=0))  # equal outputs: output / prefill decides
+    assert same.order.tolist() == [2, 1, 3, 0]  # ratios 5, 2.5, 1.25, 1
 
 
 def test_identical_prompts_share_all_but_their_last_token():

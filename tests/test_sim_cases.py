@@ -20,7 +20,7 @@ from batchrun.plan.plan import PlanConfig
 # ------------------------------------------------------------------------------ golden runs (exact results)
 def test_golden_two_rows():
     plan = build([[1] * 10, [2] * 5], [3, 2], PlanConfig(step_tokens=64, block_size=1))
-    assert [p.tolist() for p in plan.packs()] == [[[ROW, 1, 0, 5], [ROW, 0, 0, 10]]]
+    assert [p.tolist() for p in plan.packs()] == [[[ROW, 0, 0, 10], [ROW, 1, 0, 5]]]  # (the longer output first)
     res = sim(plan, 1000)
     check_run(plan, 1000, res)
     # golden: step 1 prefills both rows (5 + 10 = 15 tokens <= 64, KV 15) and samples each row's first token;

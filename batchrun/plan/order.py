@@ -1,9 +1,14 @@
 """The order rows run in, and their output-length estimates.
 
 Order: depth-first over the trie, so the members of every shared prefix run together and its KV can be
-freed early. Among siblings, the subtree with the larger decode-to-prefill ratio (estimated output tokens
-over the prefill tokens it adds) goes first (BatchLLM): long decodes then overlap the prefills of later
-groups instead of forming a decode-only tail.
+freed early. Among siblings, the subtree holding the longest estimated output goes first (longest job
+first), then the one with the larger decode-to-prefill ratio (estimated output tokens over the prefill
+tokens it adds; BatchLLM), then trie order. Either way long decodes overlap the prefills of later rows
+instead of forming a decode-only tail; the longest output decides how long that tail is, so it leads. A
+CPU simulation of the engine's steps (1b fewshot 0.25, seeds 4 and 5) cut the decode-only tail from 21-22
+steps to 15-16; rag, templates and noshare at their suite scales kept their step counts; at scale 1 under the
+8b's KV budget, fewshot went from 104-107 steps to 97-98 and rag from 276 to 264-265. Where every row has
+the same ``max_tokens`` the ratio alone decides, as before.
 
 Estimates: a row's output length is unknown until it finishes. ``OutputEstimator`` starts from
 ``max_tokens`` (safe) and, once rows finish, uses a high percentile of the observed fraction of
@@ -37,14 +42,25 @@ def subtree_ratios(trie: Trie, est_output: np.ndarray) -> np.ndarray:
     return out / np.maximum(uniq, 1.0)
 
 
+def subtree_longest(trie: Trie, est_output: np.ndarray) -> np.ndarray:
+    """Per node: the longest estimated output of the rows under it (0 for a node without rows)."""
+    ordered = np.r_[est_output[trie.order].astype(np.int64), 0]  # (a sentinel: reduceat's end index)
+    first, last = trie.first, trie.last
+    valid = last >= first
+    bounds = np.column_stack([np.where(valid, first, 0), np.where(valid, last + 1, 1)]).ravel()
+    return np.where(valid, np.maximum.reduceat(ordered, bounds)[::2], 0)
+
+
 def order_rows(trie: Trie, est_output: np.ndarray) -> np.ndarray:
-    """Rows in execution order: depth-first, decode-heavy subtrees first; ties keep trie order."""
+    """Rows in execution order: depth-first; among siblings the longest estimated output first, then the
+    decode-heavy subtree (output over prefill), then trie order."""
     n = trie.num_rows
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     ratio = subtree_ratios(trie, est_output)
+    longest = subtree_longest(trie, est_output)
     kids = np.nonzero(trie.parent >= 0)[0]
-    kids = kids[np.lexsort((trie.first[kids], -ratio[kids], trie.parent[kids]))]
+    kids = kids[np.lexsort((trie.first[kids], -ratio[kids], -longest[kids], trie.parent[kids]))]
     kid_parent = trie.parent[kids]
     bounds = np.searchsorted(kid_parent, np.arange(trie.num_nodes + 1))
     # Rows whose prompt ends at a node run before the node's children (shortest first), in trie order.
