@@ -217,6 +217,9 @@ def main() -> None:
                          "(cuda:0;cuda:0,cuda:0 = one worker, then two workers sharing GPU 0)")
     ap.add_argument("--workdir", default="/tmp/batchrun-bench")
     ap.add_argument("--step-tokens", type=int, default=8192)
+    ap.add_argument("--order", default="longest", choices=["longest", "ratio"],
+                    help="the plan's row order among siblings: the longest estimated output first (batchrun's "
+                         "default), or BatchLLM's decode/prefill ratio alone (before 2026-12-01)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--rows", type=int, default=None, help="override the row count (a smoke test)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer model on CPU: check the script runs")
@@ -244,7 +247,8 @@ def main() -> None:
             requests = [Request(key=i, prompt_ids=w.tokens.row(i).tolist(), max_tokens=int(w.max_tokens[i]))
                         for i in range(len(w.tokens))]
             t = time.perf_counter()
-            plan = build_plan(w.tokens, w.max_tokens, PlanConfig(step_tokens=args.step_tokens))
+            plan = build_plan(w.tokens, w.max_tokens, PlanConfig(step_tokens=args.step_tokens,
+                                                                 longest_first=args.order == "longest"))
             plan_s = time.perf_counter() - t
             unique, output = plan.trie.unique_tokens, int(w.max_tokens.sum())
             roofline = max(2 * n_params * (unique + output) / flops, int(w.max_tokens.max()) * weight_bytes / hbm)
@@ -270,7 +274,7 @@ def main() -> None:
                                                if device == "cuda" else None),
                            "roofline_s": round(roofline, 4), "roofline_fraction": round(roofline / wall, 4),
                            "peak_tflops": round(flops / 1e12, 1), "hbm_tb_s": round(hbm / 1e12, 2),
-                           "plan_s": round(plan_s, 3),
+                           "plan_s": round(plan_s, 3), "order": args.order,
                            "attention": (attention.choose_backend(device, torch.bfloat16).name
                                          if system != "hf_padded" else None),
                            "torch": torch.__version__, "transformers": __import__("transformers").__version__,

@@ -35,8 +35,8 @@ from batchrun.plan.plan import PlanConfig, build_plan
 SCALES = {"fewshot": 0.25, "rag": 0.25, "templates": 0.0625, "noshare": 0.125}
 
 
-def run_once(w, pool_tokens: int = 2_000_000) -> dict:
-    plan = build_plan(w.tokens, w.max_tokens, PlanConfig())
+def run_once(w, pool_tokens: int = 2_000_000, longest_first: bool = True) -> dict:
+    plan = build_plan(w.tokens, w.max_tokens, PlanConfig(longest_first=longest_first))
     reqs = [Request(key=i, prompt_ids=w.tokens.row(i).tolist(), max_tokens=int(w.max_tokens[i]))
             for i in range(len(w.max_tokens))]
     kv = KVManager(plan.prefixes, pool_tokens // 16, 16)
@@ -78,6 +78,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--scale", type=float, default=None, help="every workload at this scale (default: SCALES)")
     ap.add_argument("--pool-tokens", type=int, default=2_000_000, help="the KV pool's size, tokens")
+    ap.add_argument("--order", default="longest", choices=["longest", "ratio"],
+                    help="the plan's row order among siblings (ratio: BatchLLM's alone, before 2026-12-01)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--note", default="")
@@ -86,10 +88,11 @@ def main() -> None:
     for name in names:
         scale = args.scale or SCALES[name]
         w = workloads.make(name, scale=scale, seed=args.seed)
-        runs = [run_once(w, args.pool_tokens) for _ in range(args.repeat)]
+        runs = [run_once(w, args.pool_tokens, args.order == "longest") for _ in range(args.repeat)]
         best = {k: min(r[k] for r in runs) for k in runs[0] if k.endswith("_ms_per_step")}
         row = {"bench": "host-steps", "workload": name, "scale": scale, "seed": args.seed,
-               "rows": len(w.max_tokens), "pool_tokens": args.pool_tokens, "steps": runs[0]["steps"],
+               "rows": len(w.max_tokens), "pool_tokens": args.pool_tokens, "order": args.order,
+               "steps": runs[0]["steps"],
                "decode_only_steps": runs[0]["decode_only_steps"],
                "decode_rows_per_step": runs[0]["decode_rows_per_step"],
                **{k: round(v, 3) for k, v in best.items()}, "total_ms_per_step": round(sum(best.values()), 3),

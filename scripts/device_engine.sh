@@ -42,7 +42,9 @@ case "${1:-}" in
       for system in batchrun batchrun_previous batchrun_widecausal; do
         timeout 120 python3 benchmarks/gpu_bench.py --models 1b --workloads fewshot --scale 0.25 --seed $seed \
           --systems $system --out "$OUT/ab.jsonl" | grep '^{' | cut -c 150-420
-      done
+      done  # and the plan's row order before 2026-12-01 (BatchLLM's ratio alone):
+      timeout 120 python3 benchmarks/gpu_bench.py --models 1b --workloads fewshot --scale 0.25 --seed $seed \
+        --systems batchrun --order ratio --out "$OUT/ab.jsonl" | grep '^{' | cut -c 150-420
     done
     timeout 120 python3 benchmarks/gpu_bench.py --models 1b --workloads fewshot --scale 0.25 --seed 5 \
       --systems hf_padded --out "$OUT/ab.jsonl" | grep '^{' | cut -c 150-420 ;;

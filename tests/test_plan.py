@@ -156,6 +156,8 @@ def test_no_sharing_orders_longest_output_first_then_by_ratio():
     assert plan.prefill_tokens() == 24 and plan.prefix_first.tolist() == []
     same = build(rows, [10] * 4, PlanConfig(overhead_tokens=0))  # equal outputs: output / prefill decides
     assert same.order.tolist() == [2, 1, 3, 0]  # ratios 5, 2.5, 1.25, 1
+    ratio = build(rows, [20, 4, 10, 8], PlanConfig(overhead_tokens=0, longest_first=False))  # BatchLLM's alone
+    assert ratio.order.tolist() == [2, 0, 3, 1]  # ratios 5, 2, then 1 and 1 in trie order
 
 
 def test_identical_prompts_share_all_but_their_last_token():

@@ -51,14 +51,14 @@ def subtree_longest(trie: Trie, est_output: np.ndarray) -> np.ndarray:
     return np.where(valid, np.maximum.reduceat(ordered, bounds)[::2], 0)
 
 
-def order_rows(trie: Trie, est_output: np.ndarray) -> np.ndarray:
-    """Rows in execution order: depth-first; among siblings the longest estimated output first, then the
-    decode-heavy subtree (output over prefill), then trie order."""
+def order_rows(trie: Trie, est_output: np.ndarray, longest_first: bool = True) -> np.ndarray:
+    """Rows in execution order: depth-first; among siblings the longest estimated output first (unless
+    ``longest_first`` is False), then the decode-heavy subtree (output over prefill), then trie order."""
     n = trie.num_rows
     if n == 0:
         return np.zeros(0, dtype=np.int64)
     ratio = subtree_ratios(trie, est_output)
-    longest = subtree_longest(trie, est_output)
+    longest = subtree_longest(trie, est_output) if longest_first else np.zeros(trie.num_nodes, dtype=np.int64)
     kids = np.nonzero(trie.parent >= 0)[0]
     kids = kids[np.lexsort((trie.first[kids], -ratio[kids], -longest[kids], trie.parent[kids]))]
     kid_parent = trie.parent[kids]

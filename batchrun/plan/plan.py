@@ -26,6 +26,7 @@ class PlanConfig:
     block_size: int = 16  # KV block size, tokens
     overhead_tokens: int = DEFAULT_OVERHEAD_TOKENS  # sharing a prefix must save more prefill than this
     window_packs: int = 8  # best-fit decreasing looks this many packs ahead
+    longest_first: bool = True  # siblings: the longest estimated output first (False: BatchLLM's ratio alone)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def build_plan(tokens: TokenTable, max_tokens: np.ndarray, config: PlanConfig | 
     est = max_tokens if est_output is None else np.minimum(np.asarray(est_output, dtype=np.int64), max_tokens)
     trie = build_trie(tokens)
     prefixes = choose_prefixes(trie, config.overhead_tokens)
-    order = order_rows(trie, est)
+    order = order_rows(trie, est, config.longest_first)
     position = np.empty(len(order), dtype=np.int64)
     position[order] = np.arange(len(order))
     first, last = _lifetimes(prefixes, position)
