@@ -208,7 +208,8 @@ def test_paged_backend_equals_the_oracle(tiny, monkeypatch, tiles):
     """The paged (cascade) backend — pool read in place, shared prefixes once per step, parts merged by
     log-sum-exp — gives the oracle's tokens exactly in fp32 (on CPU through Triton's interpreter). Also with
     a sequence's own rows in wide tiles where they fill one (``WIDE_CAUSAL``, small wide tiles here so that
-    prefill chunks of 64 tokens take both wide and narrow tiles), and with eager steps padded to token and row
+    prefill chunks of 64 tokens take both wide and narrow tiles; and key tiles of 16, so that most levels
+    have whole tiles every row sees, which the kernel reads without masks), and with eager steps padded to token and row
     buckets (``BATCHRUN_STEP_BUCKETS=1``: spare tokens write to the spare slot)."""
     pytest.importorskip("triton")  # (on a machine without a GPU, conftest runs it in Triton's interpreter)
     if tiny.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -219,6 +220,7 @@ def test_paged_backend_equals_the_oracle(tiny, monkeypatch, tiles):
     if tiles == "wide causal":
         monkeypatch.setattr(PagedBackend, "WIDE_CAUSAL", True)
         monkeypatch.setattr(PagedBackend, "WIDE_ROWS", 2 * PagedBackend.TILE_ROWS)
+        monkeypatch.setattr(PagedBackend, "BLOCK_N", 16)
     monkeypatch.setenv("BATCHRUN_STEP_BUCKETS", "1" if tiles == "padded steps" else "0")
     if tiles != "default":  # (on a GPU: every step eager and laid out here, else graphs take the small steps)
         monkeypatch.setenv("BATCHRUN_CUDA_GRAPHS", "0")

@@ -20,28 +20,43 @@ import triton.language as tl
 
 @triton.jit
 def _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale, stride_kt, stride_kh,
-              D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
-    """One tile of ``BLOCK_N`` keys from ``n0``, gathered through the block table; online softmax update."""
+              D: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr,
+              MASKED: tl.constexpr):
+    """One tile of ``BLOCK_N`` keys from ``n0``, gathered through the block table; online softmax update in
+    base 2 (``scale`` includes log2(e); ``m_i`` is in base 2). An unmasked tile (``MASKED`` false) holds only
+    keys that every row of the tile sees: no bounds, no causal mask."""
     d = tl.arange(0, DP)
     kidx = n0 + tl.arange(0, BLOCK_N)
-    k_ok = kidx < kend
-    block = tl.load(TABLE + table0 + kidx // PAGE, mask=k_ok, other=0)
+    if MASKED:
+        k_ok = kidx < kend
+        block = tl.load(TABLE + table0 + kidx // PAGE, mask=k_ok, other=0)
+        kd_ok = k_ok[:, None]
+        if DP != D:  # (compile time: only a padded head size pays for the mask)
+            kd_ok = kd_ok & (d < D)[None, :]
+    else:
+        block = tl.load(TABLE + table0 + kidx // PAGE)
+        kd_ok = (d < D)[None, :]
     slot = block.to(tl.int64) * PAGE + kidx % PAGE
-    kd_ok = k_ok[:, None]
-    if DP != D:  # (compile time: only a padded head size pays for the mask)
-        kd_ok = kd_ok & (d < D)[None, :]
-    k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=kd_ok, other=0.0)
-    v = tl.load(V + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=kd_ok, other=0.0)
+    if MASKED or DP != D:
+        k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=kd_ok, other=0.0)
+        v = tl.load(V + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :], mask=kd_ok, other=0.0)
+    else:
+        k = tl.load(K + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :])
+        v = tl.load(V + slot[:, None] * stride_kt + kv_head * stride_kh + d[None, :])
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     else:
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-    visible = k_ok[None, :] & (kidx[None, :] <= last[:, None])
-    s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
-    p = tl.exp(s - m_safe[:, None])
-    alpha = tl.exp(m_i - m_safe)
+    if MASKED:
+        visible = k_ok[None, :] & (kidx[None, :] <= last[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if IEEE:
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
@@ -93,22 +108,34 @@ def paged_attention_kernel(
     excess = nrows - r0 - BLOCK_M  # rows of the item after this tile (if positive)
     kend = klen - causal * (excess + tl.abs(excess)) // 2
 
+    # Keys every row of the tile sees come first, in whole tiles without masks; the rest (the last keys of a
+    # level, the diagonal of a causal one) in masked tiles.
+    full = tl.where(causal != 0, klen - nrows + r0 + 1, klen)
+    full = tl.minimum(full, kend) // BLOCK_N * BLOCK_N
+    scale2 = scale * 1.4426950408889634  # (log2(e): exp(x) = exp2(x * log2(e)))
     m_i = tl.full([BLOCK_M * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M * GP], tl.float32)
     acc = tl.zeros([BLOCK_M * GP, DP], tl.float32)
-    if INTERPRET:  # Triton's interpreter (the CPU tests) needs a while loop for a bound loaded from memory
+    if INTERPRET:  # Triton's interpreter (the CPU tests) needs while loops for bounds loaded from memory
         n0 = 0
+        while n0 < full:
+            m_i, l_i, acc = _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale2,
+                                      stride_kt, stride_kh, D, DP, BLOCK_N, PAGE, IEEE, False)
+            n0 += BLOCK_N
         while n0 < kend:
-            m_i, l_i, acc = _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale,
-                                      stride_kt, stride_kh, D, DP, BLOCK_N, PAGE, IEEE)
+            m_i, l_i, acc = _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale2,
+                                      stride_kt, stride_kh, D, DP, BLOCK_N, PAGE, IEEE, True)
             n0 += BLOCK_N
     else:
-        for n0 in tl.range(0, kend, BLOCK_N):
-            m_i, l_i, acc = _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale,
-                                      stride_kt, stride_kh, D, DP, BLOCK_N, PAGE, IEEE)
+        for n0 in tl.range(0, full, BLOCK_N):
+            m_i, l_i, acc = _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale2,
+                                      stride_kt, stride_kh, D, DP, BLOCK_N, PAGE, IEEE, False)
+        for n0 in tl.range(full, kend, BLOCK_N):
+            m_i, l_i, acc = _key_tile(q, K, V, TABLE, table0, n0, kend, last, kv_head, m_i, l_i, acc, scale2,
+                                      stride_kt, stride_kh, D, DP, BLOCK_N, PAGE, IEEE, True)
     out = acc / l_i[:, None]
     tl.store(OUT + part[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :], out, mask=out_ok)
-    tl.store(LSE + part * stride_lp + head, m_i + tl.log(l_i), mask=row_ok)
+    tl.store(LSE + part * stride_lp + head, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)  # (ln 2)
 
 
 @triton.jit
