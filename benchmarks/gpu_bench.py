@@ -50,8 +50,10 @@ SYSTEMS = {  # batchrun's engine under settings read as it is made (the variants
     "batchrun_unfused": {"BATCHRUN_FUSED": "0"},  # transformers' own norms, MLPs and rotary
     "batchrun_nobuckets": {"BATCHRUN_STEP_BUCKETS": "0"},  # eager steps unpadded (one shape per step)
     "batchrun_capture2": {"BATCHRUN_CAPTURE_AFTER": "2"},  # a decode shape captured on its third use
-    "batchrun_previous": {"BATCHRUN_STEP_BUCKETS": "0", "BATCHRUN_CAPTURE_AFTER": "2"},  # before 2026-12-01
-    "batchrun_widecausal": {"BATCHRUN_PAGED_WIDE_CAUSAL": "1"},  # sequences' own rows in wide tiles too
+    # the engine's settings before 2026-12-01 (the paged kernel's code is today's)
+    "batchrun_previous": {"BATCHRUN_STEP_BUCKETS": "0", "BATCHRUN_CAPTURE_AFTER": "2",
+                          "BATCHRUN_PAGED_WIDE_CAUSAL": "0"},
+    "batchrun_narrowcausal": {"BATCHRUN_PAGED_WIDE_CAUSAL": "0"},  # sequences' own rows all in narrow tiles
 }
 
 

@@ -7,12 +7,13 @@ The paged attention kernel was 30% of 1b fewshot's GPU time on the H200 (``profi
 the workload's steps as the engine schedules them (the engine's own scheduler and KV manager; every row
 producing all its ``max_tokens``), lays each step out with the paged backend and times one layer's attention
 (random queries, keys and values in bf16; the model's head geometry) under each setting of the sweep:
-keys per inner tile (``BLOCK_N``), rows of a wide tile (``WIDE_ROWS``), sequences' own rows in wide tiles
-too (``WIDE_CAUSAL``), the key loop's pipelining stages and a wide tile's warps. Each setting's outputs are
-checked against the first setting's (the default) on the same steps. A line per setting: the attention time
-of one layer summed over all steps (times the layers: the model's attention time), and the prefill and
-decode steps' parts. ``--tiny`` runs small shapes on the CPU in Triton's interpreter: a check that the
-script runs.
+keys per inner tile (``BLOCK_N``), rows of a narrow tile (``TILE_ROWS``) and of a wide tile (``WIDE_ROWS``),
+sequences' own rows in wide tiles too (``WIDE_CAUSAL``), the key loop's pipelining stages and a wide tile's
+warps. Each setting's outputs are checked against the first setting's (the default) on the same steps. A line
+per setting: the attention time of one layer summed over all steps (times the layers: the model's attention
+time), and the prefill and decode steps' parts (``--split``: also each part with only the narrow tiles
+launched, and with only the wide ones, the K/V store and the merge included in both).
+``--tiny`` runs small shapes on the CPU in Triton's interpreter: a check that the script runs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from batchrun.engine.requests import Request
 from batchrun.engine.scheduler import Scheduler
 from batchrun.plan.plan import PlanConfig, build_plan
 
-KNOBS = ("BLOCK_N", "WIDE_ROWS", "WIDE_CAUSAL", "NUM_STAGES", "WIDE_WARPS")
+KNOBS = ("BLOCK_N", "TILE_ROWS", "WIDE_ROWS", "WIDE_CAUSAL", "NUM_STAGES", "WIDE_WARPS")
 DEFAULT = {k: getattr(PagedBackend, k) for k in KNOBS}
 
 
@@ -70,7 +71,8 @@ def steps_of(w, pool_tokens: int):
 
 def sweep(args) -> list[dict]:
     grid = [dict(zip(KNOBS, v)) for v in itertools.product(
-        [int(x) for x in args.block_n.split(",")], [int(x) for x in args.wide_rows.split(",")],
+        [int(x) for x in args.block_n.split(",")], [int(x) for x in args.tile_rows.split(",")],
+        [int(x) for x in args.wide_rows.split(",")],
         [x == "1" for x in args.wide_causal.split(",")],
         [None if x == "default" else int(x) for x in args.stages.split(",")],
         [int(x) for x in args.wide_warps.split(",")])]
@@ -86,11 +88,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=4)
     ap.add_argument("--rows", type=int, default=None, help="override the row count (a smoke test)")
     ap.add_argument("--block-n", default="64,128")
+    ap.add_argument("--tile-rows", default="16", help="rows of a narrow tile (tokens x query heads per KV head)")
     ap.add_argument("--wide-rows", default="128,256")
     ap.add_argument("--wide-causal", default="0,1")
     ap.add_argument("--stages", default="default,2,4", help="pipelining stages of the key loop")
     ap.add_argument("--wide-warps", default="4,8")
     ap.add_argument("--reps", type=int, default=3, help="timed repeats of each step (best kept)")
+    ap.add_argument("--split", action="store_true",
+                    help="also time each step with only its narrow tiles, and with only its wide ones")
     ap.add_argument("--tiny", action="store_true", help="small shapes on the CPU (Triton's interpreter)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -111,12 +116,13 @@ def main() -> None:
         t0 = time.perf_counter()
         try:
             got = time_setting(PagedBackend(k_pool, v_pool, heads), steps_of(w, pool_tokens), gen, reference,
-                               1 if args.tiny else args.reps)
+                               1 if args.tiny else args.reps, args.split)
         except Exception as e:  # (a setting Triton cannot compile, e.g. out of shared memory: the sweep goes on)
             got = {"error": f"{type(e).__name__}: {e}"[:300]}
         if "error" not in got:
             got = {"attention_s": round(layers * (got["prefill"] + got["decode"]), 4),
                    "prefill_s": round(layers * got["prefill"], 4), "decode_s": round(layers * got["decode"], 4),
+                   **({f"{k}_s": round(layers * got[k], 4) for k in got if k.endswith("_only")} if args.split else {}),
                    "steps": got["steps"], "max_abs_diff_vs_default": got["worst"]}
         record({"bench": "paged-tiles", "model": args.model if not args.tiny else "tiny",
                 "workload": args.workload, "scale": args.scale, "seed": args.seed, "rows": len(w.max_tokens),
@@ -126,13 +132,15 @@ def main() -> None:
 
 
 def time_setting(backend: PagedBackend, steps, gen: torch.Generator, reference: dict[int, torch.Tensor],
-                 reps: int) -> dict:
+                 reps: int, split: bool = False) -> dict:
     """One layer's attention time over ``steps`` (best of ``reps`` after a first, compiling run; one run on
     the CPU), by prefill and decode steps, and the largest difference from ``reference``'s outputs (filled
-    by the first setting: its first 64 steps)."""
+    by the first setting: its first 64 steps). ``split``: also each step's time with only its narrow tiles, and
+    with only its wide ones (each with the K/V store and the merge)."""
     pool = backend.k_pool  # [layers, slots, kv_heads, head_dim]
     heads, kv_heads, dim, device, dtype = backend.heads, pool.shape[2], pool.shape[3], pool.device, pool.dtype
-    spent = {"prefill": 0.0, "decode": 0.0}
+    spent = dict.fromkeys(["prefill", "decode"] + [f"{k}_{t}_only" for k in ("prefill", "decode")
+                                                    for t in ("narrow", "wide")], 0.0)
     steps_run, worst = 0, 0.0
     for i, step in enumerate(steps):
         t = step.num_tokens
@@ -140,27 +148,43 @@ def time_setting(backend: PagedBackend, steps, gen: torch.Generator, reference: 
         q = torch.randn(1, heads, t, dim, dtype=dtype, device=device, generator=gen)
         kv = torch.randn(2, 1, kv_heads, t, dim, dtype=dtype, device=device, generator=gen)
         backend.prepare(step)
-        best = float("inf")
-        for rep in range(reps + 1 if device.type == "cuda" else 1):
-            if device.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                out = backend.forward(q, kv[0], kv[1], 0, None)
-                b.record()
-                b.synchronize()
-                if rep:
-                    best = min(best, a.elapsed_time(b) / 1000)
-            else:
-                s = time.perf_counter()
-                out = backend.forward(q, kv[0], kv[1], 0, None)
-                best = time.perf_counter() - s
-        spent["decode" if all(len(s.tokens) == 1 for s in step.seqs) else "prefill"] += best
+        best, out = _best(backend, q, kv, reps)
+        kind = "decode" if all(len(s.tokens) == 1 for s in step.seqs) else "prefill"
+        spent[kind] += best
+        if split:  # the same step with only its narrow tiles, then only its wide ones
+            meta = backend.meta
+            tiles = meta.tile_item, meta.wide_item
+            meta.wide_item = tiles[1][:0]
+            spent[kind + "_narrow_only"] += _best(backend, q, kv, reps)[0]
+            meta.tile_item, meta.wide_item = tiles[0][:0], tiles[1]
+            spent[kind + "_wide_only"] += _best(backend, q, kv, reps)[0]
+            meta.tile_item = tiles[0]
         steps_run += 1
         if i in reference:
             worst = max(worst, (out.float() - reference[i]).abs().max().item())
         elif len(reference) < 64:
             reference[i] = out.float()
     return {**spent, "steps": steps_run, "worst": worst}
+
+def _best(backend: PagedBackend, q: torch.Tensor, kv: torch.Tensor, reps: int) -> tuple[float, torch.Tensor]:
+    """The step's attention (one layer) ``reps`` times after a first run: the best time and the output (on
+    the CPU: one run)."""
+    best, out = float("inf"), None
+    for rep in range(reps + 1 if q.device.type == "cuda" else 1):
+        if q.device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            out = backend.forward(q, kv[0], kv[1], 0, None)
+            b.record()
+            b.synchronize()
+            if rep:
+                best = min(best, a.elapsed_time(b) / 1000)
+        else:
+            s = time.perf_counter()
+            out = backend.forward(q, kv[0], kv[1], 0, None)
+            best = time.perf_counter() - s
+    return best, out
+
 
 if __name__ == "__main__":
     main()

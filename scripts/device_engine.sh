@@ -6,7 +6,7 @@
 #   BATCHRUN_COMMIT=<hash> bash scripts/device_engine.sh tests   # GPU equality tests, every attention variant
 #   BATCHRUN_COMMIT=<hash> bash scripts/device_engine.sh first   # the first run of a process vs the next ones
 #   BATCHRUN_COMMIT=<hash> bash scripts/device_engine.sh tiles   # the paged kernel's tile settings
-#   BATCHRUN_COMMIT=<hash> bash scripts/device_engine.sh ab      # engine variants on 1b fewshot, two seeds
+#   BATCHRUN_COMMIT=<hash> bash scripts/device_engine.sh ab      # engine variants on 1b fewshot, four seeds
 #
 # (The machine's copy of the repo has no .git: BATCHRUN_COMMIT names the commit in the result files.)
 set -euo pipefail
@@ -38,14 +38,14 @@ case "${1:-}" in
     timeout 540 python3 benchmarks/paged_tiles.py --model 1b --workload fewshot --scale 0.25 --seed 4 \
       --out "$OUT/paged-tiles.jsonl" | cut -c 1-400 ;;
   ab)  # (a process each: the first run of a process is what a job gets)
-    for seed in 4 5 7; do
-      for system in batchrun batchrun_previous batchrun_widecausal; do
+    for seed in 4 5 7 8; do
+      for system in batchrun batchrun_narrowcausal; do
         timeout 120 python3 benchmarks/gpu_bench.py --models 1b --workloads fewshot --scale 0.25 --seed $seed \
           --systems $system --out "$OUT/ab.jsonl" | grep '^{' | cut -c 150-420
-      done  # and the plan's row order before 2026-12-01 (BatchLLM's ratio alone):
-      timeout 120 python3 benchmarks/gpu_bench.py --models 1b --workloads fewshot --scale 0.25 --seed $seed \
-        --systems batchrun --order ratio --out "$OUT/ab.jsonl" | grep '^{' | cut -c 150-420
+      done
     done
-    timeout 120 python3 benchmarks/gpu_bench.py --models 1b --workloads fewshot --scale 0.25 --seed 5 \
-      --systems hf_padded --out "$OUT/ab.jsonl" | grep '^{' | cut -c 150-420 ;;
+    for system in batchrun_previous hf_padded; do
+      timeout 120 python3 benchmarks/gpu_bench.py --models 1b --workloads fewshot --scale 0.25 --seed 5 \
+        --systems $system --out "$OUT/ab.jsonl" | grep '^{' | cut -c 150-420
+    done ;;
 esac

@@ -203,25 +203,26 @@ def test_logits_constraints_are_honoured_by_both_engines(tiny, temperature):
                 assert got[r.key].token_ids != free[r.key].token_ids  # the constraint changed something
 
 
-@pytest.mark.parametrize("tiles", ["default", "wide causal", "padded steps"])
+@pytest.mark.parametrize("tiles", ["default", "small tiles", "padded steps"])
 def test_paged_backend_equals_the_oracle(tiny, monkeypatch, tiles):
     """The paged (cascade) backend — pool read in place, shared prefixes once per step, parts merged by
     log-sum-exp — gives the oracle's tokens exactly in fp32 (on CPU through Triton's interpreter). Also with
-    a sequence's own rows in wide tiles where they fill one (``WIDE_CAUSAL``, small wide tiles here so that
-    prefill chunks of 64 tokens take both wide and narrow tiles; and key tiles of 16, so that most levels
-    have whole tiles every row sees, which the kernel reads without masks), and with eager steps padded to token and row
-    buckets (``BATCHRUN_STEP_BUCKETS=1``: spare tokens write to the spare slot)."""
+    small tiles (a sequence's own rows in wide tiles where they fill one, ``WIDE_CAUSAL``, the default: small
+    wide tiles here so that prefill chunks of 64 tokens take both wide and narrow tiles; and key tiles of 16,
+    so that most levels have whole tiles every row sees, which the kernel reads without masks), and with
+    eager steps padded to token and row buckets (``BATCHRUN_STEP_BUCKETS=1``: spare tokens write to the spare
+    slot), there with every own row in narrow tiles (``BATCHRUN_PAGED_WIDE_CAUSAL=0``)."""
     pytest.importorskip("triton")  # (on a machine without a GPU, conftest runs it in Triton's interpreter)
     if tiny.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("a CPU model with a GPU present: the kernel runs on the GPU (the cuda cases)")
     monkeypatch.setenv("BATCHRUN_ATTENTION", "paged")
     from batchrun.engine.attention.paged import PagedBackend
 
-    if tiles == "wide causal":
-        monkeypatch.setattr(PagedBackend, "WIDE_CAUSAL", True)
+    if tiles == "small tiles":
         monkeypatch.setattr(PagedBackend, "WIDE_ROWS", 2 * PagedBackend.TILE_ROWS)
         monkeypatch.setattr(PagedBackend, "BLOCK_N", 16)
     monkeypatch.setenv("BATCHRUN_STEP_BUCKETS", "1" if tiles == "padded steps" else "0")
+    monkeypatch.setenv("BATCHRUN_PAGED_WIDE_CAUSAL", "0" if tiles == "padded steps" else "1")
     if tiles != "default":  # (on a GPU: every step eager and laid out here, else graphs take the small steps)
         monkeypatch.setenv("BATCHRUN_CUDA_GRAPHS", "0")
     reqs = _requests(tiny.tokenizer)
@@ -229,7 +230,7 @@ def test_paged_backend_equals_the_oracle(tiny, monkeypatch, tiles):
     engine = BatchEngine(tiny, SamplingParams(), kv_budget_tokens=100_000, block_size=16, step_tokens=64)
     backend = engine.runner.backend
     assert backend.name == "paged"
-    if tiles == "wide causal":  # (some own rows do go to wide tiles, and some to narrow ones after them)
+    if tiles == "small tiles":  # (some own rows do go to wide tiles, and some to narrow ones after them)
         laid = []
         prepare = backend.prepare
         monkeypatch.setattr(backend, "prepare", lambda step: laid.append(backend._layout(step, True)) or
@@ -237,7 +238,7 @@ def test_paged_backend_equals_the_oracle(tiny, monkeypatch, tiles):
     got = _run(engine, reqs, _plan(reqs, 64, 16))
     for r in reqs:
         assert got[r.key].token_ids == oracle[r.key].token_ids, f"row {r.key}"
-    if tiles == "wide causal":
+    if tiles == "small tiles":
         causal_wide = [lay for lay in laid if lay.wide.shape[1] and lay.items[4][lay.wide[0]].any()]
         assert causal_wide and any((lay.tiles[1] > 0).any() for lay in causal_wide)
     assert (engine.runner.padded_steps > 0) == (tiles == "padded steps")
@@ -353,7 +354,7 @@ def _top2_margin(loaded, prompt: list[int], generated: list[int]) -> tuple[float
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-@pytest.mark.parametrize("backend", ["varlen", "paged", "paged+graphs", "paged+buckets", "paged+widecausal"])
+@pytest.mark.parametrize("backend", ["varlen", "paged", "paged+graphs", "paged+buckets", "paged+narrowcausal"])
 def test_gpu_backends_match_the_torch_path(tmp_path, tokenizer_dir, monkeypatch, dtype, backend):
     """On the GPU in half precision the engine uses a fast backend (flash varlen, or the paged Triton kernel);
     it must pick the same tokens as the plain-torch path, tie-aware (../shared/DESIGN.md): rows may part only
@@ -366,10 +367,8 @@ def test_gpu_backends_match_the_torch_path(tmp_path, tokenizer_dir, monkeypatch,
     monkeypatch.setenv("BATCHRUN_ATTENTION", backend)
     monkeypatch.setenv("BATCHRUN_CUDA_GRAPHS", "1" if graphs else "0")
     monkeypatch.setenv("BATCHRUN_STEP_BUCKETS", "1" if variant == "buckets" else "0")  # (eager steps padded)
-    if variant == "widecausal":
-        from batchrun.engine.attention.paged import PagedBackend
-
-        monkeypatch.setattr(PagedBackend, "WIDE_CAUSAL", True)  # (sequences' own rows in wide tiles)
+    # (sequences' own rows in wide tiles where they fill one, the default, or all in narrow tiles)
+    monkeypatch.setenv("BATCHRUN_PAGED_WIDE_CAUSAL", "0" if variant == "narrowcausal" else "1")
     from batchrun.engine import runner
 
     monkeypatch.setattr(runner, "CAPTURE_AFTER", 0)  # decode steps replay from graphs from their first use

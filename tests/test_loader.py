@@ -149,3 +149,30 @@ def test_a_bad_capture_count_is_a_clear_error(tiny_fp32, monkeypatch, value):
     monkeypatch.setenv("BATCHRUN_CAPTURE_AFTER", "3")
     engine = BatchEngine(tiny_fp32, SamplingParams(), kv_budget_tokens=1_000, block_size=16, step_tokens=64)
     assert engine.runner.capture_after == 3
+
+
+@pytest.mark.parametrize(("name", "value", "expected"), [
+    ("BATCHRUN_PAGED_WIDE_CAUSAL", "2", "0 or 1"), ("BATCHRUN_PAGED_WIDE_CAUSAL", "yes", "0 or 1"),
+    ("BATCHRUN_PAGED_WIDE_ROWS", "0", "a whole number of rows >= 1"),
+    ("BATCHRUN_PAGED_WIDE_ROWS", "wide", "a whole number of rows >= 1")])
+def test_a_bad_paged_tile_setting_is_a_clear_error(monkeypatch, name, value, expected):
+    """The paged backend's tile settings from the environment: anything but the values they take is refused
+    with the variable's name; good values are taken (wide tiles of 64 rows: 32 tokens of 2 query heads)."""
+    pytest.importorskip("triton")
+    import torch
+
+    from batchrun.engine.attention.paged import PagedBackend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU and Triton's interpreter is off")
+    pool = torch.zeros(1, 33, 2, 16, device=device)  # [layers, slots, KV heads, head size]
+    monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeFailure, match=f"{name}='{value}': expected {expected}"):
+        PagedBackend(pool, pool, heads=4)
+    monkeypatch.delenv(name)
+    assert PagedBackend(pool, pool, heads=4).wide_causal  # (the default)
+    monkeypatch.setenv("BATCHRUN_PAGED_WIDE_CAUSAL", "0")
+    monkeypatch.setenv("BATCHRUN_PAGED_WIDE_ROWS", "64")
+    backend = PagedBackend(pool, pool, heads=4)
+    assert not backend.wide_causal and backend.wide_m == 32

@@ -109,11 +109,14 @@ class PagedBackend(AttentionBackend):
     # under many rows take wide tiles: their keys are read once per WIDE_ROWS rows. Measured on the H200 (1b,
     # benchmarks/results/suite-h200.jsonl): 128 gave fewshot 2.30 s against 2.76 s with 16 (no wide tiles).
     TILE_ROWS = 16
-    WIDE_ROWS = int(os.environ.get("BATCHRUN_PAGED_WIDE_ROWS", 128))
-    # Knobs not yet measured on the H200 (benchmarks/paged_tiles.py sweeps them): a sequence's own (causal)
-    # level over at least a wide tile's rows in wide tiles too, the rest of its rows in narrow ones; software
-    # pipelining stages of the key loop (None: Triton's default); warps of a wide tile.
-    WIDE_CAUSAL = False  # (or BATCHRUN_PAGED_WIDE_CAUSAL=1, read as a backend is made)
+    WIDE_ROWS = 128  # (or BATCHRUN_PAGED_WIDE_ROWS, read as a backend is made)
+    # A sequence's own (causal) level over at least a wide tile's rows in wide tiles too, the rest of its rows
+    # in narrow ones (BATCHRUN_PAGED_WIDE_CAUSAL=0: all in narrow ones). Measured with
+    # benchmarks/paged_tiles.py (1b fewshot 0.25, benchmarks/results/paged-tiles-h200.jsonl): the prefill
+    # steps' attention took less time with it in 20 of 22 paired settings of the other knobs, about 10% less.
+    WIDE_CAUSAL = True
+    # Knobs measured there without a clear winner: software pipelining stages of the key loop (None: Triton's
+    # default); warps of a wide tile.
     NUM_STAGES: int | None = None
     WIDE_WARPS = 8
 
@@ -126,8 +129,9 @@ class PagedBackend(AttentionBackend):
         self.group_p2 = triton_pow2(self.group)  # (the kernel's row tiles: a power of two)
         self.dim_p2 = max(triton_pow2(k_pool.shape[3]), 16)  # the head size, padded alike (tl.dot: >= 16)
         self.block_m = max(self.TILE_ROWS // self.group_p2, 1)  # tokens per tile
-        self.wide_m = max(self.WIDE_ROWS // self.group_p2, self.block_m)
-        self.wide_causal = self.WIDE_CAUSAL or os.environ.get("BATCHRUN_PAGED_WIDE_CAUSAL", "0") == "1"
+        wide_rows = _env_setting("BATCHRUN_PAGED_WIDE_ROWS", self.WIDE_ROWS, "a whole number of rows >= 1")
+        self.wide_m = max(wide_rows // self.group_p2, self.block_m)
+        self.wide_causal = bool(_env_setting("BATCHRUN_PAGED_WIDE_CAUSAL", int(self.WIDE_CAUSAL), "0 or 1", 1))
         self.pad_slot = k_pool.shape[1] - 1  # the pool's spare slot (the allocator never hands it out)
         self.block_size = 16  # (the step's: set by prepare)
         self._static: dict[tuple[int, int], tuple[list, torch.Tensor, _Meta]] = {}
@@ -272,6 +276,17 @@ class PagedBackend(AttentionBackend):
                                   final.stride(0), final.stride(1), H=heads, BLOCK_H=triton_pow2(heads), D=dim,
                                   DP=self.dim_p2, L=m.depth)
         return final.unsqueeze(0)
+
+
+def _env_setting(name: str, default: int, expected: str, most: int | None = None) -> int:
+    """The environment variable ``name`` as a whole number >= 1 (or 0 .. ``most`` where ``most`` is given),
+    else ``default``; anything else is refused, naming the variable."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or (int(raw) > most if most is not None else int(raw) < 1):
+        raise RuntimeFailure(f"{name}={raw!r}: expected {expected}")
+    return int(raw)
 
 
 def triton_pow2(n: int) -> int:
