@@ -52,8 +52,7 @@ SYSTEMS = {  # batchrun's engine under settings read as it is made (the variants
     "batchrun_capture2": {"BATCHRUN_CAPTURE_AFTER": "2"},  # a decode shape captured on its third use
     # the engine's settings before 2026-12-01 (the paged kernel's code is today's)
     "batchrun_previous": {"BATCHRUN_STEP_BUCKETS": "0", "BATCHRUN_CAPTURE_AFTER": "2",
-                          "BATCHRUN_PAGED_WIDE_CAUSAL": "0", "BATCHRUN_PREFILL_GRAPHS": "0"},
-    "batchrun_noprefillgraphs": {"BATCHRUN_PREFILL_GRAPHS": "0"},  # prefill steps eager (graphs: decode only)
+                          "BATCHRUN_PAGED_WIDE_CAUSAL": "0"},
     "batchrun_narrowcausal": {"BATCHRUN_PAGED_WIDE_CAUSAL": "0"},  # sequences' own rows all in narrow tiles
 }
 

@@ -25,10 +25,10 @@ case "${1:-}" in
   tests)
     log="$OUT/gpu-tests-engine-${BATCHRUN_COMMIT:-unknown}.log"
     echo "python3 -m pytest -q -p no:cacheprovider tests/test_fused.py tests/test_engine.py tests/test_constraints.py" \
-      "tests/test_paged_graph_layout.py tests/test_loader.py" \
+      "tests/test_loader.py" \
       "# commit ${BATCHRUN_COMMIT:-unknown}, $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" > "$log"
     timeout 540 python3 -m pytest -q -p no:cacheprovider -rfEs tests/test_fused.py tests/test_engine.py \
-      tests/test_constraints.py tests/test_paged_graph_layout.py tests/test_loader.py >> "$log" 2>&1 || true
+      tests/test_constraints.py tests/test_loader.py >> "$log" 2>&1 || true
     tail -25 "$log" ;;
   first)
     timeout 250 python3 benchmarks/first_run.py --model 1b --workload fewshot --scale 0.25 --seed 4 --runs 3 \
@@ -40,7 +40,7 @@ case "${1:-}" in
       --out "$OUT/paged-tiles.jsonl" | cut -c 1-400 ;;
   ab)  # (a process each: the first run of a process is what a job gets)
     for seed in 4 5 7 8; do
-      for system in batchrun batchrun_noprefillgraphs; do
+      for system in batchrun batchrun_narrowcausal; do
         timeout 120 python3 benchmarks/gpu_bench.py --models 1b --workloads fewshot --scale 0.25 --seed $seed \
           --systems $system --out "$OUT/ab.jsonl" | grep '^{' | cut -c 150-420
       done

@@ -13,11 +13,6 @@ captured on its first use (``CAPTURE_AFTER``; ``BATCHRUN_CAPTURE_AFTER=2`` waits
 2026-12-01). A capture costs about one eager step, and a replay is one launch instead of the hundreds of the
 model's Python code. ``BATCHRUN_CUDA_GRAPHS=0`` turns them off.
 
-Prefill steps (longer chunks, up to ``PREFILL_GRAPH_TOKENS``) replay from graphs of the decoder alone, keyed
-by their token bucket and shared levels; the output head runs eagerly on the rows they sample (which vary
-from step to step). The GPU then never waits on the host's Python between prefill steps, which a slower host
-made it do (``BATCHRUN_PREFILL_GRAPHS=0`` runs them eagerly).
-
 Eager steps are padded too (``BATCHRUN_STEP_BUCKETS=0`` turns it off): tokens to the next token bucket
 (beyond 2048: the next multiple of ``PAD_TOKENS``), sampled positions to the next row bucket (or multiple),
 so that a run has few matrix-product shapes, each seen again, instead of one per step: cuBLAS spends
@@ -75,14 +70,13 @@ GRAPH_TOKENS = (*GRAPH_BUCKETS, 1536, 2048)  # tokens in a step replayed from a 
 PAD_TOKENS = 256  # eager steps beyond the largest token bucket, padded to a multiple of this (STEP_BUCKETS)
 GRAPH_SEQ_TOKENS = 64  # the longest sequence chunk a graph step may carry (longer: a prefill step, eager)
 CAPTURE_AFTER = 0  # a decode shape is captured on its next use after this many (BATCHRUN_CAPTURE_AFTER)
-PREFILL_GRAPH_TOKENS = 16384  # prefill steps up to this many tokens replay from graphs (BATCHRUN_PREFILL_GRAPHS)
 
 
 @dataclass
 class _Graph:
     graph: Any  # torch.cuda.CUDAGraph
     ints: torch.Tensor  # [2 * tokens + rows] int64: input ids, positions, sampled positions (static input)
-    logits: torch.Tensor  # [rows, vocab] fp32 (the static output); a prefill graph's: hidden [1, tokens, hidden]
+    logits: torch.Tensor  # [rows, vocab] fp32 (the static output)
 
 
 class Runner:
@@ -112,7 +106,6 @@ class Runner:
                            and os.environ.get("BATCHRUN_CUDA_GRAPHS", "1") != "0")
         self.pad_steps = self.backend.graphs and os.environ.get("BATCHRUN_STEP_BUCKETS", "1") == "1"
         self.capture_after = _env_count("BATCHRUN_CAPTURE_AFTER", CAPTURE_AFTER)
-        self.prefill_graphs = _env_count("BATCHRUN_PREFILL_GRAPHS", 1) > 0
         self.padded_steps = 0
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._seen: dict[tuple[int, int, int], int] = {}
@@ -153,8 +146,7 @@ class Runner:
         key = self._graph_key(step) if self.use_graphs else None
         if key is not None:
             self._seen[key] = seen = self._seen.get(key, 0) + 1
-            if ((key in self._graphs or seen > self.capture_after)
-                    and self.backend.prepare_graph(step, key[0], key[2], prefill=not key[1])):
+            if (key in self._graphs or seen > self.capture_after) and self.backend.prepare_graph(step, key[0], key[2]):
                 return self._replay(step, key, previous)
         rows = len(step.sample_index)
         tokens, sampled = (_bucket(t, GRAPH_TOKENS), _bucket(rows, GRAPH_BUCKETS)) if self.pad_steps else (t, rows)
@@ -176,20 +168,15 @@ class Runner:
             return hidden.new_empty(0, self.head.weight.shape[0])
         return self.head(hidden[0, last]).float()[:rows]
 
-    def _graph_key(self, step: Step) -> tuple[int, int, int] | None:
-        """(tokens bucket, sampled rows bucket, shared levels) of a step a graph may run, else None. Sampled
-        rows 0: a prefill graph (``PREFILL_GRAPH_TOKENS``), the decoder only (its sampled rows vary from step to
-        step; the output head runs eagerly after it)."""
+    @staticmethod
+    def _graph_key(step: Step) -> tuple[int, int, int] | None:
+        """(tokens bucket, sampled rows bucket, shared levels) of a step a graph may run, else None."""
         t, rows = step.num_tokens, len(step.sample_index)
-        if not step.seqs:
+        if t > GRAPH_TOKENS[-1] or not 0 < rows <= GRAPH_BUCKETS[-1]:
             return None
-        depth = max(len(s.levels) for s in step.seqs) - 1
-        if (t <= GRAPH_TOKENS[-1] and 0 < rows <= GRAPH_BUCKETS[-1]
-                and all(len(s.tokens) <= GRAPH_SEQ_TOKENS for s in step.seqs)):
-            return _bucket(t, GRAPH_TOKENS), _bucket(rows, GRAPH_BUCKETS), depth
-        if self.prefill_graphs and t <= PREFILL_GRAPH_TOKENS:
-            return _bucket(t, GRAPH_TOKENS), 0, depth
-        return None
+        if any(len(s.tokens) > GRAPH_SEQ_TOKENS for s in step.seqs):
+            return None
+        return _bucket(t, GRAPH_TOKENS), _bucket(rows, GRAPH_BUCKETS), max(len(s.levels) for s in step.seqs) - 1
 
     def _hidden(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden states [1, T, hidden] over the packed row, attention by the backend."""
@@ -198,36 +185,28 @@ class Runner:
 
     def _replay(self, step: Step, key: tuple[int, int, int], previous: torch.Tensor | None) -> torch.Tensor:
         tokens, rows, t = key[0], key[1], step.num_tokens
-        sampled = len(step.sample_index)
         pad = [0] * (tokens - t)
         ints = _to_device(step.token_ids + pad + step.positions + pad + step.sample_index
-                          + [0] * max(rows - sampled, 0), self.device)
+                          + [0] * (rows - len(step.sample_index)), self.device)
         if step.waits:
             ints[:tokens] = _fill_placeholders(ints[:tokens], previous)
-        static = ints if rows else ints[: 2 * tokens]  # (a prefill graph: ids and positions only)
         g = self._graphs.get(key)
         if g is None:
-            g = self._graphs[key] = self._capture(static, tokens, head=rows > 0)
+            g = self._graphs[key] = self._capture(ints, tokens)
         else:
-            g.ints.copy_(static)
+            g.ints.copy_(ints)
         g.graph.replay()
         self.graph_steps += 1
-        if rows:
-            return g.logits[:sampled]
-        if not sampled:
-            return g.logits.new_empty(0, self.vocab, dtype=torch.float32)
-        return self.head(g.logits[0, ints[2 * tokens :]]).float()  # (g.logits: the decoder's hidden states)
+        return g.logits[: len(step.sample_index)]
 
-    def _capture(self, ints: torch.Tensor, tokens: int, head: bool = True) -> _Graph:
+    def _capture(self, ints: torch.Tensor, tokens: int) -> _Graph:
         """Capture the forward pass over the static ``ints`` (ids and positions of ``tokens`` tokens, then the
-        sampled positions; the backend's static metadata is laid out already): the logits at the sampled
-        positions, or (``head`` false) the decoder's last hidden states. The first capture is preceded by an
-        eager run on a side stream (lazy initialisation)."""
+        sampled positions; the backend's static metadata is laid out already). The first capture is preceded
+        by an eager run on a side stream (lazy initialisation)."""
         ids, pos, last = ints[:tokens], ints[tokens : 2 * tokens], ints[2 * tokens :]
 
         def run() -> torch.Tensor:
-            hidden = self._hidden(ids, pos)
-            return self.head(hidden[0, last]).float() if head else hidden
+            return self.head(self._hidden(ids, pos)[0, last]).float()
 
         interrupt, self.interrupt = self.interrupt, None  # (nothing may stop a capture half-way)
         main = torch.cuda.current_stream()

@@ -32,10 +32,9 @@ class AttentionBackend(ABC):
     def prepare(self, step: Step) -> None:
         """Build this step's device tensors (called once per step, before the forward pass)."""
 
-    def prepare_graph(self, step: Step, tokens: int, depth: int, prefill: bool = False) -> bool:
-        """Lay a step out in the static buffers of the CUDA graph for ``tokens`` tokens (padded) under at most
-        ``depth`` shared levels (``prefill``: a graph for long chunks, else for decode steps); False if the
-        backend cannot (the step then runs eagerly)."""
+    def prepare_graph(self, step: Step, tokens: int, depth: int) -> bool:
+        """Lay a decode step out in the static buffers of the CUDA graph for ``tokens`` tokens (padded) under at
+        most ``depth`` shared levels; False if the backend cannot (the step then runs eagerly)."""
         return False
 
     @abstractmethod

@@ -8,8 +8,8 @@ item, and the merge — a query with several items (its prefixes, then its own t
 exactly by log-sum-exp. Needs Triton (the GPU machine has it); runs on the CPU only through Triton's
 interpreter (``TRITON_INTERPRET=1``), which the tests use.
 
-Steps can be captured in CUDA graphs (``prepare_graph``): the step's metadata then goes to static buffers of
-fixed shapes (padded: spare tiles name an empty item, spare tokens write their K/V to the pool's
+Decode steps can be captured in CUDA graphs (``prepare_graph``): the step's metadata then goes to static
+buffers of fixed shapes (padded: spare tiles name an empty item, spare tokens write their K/V to the pool's
 spare slot and are never read).
 """
 
@@ -134,7 +134,7 @@ class PagedBackend(AttentionBackend):
         self.wide_causal = bool(_env_setting("BATCHRUN_PAGED_WIDE_CAUSAL", int(self.WIDE_CAUSAL), "0 or 1", 1))
         self.pad_slot = k_pool.shape[1] - 1  # the pool's spare slot (the allocator never hands it out)
         self.block_size = 16  # (the step's: set by prepare)
-        self._static: dict[tuple[int, int, bool], tuple[list, torch.Tensor, _Meta]] = {}
+        self._static: dict[tuple[int, int], tuple[list, torch.Tensor, _Meta]] = {}
         self.meta: _Meta | None = None
 
     # -- describing a step ---------------------------------------------------------------------------------
@@ -210,31 +210,25 @@ class PagedBackend(AttentionBackend):
 
     # -- CUDA graphs (decode steps) ------------------------------------------------------------------------
 
-    def graph_capacity(self, tokens: int, depth: int, prefill: bool = False) -> tuple[int, int, int, int, int]:
-        """Fixed shapes of a graph for ``tokens`` tokens under at most ``depth`` shared levels: part rows,
-        items (the last one empty, for spare tiles), table entries (every pool block at most once), narrow
-        tiles, wide tiles. Every tile of the capacity is launched (spare ones name the empty item and do
-        nothing), so a prefill graph (long chunks: most own rows in wide tiles) keeps few narrow ones: one per 8
-        tokens (1b fewshot's prefill steps of about 8,300 tokens need 90 to 350), a step needing more runs
-        eagerly."""
+    def graph_capacity(self, tokens: int, depth: int) -> tuple[int, int, int, int, int]:
+        """Fixed shapes of a graph for ``tokens`` decode tokens under at most ``depth`` shared levels: part
+        rows, items (the last one empty, for spare tiles), table entries (every pool block at most once),
+        narrow tiles, wide tiles."""
         parts = tokens * (1 + depth)
-        # (decode: one narrow tile per sequence, and the shared levels' rows)
-        tiles = tokens // 8 + 64 * (1 + depth) if prefill else tokens + depth * (tokens // self.block_m + 64)
-        wide = 0
-        if self.wide_m > self.block_m:
-            wide = depth * (tokens // self.wide_m + 16) + (tokens // self.wide_m if self.wide_causal else 0)
+        tiles = tokens + depth * (tokens // self.block_m + 64)
+        wide = depth * (tokens // self.wide_m + 16) if self.wide_m > self.block_m else 0
         return parts, parts + 1, self.k_pool.shape[1] // self.block_size + 1, tiles, wide
 
-    def prepare_graph(self, step: Step, tokens: int, depth: int, prefill: bool = False) -> bool:
-        """Lay a step out in the static buffers of the graph for (``tokens``, ``depth``, ``prefill``); False if
-        it does not fit them (then it runs eagerly)."""
-        lay = self._layout(step, self.wide_causal)
-        cap_parts, cap_items, cap_table, cap_tiles, cap_wide = self.graph_capacity(tokens, depth, prefill)
+    def prepare_graph(self, step: Step, tokens: int, depth: int) -> bool:
+        """Lay a decode step out in the static buffers of the graph for (``tokens``, ``depth``); False if it
+        does not fit them (then it runs eagerly)."""
+        lay = self._layout(step)
+        cap_parts, cap_items, cap_table, cap_tiles, cap_wide = self.graph_capacity(tokens, depth)
         if (lay.tokens > tokens or lay.depth > depth or len(lay.rows) > cap_parts
                 or lay.items.shape[1] > cap_items - 1 or len(lay.table) > cap_table
                 or lay.tiles.shape[1] > cap_tiles or lay.wide.shape[1] > cap_wide):
             return False
-        key = (tokens, depth, prefill)
+        key = (tokens, depth)
         if key not in self._static:
             shapes = [(1, cap_parts), (5, cap_items), (1, cap_table), (2, cap_tiles), (2, cap_wide),
                       (1, tokens * depth), (1, tokens)]
