@@ -26,6 +26,7 @@ from jinja2 import StrictUndefined, TemplateSyntaxError
 
 from batchrun.errors import InputDataError, SpecError
 from batchrun.io.sandbox import BoundedEnvironment, check_printed
+from batchrun.io.shared_tokens import encode_shared
 from batchrun.io.source import require_columns
 from batchrun.io.template_columns import Unconvertible, column_values, columns_of, scope_columns
 from batchrun.io.template_limits import TemplateLimitError, time_limit
@@ -252,7 +253,8 @@ def _encoder(tokenizer: Any, add_special_tokens: bool) -> Callable[[list[str]], 
     """texts -> their token ids. A fast tokenizer's Rust encoder is called straight (``encode_batch_fast``: no
     character offsets, none of transformers' per-text Python) where that gives exactly transformers' ids: no
     truncation or padding set on it (transformers' call would clear them first) and special tokens in the
-    text read as transformers would read them. Otherwise, and for any other tokenizer, transformers' call."""
+    text read as transformers would read them; then texts sharing long beginnings tokenize each beginning
+    once (``io.shared_tokens``, exact). Otherwise, and for any other tokenizer, transformers' call."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if (backend is None or not hasattr(backend, "encode_batch_fast") or backend.truncation is not None
             or backend.padding is not None
@@ -260,7 +262,10 @@ def _encoder(tokenizer: Any, add_special_tokens: bool) -> Callable[[list[str]], 
                                                                                   False))):
         return lambda texts: tokenizer(texts, add_special_tokens=add_special_tokens,
                                        return_attention_mask=False)["input_ids"]
-    return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+    def direct(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+
+    return lambda texts: encode_shared(backend, texts, add_special_tokens, direct)
 
 
 def _chat_text(tokenizer: Any, spec: PromptSpec, user: str, system: str | None) -> str:
