@@ -1,5 +1,6 @@
-"""CPU: the prompts stage's tokenizing (``batchrun.io.prompts.tokenize``), through transformers' tokenizer call
-and straight through the fast tokenizer's Rust encoder (what ``tokenize`` does where that gives the same ids).
+"""CPU: the prompts stage's tokenizing (``batchrun.io.prompts.tokenize``), through transformers' tokenizer call,
+straight through the fast tokenizer's Rust encoder text by text (``rust_encoder``), and as ``tokenize`` does
+it now (``shared``: the Rust encoder, each shared beginning once, ``batchrun.io.shared_tokens``).
 
     python benchmarks/tokenize_bench.py --workload fewshot --scale 0.25 --seed 4 \
         --out benchmarks/results/tokenize-cpu.jsonl
@@ -31,6 +32,11 @@ def _transformers_call(tokenizer, add_special_tokens: bool):
                                    return_attention_mask=False)["input_ids"]
 
 
+def _rust_whole(tokenizer, add_special_tokens: bool):
+    backend = tokenizer.backend_tokenizer
+    return lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="fewshot", choices=workloads.NAMES)
@@ -44,20 +50,21 @@ def main() -> None:
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     texts = list(workloads.make(args.workload, scale=args.scale, seed=args.seed).texts())
-    direct = prompts._encoder
-    best = {"transformers": float("inf"), "rust_encoder": float("inf")}
+    current = prompts._encoder
+    encoders = {"transformers": _transformers_call, "rust_encoder": _rust_whole, "shared": current}
+    best = dict.fromkeys(encoders, float("inf"))
     tables = {}
     for _ in range(args.repeat):
-        for name, encoder in (("transformers", _transformers_call), ("rust_encoder", direct)):
+        for name, encoder in encoders.items():
             prompts._encoder = encoder
             try:
                 t = time.perf_counter()
                 tables[name] = prompts.tokenize(tok, list(texts))
                 best[name] = min(best[name], time.perf_counter() - t)
             finally:
-                prompts._encoder = direct
-    a, b = tables["transformers"], tables["rust_encoder"]
-    same = np.array_equal(a.tokens, b.tokens) and np.array_equal(a.offsets, b.offsets)
+                prompts._encoder = current
+    a = tables["transformers"]
+    same = all(np.array_equal(a.tokens, b.tokens) and np.array_equal(a.offsets, b.offsets) for b in tables.values())
     record({"bench": "tokenize", "workload": args.workload, "scale": args.scale, "seed": args.seed,
             "rows": len(texts), "tokens": tables["rust_encoder"].num_tokens,
             **{f"{k}_s": round(v, 3) for k, v in best.items()}, "same_ids": bool(same), "cpus": os.cpu_count(),
