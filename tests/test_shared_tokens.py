@@ -82,3 +82,15 @@ def test_common_beginning_lengths():
     assert [shared_tokens._common(a, b) for a, b in [("", "x"), ("abc", "abd"), ("a" * 1000, "a" * 1000),
                                                      ("a" * 700 + "b", "a" * 700 + "c"), ("ab" * 90, "ab" * 64)]] \
         == [0, 2, 1000, 700, 128]
+
+
+@pytest.mark.parametrize("depth", [8, 1])
+def test_rows_that_each_extend_the_one_before(backend, depth, monkeypatch):
+    """A conversation growing turn by turn, a row per turn: every row begins with the one before it, so each
+    level of grouping would peel one row off; the levels stop at ``MAX_DEPTH`` and the ids stay exact."""
+    monkeypatch.setattr(shared_tokens, "MAX_DEPTH", depth)
+    turns = [f"<|im_start|>user\nTurn {k}: " + "tell me more about the kettle, " * 20 + "<|im_end|>\n"
+             for k in range(40)]
+    texts = ["".join(turns[: k + 1]) for k in range(40)][::-1]
+    whole = _whole(backend, True)
+    assert encode_shared(backend, texts, True, whole) == whole(texts)

@@ -26,6 +26,8 @@ from typing import Any
 MIN_SHARED = 512  # characters two sorted neighbours must share to be grouped
 MARGIN = 64  # characters kept between the cut and the end of the shared beginning
 MIN_SAVED = 32  # tokens a group's cut must save per row to be worth it
+MAX_DEPTH = 8  # levels of grouping within groups (rows that each extend the one before would go as deep as
+# there are rows: deeper levels are tokenized whole)
 
 Encode = Callable[[list[str]], list[list[int]]]
 
@@ -39,13 +41,14 @@ def encode_shared(backend: Any, texts: list[str], add_special_tokens: bool, enco
     head = _head(backend, texts[0], add_special_tokens)
     if head is None:
         return encode(texts)
-    return _encode(backend, texts, head, encode)
+    return _encode(backend, texts, head, encode, MAX_DEPTH)
 
 
-def _encode(backend: Any, texts: list[str], head: list[int], encode: Encode) -> list[list[int]]:
+def _encode(backend: Any, texts: list[str], head: list[int], encode: Encode, depth: int) -> list[list[int]]:
     """``encode(texts)``'s ids (each starting with ``head``), groups' beginnings once; the rests of a group's
-    texts are grouped again (1b rag: a system prompt, then each document under it)."""
-    groups = _groups(texts)
+    texts are grouped again, ``depth`` levels at most (1b rag: a system prompt, then each document under
+    it)."""
+    groups = _groups(texts) if depth > 0 else []
     plans = []  # (rows, cut character, the beginning's ids up to the cut)
     for rows, shared in groups:
         enc = backend.encode(texts[rows[0]][:shared], add_special_tokens=False)
@@ -63,8 +66,7 @@ def _encode(backend: Any, texts: list[str], head: list[int], encode: Encode) -> 
         out[i] = ids
     checked = dict(zip(checks, whole[len(alone):]))
     rests = [texts[i][cut:] for rows, cut, _ in plans for i in rows]
-    rest_ids = _encode(backend, rests, [], lambda t: encode_plain(backend, t)) if len(rests) > 1 else \
-        encode_plain(backend, rests)
+    rest_ids = _encode(backend, rests, [], lambda t: encode_plain(backend, t), depth - 1)
     at = 0
     for rows, _, begin in plans:
         got = [begin + rest_ids[at + j] for j in range(len(rows))]
