@@ -52,9 +52,10 @@ def _encode(backend: Any, texts: list[str], head: list[int], encode: Encode, dep
     plans = []  # (rows, cut character, the beginning's ids up to the cut)
     for rows, shared in groups:
         enc = backend.encode(texts[rows[0]][:shared], add_special_tokens=False)
-        k = _cut(enc.word_ids, enc.offsets, shared - MARGIN)
+        offsets = enc.offsets  # (a new list at each access)
+        k = _cut(enc.word_ids, offsets, shared - MARGIN)
         if k >= MIN_SAVED:
-            plans.append((rows, enc.offsets[k][0], head + enc.ids[:k]))
+            plans.append((rows, offsets[k][0], head + enc.ids[:k]))
     if not plans:
         return encode(texts)
     out: list[list[int] | None] = [None] * len(texts)
@@ -149,9 +150,9 @@ def _eligible(backend: Any) -> bool:
 
 def _head(backend: Any, sample: str, add_special_tokens: bool) -> list[int] | None:
     """The ids the tokenizer adds before a text's own (a BOS); None if it adds any elsewhere."""
-    plain = backend.encode(sample, add_special_tokens=False).ids
     if not add_special_tokens:
         return []
+    plain = backend.encode(sample, add_special_tokens=False).ids
     full = backend.encode(sample, add_special_tokens=True).ids
     extra = len(full) - len(plain)
     if extra < 0 or full[extra:] != plain:
